@@ -1,0 +1,10 @@
+"""cnl_ext: fused Collaborative Neuron Learning (CNL) optimizers for PyTorch.
+
+CNL applies an optimizer's update only to the elements where it agrees in sign with the gradient
+of the data the model already masters (the reference), so that data is not forgotten.
+"""
+from .optim import CNLOptimizer, CNLStats, FusedCNLAdam, FusedCNLAdamW, FusedCNLSGD, ParameterStats
+
+__version__ = "0.1.0"
+
+__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "FusedCNLAdam", "FusedCNLAdamW", "FusedCNLSGD", "__version__"]

@@ -1,0 +1,167 @@
+"""Functional CNL optimizers and the choice of implementation (backend).
+
+As in ``torch/optim/adamw.py``: the optimizer classes gather lists of tensors and call these
+functions; these functions group the tensors into buckets that one kernel launch can take (same
+device, parameter dtype, step count, with or without a reference) and hand each bucket to a
+backend module that implements the ops contract of :mod:`cnl_ext.ops`:
+
+- ``"torch"``: :mod:`cnl_ext.reference`, plain PyTorch, any device;
+- ``"triton"``: :mod:`cnl_ext.ops.triton_step`, multi-tensor Triton kernels (CUDA tensors, or CPU
+  tensors under ``TRITON_INTERPRET=1``);
+- ``"cuda"``: :mod:`cnl_ext.ops.cuda_step`, the compiled C++/CUDA extension;
+- ``"auto"``: Triton for CUDA tensors (falling back to the CUDA extension, then the reference, with
+  one warning naming the reason), the reference elsewhere.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections import defaultdict
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_MODULES = {"torch": "cnl_ext.reference", "triton": "cnl_ext.ops.triton_step", "cuda": "cnl_ext.ops.cuda_step"}
+_auto_choice: dict = {}
+
+
+def _import_backend(name):
+    """The backend module, or raise ImportError/RuntimeError saying why it cannot be used."""
+    module = importlib.import_module(_MODULES[name])
+    if name == "cuda" and not module.is_available():
+        raise RuntimeError(module.unavailable_reason())
+    return module
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The module that runs ``backend`` for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend == "cuda" and device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        try:
+            return _import_backend(backend)
+        except (ImportError, RuntimeError) as exc:
+            raise RuntimeError(f"backend={backend!r} is not available: {exc}") from exc
+    if device.type != "cuda":
+        return reference
+    if "module" not in _auto_choice:
+        reasons = []
+        for name in ("triton", "cuda"):
+            try:
+                _auto_choice["module"] = _import_backend(name)
+                break
+            except (ImportError, RuntimeError) as exc:
+                reasons.append(f"{name}: {exc}")
+        else:
+            _auto_choice["module"] = reference
+        if reasons:
+            warnings.warn(
+                f"cnl_ext: backend='auto' uses {_auto_choice['module'].__name__} on CUDA because "
+                + "; ".join(reasons),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _auto_choice["module"]
+
+
+def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
+    """Raise a clear error for gradients no backend can take, before anything is written."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{owner} does not support sparse gradients (parameter {i}, shape {tuple(p.shape)})")
+        if g.is_complex() or p.is_complex():
+            raise RuntimeError(f"{owner} does not support complex parameters or gradients (parameter {i})")
+        if p.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise TypeError(f"{owner} supports float32, bfloat16 and float16 parameters; parameter {i} is {p.dtype}")
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise RuntimeError(
+                f"{owner}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, "
+                f"but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}"
+            )
+
+
+def _buckets(params, references, extra_key):
+    """Indices grouped by what one launch needs to share."""
+    groups = defaultdict(list)
+    for i, p in enumerate(params):
+        has_reference = references is not None and references[i] is not None
+        groups[(p.device, p.dtype, has_reference, extra_key(i))].append(i)
+    return groups.items()
+
+
+def _take(tensors, indices):
+    return None if tensors is None else [tensors[i] for i in indices]
+
+
+def _contiguous(tensors):
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _run_bucket(step_fn, stats, indices, device, has_reference, tensor_lists, **kwargs):
+    """Run one bucket, adding its statistics into the caller's rows."""
+    bucket_stats = None
+    if stats is not None and has_reference:
+        bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=device)
+    step_fn(*tensor_lists, bucket_stats, **kwargs)
+    if bucket_stats is not None:
+        stats.index_add_(0, torch.tensor(indices, device=stats.device), bucket_stats.to(stats.device))
+
+
+def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *, lr: float,
+            weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
+            nesterov: bool = False, maximize: bool = False, reference_format: str = "float32",
+            backend: str = "auto") -> None:
+    """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
+
+    ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
+    functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
+    ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
+    """
+    use_momentum = momentum != 0
+    first_step = set()
+    if use_momentum:
+        for i, buf in enumerate(momentum_buffer_list):
+            if buf is None:
+                momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
+                                                           memory_format=torch.contiguous_format)
+                first_step.add(i)
+    for (device, _, has_reference, is_first), idx in _buckets(params, references, first_step.__contains__):
+        _run_bucket(
+            resolve_backend(backend, device).sgd_step_, stats, idx, device, has_reference,
+            (_take(params, idx), _contiguous(_take(grads, idx)),
+             _take(momentum_buffer_list, idx) if use_momentum else None,
+             _take(references, idx) if has_reference else None),
+            reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=is_first,
+        )
+
+
+def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, references=None,
+             stats=None, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+             weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
+             maximize: bool = False, reference_format: str = "float32", backend: str = "auto") -> None:
+    """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
+
+    ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam; tensors
+    whose step counts differ go to different launches (their bias corrections differ).
+    """
+    for step in state_steps:
+        step += 1
+    steps = [float(s) for s in state_steps]
+    for (device, _, has_reference, step), idx in _buckets(params, references, steps.__getitem__):
+        _run_bucket(
+            resolve_backend(backend, device).adam_step_, stats, idx, device, has_reference,
+            (_take(params, idx), _contiguous(_take(grads, idx)), _take(exp_avgs, idx),
+             _take(exp_avg_sqs, idx), _take(max_exp_avg_sqs, idx) if amsgrad else None,
+             _take(references, idx) if has_reference else None),
+            reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, maximize=maximize,
+            bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step,
+        )

@@ -1,0 +1,272 @@
+"""Multi-tensor CNL steps in Triton: one launch, one memory pass over all tensors of a bucket.
+
+Layout (Apex's multi_tensor_apply, with Triton pointers): the tensors are cut into chunks of
+``CHUNK`` elements; program ``i`` of the grid handles chunk ``i``, whose tensor index and start
+offset come from a chunk table. A pointer table holds, per tensor, the addresses of the parameter,
+the gradient, the optimizer states and the reference (0 where unused). Offsets are 64-bit, so a
+tensor may exceed 2**31 elements. The CNL mask lives in registers and is never stored.
+
+With statistics, each program writes its chunk's partial sums to a ``[num_chunks, 3]`` buffer that
+one ``index_add_`` folds into the per-tensor rows: deterministic, and no host synchronization.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference_format as _rf
+
+# Elements per program (loop of BLOCK-sized steps inside it) and per loop step.
+CHUNK = 65536
+BLOCK = 1024
+NUM_WARPS = 4
+
+_REF_NONE, _REF_FLOAT, _REF_SIGN2 = 0, 1, 2
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.int8: tl.int8,
+    torch.uint8: tl.uint8,
+}
+
+
+@triton.jit
+def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl.constexpr):
+    return tl.load(table + tensor * NCOLS + column).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr):
+    """Reference values as float32: the stored value, or -1/0/+1 for the packed 2-bit signs."""
+    if REF_KIND == 2:
+        byte = tl.load(ref_ptr + offs // 4, mask=mask, other=0)
+        code = (byte >> ((offs % 4) * 2).to(tl.uint8)) & 3
+        return (code == 1).to(tl.float32) - (code == 2).to(tl.float32)
+    else:
+        return tl.load(ref_ptr + offs, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _masked_update(p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict,
+                   REF_KIND: tl.constexpr, STATS: tl.constexpr):
+    """Keep ``p`` where ``u`` conflicts with ``r`` in sign; fold the statistics of this block."""
+    if REF_KIND == 0:
+        return new_p, acc_count, acc_collab, acc_conflict
+    else:
+        conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
+        if STATS:
+            s = r * u
+            collaborative = mask & (conflict == 0)
+            acc_count += tl.sum(collaborative.to(tl.float32), axis=0)
+            acc_collab += tl.sum(tl.where(collaborative, s, 0.0), axis=0)
+            acc_conflict += tl.sum(tl.where(mask & conflict, s, 0.0), axis=0)
+        return tl.where(conflict, p, new_p), acc_count, acc_collab, acc_conflict
+
+
+@triton.jit
+def _sgd_kernel(
+    ptr_table, chunk_tensor, chunk_start, numels, partials,
+    lr, weight_decay, momentum, dampening,
+    P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # pointer table columns: param, grad, momentum buffer, reference
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid).to(tl.int64)
+    start = tl.load(chunk_start + pid)
+    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    p_ptr = _pointer(ptr_table, t, 0, 4, P_DTYPE)
+    g_ptr = _pointer(ptr_table, t, 1, 4, P_DTYPE)
+    b_ptr = _pointer(ptr_table, t, 2, 4, tl.float32)
+    r_ptr = _pointer(ptr_table, t, 3, 4, R_DTYPE)
+    acc_count = tl.zeros((), tl.float32)
+    acc_collab = tl.zeros((), tl.float32)
+    acc_conflict = tl.zeros((), tl.float32)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < end
+        p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:
+            g = g + weight_decay * p
+        u = g
+        if HAS_MOMENTUM:
+            if FIRST_STEP:  # torch.optim.SGD starts the buffer at the first gradient, undamped
+                b = g
+            else:
+                b = momentum * tl.load(b_ptr + offs, mask=mask, other=0) + (1 - dampening) * g
+            tl.store(b_ptr + offs, b, mask=mask)
+            if NESTEROV:
+                u = g + momentum * b
+            else:
+                u = b
+        r = tl.zeros_like(u)
+        if REF_KIND != 0:
+            r = _load_reference(r_ptr, offs, mask, REF_KIND)
+        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+            p, p - lr * u, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+        tl.store(p_ptr + offs, new_p.to(P_DTYPE), mask=mask)
+    if STATS:
+        tl.store(partials + pid * 3 + 0, acc_count)
+        tl.store(partials + pid * 3 + 1, acc_collab)
+        tl.store(partials + pid * 3 + 2, acc_conflict)
+
+
+@triton.jit
+def _adam_kernel(
+    ptr_table, chunk_tensor, chunk_start, numels, partials,
+    lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+    P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid).to(tl.int64)
+    start = tl.load(chunk_start + pid)
+    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    p_ptr = _pointer(ptr_table, t, 0, 6, P_DTYPE)
+    g_ptr = _pointer(ptr_table, t, 1, 6, P_DTYPE)
+    m_ptr = _pointer(ptr_table, t, 2, 6, tl.float32)
+    v_ptr = _pointer(ptr_table, t, 3, 6, tl.float32)
+    vmax_ptr = _pointer(ptr_table, t, 4, 6, tl.float32)
+    r_ptr = _pointer(ptr_table, t, 5, 6, R_DTYPE)
+    acc_count = tl.zeros((), tl.float32)
+    acc_collab = tl.zeros((), tl.float32)
+    acc_conflict = tl.zeros((), tl.float32)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < end
+        p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY and not DECOUPLED:
+            g = g + weight_decay * p
+        m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0) + (1 - beta1) * g
+        v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0) + (1 - beta2) * (g * g)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if AMSGRAD:
+            v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0), v)
+            tl.store(vmax_ptr + offs, v, mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        adam = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
+        if WEIGHT_DECAY and DECOUPLED:
+            u = adam + weight_decay * p
+            new_p = p * (1 - lr * weight_decay) - lr * adam  # torch.optim.AdamW's order
+        else:
+            u = adam
+            new_p = p - lr * adam
+        r = tl.zeros_like(u)
+        if REF_KIND != 0:
+            r = _load_reference(r_ptr, offs, mask, REF_KIND)
+        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+            p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+        tl.store(p_ptr + offs, new_p.to(P_DTYPE), mask=mask)
+    if STATS:
+        tl.store(partials + pid * 3 + 0, acc_count)
+        tl.store(partials + pid * 3 + 1, acc_collab)
+        tl.store(partials + pid * 3 + 2, acc_conflict)
+
+
+# ----------------------------------------------------------------------------- host side
+
+_chunk_tables: dict = {}
+_pointer_tables: dict = {}
+_TABLE_CACHE_SIZE = 16
+
+
+def _cached(cache: dict, key, build):
+    """A small FIFO cache: tables depend only on sizes and addresses, which rarely change."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= _TABLE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        value = cache[key] = build()
+    return value
+
+
+def _chunk_table(numels: tuple, device: torch.device):
+    """(tensor index per chunk, start offset per chunk, numel per tensor) on ``device``."""
+
+    def build():
+        n = torch.tensor(numels, dtype=torch.int64)
+        chunks_per_tensor = (n + CHUNK - 1) // CHUNK
+        tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels)), chunks_per_tensor)
+        first_chunk = torch.cumsum(chunks_per_tensor, 0) - chunks_per_tensor
+        start = (torch.arange(tensor_of_chunk.numel()) - first_chunk[tensor_of_chunk]) * CHUNK
+        return (tensor_of_chunk.to(torch.int32).to(device), start.to(device), n.to(device))
+
+    return _cached(_chunk_tables, (device, numels), build)
+
+
+def _pointer_table(columns, device: torch.device):
+    """int64 ``[num_tensors, len(columns)]`` of data pointers; a ``None`` column holds 0."""
+    rows = tuple(
+        tuple(0 if col is None else col[i].data_ptr() for col in columns) for i in range(len(columns[0]))
+    )
+    return _cached(_pointer_tables, (device, rows), lambda: torch.tensor(rows, dtype=torch.int64).to(device))
+
+
+def _reference_kind(references, fmt):
+    if references is None:
+        return _REF_NONE, tl.float32
+    if fmt == "sign2":
+        return _REF_SIGN2, tl.uint8
+    return _REF_FLOAT, _TL_DTYPES[references[0].dtype]
+
+
+def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, **constexprs):
+    device = params[0].device
+    numels = tuple(p.numel() for p in params)
+    tensor_of_chunk, chunk_start, numel_table = _chunk_table(numels, device)
+    num_chunks = tensor_of_chunk.numel()
+    if num_chunks == 0:  # only empty tensors
+        return
+    ref_kind, r_dtype = _reference_kind(references, fmt)
+    track = stats is not None and ref_kind != _REF_NONE
+    partials = torch.empty((num_chunks, 3) if track else (1,), dtype=torch.float32, device=device)
+    kernel[(num_chunks,)](
+        _pointer_table(columns, device), tensor_of_chunk, chunk_start, numel_table, partials,
+        *scalars,
+        P_DTYPE=_TL_DTYPES[params[0].dtype], R_DTYPE=r_dtype, REF_KIND=ref_kind, STATS=track,
+        WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        **constexprs,
+    )
+    if track:
+        stats.index_add_(0, tensor_of_chunk.to(torch.int64), partials.to(torch.float64))
+
+
+def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr: float,
+              weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+              first_step: bool) -> None:
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.sgd_step_` for the math."""
+    _launch(
+        _sgd_kernel, (params, grads, momentum_buffers, references), params, references, stats,
+        reference_format, (lr, weight_decay, momentum, dampening), weight_decay,
+        HAS_MOMENTUM=momentum_buffers is not None, FIRST_STEP=first_step, NESTEROV=nesterov,
+        MAXIMIZE=maximize,
+    )
+
+
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
+               reference_format: str, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
+               bias_correction1: float, bias_correction2: float) -> None:
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.adam_step_` for the math."""
+    _launch(
+        _adam_kernel, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references),
+        params, references, stats, reference_format,
+        (lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2**0.5), weight_decay,
+        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+    )
+
+
+assert _rf.SIGN2_POSITIVE == 1 and _rf.SIGN2_NEGATIVE == 2  # the kernels decode these codes

@@ -1,0 +1,79 @@
+"""FusedCNLAdam: Adam (L2 weight decay, or decoupled as AdamW) with the CNL mask."""
+from __future__ import annotations
+
+import torch
+
+from .. import functional
+from ._args import check_common
+from ._base import CNLOptimizer
+
+__all__ = ["FusedCNLAdam"]
+
+
+class FusedCNLAdam(CNLOptimizer):
+    """Drop-in for ``torch.optim.Adam``; with a reference set, only collaborative elements move.
+
+    ``u = m̂ / (sqrt(v̂) + ε)`` (+ ``λ·θ`` with decoupled weight decay); an element moves by
+    ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``, while the moments are updated everywhere. States
+    are float32 whatever the parameter dtype; ``state["step"]`` is a host scalar tensor as in torch.
+
+    Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
+    (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, backend="auto", reference_dtype="float32", track_stats=False):
+        name = type(self).__name__
+        check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable,
+                     capturable=capturable)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor):
+                raise ValueError(f"{name}: betas as Tensors are not supported; pass floats")
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=True,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
+                         track_stats=track_stats)
+
+    def _init_state(self, p):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_group = []
+        for group, params, grads in self._gradients():
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            if group["amsgrad"]:
+                for p, state in zip(params, states):
+                    if "max_exp_avg_sq" not in state:
+                        state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+            beta1, beta2 = group["betas"]
+            stats = self._new_stats(params)
+            functional.cnl_adam(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
+                self._references_for(params), stats,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                amsgrad=group["amsgrad"], maximize=group["maximize"],
+                reference_format=self.reference_format, backend=self.backend,
+            )
+            per_group.append((params, stats))
+        self._record_stats(per_group)
+        return loss

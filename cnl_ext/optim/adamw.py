@@ -1,0 +1,19 @@
+"""FusedCNLAdamW: AdamW with the CNL mask; the decay term is part of the masked update (spec)."""
+from __future__ import annotations
+
+from .adam import FusedCNLAdam
+
+__all__ = ["FusedCNLAdamW"]
+
+
+class FusedCNLAdamW(FusedCNLAdam):
+    """Drop-in for ``torch.optim.AdamW``: ``u = m̂ / (sqrt(v̂) + ε) + λ·θ``, so a frozen element is
+    not decayed either. See :class:`FusedCNLAdam` for the arguments."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 backend="auto", reference_dtype="float32", track_stats=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend, reference_dtype=reference_dtype,
+                         track_stats=track_stats)

@@ -1,0 +1,62 @@
+"""FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask."""
+from __future__ import annotations
+
+import torch
+
+from .. import functional
+from ._args import check_common
+from ._base import CNLOptimizer
+
+__all__ = ["FusedCNLSGD"]
+
+
+class FusedCNLSGD(CNLOptimizer):
+    """Drop-in for ``torch.optim.SGD``; with a reference set, only collaborative elements move.
+
+    ``u = g`` (+ weight decay), or the momentum buffer ``b ← μ·b + (1 − dampening)·g`` (``g + μ·b``
+    with Nesterov); an element moves by ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``. The momentum
+    buffer is updated for every element and kept in float32 whatever the parameter dtype.
+
+    Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
+    (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None,
+                 backend="auto", reference_dtype="float32", track_stats=False):
+        name = type(self).__name__
+        check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=None, differentiable=False, fused=True)
+        super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
+                         track_stats=track_stats)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_group = []
+        for group, params, grads in self._gradients():
+            if not params:
+                continue
+            use_momentum = group["momentum"] != 0
+            buffers = [self.state[p].get("momentum_buffer") for p in params] if use_momentum else None
+            stats = self._new_stats(params)
+            functional.cnl_sgd(
+                params, grads, buffers, self._references_for(params), stats,
+                lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                reference_format=self.reference_format, backend=self.backend,
+            )
+            if use_momentum:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+            per_group.append((params, stats))
+        self._record_stats(per_group)
+        return loss
