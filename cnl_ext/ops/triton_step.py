@@ -38,6 +38,23 @@ def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """Round float32 to the parameter dtype, to nearest even as torch does.
+
+    bfloat16 is rounded with torch's own bit trick (c10::round_to_nearest_even) before the cast:
+    compiled Triton rounds to nearest even too, but Triton's interpreter truncates, and the CPU
+    tests must see the same numbers as the GPU.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rounded = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+        return rounded.to(DTYPE)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr):
     """Reference values as float32: the stored value, or -1/0/+1 for the packed 2-bit signs."""
     if REF_KIND == 2:
@@ -111,7 +128,7 @@ def _sgd_kernel(
             r = _load_reference(r_ptr, offs, mask, REF_KIND)
         new_p, acc_count, acc_collab, acc_conflict = _masked_update(
             p, p - lr * u, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-        tl.store(p_ptr + offs, new_p.to(P_DTYPE), mask=mask)
+        tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
     if STATS:
         tl.store(partials + pid * 3 + 0, acc_count)
         tl.store(partials + pid * 3 + 1, acc_collab)
@@ -169,7 +186,7 @@ def _adam_kernel(
             r = _load_reference(r_ptr, offs, mask, REF_KIND)
         new_p, acc_count, acc_collab, acc_conflict = _masked_update(
             p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-        tl.store(p_ptr + offs, new_p.to(P_DTYPE), mask=mask)
+        tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
     if STATS:
         tl.store(partials + pid * 3 + 0, acc_count)
         tl.store(partials + pid * 3 + 1, acc_collab)
@@ -204,7 +221,7 @@ def _chunk_table(numels: tuple, device: torch.device):
         start = (torch.arange(tensor_of_chunk.numel()) - first_chunk[tensor_of_chunk]) * CHUNK
         return (tensor_of_chunk.to(torch.int32).to(device), start.to(device), n.to(device))
 
-    return _cached(_chunk_tables, (device, numels), build)
+    return _cached(_chunk_tables, (device, numels, CHUNK), build)
 
 
 def _pointer_table(columns, device: torch.device):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional
+from ._amp import skip_or_unscale
 from ._args import check_common
 from ._base import CNLOptimizer
 
@@ -20,6 +21,8 @@ class FusedCNLSGD(CNLOptimizer):
     Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
     (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
     """
+
+    _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
@@ -41,8 +44,11 @@ class FusedCNLSGD(CNLOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        gathered = self._gradients()
+        if skip_or_unscale(self, [g for _, _, grads in gathered for g in grads]):
+            return loss
         per_group = []
-        for group, params, grads in self._gradients():
+        for group, params, grads in gathered:
             if not params:
                 continue
             use_momentum = group["momentum"] != 0

@@ -1,0 +1,37 @@
+"""Shared test setup.
+
+Without CUDA, Triton kernels run on CPU tensors through Triton's interpreter, which must be chosen
+before triton is imported. With CUDA, the same tests run the compiled kernels on the GPU.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Where each backend runs in this session: (backend, device) pairs; CUDA ones are marked and skipped
+# on machines without a GPU.
+BACKEND_DEVICES = [
+    pytest.param("torch", "cpu", id="torch-cpu"),
+    pytest.param("triton", "cpu", id="triton-cpu",
+                 marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
+    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.cuda, requires_cuda]),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, requires_cuda]),
+]
+TRITON_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] == "triton"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
