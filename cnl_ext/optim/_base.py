@@ -108,16 +108,25 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         # torch casts every floating state to the parameter's dtype on load; the CNL optimizers keep
-        # their states in float32 whatever the parameter dtype, and the step count on the host.
+        # their states in float32 whatever the parameter dtype (taken from the saved tensors, so a
+        # float32 state of a bf16 parameter survives exactly), and the step count on the host.
+        param_of_id = {
+            saved_id: p
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for saved_id, p in zip(saved_group["params"], group["params"])
+        }
         super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key, value in state.items():
+        for saved_id, saved_state in state_dict["state"].items():
+            p = param_of_id.get(saved_id)
+            if p is None:
+                continue
+            for key, value in saved_state.items():
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
-                    state[key] = value.detach().to("cpu", torch.float32)
-                elif value.is_floating_point() and value.dtype != torch.float32:
-                    state[key] = value.to(torch.float32)
+                    self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
+                elif value.is_floating_point():
+                    self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
 
     # ------------------------------------------------------------------ the reference
 

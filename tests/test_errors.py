@@ -1,0 +1,110 @@
+"""Bad input: a clear error that names the problem, and nothing the user passed is changed."""
+import pytest
+import torch
+
+import cnl_ext
+
+from .conftest import BACKEND_DEVICES
+
+
+def _params(device):
+    return [torch.randn(3, 4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)]
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params], {p: dict(opt._references) for p in params},
+            {id(p): {k: v.clone() for k, v in opt.state.get(p, {}).items()} for p in params})
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, refs, states = snapshot
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert {p: dict(opt._references) for p in params} == refs
+    for p in params:
+        state = opt.state.get(p, {})
+        assert state.keys() == states[id(p)].keys()
+        assert all(torch.equal(state[k], v) for k, v in states[id(p)].items())
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda ps: [torch.randn(4, 3), torch.randn(4)], ValueError, r"shape \(4, 3\).*shape \(3, 4\)"),
+    (lambda ps: [torch.randn(3, 4, device="meta"), torch.randn(4)], ValueError, "is on meta"),
+    (lambda ps: [torch.ones(3, 4, dtype=torch.int64), torch.randn(4)], TypeError, "torch.int64"),
+    (lambda ps: [torch.randn(3, 4, dtype=torch.complex64), torch.randn(4)], TypeError, "complex64"),
+    (lambda ps: [torch.randn(3, 4).to_sparse(), torch.randn(4)], ValueError, "sparse"),
+    (lambda ps: [torch.randn(3, 4)], ValueError, "expects 2 tensors"),
+    (lambda ps: {torch.nn.Parameter(torch.randn(4)): torch.randn(4)}, ValueError, "does not hold"),
+    (lambda ps: [torch.randn(3, 4), "not a tensor"], TypeError, "str"),
+])
+def test_bad_reference_is_rejected_before_anything_is_written(backend, device, bad, error, match):
+    params = _params(device)
+    opt = cnl_ext.FusedCNLAdamW(params, backend=backend)
+    opt.set_reference([torch.randn_like(p) for p in params])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snapshot = _snapshot(opt, params)
+    tensors = bad(params)
+    if isinstance(tensors, list):  # move the good entries next to the parameters
+        tensors = [t.to(device) if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.layout == torch.strided
+                   else t for t in tensors]
+    with pytest.raises(error, match=match):
+        opt.set_reference(tensors)
+    _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_sparse_gradient_is_rejected_with_params_and_state_untouched(backend, device):
+    emb = torch.nn.Embedding(10, 3, sparse=True).to(device)
+    dense = torch.randn(3, device=device, requires_grad=True)
+    params = [dense, emb.weight]
+    opt = cnl_ext.FusedCNLAdam(params, backend=backend)
+    dense.grad = torch.randn(3, device=device)
+    emb(torch.tensor([1, 2], device=device)).sum().backward()
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: cnl_ext.FusedCNLAdamW([torch.randn(2, dtype=torch.complex64, requires_grad=True)]), ValueError, "complex"),
+    (lambda: cnl_ext.FusedCNLAdamW([torch.randn(2, dtype=torch.float64, requires_grad=True)]), TypeError, "float64"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), capturable=True), ValueError, "capturable"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), differentiable=True), ValueError, "differentiable"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), foreach=True), ValueError, "foreach"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), fused=False), ValueError, "always fused"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.tensor(0.1)), ValueError, "lr as a Tensor"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=-1.0), ValueError, "learning rate"),
+    (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), betas=(1.0, 0.9)), ValueError, "beta parameter at index 0"),
+    (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), eps=-1.0), ValueError, "epsilon"),
+    (lambda: cnl_ext.FusedCNLSGD(_params("cpu"), nesterov=True), ValueError, "Nesterov"),
+    (lambda: cnl_ext.FusedCNLSGD(_params("cpu"), momentum=-0.1), ValueError, "momentum"),
+    (lambda: cnl_ext.FusedCNLSGD(_params("cpu"), weight_decay=-0.1), ValueError, "weight_decay"),
+    (lambda: cnl_ext.FusedCNLSGD(_params("cpu"), backend="jax"), ValueError, "backend must be one of"),
+    (lambda: cnl_ext.FusedCNLSGD(_params("cpu"), reference_dtype="float16"), ValueError, "reference_dtype"),
+])
+def test_unsupported_options_fail_at_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_cuda_backend_on_cpu_tensors_names_the_problem():
+    params = _params("cpu")
+    opt = cnl_ext.FusedCNLSGD(params, lr=0.1, backend="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_capture_without_backward_is_an_error():
+    opt = cnl_ext.FusedCNLSGD(_params("cpu"), lr=0.1)
+    with pytest.raises(RuntimeError, match="without any ref.backward"):
+        with opt.capture_reference():
+            pass
+    assert not opt.has_reference
