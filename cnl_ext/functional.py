@@ -9,8 +9,8 @@ backend module that implements the ops contract of :mod:`cnl_ext.ops`:
 - ``"triton"``: :mod:`cnl_ext.ops.triton_step`, multi-tensor Triton kernels (CUDA tensors, or CPU
   tensors under ``TRITON_INTERPRET=1``);
 - ``"cuda"``: :mod:`cnl_ext.ops.cuda_step`, the compiled C++/CUDA extension;
-- ``"auto"``: Triton for CUDA tensors (falling back to the CUDA extension, then the reference, with
-  one warning naming the reason), the reference elsewhere.
+- ``"auto"``: Triton for CUDA tensors (falling back to the CUDA extension, then the reference, when
+  it is missing or fails to compile, with one warning naming the reason), the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ BACKENDS = ("auto", "triton", "torch", "cuda")
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _MODULES = {"torch": "cnl_ext.reference", "triton": "cnl_ext.ops.triton_step", "cuda": "cnl_ext.ops.cuda_step"}
-_auto_choice: dict = {}
+# What backend="auto" tries, in order, for tensors of each device type; the first that works is kept.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
+_auto_chosen: dict = {}  # device type -> (backend name, module)
+_auto_rejected: set = set()  # backend names that failed to import or to compile
 
 
 def _import_backend(name):
@@ -37,37 +40,41 @@ def _import_backend(name):
     return module
 
 
-def resolve_backend(backend: str, device: torch.device):
-    """The module that runs ``backend`` for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        if backend == "cuda" and device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        try:
-            return _import_backend(backend)
-        except (ImportError, RuntimeError) as exc:
-            raise RuntimeError(f"backend={backend!r} is not available: {exc}") from exc
-    if device.type != "cuda":
-        return reference
-    if "module" not in _auto_choice:
-        reasons = []
-        for name in ("triton", "cuda"):
+def _auto_backend(device_type: str, reasons=()):
+    """(name, module) of the first usable backend in AUTO_ORDER; one warning names what was passed over."""
+    if device_type not in _auto_chosen:
+        reasons = list(reasons)
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            if name in _auto_rejected:
+                continue
             try:
-                _auto_choice["module"] = _import_backend(name)
+                _auto_chosen[device_type] = (name, _import_backend(name))
                 break
             except (ImportError, RuntimeError) as exc:
+                _auto_rejected.add(name)
                 reasons.append(f"{name}: {exc}")
-        else:
-            _auto_choice["module"] = reference
         if reasons:
-            warnings.warn(
-                f"cnl_ext: backend='auto' uses {_auto_choice['module'].__name__} on CUDA because "
-                + "; ".join(reasons),
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _auto_choice["module"]
+            warnings.warn(f"cnl_ext: backend='auto' uses {_auto_chosen[device_type][0]!r} for {device_type} tensors "
+                          f"because {'; '.join(reasons)}", RuntimeWarning, stacklevel=4)
+    return _auto_chosen[device_type]
+
+
+def _resolve(backend: str, device: torch.device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return _auto_backend(device.type)
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    try:
+        return backend, _import_backend(backend)
+    except (ImportError, RuntimeError) as exc:
+        raise RuntimeError(f"backend={backend!r} is not available: {exc}") from exc
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The module that runs ``backend`` for tensors on ``device``."""
+    return _resolve(backend, device)[1]
 
 
 def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
@@ -103,12 +110,26 @@ def _contiguous(tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def _run_bucket(step_fn, stats, indices, device, has_reference, tensor_lists, **kwargs):
-    """Run one bucket, adding its statistics into the caller's rows."""
-    bucket_stats = None
-    if stats is not None and has_reference:
-        bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=device)
-    step_fn(*tensor_lists, bucket_stats, **kwargs)
+def _run_bucket(step_name, backend, stats, indices, device, has_reference, tensor_lists, **kwargs):
+    """Run one bucket, adding its statistics into the caller's rows.
+
+    With backend="auto", a backend that fails (Triton that does not compile, say: that happens
+    before its kernel writes anything) is dropped for the next one in AUTO_ORDER, with a warning.
+    """
+    name, module = _resolve(backend, device)
+    while True:
+        bucket_stats = None
+        if stats is not None and has_reference:
+            bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=device)
+        try:
+            getattr(module, step_name)(*tensor_lists, bucket_stats, **kwargs)
+            break
+        except Exception as exc:
+            if backend != "auto" or name == "torch":
+                raise
+            _auto_rejected.add(name)
+            _auto_chosen.pop(device.type, None)
+            name, module = _auto_backend(device.type, [f"{name} failed: {type(exc).__name__}: {exc}"])
     if bucket_stats is not None:
         stats.index_add_(0, torch.tensor(indices, device=stats.device), bucket_stats.to(stats.device))
 
@@ -133,7 +154,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
                 first_step.add(i)
     for (device, _, has_reference, is_first), idx in _buckets(params, references, first_step.__contains__):
         _run_bucket(
-            resolve_backend(backend, device).sgd_step_, stats, idx, device, has_reference,
+            "sgd_step_", backend, stats, idx, device, has_reference,
             (_take(params, idx), _contiguous(_take(grads, idx)),
              _take(momentum_buffer_list, idx) if use_momentum else None,
              _take(references, idx) if has_reference else None),
@@ -156,7 +177,7 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     steps = [float(s) for s in state_steps]
     for (device, _, has_reference, step), idx in _buckets(params, references, steps.__getitem__):
         _run_bucket(
-            resolve_backend(backend, device).adam_step_, stats, idx, device, has_reference,
+            "adam_step_", backend, stats, idx, device, has_reference,
             (_take(params, idx), _contiguous(_take(grads, idx)), _take(exp_avgs, idx),
              _take(exp_avg_sqs, idx), _take(max_exp_avg_sqs, idx) if amsgrad else None,
              _take(references, idx) if has_reference else None),

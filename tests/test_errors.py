@@ -108,3 +108,32 @@ def test_capture_without_backward_is_an_error():
         with opt.capture_reference():
             pass
     assert not opt.has_reference
+
+
+def test_auto_falls_back_once_with_a_warning_when_a_backend_fails(monkeypatch):
+    """auto: a backend that fails to compile is dropped for the next, with one warning naming why."""
+    from cnl_ext import functional
+    from cnl_ext.ops import triton_step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(functional, "AUTO_ORDER", {"cpu": ("triton", "torch")})
+    monkeypatch.setattr(functional, "_auto_chosen", {})
+    monkeypatch.setattr(functional, "_auto_rejected", set())
+    monkeypatch.setattr(triton_step, "adam_step_", broken)
+    params = _params("cpu")
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref_opt = cnl_ext.FusedCNLAdamW(params), torch.optim.AdamW(expected)
+    for step in range(2):
+        for p, q in zip(params, expected):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="uses 'torch' for cpu tensors because triton failed.*PTX assembly"):
+                opt.step()
+        else:
+            opt.step()  # no second warning: the choice is kept
+        ref_opt.step()
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p, q)
