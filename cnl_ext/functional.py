@@ -130,7 +130,11 @@ def _run_bucket(step_name, backend, stats, indices, device, has_reference, tenso
             _auto_rejected.add(name)
             _auto_chosen.pop(device.type, None)
             name, module = _auto_backend(device.type, [f"{name} failed: {type(exc).__name__}: {exc}"])
-    if bucket_stats is not None:
+    if bucket_stats is None:
+        return
+    if len(indices) == stats.shape[0]:  # one bucket: no index tensor to copy to the device
+        stats += bucket_stats.to(stats.device)
+    else:
         stats.index_add_(0, torch.tensor(indices, device=stats.device), bucket_stats.to(stats.device))
 
 
@@ -164,18 +168,28 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
 
 
 def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, references=None,
-             stats=None, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+             stats=None, *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
-             maximize: bool = False, reference_format: str = "float32", backend: str = "auto") -> None:
+             maximize: bool = False, capturable: bool = False, reference_format: str = "float32",
+             backend: str = "auto") -> None:
     """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
 
-    ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam; tensors
-    whose step counts differ go to different launches (their bias corrections differ).
+    ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam. On the host
+    (default), tensors whose step counts differ go to different launches (their bias corrections
+    differ). With ``capturable``, the steps live on the params' device, ``lr`` may be a device
+    scalar, and the bias corrections are computed on the device: no host synchronization, so the
+    step can be captured in a CUDA graph.
     """
-    for step in state_steps:
-        step += 1
-    steps = [float(s) for s in state_steps]
-    for (device, _, has_reference, step), idx in _buckets(params, references, steps.__getitem__):
+    if capturable:
+        torch._foreach_add_(state_steps, 1)
+        bucket_key = lambda i: None  # noqa: E731
+    else:
+        for step in state_steps:
+            step += 1
+        bucket_key = [float(s) for s in state_steps].__getitem__
+    for (device, _, has_reference, step), idx in _buckets(params, references, bucket_key):
+        corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
+                       dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
         _run_bucket(
             "adam_step_", backend, stats, idx, device, has_reference,
             (_take(params, idx), _contiguous(_take(grads, idx)), _take(exp_avgs, idx),
@@ -183,6 +197,5 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
              _take(references, idx) if has_reference else None),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad, maximize=maximize,
-            bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step,
+            amsgrad=amsgrad, maximize=maximize, **corrections,
         )

@@ -52,7 +52,7 @@ def _signed_grad(grad, maximize):
 
 
 @torch.no_grad()
-def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr: float,
+def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool) -> None:
     """SGD (``momentum_buffers is None``) or momentum SGD, as torch.optim.SGD, with the CNL mask."""
@@ -76,15 +76,20 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
 
 @torch.no_grad()
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
-               reference_format: str, lr: float, beta1: float, beta2: float, eps: float,
+               reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
-               bias_correction1: float, bias_correction2: float) -> None:
+               bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
     """Adam (L2 weight decay) or AdamW (decoupled), as torch.optim.Adam/AdamW, with the CNL mask.
 
     For AdamW the decay term is part of ``u`` (spec), so a frozen element is not decayed either.
+    With ``device_steps`` (capturable), the bias corrections come from each tensor's step count on
+    the device, and ``lr`` may be a device scalar: nothing here reads a value back to the host.
     """
-    bias_correction2_sqrt = bias_correction2**0.5
     for i, (p, grad) in enumerate(zip(params, grads)):
+        if device_steps is not None:
+            bias_correction1 = 1 - beta1 ** device_steps[i]
+            bias_correction2 = 1 - beta2 ** device_steps[i]
+        bias_correction2_sqrt = bias_correction2**0.5
         p32 = p.to(torch.float32)
         g = _signed_grad(grad, maximize)
         if weight_decay != 0 and not decoupled_weight_decay:

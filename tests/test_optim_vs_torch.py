@@ -152,3 +152,75 @@ def test_bf16_params_keep_float32_states_through_state_dict(backend, device):
             assert fresh.state[p][key].dtype == torch.float32
             assert torch.equal(fresh.state[p][key], opt.state[p][key])
         assert fresh.state[p]["step"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", ["adam-l2-amsgrad", "adamw"])
+def test_capturable_with_tensor_lr_equals_torch_optim(backend, device, case):
+    """capturable=True: steps on the device, lr a device tensor, bias corrections computed there."""
+    cls, torch_cls, kwargs = CASES[case]
+    kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], device=device))
+    ours = _make_params(device)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = cls(ours, backend=backend, capturable=True, **kwargs)
+    ref_opt = torch_cls(theirs, **dict(kwargs, lr=kwargs["lr"].item()))
+    extra = [torch.randn(3, device=device, requires_grad=True)]  # joins later: its step count differs
+    extra_ref = [extra[0].detach().clone().requires_grad_()]
+    for k in range(STEPS):
+        if k == 4:
+            opt.add_param_group({"params": extra})
+            ref_opt.add_param_group({"params": extra_ref})
+            ours, theirs = ours + extra, theirs + extra_ref
+        grads = [torch.randn_like(p) for p in ours]
+        _set_grads(ours, grads)
+        _set_grads(theirs, grads)
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert opt.state[a]["step"].device == a.device
+    assert opt.state[extra[0]]["step"].item() == STEPS - 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_capturable_step_replays_in_a_cuda_graph(backend):
+    """The whole CNL step, reference and statistics included, captured once and replayed."""
+    device = "cuda"
+    params = [torch.randn(s, device=device, requires_grad=True) for s in [(1000,), (33, 7)]]
+    eager = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(1e-2, device=device)
+    make = lambda ps: cnl_ext.FusedCNLAdamW(ps, lr=lr, capturable=True, backend=backend, track_stats=True)
+    opt, eager_opt = make(params), make(eager)
+    refs = [torch.randn_like(p) for p in params]
+    opt.set_reference(refs)
+    eager_opt.set_reference(refs)
+    static_grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g  # the graph reads these very tensors
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: compiles kernels, builds tables
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for p, q in zip(params, eager):
+        q.data.copy_(p.data)
+    eager_opt.load_state_dict(opt.state_dict())
+    for group in eager_opt.param_groups:  # loading copied the lr tensor; share the live one again
+        group["lr"] = lr
+    for k in range(3):
+        new_grads = [torch.randn_like(p) for p in params]
+        for g, n in zip(static_grads, new_grads):
+            g.copy_(n)
+        _set_grads(eager, new_grads)
+        lr.fill_(1e-2 / (k + 1))  # a schedule that writes into the device lr also reaches the graph
+        graph.replay()
+        eager_opt.step()
+    for a, b in zip(params, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.cnl_stats().total == sum(p.numel() for p in params)

@@ -7,7 +7,7 @@ C++/CUDA extension) exposes the same two in-place functions::
               weight_decay, momentum, dampening, nesterov, maximize, first_step)
     adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-               amsgrad, maximize, bias_correction1, bias_correction2)
+               amsgrad, maximize, bias_correction1, bias_correction2, device_steps=None)
 
 Conventions (the caller, ``cnl_ext.functional``, guarantees them; the ops do not re-check):
 
@@ -21,4 +21,7 @@ Conventions (the caller, ``cnl_ext.functional``, guarantees them; the ops do not
   (count of collaborative elements, sum of s = r*u over collaborative, sum of s over conflicting).
   Only given together with ``references``.
 - Arithmetic in float32 whatever the parameter dtype; the new parameter is rounded once on store.
+- Capturable steps (CUDA graphs): ``lr`` may be a 0-d float32 tensor on the params' device, and
+  ``adam_step_`` may get ``device_steps`` (one 0-d float32 device tensor per param, already
+  incremented) instead of the two bias corrections. A backend that does not support this raises.
 """

@@ -38,6 +38,15 @@ def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl
 
 
 @triton.jit
+def _scalar(value, ON_DEVICE: tl.constexpr):
+    """A hyper-parameter given as a float, or (capturable) as a pointer to a device scalar."""
+    if ON_DEVICE:
+        return tl.load(value).to(tl.float32)
+    else:
+        return value
+
+
+@triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
     """Round float32 to the parameter dtype, to nearest even as torch does.
 
@@ -89,10 +98,11 @@ def _sgd_kernel(
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # pointer table columns: param, grad, momentum buffer, reference
     pid = tl.program_id(0)
+    lr = _scalar(lr, LR_ON_DEVICE)
     t = tl.load(chunk_tensor + pid).to(tl.int64)
     start = tl.load(chunk_start + pid)
     end = tl.minimum(start + CHUNK, tl.load(numels + t))
@@ -141,19 +151,25 @@ def _adam_kernel(
     lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference
+    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step
     pid = tl.program_id(0)
+    lr = _scalar(lr, LR_ON_DEVICE)
     t = tl.load(chunk_tensor + pid).to(tl.int64)
     start = tl.load(chunk_start + pid)
     end = tl.minimum(start + CHUNK, tl.load(numels + t))
-    p_ptr = _pointer(ptr_table, t, 0, 6, P_DTYPE)
-    g_ptr = _pointer(ptr_table, t, 1, 6, P_DTYPE)
-    m_ptr = _pointer(ptr_table, t, 2, 6, tl.float32)
-    v_ptr = _pointer(ptr_table, t, 3, 6, tl.float32)
-    vmax_ptr = _pointer(ptr_table, t, 4, 6, tl.float32)
-    r_ptr = _pointer(ptr_table, t, 5, 6, R_DTYPE)
+    p_ptr = _pointer(ptr_table, t, 0, 7, P_DTYPE)
+    g_ptr = _pointer(ptr_table, t, 1, 7, P_DTYPE)
+    m_ptr = _pointer(ptr_table, t, 2, 7, tl.float32)
+    v_ptr = _pointer(ptr_table, t, 3, 7, tl.float32)
+    vmax_ptr = _pointer(ptr_table, t, 4, 7, tl.float32)
+    r_ptr = _pointer(ptr_table, t, 5, 7, R_DTYPE)
+    if STEP_ON_DEVICE:  # capturable: the bias corrections follow this tensor's step count on the device
+        step = tl.load(_pointer(ptr_table, t, 6, 7, tl.float32))
+        bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
+        bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))
     acc_count = tl.zeros((), tl.float32)
     acc_collab = tl.zeros((), tl.float32)
     acc_conflict = tl.zeros((), tl.float32)
@@ -241,6 +257,7 @@ def _reference_kind(references, fmt):
 
 
 def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, **constexprs):
+    """One launch over ``params``; ``scalars`` start with ``lr`` (a float or a device scalar)."""
     device = params[0].device
     numels = tuple(p.numel() for p in params)
     tensor_of_chunk, chunk_start, numel_table = _chunk_table(numels, device)
@@ -254,14 +271,15 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
         _pointer_table(columns, device), tensor_of_chunk, chunk_start, numel_table, partials,
         *scalars,
         P_DTYPE=_TL_DTYPES[params[0].dtype], R_DTYPE=r_dtype, REF_KIND=ref_kind, STATS=track,
-        WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor),
+        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
         **constexprs,
     )
     if track:
         stats.index_add_(0, tensor_of_chunk.to(torch.int64), partials.to(torch.float64))
 
 
-def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr: float,
+def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool) -> None:
     """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.sgd_step_` for the math."""
@@ -274,15 +292,18 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
-               reference_format: str, lr: float, beta1: float, beta2: float, eps: float,
+               reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
-               bias_correction1: float, bias_correction2: float) -> None:
+               bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
     """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.adam_step_` for the math."""
+    on_device = device_steps is not None
     _launch(
-        _adam_kernel, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references),
+        _adam_kernel,
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, device_steps),
         params, references, stats, reference_format,
-        (lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2**0.5), weight_decay,
-        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        (lr, beta1, beta2, eps, weight_decay, 1.0 if on_device else bias_correction1,
+         1.0 if on_device else bias_correction2**0.5), weight_decay,
+        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, STEP_ON_DEVICE=on_device,
     )
 
 

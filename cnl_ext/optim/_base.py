@@ -77,7 +77,7 @@ class CNLOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.track_stats = bool(track_stats)
         self._references: dict = {}  # parameter -> stored reference (format: self.reference_format)
-        self._last_stats = None  # (indices, numels, float64 [n, 3] device tensor) of the last step
+        self._last_stats = None  # per group: ([(index, numel) or None per param], float64 [n, 3] device tensor)
         name = type(self).__name__
         for i, p in enumerate(self._parameters()):
             if p.is_complex():
@@ -109,22 +109,23 @@ class CNLOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         # torch casts every floating state to the parameter's dtype on load; the CNL optimizers keep
         # their states in float32 whatever the parameter dtype (taken from the saved tensors, so a
-        # float32 state of a bf16 parameter survives exactly), and the step count on the host.
+        # float32 state of a bf16 parameter survives exactly), and the step count on the host
+        # (on the device with capturable=True).
         param_of_id = {
-            saved_id: p
+            saved_id: (p, group.get("capturable", False))
             for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
             for saved_id, p in zip(saved_group["params"], group["params"])
         }
         super().load_state_dict(state_dict)
         for saved_id, saved_state in state_dict["state"].items():
-            p = param_of_id.get(saved_id)
-            if p is None:
+            if saved_id not in param_of_id:
                 continue
+            p, capturable = param_of_id[saved_id]
             for key, value in saved_state.items():
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
-                    self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
+                    self.state[p][key] = value.detach().to(p.device if capturable else "cpu", torch.float32, copy=True)
                 elif value.is_floating_point():
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
 
@@ -226,14 +227,12 @@ class CNLOptimizer(torch.optim.Optimizer):
         return torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
 
     def _record_stats(self, per_group):
-        """Keep the device buffers of this step: reading them (a host sync) waits for cnl_stats()."""
+        """Keep this step's device buffers; reading them (a host sync) waits for cnl_stats()."""
         if not self.track_stats:
             return
         index = {id(p): i for i, p in enumerate(self._parameters())}
         self._last_stats = [
-            ([index[id(p)] for p in params if p in self._references],
-             [p.numel() for p in params if p in self._references],
-             stats[[i for i, p in enumerate(params) if p in self._references]])
+            ([(index[id(p)], p.numel()) if p in self._references else None for p in params], stats)
             for params, stats in per_group if stats is not None
         ]
 
@@ -242,9 +241,10 @@ class CNLOptimizer(torch.optim.Optimizer):
         if not self._last_stats:
             return None
         per_parameter = []
-        for indices, numels, stats in self._last_stats:
-            for index, numel, (count, s_collab, s_conflict) in zip(indices, numels, stats.tolist()):
-                per_parameter.append(ParameterStats(index, numel, int(count), s_collab, s_conflict))
+        for rows, stats in self._last_stats:
+            for row, (count, s_collab, s_conflict) in zip(rows, stats.tolist()):
+                if row is not None:  # parameters without a reference are not counted
+                    per_parameter.append(ParameterStats(row[0], row[1], int(count), s_collab, s_conflict))
         return CNLStats(
             collaborative=sum(s.collaborative for s in per_parameter),
             total=sum(s.numel for s in per_parameter),

@@ -16,7 +16,9 @@ class FusedCNLAdam(CNLOptimizer):
 
     ``u = m̂ / (sqrt(v̂) + ε)`` (+ ``λ·θ`` with decoupled weight decay); an element moves by
     ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``, while the moments are updated everywhere. States
-    are float32 whatever the parameter dtype; ``state["step"]`` is a host scalar tensor as in torch.
+    are float32 whatever the parameter dtype; ``state["step"]`` is a host scalar tensor as in torch,
+    or a device one with ``capturable=True`` (then ``lr`` may be a device tensor too, and ``step``
+    makes no host synchronization, so it can be captured in a CUDA graph).
 
     Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
     (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
@@ -38,15 +40,16 @@ class FusedCNLAdam(CNLOptimizer):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=True,
+                        maximize=maximize, foreach=None, capturable=capturable, differentiable=False, fused=True,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats)
 
-    def _init_state(self, p):
+    def _init_state(self, p, capturable):
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # capturable: the step count lives on the device, so no step reads it back to the host
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         return state
@@ -64,7 +67,7 @@ class FusedCNLAdam(CNLOptimizer):
         for group, params, grads in gathered:
             if not params:
                 continue
-            states = [self._init_state(p) for p in params]
+            states = [self._init_state(p, group["capturable"]) for p in params]
             if group["amsgrad"]:
                 for p, state in zip(params, states):
                     if "max_exp_avg_sq" not in state:
@@ -77,7 +80,7 @@ class FusedCNLAdam(CNLOptimizer):
                 self._references_for(params), stats,
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"],
+                amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
                 reference_format=self.reference_format, backend=self.backend,
             )
             per_group.append((params, stats))
