@@ -148,3 +148,20 @@ def test_mask_is_never_stored_and_frozen_elements_are_bitwise_unchanged(backend,
     assert torch.equal(p[conflict], before[conflict])
     moved = (before.float() - LR * g.float()).to(torch.bfloat16)  # rounded to nearest even, like torch
     assert torch.equal(p[~conflict], moved[~conflict])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tensor_beyond_int32_offsets():
+    """Offsets are 64-bit: a tensor of more than 2**31 elements is updated to its last element."""
+    n = 2**31 + 4099
+    if torch.cuda.mem_get_info()[0] < 3 * n * 2:
+        pytest.skip("not enough free GPU memory for two 2**31-element bf16 tensors")
+    p = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g[-3:] = -1.0
+    r = torch.full(((n + 3) // 4,), 0b01010101, dtype=torch.uint8, device="cuda")  # sign2: all positive
+    triton_step.sgd_step_([p], [g], None, [r], None, reference_format="sign2", lr=0.5, weight_decay=0.0,
+                          momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first_step=True)
+    assert p[0].item() == 0.5 and p[2**31 + 7].item() == 0.5 and p[-4].item() == 0.5
+    assert (p[-3:] == 1.0).all()  # conflicting with the reference: frozen
