@@ -75,12 +75,30 @@ def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr):
 
 
 @triton.jit
-def _masked_update(p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict,
+def _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK: tl.constexpr):
+    """(tensor index, first element, end) of this program's chunk."""
+    t = tl.load(chunk_tensor + pid).to(tl.int64)
+    start = tl.load(chunk_start + pid)
+    return t, start, tl.minimum(start + CHUNK, tl.load(numels + t))
+
+
+@triton.jit
+def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    return p, g
+
+
+@triton.jit
+def _masked_update(p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict,
                    REF_KIND: tl.constexpr, STATS: tl.constexpr):
-    """Keep ``p`` where ``u`` conflicts with ``r`` in sign; fold the statistics of this block."""
+    """Keep ``p`` where ``u`` conflicts with the reference in sign; fold this block's statistics."""
     if REF_KIND == 0:
         return new_p, acc_count, acc_collab, acc_conflict
     else:
+        r = _load_reference(r_ptr, offs, mask, REF_KIND)
         conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
         if STATS:
             s = r * u
@@ -89,6 +107,14 @@ def _masked_update(p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict,
             acc_collab += tl.sum(tl.where(collaborative, s, 0.0), axis=0)
             acc_conflict += tl.sum(tl.where(mask & conflict, s, 0.0), axis=0)
         return tl.where(conflict, p, new_p), acc_count, acc_collab, acc_conflict
+
+
+@triton.jit
+def _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS: tl.constexpr):
+    if STATS:
+        tl.store(partials + pid * 3 + 0, acc_count)
+        tl.store(partials + pid * 3 + 1, acc_collab)
+        tl.store(partials + pid * 3 + 2, acc_conflict)
 
 
 @triton.jit
@@ -103,9 +129,7 @@ def _sgd_kernel(
     # pointer table columns: param, grad, momentum buffer, reference
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
-    t = tl.load(chunk_tensor + pid).to(tl.int64)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    t, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK)
     p_ptr = _pointer(ptr_table, t, 0, 4, P_DTYPE)
     g_ptr = _pointer(ptr_table, t, 1, 4, P_DTYPE)
     b_ptr = _pointer(ptr_table, t, 2, 4, tl.float32)
@@ -116,10 +140,7 @@ def _sgd_kernel(
     for block_start in range(start, end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < end
-        p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
+        p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
         if WEIGHT_DECAY:
             g = g + weight_decay * p
         u = g
@@ -133,16 +154,10 @@ def _sgd_kernel(
                 u = g + momentum * b
             else:
                 u = b
-        r = tl.zeros_like(u)
-        if REF_KIND != 0:
-            r = _load_reference(r_ptr, offs, mask, REF_KIND)
         new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-            p, p - lr * u, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+            p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
         tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
-    if STATS:
-        tl.store(partials + pid * 3 + 0, acc_count)
-        tl.store(partials + pid * 3 + 1, acc_collab)
-        tl.store(partials + pid * 3 + 2, acc_conflict)
+    _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
 @triton.jit
@@ -157,9 +172,7 @@ def _adam_kernel(
     # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
-    t = tl.load(chunk_tensor + pid).to(tl.int64)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    t, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK)
     p_ptr = _pointer(ptr_table, t, 0, 7, P_DTYPE)
     g_ptr = _pointer(ptr_table, t, 1, 7, P_DTYPE)
     m_ptr = _pointer(ptr_table, t, 2, 7, tl.float32)
@@ -176,10 +189,7 @@ def _adam_kernel(
     for block_start in range(start, end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < end
-        p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
+        p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
         if WEIGHT_DECAY and not DECOUPLED:
             g = g + weight_decay * p
         m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0) + (1 - beta1) * g
@@ -197,16 +207,10 @@ def _adam_kernel(
         else:
             u = adam
             new_p = p - lr * adam
-        r = tl.zeros_like(u)
-        if REF_KIND != 0:
-            r = _load_reference(r_ptr, offs, mask, REF_KIND)
         new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-            p, new_p, u, r, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+            p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
         tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
-    if STATS:
-        tl.store(partials + pid * 3 + 0, acc_count)
-        tl.store(partials + pid * 3 + 1, acc_collab)
-        tl.store(partials + pid * 3 + 2, acc_conflict)
+    _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
 # ----------------------------------------------------------------------------- host side
