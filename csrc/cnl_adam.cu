@@ -1,0 +1,119 @@
+// CNL Adam / AdamW step (torch.optim.Adam / AdamW semantics, then the CNL mask), multi-tensor.
+// Math: cnl_ext/reference.py adam_step_; layout: cnl_multi_tensor.cuh.
+#include "cnl_multi_tensor.cuh"
+
+namespace cnl {
+namespace {
+
+// table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable)
+constexpr int kAdamDepth = 7;
+// CUDA kernel arguments are limited to 4 KiB (without relying on CUDA 12.1's larger limit, so
+// that the same code builds and runs with any 11.8+/12.x toolkit and driver).
+static_assert(sizeof(TensorTable<kAdamDepth>) + sizeof(AdamScalars) + sizeof(double*) <= 4096,
+              "tensor table too large for the kernel argument space");
+
+template <typename T>
+struct AdamPtrs {
+  T* __restrict__ param;
+  const T* __restrict__ grad;
+  float* __restrict__ exp_avg;
+  float* __restrict__ exp_avg_sq;
+  float* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
+  const void* __restrict__ ref;
+};
+
+template <typename T, RefFormat kRef, bool kStats>
+struct AdamStep {
+  template <int N>
+  static __device__ __forceinline__ void run(const AdamPtrs<T>& a, int64_t i, const AdamScalars& s, StatAcc& acc) {
+    float p[N], g[N], m[N], v[N], vmax[N] = {}, r[N];
+    load<N>(p, a.param, i);
+    load<N>(g, a.grad, i);
+    load<N>(m, a.exp_avg, i);
+    load<N>(v, a.exp_avg_sq, i);
+    if (s.amsgrad) load<N>(vmax, a.max_exp_avg_sq, i);
+    load_reference<N, kRef>(r, a.ref, i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float gk = s.maximize ? -g[k] : g[k];
+      if (s.l2_weight_decay) gk = add(gk, mul(s.weight_decay, p[k]));
+      // Moments are updated for every element; the mask touches only the parameter.
+      m[k] = add(mul(s.beta1, m[k]), mul(s.one_minus_beta1, gk));
+      v[k] = add(mul(s.beta2, v[k]), mul(s.one_minus_beta2, mul(gk, gk)));
+      float second = v[k];
+      if (s.amsgrad) second = vmax[k] = nan_max(vmax[k], v[k]);
+      const float denom = add(div(sqrt_rn(second), s.bias_correction2_sqrt), s.eps);
+      const float adam = div(div(m[k], s.bias_correction1), denom);
+      float u, p_new;
+      if (s.decoupled_weight_decay) {
+        // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
+        u = add(adam, mul(s.weight_decay, p[k]));
+        p_new = sub(mul(p[k], s.one_minus_lr_wd), mul(s.lr, adam));  // torch.optim.AdamW's order
+      } else {
+        u = adam;
+        p_new = sub(p[k], mul(s.lr, adam));
+      }
+      p[k] = cnl_select<kRef, kStats>(p[k], p_new, u, r[k], acc);
+    }
+    store<N>(a.param, i, p);  // unchanged elements round-trip exactly (see cnl_sgd.cu)
+    store<N>(a.exp_avg, i, m);
+    store<N>(a.exp_avg_sq, i, v);
+    if (s.amsgrad) store<N>(a.max_exp_avg_sq, i, vmax);
+  }
+};
+
+template <typename T, RefFormat kRef, bool kStats>
+__global__ void __launch_bounds__(kBlockThreads)
+    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth> table, AdamScalars s,
+                double* __restrict__ partials) {
+  const int t = find_tensor(table, blockIdx.x);
+  // Capturable: hyper-parameters that change every step are read on the device (uniform per block),
+  // in float32 as the reference computes them from device tensors.
+  if (s.lr_ptr != nullptr) {
+    s.lr = *s.lr_ptr;
+    s.one_minus_lr_wd = sub(1.0f, mul(s.lr, s.weight_decay));
+  }
+  if (table.ptr[6][t] != nullptr) {
+    const double step = *static_cast<const float*>(table.ptr[6][t]);
+    // pow in double, rounded once: at least as accurate as torch's float32 beta ** step.
+    s.bias_correction1 = sub(1.0f, static_cast<float>(pow(static_cast<double>(s.beta1), step)));
+    s.bias_correction2_sqrt = sqrt_rn(sub(1.0f, static_cast<float>(pow(static_cast<double>(s.beta2), step))));
+  }
+  const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
+  const int64_t end = min(start + kChunkSize, table.numel[t]);
+  const AdamPtrs<T> a{static_cast<T*>(table.ptr[0][t]),     static_cast<const T*>(table.ptr[1][t]),
+                      static_cast<float*>(table.ptr[2][t]), static_cast<float*>(table.ptr[3][t]),
+                      static_cast<float*>(table.ptr[4][t]), table.ptr[5][t]};
+  const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
+                            aligned_to(a.exp_avg, 16) && aligned_to(a.exp_avg_sq, 16) &&
+                            aligned_to(a.max_exp_avg_sq, 16) && aligned_to(a.ref, reference_alignment<kRef>());
+  StatAcc acc;
+  chunk_loop<AdamStep<T, kRef, kStats>>(a, vectorizable, start, end, s, acc);
+  if constexpr (kStats) write_partials(acc, partials + 3 * (table.partial_base + blockIdx.x));
+}
+
+}  // namespace
+
+cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, cudaStream_t stream) {
+  const bool has_ref = lists.ref_format != RefFormat::kNone;
+  if (lists.states[0] == nullptr || lists.states[1] == nullptr) return cudaErrorInvalidValue;
+  if (scalars.amsgrad && lists.states[2] == nullptr) return cudaErrorInvalidValue;
+  if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
+  const bool stats = has_ref && lists.stats != nullptr;
+  if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
+  void* const* const columns[kAdamDepth] = {lists.params,    lists.grads,
+                                            lists.states[0], lists.states[1],
+                                            scalars.amsgrad ? lists.states[2] : nullptr,
+                                            has_ref ? lists.references : nullptr,
+                                            lists.steps};
+  return dispatch(lists.param_type, lists.ref_format, stats, [&](auto tag) {
+    using Tag = decltype(tag);
+    return for_each_table<kAdamDepth>(lists, columns, stats, stream,
+                                      [&](const TensorTable<kAdamDepth>& table, unsigned blocks) {
+                                        adam_kernel<typename Tag::param_t, Tag::ref, Tag::stats>
+                                            <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, lists.partials);
+                                      });
+  });
+}
+
+}  // namespace cnl

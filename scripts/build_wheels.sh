@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Build cnl_ext wheels that contain the CUDA extension cnl_ext._C, one per (Python, torch, CUDA)
+# entry of a matrix (docs/wheels.md explains the matrix and how to publish and install the wheels).
+#
+# Runs on a Linux x86-64 build host with the CUDA toolkits of the matrix installed side by side
+# (/usr/local/cuda-X.Y), e.g. inside pytorch/manylinux2_28-builder:cudaX.Y, whose Pythons live in
+# /opt/python. No GPU is needed to build; with one, each wheel's CUDA tests also run.
+#
+#   scripts/build_wheels.sh                  # the whole default matrix
+#   scripts/build_wheels.sh 3.11:2.5.1:12.4  # selected entries, PYTHON:TORCH:CUDA
+#   DRY_RUN=1 scripts/build_wheels.sh        # print the plan only
+#
+# Environment:
+#   TORCH_CUDA_ARCH_LIST  GPU architectures (default 8.0;9.0+PTX: A100/A800, H100/H200, PTX for newer)
+#   WHEEL_DIR             where the wheels go (default dist/)
+#   WORK_DIR              virtual environments and logs (default build/wheels/)
+#   CUDA_ROOT_PATTERN     toolkit location, {cuda} replaced (default /usr/local/cuda-{cuda})
+#   TORCH_INDEX_PATTERN   pip index of torch builds, {cu} replaced by e.g. cu124
+#                         (default https://download.pytorch.org/whl/{cu})
+#   PIP_EXTRA             extra pip arguments (a local mirror, --no-index --find-links ...)
+#   MAX_JOBS              parallel compile jobs (default: CPU count)
+#   RUN_TESTS             1 (default): run the CPU tests and, with a GPU, the CUDA tests per wheel
+#
+# Each wheel gets a local version label, 0.1.0+cu124.torch2.5: the extension is tied to the torch
+# minor version (C++ ABI) and the CUDA major version it was built with. The wheels are tagged
+# linux_x86_64 and meant for a find-links/extra index beside PyTorch's own (they rely on the libtorch
+# and CUDA runtime that the torch wheel ships, so auditwheel must not vendor those; see docs).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+# PYTHON:TORCH:CUDA. Each torch is paired with CUDA versions it is published for on
+# download.pytorch.org; one Python per torch is built by default, add more as needed.
+DEFAULT_MATRIX=(
+  3.10:2.4.1:12.1
+  3.11:2.5.1:12.4
+  3.12:2.6.0:12.4
+  3.12:2.6.0:12.6
+  3.12:2.7.1:12.6
+  3.12:2.7.1:12.8
+  3.12:2.8.0:12.8
+  3.12:2.8.0:12.9
+)
+if [[ $# -gt 0 ]]; then
+  MATRIX=("$@")
+else
+  MATRIX=("${DEFAULT_MATRIX[@]}")
+fi
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}
+WHEEL_DIR=$(realpath -m "${WHEEL_DIR:-dist}")
+WORK_DIR=$(realpath -m "${WORK_DIR:-build/wheels}")
+CUDA_ROOT_PATTERN=${CUDA_ROOT_PATTERN:-/usr/local/cuda-{cuda\}}
+TORCH_INDEX_PATTERN=${TORCH_INDEX_PATTERN:-https://download.pytorch.org/whl/{cu\}}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+RUN_TESTS=${RUN_TESTS:-1}
+DRY_RUN=${DRY_RUN:-0}
+
+find_python() {  # python executable for version $1 (manylinux layout first)
+  local version=$1 tag=cp${1/./}
+  for candidate in "/opt/python/${tag}-${tag}/bin/python" "$(command -v "python${version}" || true)"; do
+    if [[ -n "$candidate" && -x "$candidate" ]]; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+run() {  # echo, then run unless DRY_RUN
+  echo "+ $*"
+  [[ "$DRY_RUN" == 1 ]] || "$@"
+}
+
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$WHEEL_DIR" "$WORK_DIR"
+built=()
+failed=()
+for entry in "${MATRIX[@]}"; do
+  IFS=: read -r py torch_version cuda <<<"$entry"
+  if [[ -z "$py" || -z "$torch_version" || -z "$cuda" ]]; then
+    echo "build_wheels: bad matrix entry '$entry' (want PYTHON:TORCH:CUDA, e.g. 3.11:2.5.1:12.4)" >&2
+    exit 2
+  fi
+  cu=cu${cuda/./}
+  torch_minor=$(echo "$torch_version" | cut -d. -f1,2)
+  label="${cu}.torch${torch_minor}"
+  cuda_home=${CUDA_ROOT_PATTERN//\{cuda\}/$cuda}
+  index=${TORCH_INDEX_PATTERN//\{cu\}/$cu}
+  venv="$WORK_DIR/py${py}-torch${torch_version}-${cu}"
+  log="$WORK_DIR/py${py}-torch${torch_version}-${cu}.log"
+  [[ "$DRY_RUN" != 1 ]] || log=/dev/null
+  echo "=== cnl_ext wheel: Python $py, torch $torch_version, CUDA $cuda ($label), archs $TORCH_CUDA_ARCH_LIST"
+
+  if [[ "$DRY_RUN" != 1 ]]; then
+    if ! python_bin=$(find_python "$py"); then
+      echo "build_wheels: no Python $py on this host; skipped" >&2
+      failed+=("$entry (no python)")
+      continue
+    fi
+    if [[ ! -x "$cuda_home/bin/nvcc" ]]; then
+      echo "build_wheels: no CUDA toolkit at $cuda_home; skipped" >&2
+      failed+=("$entry (no CUDA $cuda)")
+      continue
+    fi
+  else
+    python_bin="python$py"
+  fi
+
+  (
+    set -euo pipefail
+    run "$python_bin" -m venv --clear "$venv"
+    pip=("$venv/bin/python" -m pip)
+    # shellcheck disable=SC2086
+    run "${pip[@]}" install -q ${PIP_EXTRA:-} --upgrade pip setuptools wheel build ninja
+    # shellcheck disable=SC2086
+    run "${pip[@]}" install -q ${PIP_EXTRA:-} "torch==${torch_version}" --index-url "$index"
+    if [[ "$DRY_RUN" != 1 ]]; then
+      got=$("$venv/bin/python" -c "import torch; print(torch.version.cuda)")
+      [[ "$got" == "$cuda" ]] || { echo "build_wheels: torch reports CUDA $got, expected $cuda" >&2; exit 1; }
+    fi
+    run rm -rf "$ROOT/build/lib."* "$ROOT/build/temp."*  # objects of another torch must not be reused
+    run env CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$PATH" CNL_EXT_BUILD_CUDA=1 \
+      CNL_EXT_LOCAL_VERSION="$label" "$venv/bin/python" -m build --wheel --no-isolation --outdir "$WHEEL_DIR" "$ROOT"
+    wheel="$WHEEL_DIR/cnl_ext-0.1.0+${label}-cp${py/./}-cp${py/./}-linux_x86_64.whl"
+    # Check the wheel in its own environment: the extension loads and registers its ops.
+    run "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
+    # shellcheck disable=SC2086
+    run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest
+    run env -C "$WORK_DIR" "$venv/bin/python" -c "
+import torch, cnl_ext.ops.cuda_step as c
+assert c._C is not None, c.unavailable_reason()
+assert hasattr(torch.ops.cnl_ext, 'adam_step_')
+print('cnl_ext._C', c.build_info(), 'available:', c.is_available() or c.unavailable_reason())"
+    if [[ "$RUN_TESTS" == 1 ]]; then
+      # Against the installed wheel, not the source tree (which has no _C): from a copy of the tests
+      # and of the files they read (csrc/, scripts/).
+      copy="$WORK_DIR/test-tree"
+      run rm -rf "$copy"
+      run mkdir -p "$copy"
+      run cp -r "$ROOT/tests" "$ROOT/csrc" "$ROOT/scripts" "$copy/"
+      run env -C "$copy" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
+    fi
+  ) 2>&1 | tee "$log" && built+=("$entry") || failed+=("$entry (see $log)")
+done
+
+echo "=== built: ${#built[@]}; failed or skipped: ${#failed[@]}"
+for entry in "${failed[@]}"; do echo "  $entry"; done
+[[ ${#failed[@]} == 0 ]]

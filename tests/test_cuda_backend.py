@@ -1,0 +1,570 @@
+"""The C++/CUDA backend (``csrc/``, ``cnl_ext.ops.cuda_step``).
+
+On a GPU with ``cnl_ext._C`` built (tests marked ``cuda``): the ops against the PyTorch reference
+(:mod:`cnl_ext.reference`) element by element, over many shapes (scalars, empty, odd sizes, 1-D to
+4-D, more than one chunk), parameter dtypes, reference formats, with and without statistics, for
+several steps; unaligned tensors (the scalar path), lists longer than one launch's table,
+input validation, ``torch.compile`` and CUDA-graph capture.
+
+Everywhere: the module imports and reports why it is unavailable, the operator schemas in
+``csrc/cnl_ops.cpp`` parse, match the ops contract and work under ``torch.compile`` (checked with a
+stand-in CPU implementation), and ``scripts/check_cuda_compile.sh`` passes where nvcc exists.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnl_ext import reference, reference_format
+from cnl_ext.ops import cuda_step
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS_CPP = ROOT / "csrc" / "cnl_ops.cpp"
+
+CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h
+SHAPES = [(), (0,), (1,), (3,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (CHUNK + 3,),
+          (2 * CHUNK + 1,)]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FORMATS = [None, *reference_format.FORMATS]
+LR = 0.1  # large, so that a wrongly masked element moves far beyond the bf16/fp16 tolerance
+
+_needs_cuda_ops = pytest.mark.skipif(
+    not cuda_step.is_available(), reason=f"CUDA backend unavailable: {cuda_step.unavailable_reason()}"
+)
+
+
+def on_gpu(test):
+    """Marked ``cuda``; skipped, with the backend's own reason, without a GPU or ``cnl_ext._C``."""
+    return pytest.mark.cuda(_needs_cuda_ops(test))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _random_reference(shape, device):
+    r = torch.randn(shape, device=device)
+    r[torch.rand(shape, device=device) < 0.1] = 0.0  # exact zeros are collaborative by definition
+    return r
+
+
+def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False):
+    """Parameters, per-step gradients, float32 states and encoded references for ``shapes``.
+
+    With ``unaligned``, every tensor is a contiguous view one element into a larger buffer, so no
+    base pointer is 16-byte aligned and the kernels must take their scalar path.
+    """
+
+    def tensor(shape, dt, fill):
+        if not unaligned:
+            return fill(shape).to(dt)
+        numel = 1
+        for d in shape:
+            numel *= d
+        buffer = torch.empty(numel + 1, dtype=dt, device=device)
+        view = buffer[1:].view(shape)
+        view.copy_(fill(shape).to(dt))
+        return view
+
+    randn = lambda s: torch.randn(s, device=device)  # noqa: E731
+    positive = lambda s: torch.rand(s, device=device) + 0.01  # noqa: E731 (second moments are >= 0)
+    params = [tensor(s, dtype, randn) for s in shapes]
+    grads = [[tensor(s, dtype, randn) for s in shapes] for _ in range(steps)]
+    states = [[tensor(s, torch.float32, randn if k == 0 else positive) for s in shapes] for k in range(n_state)]
+    refs = None
+    if fmt is not None:
+        refs = [reference_format.encode(_random_reference(s, device), fmt) for s in shapes]
+        if unaligned and fmt != "sign2":
+            refs = [tensor(r.shape, r.dtype, lambda s, r=r: r) for r in refs]
+    return params, grads, states, refs
+
+
+def _clone(tensors):
+    return None if tensors is None else [t.clone() for t in tensors]
+
+
+def _run(module, step_name, params, grads, states, refs, fmt, stats, kwargs):
+    """Run ``module.<step_name>`` for every step on copies; return (params, states, stats)."""
+    p = _clone(params)
+    s = [_clone(x) for x in states]
+    st = None if stats is None else stats.clone()
+    for k, g in enumerate(grads):
+        getattr(module, step_name)(p, g, *s, refs, st, reference_format=fmt or "float32", **kwargs(k))
+    return p, s, st
+
+
+def _assert_same(got, want, dtype):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        else:  # the float32 result is rounded once; allow one unit in the last place of the dtype
+            torch.testing.assert_close(g.float(), w.float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def _assert_stats_close(got, want):
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=0, atol=0.5)  # counts: exact
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-3)
+
+
+def _adam_kwargs(decoupled, weight_decay, amsgrad, maximize, beta1=0.8, beta2=0.95):
+    def kwargs(k):
+        t = k + 1
+        return dict(lr=LR, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=weight_decay,
+                    decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize,
+                    bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t)
+
+    return kwargs
+
+
+def _sgd_kwargs(momentum, dampening, nesterov, weight_decay, maximize):
+    def kwargs(k):
+        return dict(lr=LR, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                    nesterov=nesterov, maximize=maximize, first_step=(k == 0))
+
+    return kwargs
+
+
+def check_adam(module, device, shapes, dtype, fmt, with_stats, options, steps=3, unaligned=False):
+    """``module.adam_step_`` against the reference; ``options`` = (decoupled, wd, amsgrad, maximize)."""
+    params, grads, states, refs = _make_inputs(shapes, dtype, fmt, 3, steps, device, unaligned)
+    stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device) if fmt and with_stats else None
+    kwargs = _adam_kwargs(*options)
+    got = _run(module, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
+    want = _run(reference, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
+    _assert_same(got[0], want[0], dtype)
+    amsgrad = options[2]
+    for k in range(3 if amsgrad else 2):  # max_exp_avg_sqs is untouched without amsgrad
+        _assert_same(got[1][k], want[1][k], torch.float32)
+    if stats is not None:
+        _assert_stats_close(got[2], want[2])
+
+
+def check_sgd(module, device, shapes, dtype, fmt, with_stats, options, steps=3, unaligned=False):
+    """``module.sgd_step_`` against the reference; ``options`` = (momentum, dampening, nesterov, wd, maximize)."""
+    momentum = options[0]
+    params, grads, states, refs = _make_inputs(shapes, dtype, fmt, 1 if momentum else 0, steps, device, unaligned)
+    if not momentum:
+        states = [None]  # the momentum_buffers argument
+    stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device) if fmt and with_stats else None
+    kwargs = _sgd_kwargs(*options)
+    got = _run(module, "sgd_step_", params, grads, states, refs, fmt, stats, kwargs)
+    want = _run(reference, "sgd_step_", params, grads, states, refs, fmt, stats, kwargs)
+    _assert_same(got[0], want[0], dtype)
+    if momentum:
+        _assert_same(got[1][0], want[1][0], torch.float32)
+    if stats is not None:
+        _assert_stats_close(got[2], want[2])
+
+
+ADAM_OPTIONS = [  # decoupled, weight_decay, amsgrad, maximize
+    pytest.param((True, 0.1, False, False), id="adamw"),
+    pytest.param((False, 0.0, False, False), id="adam"),
+    pytest.param((False, 0.05, True, True), id="adam-l2-amsgrad-maximize"),
+    pytest.param((True, 0.0, True, False), id="adamw-nodecay-amsgrad"),
+]
+SGD_OPTIONS = [  # momentum, dampening, nesterov, weight_decay, maximize
+    pytest.param((0.0, 0.0, False, 0.0, False), id="sgd"),
+    pytest.param((0.9, 0.0, False, 0.0, False), id="momentum"),
+    pytest.param((0.9, 0.0, True, 0.01, False), id="nesterov-l2"),
+    pytest.param((0.5, 0.3, False, 0.0, True), id="dampening-maximize"),
+    pytest.param((0.0, 0.0, False, 0.02, True), id="sgd-l2-maximize"),
+]
+
+
+# ----------------------------------------------------------------------------- everywhere (CPU)
+
+
+def test_cuda_step_imports_and_explains_unavailability():
+    assert isinstance(cuda_step.is_available(), bool)
+    reason = cuda_step.unavailable_reason()
+    assert isinstance(reason, str)
+    if cuda_step.is_available():
+        assert reason == ""
+        assert cuda_step.build_info()["chunk_size"] == CHUNK
+        return
+    assert reason, "an unavailable backend must say why"
+    if cuda_step._C is None:
+        assert "cnl_ext._C" in reason
+        assert cuda_step.build_info() == {}
+        p = [torch.zeros(3)]
+        with pytest.raises(RuntimeError, match="cnl_ext._C"):
+            cuda_step.sgd_step_(p, [torch.ones(3)], None, None, None, reference_format="float32", lr=0.1,
+                                weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                                maximize=False, first_step=True)
+        assert torch.equal(p[0], torch.zeros(3))
+
+
+def test_build_info_arch_list_round_trip():
+    assert cuda_step._arch_list("80_90PTX") == "8.0;9.0+PTX"
+    assert cuda_step._arch_list("75_80_86_90a_120PTX") == "7.5;8.0;8.6;9.0a;12.0+PTX"
+    assert cuda_step._arch_list("unknown") == "unknown"
+
+
+def _schemas():
+    """The schema strings that csrc/cnl_ops.cpp registers, joined from their C++ string literals."""
+    source = OPS_CPP.read_text()
+    out = {}
+    for name in ("kSgdSchema", "kAdamSchema"):
+        match = re.search(r"constexpr const char\* %s =\s*((?:\"[^\"]*\"\s*)+);" % name, source)
+        assert match, f"{name} not found in {OPS_CPP}"
+        schema = "".join(re.findall(r'"([^"]*)"', match.group(1)))
+        out[schema.split("(", 1)[0]] = schema
+    return out
+
+
+def test_schemas_parse_and_match_the_ops_contract():
+    """Same arguments as the contract (names, order, keyword-only part), plus ``lr_tensor``; every
+    written list is declared mutable, and nothing else is."""
+    mutated = {
+        "sgd_step_": {"params", "momentum_buffers", "stats"},
+        "adam_step_": {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "stats"},
+    }
+    schemas = _schemas()
+    assert set(schemas) == set(mutated)
+    for name, text in schemas.items():
+        schema = torch._C.parse_schema(text)
+        names = [a.name for a in schema.arguments]
+        assert names[-1] == "lr_tensor"
+        contract = inspect.signature(getattr(reference, name)).parameters
+        assert names[:-1] == list(contract), name
+        assert list(inspect.signature(getattr(cuda_step, name)).parameters) == list(contract), name
+        keyword_only = [n for n, p in contract.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [a.name for a in schema.arguments if a.kwarg_only] == keyword_only + ["lr_tensor"], name
+        written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert written == mutated[name], name
+        assert len(schema.returns) == 0
+
+
+def _reference_with_lr_tensor(name):
+    """The reference behind the op's signature: ``lr_tensor`` (when given) is the learning rate."""
+    def kernel(*args, lr_tensor=None, **kwargs):
+        if lr_tensor is not None:
+            kwargs["lr"] = lr_tensor
+        getattr(reference, name)(*args, **kwargs)
+
+    return kernel
+
+
+@pytest.fixture
+def stand_in_ops():
+    """The real schemas, in a scratch namespace, with the reference as CPU kernel and no-op Meta
+    kernels (as csrc/cnl_ops.cpp registers): checks the schemas' aliasing under torch.compile."""
+    namespace = "cnl_ext_schema_check"
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    for name, schema in _schemas().items():
+        lib.define(schema)
+        lib.impl(name, _reference_with_lr_tensor(name), "CPU")
+        lib.impl(name, lambda *args, **kwargs: None, "Meta")
+    yield getattr(torch.ops, namespace)
+    lib._destroy()
+
+
+def _compiled_step_inputs():
+    torch.manual_seed(1)
+    shapes = [(3,), (2, 5), (0,)]
+    fresh = lambda f: [f(s) for s in shapes]  # noqa: E731
+    return (fresh(torch.randn), fresh(torch.randn), fresh(torch.randn), fresh(torch.rand), fresh(torch.rand),
+            [reference_format.encode(torch.randn(s), "sign2") for s in shapes],
+            torch.zeros(len(shapes), 3, dtype=torch.float64))
+
+
+def test_schemas_work_under_torch_compile(stand_in_ops):
+    """Mutations declared in the schemas survive functionalization (fullgraph, no graph break)."""
+    ops = stand_in_ops
+
+    def step(p, g, m, v, vmax, refs, stats):
+        ops.adam_step_(p, g, m, v, vmax, refs, stats, reference_format="sign2", lr=0.1, beta1=0.9, beta2=0.99,
+                       eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False,
+                       bias_correction1=0.1, bias_correction2=0.01)
+        ops.sgd_step_(p, g, m, refs, stats, reference_format="sign2", lr=0.1, weight_decay=0.0, momentum=0.9,
+                      dampening=0.0, nesterov=True, maximize=False, first_step=False)
+        # capturable form: device learning rate and step counts
+        ops.adam_step_(p, g, m, v, None, refs, stats, reference_format="sign2", lr=0.0, beta1=0.9, beta2=0.99,
+                       eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                       device_steps=[torch.tensor(3.0) for _ in p], lr_tensor=torch.tensor(0.05))
+
+    eager = _compiled_step_inputs()
+    step(*eager)
+    compiled = _compiled_step_inputs()
+    torch._dynamo.reset()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(compiled[0][0], _compiled_step_inputs()[0][0])  # it did step
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the message of a CPU-only torch")
+def test_setup_says_why_it_builds_no_extension():
+    env = {k: v for k, v in os.environ.items() if k != "CNL_EXT_BUILD_CUDA"}
+    run = lambda extra: subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT,  # noqa: E731
+                                       env={**env, **extra}, capture_output=True, text=True, timeout=120)
+    auto = run({})
+    assert auto.returncode == 0 and auto.stdout.strip() == "0.1.0"
+    assert auto.stderr.count("not building the CUDA extension") == 1 and "CPU-only" in auto.stderr
+    forced = run({"CNL_EXT_BUILD_CUDA": "1"})
+    assert forced.returncode != 0 and "CNL_EXT_BUILD_CUDA=1" in forced.stderr and "CPU-only" in forced.stderr
+    skipped = run({"CNL_EXT_BUILD_CUDA": "0"})
+    assert skipped.returncode == 0 and "CNL_EXT_BUILD_CUDA=0" in skipped.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="needs nvcc")
+def test_cuda_sources_compile_for_sm80_and_sm90():
+    """scripts/check_cuda_compile.sh: about 25 s on 2 CPU cores."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_compile.sh")], cwd=ROOT,
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check_cuda_compile: nvcc OK" in result.stdout
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("with_stats", [False, True], ids=["nostats", "stats"])
+@pytest.mark.parametrize("options", ADAM_OPTIONS)
+def test_adam_matches_reference(dtype, fmt, with_stats, options):
+    if fmt is None and with_stats:
+        pytest.skip("statistics need a reference")
+    check_adam(cuda_step, "cuda", SHAPES, dtype, fmt, with_stats, options)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("with_stats", [False, True], ids=["nostats", "stats"])
+@pytest.mark.parametrize("options", SGD_OPTIONS)
+def test_sgd_matches_reference(dtype, fmt, with_stats, options):
+    if fmt is None and with_stats:
+        pytest.skip("statistics need a reference")
+    check_sgd(cuda_step, "cuda", SHAPES, dtype, fmt, with_stats, options)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", [None, "float32", "bfloat16", "int8"])
+def test_unaligned_tensors_take_the_scalar_path(dtype, fmt):
+    check_adam(cuda_step, "cuda", SHAPES, dtype, fmt, True, (True, 0.1, True, False), unaligned=True)
+    check_sgd(cuda_step, "cuda", SHAPES, dtype, fmt, True, (0.9, 0.1, True, 0.01, False), unaligned=True)
+
+
+@on_gpu
+@pytest.mark.parametrize("fmt", [None, "sign2"])
+def test_more_tensors_than_one_launch_holds(fmt):
+    """Hundreds of tensors (several kernel launches of ~60 tensors each), statistics per tensor."""
+    shapes = [((i * 37) % 300,) if i % 5 else (3, (i % 7) + 1, 5) for i in range(200)]
+    shapes[17] = (CHUNK * 3 + 5,)
+    check_adam(cuda_step, "cuda", shapes, torch.float32, fmt, True, (True, 0.1, False, False), steps=2)
+    check_sgd(cuda_step, "cuda", shapes, torch.bfloat16, fmt, True, (0.9, 0.0, False, 0.0, False), steps=2)
+
+
+@on_gpu
+def test_frozen_elements_keep_their_bits():
+    shape = (4099,)
+    for dtype in (torch.bfloat16, torch.float16):
+        p = torch.randn(shape, device="cuda").to(dtype)
+        g = torch.randn(shape, device="cuda").to(dtype)
+        r = _random_reference(shape, "cuda")
+        before = p.clone()
+        cuda_step.sgd_step_([p], [g], None, [reference_format.encode(r, "sign2")], None, reference_format="sign2",
+                            lr=LR, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                            first_step=True)
+        conflict = reference.conflicting(r, g.float())
+        assert conflict.any() and not conflict.all()
+        assert torch.equal(p[conflict], before[conflict])
+        moved = (before.float() - LR * g.float()).to(dtype)
+        assert torch.equal(p[~conflict], moved[~conflict])
+
+
+@on_gpu
+def test_statistics_are_deterministic():
+    shapes = [(CHUNK * 5 + 11,), (1000,)]
+    params, grads, states, refs = _make_inputs(shapes, torch.float32, "float32", 3, 1, "cuda")
+    results = []
+    for _ in range(2):
+        stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device="cuda")
+        _run(cuda_step, "adam_step_", params, grads, states, refs, "float32", stats,
+             _adam_kwargs(True, 0.1, False, False))
+        results.append(stats)
+    assert torch.equal(results[0], results[1])
+
+
+@on_gpu
+def test_runs_on_the_current_device_and_stream():
+    stream = torch.cuda.Stream()
+    shapes = [(CHUNK + 1,), (5, 5)]
+    params, grads, states, refs = _make_inputs(shapes, torch.float32, "int8", 3, 1, "cuda")
+    want = _run(reference, "adam_step_", params, grads, states, refs, "int8", None,
+                _adam_kwargs(True, 0.1, False, False))
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        got = _run(cuda_step, "adam_step_", params, grads, states, refs, "int8", None,
+                   _adam_kwargs(True, 0.1, False, False))
+    stream.synchronize()
+    _assert_same(got[0], want[0], torch.float32)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", [None, "int8", "sign2"])
+def test_capturable_adam_with_device_lr_and_steps(dtype, fmt):
+    params, grads, states, refs = _make_inputs(SHAPES, dtype, fmt, 3, 3, "cuda")
+    stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device="cuda")
+    base = _adam_kwargs(True, 0.1, True, False)
+
+    def kwargs(k):
+        options = base(k)
+        del options["bias_correction1"], options["bias_correction2"]
+        options["lr"] = torch.tensor(LR / (k + 1), device="cuda")
+        options["device_steps"] = [torch.tensor(float(k + 1), device="cuda") for _ in SHAPES]
+        return options
+
+    got = _run(cuda_step, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
+    want = _run(reference, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
+    _assert_same(got[0], want[0], dtype)
+    for a, b in zip(got[1], want[1]):
+        _assert_same(a, b, torch.float32)
+    if stats is not None:
+        _assert_stats_close(got[2], want[2])
+
+
+@on_gpu
+def test_sgd_with_device_lr():
+    params, grads, states, refs = _make_inputs(SHAPES, torch.float32, "float32", 1, 2, "cuda")
+    kwargs = lambda k: dict(_sgd_kwargs(0.9, 0.0, True, 0.01, False)(k), lr=torch.tensor(0.3, device="cuda"))  # noqa: E731
+    got = _run(cuda_step, "sgd_step_", params, grads, states, refs, "float32", None, kwargs)
+    want = _run(reference, "sgd_step_", params, grads, states, refs, "float32", None, kwargs)
+    _assert_same(got[0], want[0], torch.float32)
+    _assert_same(got[1][0], want[1][0], torch.float32)
+
+
+@on_gpu
+def test_cuda_graph_capture_and_replay():
+    """Kernel-argument tables need no host copies, and lr and the step counts are read on the
+    device, so one captured step replays correctly while they change."""
+    shapes = [(CHUNK + 7,), (33,), (2, 3, 4)]
+    params, grads, states, refs = _make_inputs(shapes, torch.bfloat16, "sign2", 3, 1, "cuda")
+    stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device="cuda")
+    lr = torch.tensor(LR, device="cuda")
+    steps = [torch.tensor(0.0, device="cuda") for _ in shapes]
+    options = dict(lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
+                   amsgrad=True, maximize=False, device_steps=steps)
+
+    def advance(k):  # what a capturable optimizer does on the device before each step
+        lr.fill_(LR / (k + 1))
+        for t in steps:
+            t.add_(1)
+
+    eager = (_clone(params), [_clone(x) for x in states], stats.clone())
+    for k in range(3):
+        advance(k)
+        reference.adam_step_(eager[0], grads[0], *eager[1], refs, eager[2], reference_format="sign2", **options)
+
+    captured = (_clone(params), [_clone(x) for x in states], stats.clone())
+    for t in steps:
+        t.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_step.adam_step_(captured[0], grads[0], *captured[1], refs, captured[2], reference_format="sign2",
+                             **options)
+    for k in range(3):
+        advance(k)
+        graph.replay()
+    torch.cuda.synchronize()
+    _assert_same(captured[0], eager[0], torch.bfloat16)
+    for a, b in zip(captured[1], eager[1]):
+        _assert_same(a, b, torch.float32)
+    _assert_stats_close(captured[2], eager[2])
+
+
+@on_gpu
+def test_torch_compile_calls_the_op():
+    shapes = [(CHUNK + 2,), (3, 3)]
+    params, grads, states, refs = _make_inputs(shapes, torch.float32, "bfloat16", 1, 1, "cuda")
+    stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device="cuda")
+    kwargs = _sgd_kwargs(0.9, 0.0, False, 0.0, False)(0)
+
+    def step(p, g, b, st):
+        torch.ops.cnl_ext.sgd_step_(p, g, b, refs, st, reference_format="bfloat16", **kwargs)
+
+    eager = (_clone(params), _clone(states[0]), stats.clone())
+    step(eager[0], grads[0], eager[1], eager[2])
+    compiled = (_clone(params), _clone(states[0]), stats.clone())
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True)(compiled[0], grads[0], compiled[1], compiled[2])
+    for a, b in zip(compiled[0] + compiled[1], eager[0] + eager[1]):
+        assert torch.equal(a, b)
+    assert torch.equal(compiled[2], eager[2])
+
+
+def _adam_call(params, grads, m, v, refs=None, stats=None, fmt="float32", vmax=None, amsgrad=False):
+    cuda_step.adam_step_(params, grads, m, v, vmax, refs, stats, reference_format=fmt, lr=0.1, beta1=0.9,
+                         beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=amsgrad,
+                         maximize=False, bias_correction1=0.1, bias_correction2=0.01)
+
+
+@on_gpu
+def test_bad_inputs_are_clear_errors():
+    f = lambda *s, dtype=torch.float32, device="cuda": torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+    p, g, m, v = [f(4)], [f(4)], [f(4)], [f(4)]
+    cases = [
+        (lambda: _adam_call(p, [f(4), f(4)], m, v), "2 grads"),
+        (lambda: _adam_call(p, g, m, [f(5)]), "exp_avg_sqs\\[0\\] has 5 elements"),
+        (lambda: _adam_call([f(4, dtype=torch.float64)], [f(4, dtype=torch.float64)], m, v), "float32, bfloat16 or float16"),
+        (lambda: _adam_call(p, [f(4, dtype=torch.bfloat16)], m, v), "grads\\[0\\] has dtype"),
+        (lambda: _adam_call(p, g, [f(4, dtype=torch.bfloat16)], v), "exp_avgs\\[0\\] has dtype"),
+        (lambda: _adam_call(p, [f(4, device="cpu")], m, v), "grads\\[0\\] is on cpu"),
+        (lambda: _adam_call(p, g, m, v, refs=[f(4)], fmt="sign3"), "reference_format"),
+        (lambda: _adam_call(p, g, m, v, refs=[f(4, dtype=torch.int8)], fmt="float32"), "references\\[0\\] has dtype"),
+        (lambda: _adam_call(p, g, m, v, refs=[f(4, dtype=torch.uint8)], fmt="sign2"), "references\\[0\\] has 4 elements, expected 1"),
+        (lambda: _adam_call(p, g, m, v, refs=[f(4)], stats=f(1, 3)), "stats must be float64"),
+        (lambda: _adam_call(p, g, m, v, refs=[f(4)], stats=f(2, 3, dtype=torch.float64)), "shape \\[1, 3\\]"),
+        (lambda: _adam_call([f(4, 2).t()], [f(2, 4)], m, v), "must be contiguous"),
+        (lambda: cuda_step.adam_step_(p, g, m, v, None, None, None, reference_format="float32",
+                                      lr=torch.tensor([0.1, 0.2], device="cuda"), beta1=0.9, beta2=0.99, eps=1e-8,
+                                      weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                                      bias_correction1=0.1, bias_correction2=0.01), "lr_tensor must have one element"),
+        (lambda: cuda_step.adam_step_(p, g, m, v, None, None, None, reference_format="float32", lr=0.1, beta1=0.9,
+                                      beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True,
+                                      amsgrad=False, maximize=False,
+                                      device_steps=[torch.tensor(1, device="cuda")]), "device_steps\\[0\\] must be float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    _adam_call([], [], [], [])  # empty lists: nothing to do, as in the other backends
+    with pytest.raises(RuntimeError, match="params must be CUDA tensors"):
+        cuda_step.sgd_step_([f(4, device="cpu")], [f(4, device="cpu")], None, None, None, reference_format="float32",
+                            lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                            first_step=True)
+
+
+@on_gpu
+@pytest.mark.slow
+def test_tensor_larger_than_2_pow_31_elements():
+    """64-bit offsets: a bf16 SGD step over 2**31 + 5 elements (about 8.6 GB of GPU memory)."""
+    n = 2**31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * n + (1 << 30):
+        pytest.skip(f"needs {4 * n / 2**30:.1f} GiB of free GPU memory")
+    p = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g[-3:] = -2.0
+    cuda_step.sgd_step_([p], [g], None, None, None, reference_format="float32", lr=0.5, weight_decay=0.0,
+                        momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first_step=True)
+    assert p[-3:].tolist() == [1.0, 1.0, 1.0]
+    assert p[-4].item() == -0.5 and p[0].item() == -0.5 and p[2**31 - 1].item() == -0.5
+    assert bool((p == -0.5).sum() == n - 3)
+
