@@ -137,8 +137,9 @@ setup(
     install_requires=["torch>=2.4", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark"],
+        "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],
+        "test": ["triton>=3.0", "transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft",
+                 "pytest", "pytest-benchmark", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["cnl-ext=cnl_ext.cli:main"]},
     ext_modules=ext_modules,

@@ -8,3 +8,6 @@ from .optim import CNLOptimizer, CNLStats, FusedCNLAdam, FusedCNLAdamW, FusedCNL
 __version__ = "0.1.0"
 
 __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "FusedCNLAdam", "FusedCNLAdamW", "FusedCNLSGD", "__version__"]
+from .optim.wrapper import CNL  # noqa: E402  (CNL for any torch.optim optimizer)
+
+__all__ += ["CNL"]

@@ -22,6 +22,12 @@ import torch
 
 from . import reference
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    class _DTensor:  # noqa: D401 - nothing is an instance of it
+        pass
+
 BACKENDS = ("auto", "triton", "torch", "cuda")
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,6 +36,11 @@ _MODULES = {"torch": "cnl_ext.reference", "triton": "cnl_ext.ops.triton_step", "
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
 _auto_chosen: dict = {}  # device type -> (backend name, module)
 _auto_rejected: set = set()  # backend names that failed to import or to compile
+
+
+def local_tensor(t):
+    """This rank's shard of a DTensor (sharing its storage); any other tensor as it is."""
+    return t.to_local() if isinstance(t, _DTensor) else t
 
 
 def _import_backend(name):
@@ -117,6 +128,8 @@ def _run_bucket(step_name, backend, stats, indices, device, has_reference, tenso
     before its kernel writes anything) is dropped for the next one in AUTO_ORDER, with a warning.
     """
     name, module = _resolve(backend, device)
+    # FSDP2 parameters, gradients, states and references are DTensors sharded alike: step the shards.
+    tensor_lists = [None if tensors is None else [local_tensor(t) for t in tensors] for tensors in tensor_lists]
     while True:
         bucket_stats = None
         if stats is not None and has_reference:

@@ -1,6 +1,11 @@
 """What every CNL optimizer shares: the reference gradient, its capture, and the statistics.
 
 The update math lives in :mod:`cnl_ext.functional`; the subclasses only gather tensors.
+
+Distributed training: with DDP the parameters are plain tensors and nothing changes. With FSDP2
+(``fully_shard``) they are DTensors: the reference of a sharded parameter is stored as this rank's
+local shard (sharded like the parameter), and :meth:`CNLOptimizer.cnl_stats` sums the statistics
+over the ranks holding the shards.
 """
 from __future__ import annotations
 
@@ -9,11 +14,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = distribute_tensor = None
 
 from .. import functional
 from .. import reference_format as rf
 
-__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture"]
+__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY"]
+
+# The key under which state_dict() holds the reference when asked to; torch.optim ignores it on load.
+REFERENCE_KEY = "cnl_reference"
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+local_tensor = functional.local_tensor
+
+
+def _shard_groups(p):
+    """Process groups of the mesh dimensions along which the DTensor ``p`` is sharded."""
+    return tuple(p.device_mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
 
 
 @dataclass(frozen=True)
@@ -55,11 +81,17 @@ class ReferenceCapture:
 
     def __init__(self):
         self.calls = 0
+        self.total_weight = 0.0
 
-    def backward(self, loss: torch.Tensor, **kwargs) -> None:
-        """``loss.backward(**kwargs)``, accumulating into the reference; the mean is over calls."""
-        loss.backward(**kwargs)
+    def backward(self, loss: torch.Tensor, *, weight: float = 1.0, **kwargs) -> None:
+        """``(weight·loss).backward(**kwargs)``, accumulating into the reference, which is divided
+        by the sum of the weights at the end: the mean over calls by default; with ``weight`` = the
+        batch size, the mean over samples when batches differ in size."""
+        if not weight > 0:
+            raise ValueError(f"ref.backward: weight must be positive, got {weight}")
+        (loss * weight if weight != 1.0 else loss).backward(**kwargs)
         self.calls += 1
+        self.total_weight += weight
 
 
 class CNLOptimizer(torch.optim.Optimizer):
@@ -67,7 +99,13 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     Subclasses implement ``step`` with :mod:`cnl_ext.functional`, passing :meth:`_references_for`
     and :meth:`_new_stats` / :meth:`_record_stats`.
+
+    ``state_dict()`` leaves the reference out (it is recomputed from the mastered data); set
+    ``save_reference = True`` on the optimizer, or call ``state_dict(include_reference=True)``, to
+    save it under :data:`REFERENCE_KEY`, which ``load_state_dict`` restores.
     """
+
+    save_reference = False
 
     def __init__(self, params, defaults, *, backend: str, reference_dtype, track_stats: bool):
         if backend not in functional.BACKENDS:
@@ -117,6 +155,7 @@ class CNLOptimizer(torch.optim.Optimizer):
             for saved_id, p in zip(saved_group["params"], group["params"])
         }
         super().load_state_dict(state_dict)
+        self._load_reference(state_dict.get(REFERENCE_KEY))
         for saved_id, saved_state in state_dict["state"].items():
             if saved_id not in param_of_id:
                 continue
@@ -128,6 +167,43 @@ class CNLOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.detach().to(p.device if capturable else "cpu", torch.float32, copy=True)
                 elif value.is_floating_point():
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
+
+    def state_dict(self, *, include_reference: bool | None = None):
+        """``torch.optim.Optimizer.state_dict()``, plus the reference when ``include_reference``
+        (default: the ``save_reference`` attribute) and one is set."""
+        return self._add_reference(super().state_dict(), include_reference)
+
+    def _add_reference(self, state_dict, include_reference):
+        if include_reference is None:
+            include_reference = self.save_reference
+        if include_reference and self._references:
+            index = {p: i for i, p in enumerate(self._parameters())}
+            state_dict[REFERENCE_KEY] = {
+                "format": self.reference_format,
+                "tensors": {index[p]: stored for p, stored in self._references.items()},
+            }
+        return state_dict
+
+    def _load_reference(self, saved) -> None:
+        """Restore a reference saved by :meth:`state_dict` (kept as is when ``saved`` is None)."""
+        if saved is None:
+            return
+        params = self._parameters()
+        references = {}
+        for i, stored in saved["tensors"].items():
+            if not 0 <= i < len(params):
+                raise ValueError(f"the saved reference names parameter {i}, but the optimizer has {len(params)}")
+            p = params[i]
+            shape = local_tensor(p).shape  # a sharded parameter's reference is its local shard
+            expected = rf.storage_numel(shape.numel(), saved["format"])
+            if stored.numel() != expected:
+                raise ValueError(f"the saved reference of parameter {i} has {stored.numel()} elements in format "
+                                 f"{saved['format']!r}, but that parameter needs {expected}")
+            stored = stored.to(p.device)
+            if saved["format"] != self.reference_format:
+                stored = rf.encode(rf.decode(stored, saved["format"], shape), self.reference_format)
+            references[p] = stored.reshape(shape) if self.reference_format != "sign2" else stored
+        self._references = references
 
     # ------------------------------------------------------------------ the reference
 
@@ -154,12 +230,12 @@ class CNLOptimizer(torch.optim.Optimizer):
         """
         params = self._parameters()
         if isinstance(tensors, Mapping):
-            held = {id(p) for p in params}
+            index = {id(p): i for i, p in enumerate(params)}  # by identity: Tensor.__eq__ is elementwise
             pairs = []
             for p, t in tensors.items():
-                if not isinstance(p, torch.Tensor) or id(p) not in held:
+                if not isinstance(p, torch.Tensor) or id(p) not in index:
                     raise ValueError("set_reference got a tensor for a parameter this optimizer does not hold")
-                pairs.append((params.index(p), p, t))
+                pairs.append((index[id(p)], p, t))
         else:
             tensors = list(tensors)
             if len(tensors) != len(params):
@@ -170,7 +246,25 @@ class CNLOptimizer(torch.optim.Optimizer):
             pairs = [(i, p, t) for i, (p, t) in enumerate(zip(params, tensors)) if t is not None]
         for i, p, t in pairs:
             self._check_reference(i, p, t)
-        self._references = {p: rf.encode(t.detach(), self.reference_format) for _, p, t in pairs}
+        self._references = {p: rf.encode(self._local_reference(p, t.detach()), self.reference_format)
+                            for _, p, t in pairs}
+
+    @staticmethod
+    def _local_reference(p, t):
+        """The part of reference ``t`` that this rank's shard of ``p`` needs (all of it unless sharded).
+
+        For a DTensor parameter, ``t`` may be a DTensor (redistributed like ``p`` if placed otherwise:
+        a collective) or a full plain tensor, the same on every rank (sliced locally, no communication).
+        """
+        if not is_dtensor(p):
+            if is_dtensor(t):
+                raise ValueError("set_reference got a DTensor for a parameter that is not a DTensor")
+            return t
+        if is_dtensor(t):
+            if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+                t = t.redistribute(p.device_mesh, p.placements)
+            return t.to_local()
+        return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
     def _check_reference(self, i, p, t):
         where = f"set_reference: reference {i}"
@@ -192,7 +286,8 @@ class CNLOptimizer(torch.optim.Optimizer):
         Inside the block, call ``ref.backward(loss)`` once per mastered batch: autograd accumulates
         straight into buffers that become the reference (for float32 parameters with a float32
         reference, the buffer *is* the reference: no copy). On exit the sum is divided by the
-        number of calls, stored in ``reference_dtype`` and every ``.grad`` is back as it was.
+        sum of the calls' weights (their number by default), stored in ``reference_dtype``, and
+        every ``.grad`` is back as it was.
         Do not call ``zero_grad`` inside the block. If the block raises, the previous reference
         is kept and the gradients are restored.
         """
@@ -210,7 +305,8 @@ class CNLOptimizer(torch.optim.Optimizer):
                 accumulated = p.grad
                 if accumulated is None:  # e.g. set to None by zero_grad inside the block
                     raise RuntimeError("a gradient was cleared inside capture_reference(); do not call zero_grad there")
-                accumulated.div_(capture.calls)
+                accumulated = local_tensor(accumulated)  # FSDP2: this rank's shard, like the parameter's
+                accumulated.div_(capture.total_weight)
                 keep_as_is = self.reference_format == "float32" and accumulated.dtype == torch.float32
                 references[p] = accumulated if keep_as_is else rf.encode(accumulated, self.reference_format)
             self._references = references
@@ -237,11 +333,16 @@ class CNLOptimizer(torch.optim.Optimizer):
         ]
 
     def cnl_stats(self):
-        """:class:`CNLStats` of the last step (needs ``track_stats=True`` and a reference), else None."""
+        """:class:`CNLStats` of the last step (needs ``track_stats=True`` and a reference), else None.
+
+        With sharded (FSDP2) parameters the counts and sums are all-reduced over the ranks holding
+        the shards: a collective, so every rank must call ``cnl_stats()``.
+        """
         if not self._last_stats:
             return None
         per_parameter = []
         for rows, stats in self._last_stats:
+            stats = self._sum_over_shards(rows, stats)
             for row, (count, s_collab, s_conflict) in zip(rows, stats.tolist()):
                 if row is not None:  # parameters without a reference are not counted
                     per_parameter.append(ParameterStats(row[0], row[1], int(count), s_collab, s_conflict))
@@ -252,3 +353,22 @@ class CNLOptimizer(torch.optim.Optimizer):
             sum_s_conflicting=sum(s.sum_s_conflicting for s in per_parameter),
             per_parameter=per_parameter,
         )
+
+    def _sum_over_shards(self, rows, stats):
+        """``stats`` with the rows of sharded parameters summed over their shards' ranks (a copy)."""
+        params = self._parameters()
+        by_groups = {}  # the process groups to reduce over -> row positions
+        for position, row in enumerate(rows):
+            if row is not None and is_dtensor(params[row[0]]):
+                groups = _shard_groups(params[row[0]])
+                if groups:
+                    by_groups.setdefault(groups, []).append(position)
+        if not by_groups:
+            return stats
+        stats = stats.clone()  # the recorded buffers stay local, so cnl_stats() can be called again
+        for groups, positions in by_groups.items():
+            sharded = stats[positions]
+            for group in groups:
+                dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=group)
+            stats[positions] = sharded
+        return stats

@@ -1,0 +1,337 @@
+"""The paper's protocol on a model: split, inject (FT / CNL / replay / LoRA), out-of-set, taught first.
+
+Everything here works on an in-memory model and lists of :class:`~.data.MCQuestion`; the CNL
+optimizers are used only through their public API (``capture_reference``, ``step``,
+``cnl_stats``). FT is the same optimizer class with no reference, which equals its torch.optim
+counterpart.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from tqdm.auto import tqdm
+
+import cnl_ext
+
+from .data import split_in_half
+from .model import MCQEncoder, backward_mean_loss, predict, select_trainable
+
+__all__ = [
+    "OPTIMIZERS", "METHODS", "DEFAULT_LR", "InjectConfig", "EpochRecord", "RunResult", "Split",
+    "make_optimizer", "infer_and_split", "compute_reference", "run_injection", "compare",
+    "out_of_set", "teach_first", "snapshot", "restore",
+]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+METHODS = ("ft", "cnl", "replay", "lora")
+# SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
+DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections (Llama/Qwen names)
+
+
+@dataclass
+class InjectConfig:
+    """Settings of one injection run (the paper's defaults unless noted)."""
+
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    epochs: int = 25
+    batch_size: int = 1
+    reference_every: int | None = None  # recompute the reference every N steps; None: once per epoch
+    momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW only
+    trainable: str = "all"  # or "last:N" (see model.select_trainable)
+    reference_batch_size: int = 16  # batching of the reference pass (any size gives the same mean)
+    eval_batch_size: int = 16
+    seed: int = 0  # order of the training samples in each epoch
+    backend: str = "auto"
+    reference_dtype: str = "float32"
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.reference_every is not None and self.reference_every < 1:
+            raise ValueError(f"reference_every must be >= 1 steps (or None: every epoch), got {self.reference_every}")
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+
+def make_optimizer(config: InjectConfig, params, *, track_stats: bool = False):
+    """The cnl_ext optimizer for ``config.optimizer`` (plain FT until a reference is set)."""
+    extras = dict(backend=config.backend, reference_dtype=config.reference_dtype, track_stats=track_stats)
+    lr = config.learning_rate
+    if config.optimizer == "sgd":
+        return cnl_ext.FusedCNLSGD(params, lr=lr, **extras)
+    if config.optimizer == "momentum":
+        return cnl_ext.FusedCNLSGD(params, lr=lr, momentum=config.momentum, **extras)
+    if config.optimizer == "adam":
+        return cnl_ext.FusedCNLAdam(params, lr=lr, betas=config.betas, eps=config.eps, **extras)
+    return cnl_ext.FusedCNLAdamW(params, lr=lr, betas=config.betas, eps=config.eps,
+                                 weight_decay=config.weight_decay, **extras)
+
+
+# ---------------------------------------------------------------------------------- split
+
+@dataclass
+class Split:
+    """Mastered (answered correctly) and injection (answered wrongly) questions, with predictions."""
+
+    mastered: list
+    injection: list
+    predictions: list  # predicted letter per input question, in input order
+    excluded: list = field(default_factory=list)  # questions in neither set (taught-first: lucky guesses)
+
+
+def infer_and_split(model, encoder: MCQEncoder, questions, *, batch_size: int = 16) -> Split:
+    """Step 1 of the protocol: correct → mastered, wrong → injection."""
+    questions = list(questions)
+    answers = predict(model, encoder, questions, batch_size=batch_size, desc="infer-and-split")
+    correct = answers.correct(questions)
+    return Split([q for q, ok in zip(questions, correct) if ok],
+                 [q for q, ok in zip(questions, correct) if not ok], answers.letters)
+
+
+# ---------------------------------------------------------------------------------- weights
+
+def snapshot(model) -> dict:
+    """A copy of the weights, to start every compared run from the same model."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def restore(model, weights: dict) -> None:
+    model.load_state_dict(weights)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def compute_reference(optimizer, model, encoder: MCQEncoder, mastered, *, batch_size: int) -> float:
+    """Set the optimizer's reference to the mean gradient over ``mastered``; returns the mean loss.
+
+    ``capture_reference`` averages over its ``backward`` calls, so each batch's summed loss is
+    scaled by ``n_batches / |M|``: the result is the mean over questions for any batching.
+    """
+    with optimizer.capture_reference() as ref:
+        return backward_mean_loss(model, encoder, mastered, batch_size=batch_size, backward=ref.backward,
+                                  mean_over_calls=True, desc="reference")
+
+
+@dataclass
+class EpochRecord:
+    """Counts after one epoch (epoch 0: before training)."""
+
+    epoch: int
+    train_loss: float | None
+    learned: int
+    forgot: int
+    collaborative_share: float | None  # mean over the epoch's CNL steps
+    learned_ids: list  # indices into the evaluated injection questions answered correctly
+    forgot_ids: list  # indices into the evaluated mastered questions answered wrongly
+    wall_s: float
+
+
+@dataclass
+class RunResult:
+    """One training run: what was trained how, and its per-epoch records."""
+
+    method: str
+    optimizer: str
+    lr: float
+    n_injection: int  # size of the evaluated injection set (the base of the LEARNED percentage)
+    n_mastered: int  # size of the evaluated mastered set (the base of the FORGOT percentage)
+    epochs: list
+
+    @property
+    def final(self) -> EpochRecord:
+        return self.epochs[-1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.optimizer} {self.method.upper()}"
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), label=self.label)
+
+
+def _evaluate(model, encoder, eval_injection, eval_mastered, batch_size):
+    learned = predict(model, encoder, eval_injection, batch_size=batch_size, desc="eval injection").correct(eval_injection)
+    kept = predict(model, encoder, eval_mastered, batch_size=batch_size, desc="eval mastered").correct(eval_mastered)
+    return [i for i, ok in enumerate(learned) if ok], [i for i, ok in enumerate(kept) if not ok]
+
+
+def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed, desc, before_step=None):
+    """One pass over ``questions`` in a seeded order; returns (mean loss, collaborative shares)."""
+    order = list(range(len(questions)))
+    random.Random(order_seed).shuffle(order)
+    losses, shares = [], []
+    steps = tqdm(range(0, len(order), batch_size), desc=desc, unit="step", leave=False)
+    for start in steps:
+        if before_step is not None:
+            before_step()
+        batch = [questions[i] for i in order[start:start + batch_size]]
+        optimizer.zero_grad(set_to_none=True)
+        loss = backward_mean_loss(model, encoder, batch, batch_size=len(batch))
+        optimizer.step()
+        stats = optimizer.cnl_stats() if getattr(optimizer, "track_stats", False) else None
+        if stats is not None:
+            shares.append(stats.collaborative_share)
+        losses.append(loss)
+        steps.set_postfix(loss=f"{loss:.4f}")
+    return sum(losses) / len(losses), shares
+
+
+@contextlib.contextmanager
+def _lora(model, config: InjectConfig):
+    """The model wrapped with LoRA adapters (r, α on the attention projections), removed on exit."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in model.named_modules())]
+    if not targets:
+        raise ValueError(f"LoRA: no attention projections named {LORA_TARGETS} in {type(model).__name__}")
+    wrapped = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                               lora_dropout=0.0, target_modules=targets))
+    try:
+        yield wrapped
+    finally:
+        wrapped.unload()  # back to the plain model (the base weights were frozen)
+
+
+def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConfig, train, reference,
+                  eval_injection, eval_mastered) -> RunResult:
+    """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
+
+    ``method``: ``ft`` (plain), ``cnl`` (masked against the mean gradient over ``reference``),
+    ``replay`` (``train`` plus ``reference``, plain) or ``lora`` (plain, LoRA adapters only).
+    The model's weights change; :func:`compare` restores them between runs.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    train = list(train) + (list(reference) if method == "replay" else [])
+    if not train:
+        raise ValueError("nothing to train on: the injection set is empty")
+    if method == "cnl" and not reference:
+        raise ValueError("CNL needs a non-empty mastered (reference) set")
+    name = f"{config.optimizer} {method.upper()}"
+    with (_lora(model, config) if method == "lora" else contextlib.nullcontext(model)) as trained_model:
+        if method != "lora":
+            select_trainable(model, config.trainable)
+        params = [p for p in trained_model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(config, params, track_stats=method == "cnl")
+        start = time.perf_counter()
+        learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+        records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
+        steps_done = 0
+
+        def refresh_reference():
+            nonlocal steps_done
+            if method == "cnl" and (steps_done % (config.reference_every or steps_per_epoch) == 0):
+                compute_reference(optimizer, trained_model, encoder, reference, batch_size=config.reference_batch_size)
+            steps_done += 1
+
+        steps_per_epoch = -(-len(train) // config.batch_size)
+        for epoch in tqdm(range(1, config.epochs + 1), desc=name, unit="epoch"):
+            loss, shares = _train_epoch(trained_model, encoder, optimizer, train, batch_size=config.batch_size,
+                                        order_seed=config.seed * 100_003 + epoch, desc=f"epoch {epoch}",
+                                        before_step=refresh_reference)
+            learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+            share = sum(shares) / len(shares) if shares else None
+            records.append(EpochRecord(epoch, loss, len(learned), len(forgot), share, learned, forgot,
+                                       time.perf_counter() - start))
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records)
+
+
+def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,
+            eval_injection=None, eval_mastered=None, lrs: dict | None = None) -> list:
+    """Every (optimizer, method) run from the same starting weights (restored afterwards too).
+
+    In-set: ``eval_injection = train`` and ``eval_mastered = reference`` (the defaults).
+    ``lrs``: optional learning rate per optimizer name (else ``config.lr`` / the default).
+    """
+    eval_injection = list(train) if eval_injection is None else eval_injection
+    eval_mastered = list(reference) if eval_mastered is None else eval_mastered
+    start = snapshot(model)
+    results = []
+    try:
+        for optimizer in optimizers:
+            run_config = replace(config, optimizer=optimizer, lr=(lrs or {}).get(optimizer, config.lr))
+            for method in methods:
+                restore(model, start)
+                results.append(run_injection(model, encoder, method=method, config=run_config, train=train,
+                                             reference=reference, eval_injection=eval_injection,
+                                             eval_mastered=eval_mastered))
+    finally:
+        restore(model, start)
+    return results
+
+
+def out_of_set(model, encoder: MCQEncoder, mastered, injection, *, side: str, methods, optimizers,
+               config: InjectConfig, split_seed: int = 0, lrs: dict | None = None):
+    """The paper's out-of-set runs, splitting one side 1:1 with ``split_seed``.
+
+    ``side="mastered"``: the reference (and replay data) is one half of M, forgetting is counted
+    on the other half. ``side="injection"``: train on one half of I, count learning on the other.
+    Returns ``(results, halves)`` with the two halves used.
+    """
+    if side == "mastered":
+        seen, unseen = split_in_half(mastered, split_seed)
+        kwargs = dict(train=injection, reference=seen, eval_injection=injection, eval_mastered=unseen)
+    elif side == "injection":
+        seen, unseen = split_in_half(injection, split_seed)
+        kwargs = dict(train=seen, reference=mastered, eval_injection=unseen, eval_mastered=mastered)
+    else:
+        raise ValueError(f"side must be 'mastered' or 'injection', got {side!r}")
+    return compare(model, encoder, methods=methods, optimizers=optimizers, config=config, lrs=lrs, **kwargs), (seen, unseen)
+
+
+def teach_first(model, encoder: MCQEncoder, questions, *, fraction: float = 0.5, seed: int = 0, lr: float = 1e-5,
+                max_epochs: int = 10, margin: float = 1.0, batch_size: int = 1, trainable: str = "all",
+                eval_batch_size: int = 16, backend: str = "auto"):
+    """The "taught first" variant: fine-tune (AdamW, FT) on a seeded ``fraction`` of the questions
+    until each is answered with a letter-logit margin of at least ``margin`` (or ``max_epochs``).
+
+    Then mastered = taught questions answered correctly, injection = the other questions answered
+    wrongly; untaught questions answered correctly by chance are excluded (no margin to lose).
+    The model keeps the taught weights. Returns ``(Split, teach_log)``.
+    """
+    questions = list(questions)
+    if not 0 < fraction < 1:
+        raise ValueError(f"teach fraction must be in (0, 1), got {fraction}")
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    taught_ids = set(order[:round(len(questions) * fraction)])
+    taught = [q for i, q in enumerate(questions) if i in taught_ids]
+    config = InjectConfig(optimizer="adamw", lr=lr, weight_decay=0.0, trainable=trainable, backend=backend)
+    select_trainable(model, trainable)
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    log = []
+    for epoch in tqdm(range(1, max_epochs + 1), desc="teach first", unit="epoch"):
+        loss, _ = _train_epoch(model, encoder, optimizer, taught, batch_size=batch_size,
+                               order_seed=seed * 100_003 + epoch, desc=f"teach epoch {epoch}")
+        margins = predict(model, encoder, taught, batch_size=eval_batch_size, desc="check taught").margins
+        log.append(dict(epoch=epoch, train_loss=loss, min_margin=min(margins),
+                        correct=sum(m > 0 for m in margins)))
+        if min(margins) >= margin:
+            break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    answers = predict(model, encoder, questions, batch_size=eval_batch_size, desc="split after teaching")
+    correct = answers.correct(questions)
+    split = Split(
+        mastered=[q for i, q in enumerate(questions) if i in taught_ids and correct[i]],
+        injection=[q for i, q in enumerate(questions) if i not in taught_ids and not correct[i]],
+        predictions=answers.letters,
+        excluded=[q for i, q in enumerate(questions) if correct[i] != (i in taught_ids)],
+    )
+    return split, log

@@ -1,0 +1,49 @@
+"""The masked write-back of :class:`cnl_ext.CNL` in Triton: one multi-tensor launch per bucket.
+
+Same contract and math as :mod:`cnl_ext.ops.masked_delta_reference`; the chunk tables, pointer
+tables, reference decoding, masking, rounding and statistics are the core kernels' own
+(:mod:`cnl_ext.ops.triton_step`). Per element it reads θ_after, θ_before and the reference and
+writes θ once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_step import _chunk_bounds, _launch, _masked_update, _pointer, _round_to, _store_partials
+
+__all__ = ["masked_delta_"]
+
+
+@triton.jit
+def _masked_delta_kernel(
+    ptr_table, chunk_tensor, chunk_start, numels, partials, inv_lr,
+    P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, STATS: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, LR_ON_DEVICE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # pointer table columns: param (θ after the inner step), θ before it, reference.
+    # WEIGHT_DECAY and LR_ON_DEVICE are set by the shared launcher and unused here.
+    pid = tl.program_id(0)
+    t, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK)
+    p_ptr = _pointer(ptr_table, t, 0, 3, P_DTYPE)
+    b_ptr = _pointer(ptr_table, t, 1, 3, P_DTYPE)
+    r_ptr = _pointer(ptr_table, t, 2, 3, R_DTYPE)
+    acc_count = tl.zeros((), tl.float32)
+    acc_collab = tl.zeros((), tl.float32)
+    acc_conflict = tl.zeros((), tl.float32)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < end
+        after = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
+        before = tl.load(b_ptr + offs, mask=mask, other=0).to(tl.float32)
+        # u = −Δ/lr has the sign of (before − after), exact in float32; the sums are scaled below.
+        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+            before, after, before - after, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+        tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    _store_partials(partials, pid, acc_count, acc_collab * inv_lr, acc_conflict * inv_lr, STATS)
+
+
+def masked_delta_(params, befores, references, stats, *, reference_format: str, inv_lr: float) -> None:
+    """See :mod:`cnl_ext.ops.masked_delta_reference` for the contract and the math."""
+    _launch(_masked_delta_kernel, (params, befores, references), params, references, stats,
+            reference_format, (float(inv_lr),), 0.0)
