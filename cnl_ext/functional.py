@@ -20,7 +20,6 @@ from collections import defaultdict
 
 import torch
 
-from . import reference
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor

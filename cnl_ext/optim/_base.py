@@ -22,6 +22,7 @@ except ImportError:  # a torch build without torch.distributed
     DTensor = distribute_tensor = None
 
 from .. import functional
+from ._amp import skip_or_unscale
 from .. import reference_format as rf
 
 __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY"]
@@ -133,6 +134,31 @@ class CNLOptimizer(torch.optim.Optimizer):
     def _parameters(self):
         """All parameters, in order across param groups (the order ``set_reference`` uses)."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter with a gradient; see :meth:`_step_group`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = self._gradients()
+        if skip_or_unscale(self, [g for _, _, grads in gathered for g in grads]):
+            return loss
+        per_group = []
+        for group, params, grads in gathered:
+            if params:
+                stats = self._new_stats(params)
+                self._step_group(group, params, grads, stats)
+                per_group.append((params, stats))
+        self._record_stats(per_group)
+        return loss
+
+    def _step_group(self, group, params, grads, stats):
+        """Update ``params`` of ``group`` (all have gradients ``grads``) with cnl_ext.functional."""
+        raise NotImplementedError
 
     def _gradients(self):
         """(group, params with a gradient, their gradients) per group; checked before any write."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .. import functional
-from ._amp import skip_or_unscale
 from ._args import check_common
 from ._base import CNLOptimizer
 
@@ -23,8 +22,6 @@ class FusedCNLAdam(CNLOptimizer):
     Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
     (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
     """
-
-    _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -54,35 +51,19 @@ class FusedCNLAdam(CNLOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = self._gradients()
-        if skip_or_unscale(self, [g for _, _, grads in gathered for g in grads]):
-            return loss
-        per_group = []
-        for group, params, grads in gathered:
-            if not params:
-                continue
-            states = [self._init_state(p, group["capturable"]) for p in params]
-            if group["amsgrad"]:
-                for p, state in zip(params, states):
-                    if "max_exp_avg_sq" not in state:
-                        state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-            beta1, beta2 = group["betas"]
-            stats = self._new_stats(params)
-            functional.cnl_adam(
-                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
-                self._references_for(params), stats,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
-                reference_format=self.reference_format, backend=self.backend,
-            )
-            per_group.append((params, stats))
-        self._record_stats(per_group)
-        return loss
+    def _step_group(self, group, params, grads, stats):
+        states = [self._init_state(p, group["capturable"]) for p in params]
+        if group["amsgrad"]:
+            for state in states:
+                if "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        beta1, beta2 = group["betas"]
+        functional.cnl_adam(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
+            self._references_for(params), stats,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
+            reference_format=self.reference_format, backend=self.backend,
+        )

@@ -1,10 +1,8 @@
 """FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask."""
 from __future__ import annotations
 
-import torch
 
 from .. import functional
-from ._amp import skip_or_unscale
 from ._args import check_common
 from ._base import CNLOptimizer
 
@@ -22,8 +20,6 @@ class FusedCNLSGD(CNLOptimizer):
     (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
     """
 
-    _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
-
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  backend="auto", reference_dtype="float32", track_stats=False):
@@ -38,31 +34,15 @@ class FusedCNLSGD(CNLOptimizer):
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = self._gradients()
-        if skip_or_unscale(self, [g for _, _, grads in gathered for g in grads]):
-            return loss
-        per_group = []
-        for group, params, grads in gathered:
-            if not params:
-                continue
-            use_momentum = group["momentum"] != 0
-            buffers = [self.state[p].get("momentum_buffer") for p in params] if use_momentum else None
-            stats = self._new_stats(params)
-            functional.cnl_sgd(
-                params, grads, buffers, self._references_for(params), stats,
-                lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-                reference_format=self.reference_format, backend=self.backend,
-            )
-            if use_momentum:
-                for p, buf in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
-            per_group.append((params, stats))
-        self._record_stats(per_group)
-        return loss
+    def _step_group(self, group, params, grads, stats):
+        use_momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if use_momentum else None
+        functional.cnl_sgd(
+            params, grads, buffers, self._references_for(params), stats,
+            lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            reference_format=self.reference_format, backend=self.backend,
+        )
+        if use_momentum:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf

@@ -70,6 +70,9 @@ class CNL(CNLOptimizer):
     ``u = −Δ/lr``; needs an ``lr`` in every param group) and ``save_reference``.
     """
 
+    # GradScaler unscales the gradients itself and skips inf steps for the wrapped optimizer.
+    _step_supports_amp_scaling = False
+
     def __init__(self, optimizer, *, backend="auto", reference_dtype="float32", track_stats=False,
                  save_reference=False):
         if not isinstance(optimizer, torch.optim.Optimizer):
