@@ -259,10 +259,7 @@ def main(argv=None) -> dict:
         "speedups": speedups(rows),
     }
     stem = harness.file_stem(device) + "-end_to_end"
-    report.write_json(args.out / f"{stem}.json", result)
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(text)
+    report.write_outputs(args.out, stem, result, markdown(result))
     return result
 
 

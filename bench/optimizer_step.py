@@ -149,10 +149,7 @@ def main(argv=None) -> dict:
     if result["sweep"]:
         result["plot"] = f"{stem}.png"
         report.plot_sweep(args.out / result["plot"], result["sweep"], f"AdamW step time, {env['device']}")
-    report.write_json(args.out / f"{stem}.json", result)
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(text)
+    report.write_outputs(args.out, stem, result, markdown(result))
     return result
 
 

@@ -67,6 +67,13 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_outputs(out_dir: Path, stem: str, result: dict, text: str) -> None:
+    """``<stem>.json`` (everything) and ``<stem>.md`` (the tables) under ``out_dir``; print the tables."""
+    write_json(out_dir / f"{stem}.json", result)
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    print(text)
+
+
 def plot_sweep(path: Path, sweep: dict, title: str) -> None:
     """Log-log time against elements: each swept case and its roofline (dashed, same colour)."""
     import matplotlib

@@ -32,6 +32,15 @@ def _set_grads(params, grads):
         p.grad = g.clone()
 
 
+def _step_both(opt, ref_opt, ours, theirs):
+    """One step of each optimizer on the same random gradients."""
+    grads = [torch.randn_like(p) for p in ours]
+    _set_grads(ours, grads)
+    _set_grads(theirs, grads)
+    opt.step()
+    ref_opt.step()
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_equals_torch_optim_float32(backend, device, case):
@@ -40,11 +49,7 @@ def test_equals_torch_optim_float32(backend, device, case):
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt, ref_opt = cls(ours, backend=backend, **kwargs), torch_cls(theirs, **kwargs)
     for _ in range(STEPS):
-        grads = [torch.randn_like(p) for p in ours]
-        _set_grads(ours, grads)
-        _set_grads(theirs, grads)
-        opt.step()
-        ref_opt.step()
+        _step_both(opt, ref_opt, ours, theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(ours, theirs):  # same state, same names: checkpoints move between the two
@@ -171,11 +176,7 @@ def test_capturable_with_tensor_lr_equals_torch_optim(backend, device, case):
             opt.add_param_group({"params": extra})
             ref_opt.add_param_group({"params": extra_ref})
             ours, theirs = ours + extra, theirs + extra_ref
-        grads = [torch.randn_like(p) for p in ours]
-        _set_grads(ours, grads)
-        _set_grads(theirs, grads)
-        opt.step()
-        ref_opt.step()
+        _step_both(opt, ref_opt, ours, theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert opt.state[a]["step"].device == a.device

@@ -98,8 +98,8 @@ class ReferenceCapture:
 class CNLOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` that masks its update against a reference gradient.
 
-    Subclasses implement ``step`` with :mod:`cnl_ext.functional`, passing :meth:`_references_for`
-    and :meth:`_new_stats` / :meth:`_record_stats`.
+    Subclasses implement :meth:`_step_group` with :mod:`cnl_ext.functional`, passing
+    :meth:`_references_for` and the statistics buffer that :meth:`step` hands them.
 
     ``state_dict()`` leaves the reference out (it is recomputed from the mastered data); set
     ``save_reference = True`` on the optimizer, or call ``state_dict(include_reference=True)``, to
