@@ -1,6 +1,7 @@
 """Device plumbing shared by the benchmarks: timing, copy bandwidth, peak memory, environment."""
 from __future__ import annotations
 
+import functools
 import gc
 import platform
 import re
@@ -74,8 +75,9 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int, warmup: int, iters
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    ms = median(time_steps(lambda: dst.copy_(src), device, warmup, iters))
-    del src, dst
+    copy = functools.partial(dst.copy_, src)
+    ms = median(time_steps(copy, device, warmup, iters))
+    del src, dst, copy
     free_memory(device)
     return 2 * nbytes / (ms * 1e-3)
 

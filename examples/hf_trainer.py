@@ -2,7 +2,8 @@
 
     python examples/hf_trainer.py                        # tiny random Llama, offline, CPU, < 1 minute
     python examples/hf_trainer.py --model PATH_OR_HUB_ID # a real model (and --gguf-file NAME for GGUF)
-    torchrun --nproc_per_node 2 examples/hf_trainer.py   # DDP; accelerate launch works the same way
+    torchrun --nproc_per_node 2 examples/hf_trainer.py   # DDP (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 examples/hf_trainer.py  # the same through accelerate
 
 The "mastered" set is what the model should not forget, the "injection" set what it learns. Here
 both are toy data: short token sequences (random for the tiny model, a few sentences for a real

@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py: CNL steps under DDP and FSDP2 (gloo, CPU).
+"""One rank of tests/test_distributed.py (started by torchrun): CNL steps under DDP and FSDP2 (gloo, CPU).
 
 The single-process run the test compares with uses the same builders (:func:`make_model`,
 :func:`make_data`, :data:`OPTIMIZERS`, :func:`train`), with the whole batch on one process.
@@ -6,7 +6,6 @@ The single-process run the test compares with uses the same builders (:func:`mak
 from __future__ import annotations
 
 import datetime
-import os
 import traceback
 
 import torch
@@ -82,12 +81,13 @@ def _full(p):
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
-def run(rank: int, init_method: str, out_path: str) -> None:
+def run(out_path: str) -> None:
     """Every scenario on this rank; rank 0 saves {scenario: (params, history) or error text}."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # torchrun's env:// variables
+    rank = dist.get_rank()
+    assert dist.get_world_size() == WORLD_SIZE
     mastered, inputs = make_data()
     part = lambda x: x.chunk(WORLD_SIZE)[rank]  # noqa: E731
     results = {}
@@ -109,4 +109,4 @@ def run(rank: int, init_method: str, out_path: str) -> None:
 if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/distributed_worker.py OUT.pt
     import sys
 
-    run(int(os.environ["RANK"]), "env://", sys.argv[1])
+    run(sys.argv[1])

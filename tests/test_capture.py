@@ -82,6 +82,38 @@ def test_failed_capture_keeps_previous_reference_and_grads(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_non_finite_capture_is_refused_and_keeps_previous_reference(backend, device, bad):
+    model = _model(device)
+    opt = cnl_ext.FusedCNLAdamW(model.parameters(), lr=0.1, backend=backend)
+    with opt.capture_reference() as ref:
+        ref.backward(_loss(model, torch.randn(2, 6, device=device)))
+    kept = {p: r.clone() for p, r in opt._references.items()}
+    with pytest.raises(FloatingPointError, match="inf or NaN"):
+        with opt.capture_reference() as ref:
+            ref.backward(_loss(model, torch.randn(2, 6, device=device)) * bad)  # an overflowed scaled loss
+    assert opt._references.keys() == kept.keys()
+    assert all(torch.equal(opt._references[p], r) for p, r in kept.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_loss_scale_in_the_weight_gives_the_unscaled_mean(backend, device):
+    """A loss-scaled capture (fp16 training) passes the scale in ``weight``: the same mean."""
+    batches = [torch.randn(3, 6, device=device) for _ in range(2)]
+    references = []
+    for scale in (1.0, 2.0**16):
+        model = _model(device)
+        opt = cnl_ext.FusedCNLSGD(model.parameters(), lr=0.1, backend=backend)
+        with opt.capture_reference() as ref:
+            for x in batches:
+                ref.backward(_loss(model, x), weight=len(x) * scale)
+        references.append([opt._references[p] for p in model.parameters()])
+    for a, b in zip(*references):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_reference_kept_until_replaced_or_cleared(backend, device):
     model = _model(device)
     opt = cnl_ext.FusedCNLSGD(model.parameters(), lr=0.1, backend=backend)

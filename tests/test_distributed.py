@@ -1,25 +1,27 @@
-"""CNL under DDP and FSDP2 (fully_shard, DTensor parameters), 2 CPU processes on gloo.
+"""CNL under DDP and FSDP2 (fully_shard, DTensor parameters): ``torchrun --nproc_per_node 2``, gloo, CPU.
 
 Each rank trains on its half of every batch; parameters and statistics after the CNL steps must
 equal a single-process run on the whole batches (DDP and FSDP2 average the gradients over ranks,
-so the mean gradient, hence the reference, is the same). One spawn runs every scenario
+so the mean gradient, hence the reference, is the same). One torchrun runs every scenario
 (tests/distributed_worker.py), to pay the process start-up once.
 """
 import os
+import pathlib
 import socket
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from . import distributed_worker as worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with the gloo backend")
 
-SPAWN_TIMEOUT_S = 180
+TORCHRUN_TIMEOUT_S = 300
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _free_port():
@@ -28,21 +30,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun(script, *args, timeout=TORCHRUN_TIMEOUT_S):
+    """``torchrun --nproc_per_node 2 script args`` on CPU (gloo); the completed process."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(worker.WORLD_SIZE),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command[2:])} exited with {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    out_path = str(tmp_path_factory.mktemp("distributed") / "results.pt")
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the spawned ranks (CPU tensors)
-    context = mp.start_processes(worker.run, args=(f"tcp://127.0.0.1:{_free_port()}", out_path),
-                                 nprocs=worker.WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # False until every rank is done
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the distributed ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    out_path = tmp_path_factory.mktemp("distributed") / "results.pt"
+    _torchrun(pathlib.Path(worker.__file__), out_path)
     return torch.load(out_path)
 
 
@@ -74,3 +76,13 @@ def test_distributed_cnl_steps_equal_the_single_process_run(distributed_results,
         assert (count, total) == expected[:2]
         assert 0 < count < total
         torch.testing.assert_close((s_collab, s_conflict), expected[2:], rtol=1e-4, atol=1e-6)
+
+
+def test_cnl_trainer_under_torchrun_ddp():
+    """examples/hf_trainer.py on 2 ranks: the Trainer wraps the model in DDP, the reference is
+    captured through it, and the collaborative share is logged."""
+    pytest.importorskip("transformers")
+    output = _torchrun(REPO / "examples" / "hf_trainer.py", "--epochs", 2).stdout
+    line = next(line for line in output.splitlines() if line.startswith("collaborative share"))
+    shares = [float(x) for x in line.split(":")[1].split(",")]
+    assert len(shares) == 2 and all(0 < s < 1 for s in shares)  # 2 epochs x 2 steps, logged every 2

@@ -97,7 +97,7 @@ def test_malformed_jsonl_rows_name_file_and_line(tmp_path, row, problem):
     path = _write_lines(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(DataError, match=re.escape(problem)) as error:
         read_jsonl(path)
-    assert f"bad.jsonl:2" in str(error.value)
+    assert "bad.jsonl:2" in str(error.value)
 
 
 def test_prompt_format_matches_the_papers_files():

@@ -86,6 +86,24 @@ def test_the_reference_is_the_mean_per_sample_gradient_over_the_mastered_set(tmp
         torch.testing.assert_close(opt._references[p], expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [2.0**16, 1e38], ids=["scaled", "overflows-then-unscaled"])
+def test_fp16_reference_is_loss_scaled_and_retried_unscaled_on_overflow(tmp_path, scale):
+    """With a GradScaler (fp16 training) the reference backward is scaled like training's and the
+    scale cancels; a scale that overflows is dropped for an unscaled pass. (CPU has no fp16 Trainer,
+    so the scaler is set by hand.)"""
+    model, mastered = _tiny_llama(), _Tokens(5, 2)
+    trainer = CNLTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens(8, 1), mastered_dataset=mastered)
+    opt = trainer.create_optimizer()
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scales = []
+    capture = trainer._capture_reference
+    trainer._capture_reference = lambda loss_scale: (scales.append(loss_scale), capture(loss_scale))
+    trainer.compute_reference()
+    assert scales == ([scale] if scale < 1e30 else [scale, 1.0])
+    for p, expected in zip(*_mean_gradient(model, mastered)):
+        torch.testing.assert_close(opt._references[p], expected, rtol=1e-4, atol=1e-7)
+
+
 def test_cnl_trainer_equals_the_hand_written_cnl_loop(tmp_path):
     """Two epochs, gradient accumulation 2, reference at each epoch start: as written out by hand."""
     train_set, mastered = _Tokens(8, 1), _Tokens(4, 2)

@@ -98,7 +98,20 @@ class CNLTrainer(Trainer):
         In eval mode (no dropout), under the Trainer's autocast, through the wrapped model (so DDP
         averages and FSDP reduce-scatters the gradients like in training); each batch is weighted
         by its size, so the mean is over samples. The training gradients are left as they were.
+        With fp16 the loss is scaled by the GradScaler's current scale, as in training, so that
+        small gradients do not underflow to 0 (which would leave their elements unprotected); if
+        that overflows, the pass is repeated unscaled.
         """
+        scaler = getattr(self.accelerator, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        try:
+            self._capture_reference(loss_scale)
+        except FloatingPointError:
+            if loss_scale == 1.0:
+                raise
+            self._capture_reference(1.0)
+
+    def _capture_reference(self, loss_scale: float) -> None:
         model = self.model_wrapped
         was_training = model.training
         model.eval()
@@ -108,7 +121,7 @@ class CNLTrainer(Trainer):
                     batch = self._prepare_inputs(batch)
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, batch)
-                    ref.backward(loss, weight=_batch_size(batch))
+                    ref.backward(loss, weight=_batch_size(batch) * loss_scale)  # the scale cancels in the mean
         finally:
             model.train(was_training)
 

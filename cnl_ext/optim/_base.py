@@ -87,7 +87,8 @@ class ReferenceCapture:
     def backward(self, loss: torch.Tensor, *, weight: float = 1.0, **kwargs) -> None:
         """``(weight·loss).backward(**kwargs)``, accumulating into the reference, which is divided
         by the sum of the weights at the end: the mean over calls by default; with ``weight`` = the
-        batch size, the mean over samples when batches differ in size."""
+        batch size, the mean over samples when batches differ in size. A loss scale for fp16
+        (constant over the capture) goes into ``weight`` too: it cancels in the mean."""
         if not weight > 0:
             raise ValueError(f"ref.backward: weight must be positive, got {weight}")
         (loss * weight if weight != 1.0 else loss).backward(**kwargs)
@@ -326,19 +327,41 @@ class CNLOptimizer(torch.optim.Optimizer):
             yield capture
             if capture.calls == 0:
                 raise RuntimeError("capture_reference() ended without any ref.backward(loss) call")
+            if any(p.grad is None for p in params):  # e.g. set to None by zero_grad inside the block
+                raise RuntimeError("a gradient was cleared inside capture_reference(); do not call zero_grad there")
+            accumulated = [local_tensor(p.grad) for p in params]  # FSDP2: this rank's shard, like the parameter's
+            self._mean_or_raise_if_not_finite(accumulated, capture.total_weight, sharded=any(map(is_dtensor, params)))
             references = {}
-            for p in params:
-                accumulated = p.grad
-                if accumulated is None:  # e.g. set to None by zero_grad inside the block
-                    raise RuntimeError("a gradient was cleared inside capture_reference(); do not call zero_grad there")
-                accumulated = local_tensor(accumulated)  # FSDP2: this rank's shard, like the parameter's
-                accumulated.div_(capture.total_weight)
-                keep_as_is = self.reference_format == "float32" and accumulated.dtype == torch.float32
-                references[p] = accumulated if keep_as_is else rf.encode(accumulated, self.reference_format)
+            for p, mean in zip(params, accumulated):
+                keep_as_is = self.reference_format == "float32" and mean.dtype == torch.float32
+                references[p] = mean if keep_as_is else rf.encode(mean, self.reference_format)
             self._references = references
         finally:
             for p, g in zip(params, saved_grads):
                 p.grad = g
+
+    @staticmethod
+    def _mean_or_raise_if_not_finite(sums, total_weight, sharded):
+        """Divide ``sums`` by ``total_weight`` in place; raise if any element is inf or NaN.
+
+        One fused pass per device and dtype (GradScaler's unscale-and-check kernel) and one host
+        sync per capture. An inf/NaN reference would mask elements arbitrarily: typically a
+        loss-scaled (fp16) backward overflowed. Sharded (FSDP2) ranks agree through an all-reduce.
+        """
+        grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([sums])
+        found = {}
+        for (device, _), ([tensors], _) in grouped.items():
+            flag = found.setdefault(device, torch.zeros((), dtype=torch.float32, device=device))
+            inverse = torch.full((), 1.0 / total_weight, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, inverse)
+        flag = sum(f.cpu() for f in found.values()) if found else torch.zeros(())
+        if sharded and dist.is_initialized():
+            flag = flag.to(sums[0].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() != 0:
+            raise FloatingPointError(
+                "capture_reference(): the reference gradient has inf or NaN elements (an fp16 loss-scaled "
+                "backward that overflowed? capture with a smaller scale); the previous reference is kept")
 
     # ------------------------------------------------------------------ statistics
 
