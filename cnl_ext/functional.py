@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
@@ -89,27 +90,41 @@ def resolve_backend(backend: str, device: torch.device):
 
 def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
     """Raise a clear error for gradients no backend can take, before anything is written."""
+    strided = torch.strided
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse or g.layout != torch.strided:
+        # the common case in as few attribute reads as possible (this runs for every tensor, every step)
+        if (g.layout is strided and p.dtype in SUPPORTED_PARAM_DTYPES and g.dtype is p.dtype
+                and g.shape == p.shape and g.device == p.device):
+            continue
+        if g.layout != strided:
             raise RuntimeError(f"{owner} does not support sparse gradients (parameter {i}, shape {tuple(p.shape)})")
         if g.is_complex() or p.is_complex():
             raise RuntimeError(f"{owner} does not support complex parameters or gradients (parameter {i})")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
             raise TypeError(f"{owner} supports float32, bfloat16 and float16 parameters; parameter {i} is {p.dtype}")
-        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-            raise RuntimeError(
-                f"{owner}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, "
-                f"but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}"
-            )
+        raise RuntimeError(
+            f"{owner}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, "
+            f"but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}"
+        )
+
+
+class BucketKey(NamedTuple):
+    """What the tensors of one launch share."""
+    device: torch.device
+    dtype: torch.dtype
+    has_reference: bool
+    sharded: bool  # FSDP2 DTensors: the kernels step their local shards
+    extra: object  # the caller's: first momentum step, Adam step count
 
 
 def _buckets(params, references, extra_key):
-    """Indices grouped by what one launch needs to share."""
+    """``(BucketKey, indices)`` pairs grouping the tensors one launch can take together."""
     groups = defaultdict(list)
+    no_reference = references is None
     for i, p in enumerate(params):
-        has_reference = references is not None and references[i] is not None
-        groups[(p.device, p.dtype, has_reference, extra_key(i))].append(i)
-    return groups.items()
+        has_reference = not no_reference and references[i] is not None
+        groups[(p.device, p.dtype, has_reference, isinstance(p, _DTensor), extra_key(i))].append(i)
+    return [(BucketKey(*key), indices) for key, indices in groups.items()]
 
 
 def _take(tensors, indices):
@@ -120,18 +135,19 @@ def _contiguous(tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def _run_bucket(step_name, backend, stats, indices, device, has_reference, tensor_lists, **kwargs):
+def _run_bucket(step_name, backend, stats, indices, key: BucketKey, tensor_lists, **kwargs):
     """Run one bucket, adding its statistics into the caller's rows.
 
     With backend="auto", a backend that fails (Triton that does not compile, say: that happens
     before its kernel writes anything) is dropped for the next one in AUTO_ORDER, with a warning.
     """
+    device = key.device
     name, module = _resolve(backend, device)
-    # FSDP2 parameters, gradients, states and references are DTensors sharded alike: step the shards.
-    tensor_lists = [None if tensors is None else [local_tensor(t) for t in tensors] for tensors in tensor_lists]
+    if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
+        tensor_lists = [None if tensors is None else [local_tensor(t) for t in tensors] for tensors in tensor_lists]
     while True:
         bucket_stats = None
-        if stats is not None and has_reference:
+        if stats is not None and key.has_reference:
             bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=device)
         try:
             getattr(module, step_name)(*tensor_lists, bucket_stats, **kwargs)
@@ -168,14 +184,14 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
                 momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
-    for (device, _, has_reference, is_first), idx in _buckets(params, references, first_step.__contains__):
+    for key, idx in _buckets(params, references, first_step.__contains__):
         _run_bucket(
-            "sgd_step_", backend, stats, idx, device, has_reference,
+            "sgd_step_", backend, stats, idx, key,
             (_take(params, idx), _contiguous(_take(grads, idx)),
              _take(momentum_buffer_list, idx) if use_momentum else None,
-             _take(references, idx) if has_reference else None),
+             _take(references, idx) if key.has_reference else None),
             reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=is_first,
+            dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra,
         )
 
 
@@ -192,21 +208,17 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     scalar, and the bias corrections are computed on the device: no host synchronization, so the
     step can be captured in a CUDA graph.
     """
-    if capturable:
-        torch._foreach_add_(state_steps, 1)
-        bucket_key = lambda i: None  # noqa: E731
-    else:
-        for step in state_steps:
-            step += 1
-        bucket_key = [float(s) for s in state_steps].__getitem__
-    for (device, _, has_reference, step), idx in _buckets(params, references, bucket_key):
+    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
+    bucket_key = (lambda i: None) if capturable else [float(s) for s in state_steps].__getitem__
+    for key, idx in _buckets(params, references, bucket_key):
+        step = key.extra
         corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
         _run_bucket(
-            "adam_step_", backend, stats, idx, device, has_reference,
+            "adam_step_", backend, stats, idx, key,
             (_take(params, idx), _contiguous(_take(grads, idx)), _take(exp_avgs, idx),
              _take(exp_avg_sqs, idx), _take(max_exp_avg_sqs, idx) if amsgrad else None,
-             _take(references, idx) if has_reference else None),
+             _take(references, idx) if key.has_reference else None),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, maximize=maximize, **corrections,

@@ -85,7 +85,7 @@ def run(out_path: str) -> None:
     """Every scenario on this rank; rank 0 saves {scenario: (params, history) or error text}."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # torchrun's env:// variables
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))  # env:// from torchrun; generous on 2 busy cores
     rank = dist.get_rank()
     assert dist.get_world_size() == WORLD_SIZE
     mastered, inputs = make_data()

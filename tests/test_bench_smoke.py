@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench import cases, end_to_end, optimizer_step, shapes
+from bench import cases, end_to_end, host_overhead, optimizer_step, shapes
 
 
 def test_qwen_shape_table_is_the_issues_model_without_allocating():
@@ -50,7 +50,7 @@ def test_many_small_and_its_single_tensor_twin():
 # SGD 12, Momentum 20, bf16 parameters with fp32 AdamW states 22, each plus the reference.
 EXPECTED_BYTES_PER_ELEMENT = {
     "torch_adamw_fused": 28, "torch_adamw_foreach": 28, "authors_adamw": 32, "cnl_adamw_noref": 28,
-    "cnl_adamw_fp32": 32, "cnl_adamw_fp32_flat": 32, "cnl_adamw_bf16": 30, "cnl_adamw_int8": 29,
+    "cnl_adamw_fp32": 32, "cnl_adamw_fp32_flat": 32, "cnl_adamw_fp32_graph": 32, "cnl_adamw_bf16": 30, "cnl_adamw_int8": 29,
     "cnl_adamw_sign2": 28.25, "cnl_adamw_fp32_stats": 32, "cnl_adamw_bf16_params": 22 + 2,
     "cnl_sgd": 12 + 4, "cnl_momentum": 20 + 4, "cnl_adam": 32,
 }
@@ -91,8 +91,12 @@ def test_target_against_a_case_that_did_not_run_is_not_applicable():
     assert cases.Target("max_time_ratio", 1.5, "missing").evaluate(_row(1.0), {}) == (None, None)
 
 
+CPU_CASE_NAMES = [name for name in cases.CASE_NAMES if name != "cnl_adamw_fp32_graph"]  # graphs need a GPU
+
+
 def test_case_selection():
     assert [c.name for c in cases.select_cases()] == list(cases.CASE_NAMES)  # no @cuda without a GPU
+    assert [c.name for c in cases.select_cases(device=torch.device("cpu"))] == CPU_CASE_NAMES
     picked = cases.select_cases(["cnl_sgd", "cnl_adamw_fp32@cuda"], torch.device("cpu"))
     assert [(c.name, c.backend) for c in picked] == [("cnl_adamw_fp32@cuda", "cuda"), ("cnl_sgd", None)]
     assert picked[0].targets == (cases.Target("max_time_ratio", 1.15, "cnl_adamw_fp32"),)
@@ -108,7 +112,7 @@ def test_optimizer_step_smoke_run(tmp_path):
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert saved["setup"]["backend"] == "torch" == result["setup"]["backend"]
     rows = saved["param_sets"]["tiny"]["rows"]
-    assert [row["case"] for row in rows] == list(cases.CASE_NAMES)
+    assert [row["case"] for row in rows] == CPU_CASE_NAMES
     assert not [row for row in rows if "error" in row]
     for row in rows:
         assert row["tensors"] == (1 if row["case"] == "cnl_adamw_fp32_flat" else 26)
@@ -127,7 +131,7 @@ def test_optimizer_step_smoke_run(tmp_path):
     markdown = (tmp_path / "cpu.md").read_text()
     assert "python bench/optimizer_step.py --device cpu --params tiny" in markdown
     assert "## tiny: 26 tensors, 90,688 elements" in markdown and "### Targets (tiny)" in markdown
-    for name in cases.CASE_NAMES:
+    for name in CPU_CASE_NAMES:
         assert f"| `{name}` |" in markdown
     assert "![time against elements](cpu.png)" in markdown
     assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,3 +153,18 @@ def test_end_to_end_smoke_run(tmp_path):
     for mode in ("ft_fused", "cnl_authors", "cnl_fused"):
         assert f"| `{mode}` |" in markdown
     assert "CNL epoch speed-up" in markdown
+
+
+def test_host_overhead_smoke_run(tmp_path):
+    from cnl_ext.ops import triton_step
+
+    kernels, threads = (triton_step._adam_kernel, triton_step._sgd_kernel), torch.get_num_threads()
+    result = host_overhead.main(["--tensors", "2", "5", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)])
+    assert (triton_step._adam_kernel, triton_step._sgd_kernel) == kernels  # the no-op stand-ins are gone
+    assert torch.get_num_threads() == threads
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert rows == result["rows"]
+    assert [(r["case"], r["tensors"]) for r in rows] == [(c, n) for c in host_overhead.CASES for n in (2, 5)]
+    assert all(r["ms"] > 0 and math.isclose(r["us_per_tensor"], r["ms"] * 1e3 / r["tensors"]) for r in rows)
+    markdown = (tmp_path / "host_overhead.md").read_text()
+    assert "python bench/host_overhead.py --tensors 2 5" in markdown and "| `adamw_capturable` | 5 |" in markdown

@@ -7,7 +7,6 @@ so the mean gradient, hence the reference, is the same). One torchrun runs every
 """
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -24,17 +23,12 @@ TORCHRUN_TIMEOUT_S = 300
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(script, *args, timeout=TORCHRUN_TIMEOUT_S):
     """``torchrun --nproc_per_node 2 script args`` on CPU (gloo); the completed process."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(worker.WORLD_SIZE),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
+    # --standalone: torchrun picks and holds a free port itself (no race with other test processes)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(worker.WORLD_SIZE), str(script), *map(str, args)]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(command[2:])} exited with {result.returncode}:\n{result.stderr[-4000:]}")

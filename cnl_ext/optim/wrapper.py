@@ -39,9 +39,9 @@ def masked_delta_(params, befores, references, stats=None, *, reference_format: 
         if not (p.is_contiguous() and before.is_contiguous()):
             raise ValueError(f"CNL: parameter {i} (shape {tuple(p.shape)}) is not contiguous; the write-back needs "
                              "contiguous parameters")
-    for (device, _, _, _), idx in functional._buckets(params, references, lambda i: None):
-        bucket_stats = None if stats is None else torch.zeros(len(idx), 3, dtype=torch.float64, device=device)
-        _masked_delta_module(backend, device).masked_delta_(
+    for key, idx in functional._buckets(params, references, lambda i: None):
+        bucket_stats = None if stats is None else torch.zeros(len(idx), 3, dtype=torch.float64, device=key.device)
+        _masked_delta_module(backend, key.device).masked_delta_(
             functional._take(params, idx), functional._take(befores, idx), functional._take(references, idx),
             bucket_stats, reference_format=reference_format, inv_lr=inv_lr)
         if stats is not None:
