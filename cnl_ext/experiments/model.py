@@ -65,8 +65,21 @@ def load_model(model: str = EMBEDDED_MODEL, *, gguf_file: str | None = None, dty
         model, gguf_file = str(path.parent), path.name
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], **extra)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], **extra, **_dense_gguf(gguf_file))
     return lm.to(resolve_device(device)).eval(), tokenizer
+
+
+def _dense_gguf(gguf_file):
+    """Ask transformers to unpack GGUF weights into plain tensors. Recent versions otherwise keep
+    them packed when a GGUF matmul kernel is installed: such a model can neither be trained nor
+    saved (``teach`` saves the taught model)."""
+    if not gguf_file:
+        return {}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always de-quantize GGUF weights
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
 
 
 def select_trainable(model, trainable: str = "all") -> int:
