@@ -38,9 +38,14 @@ _auto_chosen: dict = {}  # device type -> (backend name, module)
 _auto_rejected: set = set()  # backend names that failed to import or to compile
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, or a tensor sharded like one)."""
+    return isinstance(t, _DTensor)
+
+
 def local_tensor(t):
     """This rank's shard of a DTensor (sharing its storage); any other tensor as it is."""
-    return t.to_local() if isinstance(t, _DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _import_backend(name):
@@ -123,7 +128,7 @@ def _buckets(params, references, extra_key):
     no_reference = references is None
     for i, p in enumerate(params):
         has_reference = not no_reference and references[i] is not None
-        groups[(p.device, p.dtype, has_reference, isinstance(p, _DTensor), extra_key(i))].append(i)
+        groups[(p.device, p.dtype, has_reference, is_dtensor(p), extra_key(i))].append(i)
     return [(BucketKey(*key), indices) for key, indices in groups.items()]
 
 

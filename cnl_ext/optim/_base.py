@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 except ImportError:  # a torch build without torch.distributed
-    DTensor = distribute_tensor = None
+    distribute_tensor = None
 
 from .. import functional
 from ._amp import skip_or_unscale
@@ -31,10 +31,7 @@ __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "RE
 REFERENCE_KEY = "cnl_reference"
 
 
-def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
+is_dtensor = functional.is_dtensor
 local_tensor = functional.local_tensor
 
 
