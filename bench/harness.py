@@ -109,7 +109,16 @@ def allocated(device: torch.device) -> int | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    return f"cpu ({_cpu_model() or platform.processor() or platform.machine()})"
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name on Linux (``platform.processor()`` is often empty there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def file_stem(device: torch.device) -> str:

@@ -80,11 +80,10 @@ def main(argv=None) -> dict:
     finally:
         torch.set_num_threads(threads)
     env = harness.environment(torch.device("cpu"), harness.command_line("bench/host_overhead.py", argv or sys.argv[1:]))
-    env["cpu"] = _cpu_model()
     lines = [
         "# Host time of one optimizer step (kernels left out)", "",
         f"- command: `{env['command']}`",
-        f"- CPU: {env['cpu']}, torch {env['torch']}, triton {env['triton']}, Python {env['python']}",
+        f"- device: {env['device']}, torch {env['torch']}, triton {env['triton']}, Python {env['python']}",
         f"- date (UTC): {env['date']}",
         f"- median of {args.iters} steps after {args.warmup}; one-element parameters, Triton kernels replaced by no-ops",
         "",
@@ -95,14 +94,6 @@ def main(argv=None) -> dict:
     result = {"setup": env, "rows": rows}
     report.write_outputs(args.out, "host_overhead", result, "\n".join(lines))
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return harness.device_name(torch.device("cpu"))
 
 
 if __name__ == "__main__":
