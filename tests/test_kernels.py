@@ -39,8 +39,17 @@ def _setup(dtype, fmt, device, n_state):
     return params, states, refs
 
 
+def _offset_view(t):
+    """``t``'s values in a view one element into a larger buffer: its address is not 16-byte aligned."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def _clone(tensors):
-    return None if tensors is None else [t.clone() for t in tensors]
+    """Copies that keep each tensor's alignment (an unaligned view's copy is an unaligned view)."""
+    return None if tensors is None else [_offset_view(t) if t.data_ptr() % 16 else t.clone() for t in tensors]
 
 
 def _assert_same(got, want, dtype):
@@ -129,6 +138,32 @@ def test_sgd_kernel_matches_reference(backend, device, dtype, fmt, momentum, dam
     _assert_same(p_t, p_r, dtype)
     if momentum:
         _assert_same(s_t[0], s_r[0], torch.float32)
+    if stats is not None:
+        _assert_stats_close(st_t, st_r)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [None, "float32", "sign2"])
+def test_unaligned_tensors_match_reference(backend, device, dtype, fmt):
+    """Views at odd offsets (slices of a flat buffer) take the kernels' scalar path, and agree too."""
+    params, states, refs = _setup(dtype, fmt, device, n_state=3)
+    params, states = [_offset_view(p) for p in params], [[_offset_view(x) for x in s] for s in states]
+    refs = None if refs is None else [_offset_view(r) for r in refs]
+    grads = [[_offset_view(torch.randn(s, device=device).to(dtype)) for s in SHAPES] for _ in range(2)]
+    stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device=device)
+    nonempty = [p for p in params if p.numel()]
+    assert not triton_step._pointer_table((_clone(nonempty),), torch.device(device))[1]  # as _run_both copies
+
+    def kwargs(k):
+        return dict(lr=LR, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                    amsgrad=True, maximize=False, bias_correction1=1 - 0.8 ** (k + 1),
+                    bias_correction2=1 - 0.95 ** (k + 1))
+
+    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both("adam_step_", params, grads, states, refs, fmt, stats, 2, kwargs)
+    _assert_same(p_t, p_r, dtype)
+    for a, b in zip(s_t, s_r):
+        _assert_same(a, b, torch.float32)
     if stats is not None:
         _assert_stats_close(st_t, st_r)
 

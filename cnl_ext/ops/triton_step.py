@@ -22,7 +22,9 @@ from .. import reference_format as _rf
 # Elements per program (loop of BLOCK-sized steps inside it) and per loop step.
 CHUNK = 65536
 BLOCK = 1024
-NUM_WARPS = 4
+# No contraction of a*b+c into FMA: the kernels then round exactly as the PyTorch reference's
+# separate ops, on every Triton version (3.9 warns that its default, fusion on, will change).
+LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 
 _REF_NONE, _REF_FLOAT, _REF_SIGN2 = 0, 1, 2
 _TL_DTYPES = {
@@ -35,8 +37,11 @@ _TL_DTYPES = {
 
 
 @triton.jit
-def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl.constexpr):
-    return tl.load(table + tensor * NCOLS + column).to(tl.pointer_type(DTYPE))
+def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(table + tensor * NCOLS + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the host checked that every address is 16-byte aligned: lets full blocks use vector loads
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -46,6 +51,15 @@ def _scalar(value, ON_DEVICE: tl.constexpr):
         return tl.load(value).to(tl.float32)
     else:
         return value
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    """``ptr[offs]``; ``mask`` is None in full blocks, so that nothing stops vectorization."""
+    if mask is None:
+        return tl.load(ptr + offs)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0)
 
 
 @triton.jit
@@ -69,25 +83,35 @@ def _round_to(x, DTYPE: tl.constexpr):
 def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr):
     """Reference values as float32: the stored value, or -1/0/+1 for the packed 2-bit signs."""
     if REF_KIND == 2:
-        byte = tl.load(ref_ptr + offs // 4, mask=mask, other=0)
+        byte = _load(ref_ptr, offs // 4, mask)
         code = (byte >> ((offs % 4) * 2).to(tl.uint8)) & 3
         return (code == 1).to(tl.float32) - (code == 2).to(tl.float32)
     else:
-        return tl.load(ref_ptr + offs, mask=mask, other=0).to(tl.float32)
+        return _load(ref_ptr, offs, mask).to(tl.float32)
 
 
 @triton.jit
-def _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK: tl.constexpr):
-    """(tensor index, first element, end) of this program's chunk."""
+def _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(tensor index, first element, end of the full blocks, end) of this program's chunk.
+
+    Blocks before the third bound are full and run unmasked; one masked block covers the rest.
+    """
     t = tl.load(chunk_tensor + pid).to(tl.int64)
-    start = tl.load(chunk_start + pid)
-    return t, start, tl.minimum(start + CHUNK, tl.load(numels + t))
+    start = tl.load(chunk_start + pid)  # a multiple of CHUNK, hence of BLOCK
+    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    return t, start, end - (end - start) % BLOCK, end
+
+
+@triton.jit
+def _block_offsets(block_start, BLOCK: tl.constexpr):
+    offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+    return tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)  # block_start is a multiple of BLOCK
 
 
 @triton.jit
 def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr):
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+    p = _load(p_ptr, offs, mask).to(tl.float32)
+    g = _load(g_ptr, offs, mask).to(tl.float32)
     if MAXIMIZE:
         g = -g
     return p, g
@@ -101,13 +125,15 @@ def _masked_update(p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_co
         return new_p, acc_count, acc_collab, acc_conflict
     else:
         r = _load_reference(r_ptr, offs, mask, REF_KIND)
-        conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
+        conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))  # 0 outside the mask, where r = 0
         if STATS:
             s = r * u
-            collaborative = mask & (conflict == 0)
+            collaborative = conflict == 0
+            if mask is not None:
+                collaborative = collaborative & mask
             acc_count += tl.sum(collaborative.to(tl.float32), axis=0)
             acc_collab += tl.sum(tl.where(collaborative, s, 0.0), axis=0)
-            acc_conflict += tl.sum(tl.where(mask & conflict, s, 0.0), axis=0)
+            acc_conflict += tl.sum(tl.where(conflict, s, 0.0), axis=0)
         return tl.where(conflict, p, new_p), acc_count, acc_collab, acc_conflict
 
 
@@ -120,46 +146,93 @@ def _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS: t
 
 
 @triton.jit
+def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, offs, mask, lr, weight_decay, momentum, dampening,
+               acc_count, acc_collab, acc_conflict,
+               P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+               FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+               MAXIMIZE: tl.constexpr, STATS: tl.constexpr):
+    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    u = g
+    if HAS_MOMENTUM:
+        if FIRST_STEP:  # torch.optim.SGD starts the buffer at the first gradient, undamped
+            b = g
+        else:
+            b = momentum * _load(b_ptr, offs, mask) + (1 - dampening) * g
+        tl.store(b_ptr + offs, b, mask=mask)
+        if NESTEROV:
+            u = g + momentum * b
+        else:
+            u = b
+    new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+        p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+    tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    return acc_count, acc_collab, acc_conflict
+
+
+@triton.jit
 def _sgd_kernel(
     ptr_table, chunk_tensor, chunk_start, numels, partials,
     lr, weight_decay, momentum, dampening,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # pointer table columns: param, grad, momentum buffer, reference
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
-    t, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK)
-    p_ptr = _pointer(ptr_table, t, 0, 4, P_DTYPE)
-    g_ptr = _pointer(ptr_table, t, 1, 4, P_DTYPE)
-    b_ptr = _pointer(ptr_table, t, 2, 4, tl.float32)
-    r_ptr = _pointer(ptr_table, t, 3, 4, R_DTYPE)
+    t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
+    p_ptr = _pointer(ptr_table, t, 0, 4, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(ptr_table, t, 1, 4, P_DTYPE, ALIGNED)
+    b_ptr = _pointer(ptr_table, t, 2, 4, tl.float32, ALIGNED)
+    r_ptr = _pointer(ptr_table, t, 3, 4, R_DTYPE, ALIGNED)
     acc_count = tl.zeros((), tl.float32)
     acc_collab = tl.zeros((), tl.float32)
     acc_conflict = tl.zeros((), tl.float32)
-    for block_start in range(start, end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < end
-        p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
-        if WEIGHT_DECAY:
-            g = g + weight_decay * p
-        u = g
-        if HAS_MOMENTUM:
-            if FIRST_STEP:  # torch.optim.SGD starts the buffer at the first gradient, undamped
-                b = g
-            else:
-                b = momentum * tl.load(b_ptr + offs, mask=mask, other=0) + (1 - dampening) * g
-            tl.store(b_ptr + offs, b, mask=mask)
-            if NESTEROV:
-                u = g + momentum * b
-            else:
-                u = b
-        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-            p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-        tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    for block_start in range(start, full_end, BLOCK):
+        acc_count, acc_collab, acc_conflict = _sgd_block(
+            p_ptr, g_ptr, b_ptr, r_ptr, _block_offsets(block_start, BLOCK), None,
+            lr, weight_decay, momentum, dampening, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS)
+    if full_end < end:
+        offs = _block_offsets(full_end, BLOCK)
+        acc_count, acc_collab, acc_conflict = _sgd_block(
+            p_ptr, g_ptr, b_ptr, r_ptr, offs, offs < end,
+            lr, weight_decay, momentum, dampening, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
+
+
+@triton.jit
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, offs, mask,
+                lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+                acc_count, acc_collab, acc_conflict,
+                P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr):
+    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+    if WEIGHT_DECAY and not DECOUPLED:
+        g = g + weight_decay * p
+    m = beta1 * _load(m_ptr, offs, mask) + (1 - beta1) * g
+    v = beta2 * _load(v_ptr, offs, mask) + (1 - beta2) * (g * g)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if AMSGRAD:
+        v = tl.maximum(_load(vmax_ptr, offs, mask), v)
+        tl.store(vmax_ptr + offs, v, mask=mask)
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    adam = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
+    if WEIGHT_DECAY and DECOUPLED:
+        u = adam + weight_decay * p
+        new_p = p * (1 - lr * weight_decay) - lr * adam  # torch.optim.AdamW's order
+    else:
+        u = adam
+        new_p = p - lr * adam
+    new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+        p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+    tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    return acc_count, acc_collab, acc_conflict
 
 
 @triton.jit
@@ -169,49 +242,36 @@ def _adam_kernel(
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, STATS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
-    t, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK)
-    p_ptr = _pointer(ptr_table, t, 0, 7, P_DTYPE)
-    g_ptr = _pointer(ptr_table, t, 1, 7, P_DTYPE)
-    m_ptr = _pointer(ptr_table, t, 2, 7, tl.float32)
-    v_ptr = _pointer(ptr_table, t, 3, 7, tl.float32)
-    vmax_ptr = _pointer(ptr_table, t, 4, 7, tl.float32)
-    r_ptr = _pointer(ptr_table, t, 5, 7, R_DTYPE)
+    t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
+    p_ptr = _pointer(ptr_table, t, 0, 7, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(ptr_table, t, 1, 7, P_DTYPE, ALIGNED)
+    m_ptr = _pointer(ptr_table, t, 2, 7, tl.float32, ALIGNED)
+    v_ptr = _pointer(ptr_table, t, 3, 7, tl.float32, ALIGNED)
+    vmax_ptr = _pointer(ptr_table, t, 4, 7, tl.float32, ALIGNED)
+    r_ptr = _pointer(ptr_table, t, 5, 7, R_DTYPE, ALIGNED)
     if STEP_ON_DEVICE:  # capturable: the bias corrections follow this tensor's step count on the device
-        step = tl.load(_pointer(ptr_table, t, 6, 7, tl.float32))
+        step = tl.load(_pointer(ptr_table, t, 6, 7, tl.float32, False))
         bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
         bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))
     acc_count = tl.zeros((), tl.float32)
     acc_collab = tl.zeros((), tl.float32)
     acc_conflict = tl.zeros((), tl.float32)
-    for block_start in range(start, end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < end
-        p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
-        if WEIGHT_DECAY and not DECOUPLED:
-            g = g + weight_decay * p
-        m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0) + (1 - beta1) * g
-        v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0) + (1 - beta2) * (g * g)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        if AMSGRAD:
-            v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0), v)
-            tl.store(vmax_ptr + offs, v, mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-        adam = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
-        if WEIGHT_DECAY and DECOUPLED:
-            u = adam + weight_decay * p
-            new_p = p * (1 - lr * weight_decay) - lr * adam  # torch.optim.AdamW's order
-        else:
-            u = adam
-            new_p = p - lr * adam
-        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-            p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-        tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    for block_start in range(start, full_end, BLOCK):
+        acc_count, acc_collab, acc_conflict = _adam_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, _block_offsets(block_start, BLOCK), None,
+            lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+            acc_count, acc_collab, acc_conflict, P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS)
+    if full_end < end:
+        offs = _block_offsets(full_end, BLOCK)
+        acc_count, acc_collab, acc_conflict = _adam_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, offs, offs < end,
+            lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+            acc_count, acc_collab, acc_conflict, P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
@@ -247,13 +307,21 @@ def _chunk_table(numels: tuple, device: torch.device):
 
 
 def _pointer_table(columns, device: torch.device):
-    """int64 ``[num_tensors, len(columns)]`` of data pointers; a ``None`` column holds 0."""
+    """(int64 ``[num_tensors, len(columns)]`` of data pointers, whether all are 16-byte aligned).
+
+    A ``None`` column holds 0. Alignment lets the kernels' full blocks use 16-byte vector accesses;
+    views at odd offsets (a flat buffer's slices) take the scalar path instead.
+    """
     n = len(columns[0])
     # column by column: one list comprehension per column is the cheapest way to read many pointers
     pointers = tuple(itertools.chain.from_iterable(
         itertools.repeat(0, n) if col is None else [t.data_ptr() for t in col] for col in columns))
-    return _cached(_pointer_tables, (device, n, pointers),
-                   lambda: torch.tensor(pointers, dtype=torch.int64).view(len(columns), n).t().contiguous().to(device))
+
+    def build():
+        table = torch.tensor(pointers, dtype=torch.int64).view(len(columns), n).t().contiguous().to(device)
+        return table, all(ptr % 16 == 0 for ptr in pointers)
+
+    return _cached(_pointer_tables, (device, n, pointers), build)
 
 
 def _reference_kind(references, fmt):
@@ -275,12 +343,13 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
     ref_kind, r_dtype = _reference_kind(references, fmt)
     track = stats is not None and ref_kind != _REF_NONE
     partials = torch.empty((num_chunks, 3) if track else (1,), dtype=torch.float32, device=device)
+    pointer_table, aligned = _pointer_table(columns, device)
     kernel[(num_chunks,)](
-        _pointer_table(columns, device), tensor_of_chunk, chunk_start, numel_table, partials,
+        pointer_table, tensor_of_chunk, chunk_start, numel_table, partials,
         *scalars,
         P_DTYPE=_TL_DTYPES[params[0].dtype], R_DTYPE=r_dtype, REF_KIND=ref_kind, STATS=track,
-        WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor),
-        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor), ALIGNED=aligned,
+        CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         **constexprs,
     )
     if track:

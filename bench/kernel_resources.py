@@ -1,0 +1,225 @@
+"""Compile every Triton kernel specialization for sm_80 and sm_90 without a GPU, and report its resources.
+
+    python bench/kernel_resources.py                   # any machine: Triton's bundled ptxas, no GPU
+    python bench/kernel_resources.py --archs 90
+
+The host code decides which specializations exist (parameter dtype, reference format, options,
+alignment). They are harvested by running the ops on small CPU tensors with the kernels replaced by
+recorders, then compiled ahead of time to cubins. Per specialization the report gives what ptxas
+allocated (registers per thread, spill bytes, stack frame), the vector (8/16-byte) global loads and
+stores in the PTX, and the occupancy the registers allow: the static half of a bandwidth profile.
+The timed half is bench/optimizer_step.py on a GPU.
+
+Writes ``<out>/kernel_resources.{json,md}``. tests/test_triton_compile.py compiles the same set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from cnl_ext import reference_format
+from cnl_ext.ops import triton_masked_delta, triton_step
+
+from bench import harness, report
+
+ARCHS = (80, 90)  # A100/A800, H100/H200
+_KERNELS = ((triton_step, "_sgd_kernel"), (triton_step, "_adam_kernel"), (triton_masked_delta, "_masked_delta_kernel"))
+_POINTER_TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.float64: "*fp64"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+# Per SM, on both architectures: registers, resident threads, resident blocks.
+_SM_REGISTERS, _SM_THREADS, _SM_BLOCKS = 65536, 2048, 32
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """One compiled variant of a kernel: its argument types, constexpr values and launch options."""
+
+    kernel: str
+    signature: tuple      # (argument name, Triton type) for the runtime arguments
+    constexprs: tuple     # (name, value), as the host passed them
+    options: tuple        # (name, value): num_warps, enable_fp_fusion, ...
+    fn: object = field(compare=False, hash=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """Kernel, parameter dtype, reference (none / its dtype / sign2), the flags set, and 'unaligned'."""
+        c = dict(self.constexprs)
+        ref = ("none", c["R_DTYPE"].name, "sign2")[c["REF_KIND"]]
+        flags = [k.lower() for k, v in self.constexprs if v is True and k != "ALIGNED"]
+        if not c["ALIGNED"]:
+            flags.append("unaligned")
+        return " ".join([self.kernel.strip("_").removesuffix("_kernel"), f"p={c['P_DTYPE'].name}", f"ref={ref}", *flags])
+
+    def constexpr(self, name: str):
+        return dict(self.constexprs)[name]
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records the arguments of each ``kernel[grid](...)``."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn, self.launches = name, fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+    def specializations(self):
+        for args, kwargs in self.launches:
+            types = []
+            for name, value in zip(self.fn.arg_names, args):
+                if isinstance(value, torch.Tensor):
+                    types.append((name, _POINTER_TYPES[value.dtype]))
+                elif isinstance(value, float):
+                    types.append((name, "fp32"))
+                else:
+                    raise TypeError(f"{self.name}: no Triton type for argument {name}={value!r}")
+            yield Specialization(
+                self.name, tuple(types),
+                tuple((k, v) for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS),
+                tuple((k, v) for k, v in kwargs.items() if k in _LAUNCH_OPTIONS), self.fn)
+
+
+def _tensors(dtype, unaligned=False, shapes=((5000,), (7,))):
+    """Small CPU tensors; ``unaligned`` puts each one element into a larger buffer."""
+    out = []
+    for shape in shapes:
+        t = torch.randn(shape).to(dtype)
+        if unaligned:
+            buffer = torch.empty(t.numel() + 1, dtype=dtype)
+            buffer[1:].copy_(t.flatten())
+            t = buffer[1:].view(shape)
+        out.append(t)
+    return out
+
+
+def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None, capturable=False):
+    """Run the three ops once on CPU tensors (the kernels are recorders, so nothing computes)."""
+    params = _tensors(dtype, unaligned)
+    states = [_tensors(torch.float32, unaligned) for _ in range(3)]
+    refs = None if fmt is None else [reference_format.encode(torch.randn(p.shape), fmt) for p in params]
+    st = torch.zeros(len(params), 3, dtype=torch.float64) if stats and fmt is not None else None
+    lr = torch.tensor(0.1) if capturable else 0.1
+    sgd = dict(dict(weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, first_step=False),
+               **(sgd or {}))
+    triton_step.sgd_step_(params, params, states[0] if sgd["momentum"] else None, refs, st,
+                          reference_format=fmt or "float32", lr=lr, **sgd)
+    adam = dict(dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
+                     amsgrad=False, maximize=False), **(adam or {}))
+    steps = dict(device_steps=[torch.tensor(1.0) for _ in params]) if capturable else \
+        dict(bias_correction1=0.1, bias_correction2=0.001)
+    triton_step.adam_step_(params, params, states[0], states[1], states[2], refs, st,
+                           reference_format=fmt or "float32", lr=lr, **adam, **steps)
+    if fmt is not None:
+        triton_masked_delta.masked_delta_(params, params, refs, st, reference_format=fmt, inv_lr=10.0)
+
+
+def specializations() -> list[Specialization]:
+    """Every specialization the host code produces over dtypes, reference formats and options (deduplicated)."""
+    recorders = [_Recorder(name, getattr(module, name)) for module, name in _KERNELS]
+    with mock.patch.multiple(triton_step, _sgd_kernel=recorders[0], _adam_kernel=recorders[1]), \
+            mock.patch.object(triton_masked_delta, "_masked_delta_kernel", recorders[2]):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for fmt in (None, *reference_format.FORMATS):
+                _launch_ops(dtype, fmt)
+        for fmt in (None, "float32", "sign2"):
+            _launch_ops(torch.float32, fmt, unaligned=True)
+        _launch_ops(torch.float32, "float32", stats=False)
+        _launch_ops(torch.float32, "float32", capturable=True)
+        _launch_ops(torch.float32, "float32", sgd=dict(momentum=0.0, weight_decay=0.01, maximize=True),
+                    adam=dict(decoupled_weight_decay=False, weight_decay=0.01, amsgrad=True, maximize=True))
+        _launch_ops(torch.float32, "float32", sgd=dict(first_step=True, nesterov=True))
+        _launch_ops(torch.float32, "float32", adam=dict(weight_decay=0.0))
+    return list(dict.fromkeys(s for r in recorders for s in r.specializations()))
+
+
+def compile_for(spec: Specialization, arch: int):
+    """(compiled kernel, ptxas's ``-v`` log) for ``sm_<arch>``; raises where the kernel does not compile."""
+    fn = spec.fn
+    signature = dict(spec.signature, **{name: "constexpr" for name, _ in spec.constexprs})
+    constexprs = {(fn.arg_names.index(name),): value for name, value in spec.constexprs}
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True  # a cached cubin would come without ptxas's log
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(spec.options))
+    return compiled, log.getvalue()
+
+
+def resources(compiled, ptxas_log: str) -> dict:
+    """What ptxas allocated, the vector accesses in the PTX, and the occupancy the registers allow."""
+    def number(pattern):
+        found = re.search(pattern, ptxas_log)
+        if found is None:
+            raise ValueError(f"no {pattern!r} in the ptxas log:\n{ptxas_log}")
+        return int(found.group(1))
+
+    registers = number(r"Used (\d+) registers")
+    ptx = compiled.asm["ptx"]
+    warps = compiled.metadata.num_warps
+    regs_per_warp = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
+    blocks = min(_SM_BLOCKS, _SM_THREADS // (32 * warps), _SM_REGISTERS // (regs_per_warp * warps))
+    return {"registers": registers,
+            "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+            "stack_bytes": number(r"(\d+) bytes stack frame"),  # the call frame of IEEE division's slow path
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[248]\.", ptx)),
+            "vector_stores": len(re.findall(r"\bst\.global(?:\.\w+)*\.v[248]\.", ptx)),
+            "occupancy": blocks * 32 * warps / _SM_THREADS}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter has no compiler to run")
+    from tqdm import tqdm
+
+    specs = specializations()
+    rows = []
+    for spec in tqdm(specs, desc="compile", unit="kernel"):
+        per_arch = {arch: resources(*compile_for(spec, arch)) for arch in args.archs}
+        rows.append({"kernel": spec.name, "aligned": spec.constexpr("ALIGNED"),
+                     **{f"sm_{a}": r for a, r in per_arch.items()}})
+    env = harness.environment(torch.device("cpu"), harness.command_line("bench/kernel_resources.py", argv or sys.argv[1:]))
+    archs = [f"sm_{a}" for a in args.archs]
+    per_arch = lambda row, key, f=str: " / ".join(f(row[a][key]) for a in archs)  # noqa: E731
+    lines = [
+        "# Triton kernels: resources per specialization (compiled ahead of time, no GPU)", "",
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, triton {env['triton']}; block {triton_step.BLOCK} elements, "
+        f"chunk {triton_step.CHUNK}, launch options {triton_step.LAUNCH_OPTIONS}",
+        f"- date (UTC): {env['date']}",
+        f"- each cell: {' / '.join(archs)}. Occupancy: resident threads per SM that the registers allow, of 2,048. "
+        "Vector accesses: 8- or 16-byte global loads / stores in the PTX (full blocks, when all tensors are "
+        "16-byte aligned).",
+        "",
+        *report.markdown_table(
+            ["kernel", "registers", "occupancy", "spill bytes", "stack bytes", "vector loads / stores"],
+            [[f"`{r['kernel']}`", per_arch(r, "registers"), per_arch(r, "occupancy", lambda x: f"{x:.0%}"),
+              per_arch(r, "spill_bytes"), per_arch(r, "stack_bytes"),
+              " / ".join(f"{r[a]['vector_loads']}+{r[a]['vector_stores']}" for a in archs)] for r in rows]),
+    ]
+    result = {"setup": env, "rows": rows}
+    report.write_outputs(args.out, "kernel_resources", result, "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
