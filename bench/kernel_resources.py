@@ -189,6 +189,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter has no compiler to run")
+    if not hasattr(triton, "knobs"):
+        parser.error(f"needs triton >= 3.4 (triton.knobs, for ptxas's log); this is triton {triton.__version__}")
     from tqdm import tqdm
 
     specs = specializations()

@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import triton
+
 from bench import kernel_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +33,7 @@ def test_every_option_is_harvested():
             "stats", "lr_on_device", "step_on_device"} <= flags
 
 
+@pytest.mark.skipif(not hasattr(triton, "knobs"), reason="the compile report needs triton >= 3.4 (triton.knobs)")
 def test_every_kernel_compiles_without_spills_and_vectorizes_when_aligned(tmp_path):
     # The interpreter that conftest turns on replaces the compiler: compile in a process without it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
