@@ -296,6 +296,8 @@ def _chunk_table(numels: tuple, device: torch.device):
     """(tensor index per chunk, start offset per chunk, numel per tensor) on ``device``."""
 
     def build():
+        if CHUNK % BLOCK:
+            raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK}): the kernels align blocks to it")
         n = torch.tensor(numels, dtype=torch.int64)
         chunks_per_tensor = (n + CHUNK - 1) // CHUNK
         tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels)), chunks_per_tensor)
