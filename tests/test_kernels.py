@@ -93,9 +93,21 @@ def _run_both(step_name, params, grads, states, refs, fmt, stats, steps, kwargs)
     (True, True, 0.0, False),    # AdamW without decay
 ])
 def test_adam_kernel_matches_reference(backend, device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize):
+    _check_adam_against_reference(device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize)
+
+
+def _check_adam_against_reference(device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize, unaligned=False):
+    """Three Adam steps of the Triton op and the reference on the same inputs; ``unaligned`` places
+    every tensor at an odd address (a flat buffer's slices), where the kernels take their scalar path."""
     params, states, refs = _setup(dtype, fmt, device, n_state=3)
     steps = 3
     grads = [[torch.randn(s, device=device).to(dtype) for s in SHAPES] for _ in range(steps)]
+    if unaligned:
+        params, grads = [_offset_view(p) for p in params], [[_offset_view(t) for t in g] for g in grads]
+        states = [[_offset_view(t) for t in x] for x in states]
+        refs = None if refs is None else [_offset_view(r) for r in refs]
+        nonempty = [p for p in params if p.numel()]
+        assert not triton_step._pointer_table((_clone(nonempty),), torch.device(device))[1]  # as _run_both copies
     stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device=device)
     beta1, beta2 = 0.8, 0.95
 
@@ -146,26 +158,8 @@ def test_sgd_kernel_matches_reference(backend, device, dtype, fmt, momentum, dam
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", [None, "float32", "sign2"])
 def test_unaligned_tensors_match_reference(backend, device, dtype, fmt):
-    """Views at odd offsets (slices of a flat buffer) take the kernels' scalar path, and agree too."""
-    params, states, refs = _setup(dtype, fmt, device, n_state=3)
-    params, states = [_offset_view(p) for p in params], [[_offset_view(x) for x in s] for s in states]
-    refs = None if refs is None else [_offset_view(r) for r in refs]
-    grads = [[_offset_view(torch.randn(s, device=device).to(dtype)) for s in SHAPES] for _ in range(2)]
-    stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device=device)
-    nonempty = [p for p in params if p.numel()]
-    assert not triton_step._pointer_table((_clone(nonempty),), torch.device(device))[1]  # as _run_both copies
-
-    def kwargs(k):
-        return dict(lr=LR, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
-                    amsgrad=True, maximize=False, bias_correction1=1 - 0.8 ** (k + 1),
-                    bias_correction2=1 - 0.95 ** (k + 1))
-
-    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both("adam_step_", params, grads, states, refs, fmt, stats, 2, kwargs)
-    _assert_same(p_t, p_r, dtype)
-    for a, b in zip(s_t, s_r):
-        _assert_same(a, b, torch.float32)
-    if stats is not None:
-        _assert_stats_close(st_t, st_r)
+    _check_adam_against_reference(device, dtype, fmt, amsgrad=True, decoupled=True, weight_decay=0.1, maximize=False,
+                                  unaligned=True)
 
 
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
