@@ -6,6 +6,10 @@ offset come from a chunk table. A pointer table holds, per tensor, the addresses
 the gradient, the optimizer states and the reference (0 where unused). Offsets are 64-bit, so a
 tensor may exceed 2**31 elements. The CNL mask lives in registers and is never stored.
 
+Full blocks run unmasked and, when the host found every address 16-byte aligned (``ALIGNED``), with
+alignment hints, so that they move data in 16-byte vector accesses; a tensor's last, partial block is
+masked. ``bench/kernel_resources.py`` shows the compiled result per specialization.
+
 With statistics, each program writes its chunk's partial sums to a ``[num_chunks, 3]`` buffer that
 one ``index_add_`` folds into the per-tensor rows: deterministic, and no host synchronization.
 """
