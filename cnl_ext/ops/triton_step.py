@@ -323,9 +323,10 @@ def _pointer_table(columns, device: torch.device):
     pointers = tuple(itertools.chain.from_iterable(
         itertools.repeat(0, n) if col is None else [t.data_ptr() for t in col] for col in columns))
 
-    def build():
-        table = torch.tensor(pointers, dtype=torch.int64).view(len(columns), n).t().contiguous().to(device)
-        return table, all(ptr % 16 == 0 for ptr in pointers)
+    def build():  # on every new set of addresses, e.g. each step when gradients are set to None
+        host = torch.tensor(pointers, dtype=torch.int64)
+        aligned = not bool((host & 15).any())  # in one vectorized pass: a Python loop costs ~1 ms per 30k pointers
+        return host.view(len(columns), n).t().contiguous().to(device), aligned
 
     return _cached(_pointer_tables, (device, n, pointers), build)
 
