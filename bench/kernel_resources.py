@@ -8,7 +8,8 @@ alignment). They are harvested by running the ops on small CPU tensors with the 
 recorders, then compiled ahead of time to cubins. Per specialization the report gives what ptxas
 allocated (registers per thread, spill bytes, stack frame), the vector (8/16-byte) global loads and
 stores in the PTX, and the occupancy the registers allow: the static half of a bandwidth profile.
-The timed half is bench/optimizer_step.py on a GPU.
+The timed half is bench/optimizer_step.py on a GPU. Any Triton 3.x compiles; ptxas's figures need
+Triton >= 3.5 (``triton.knobs.nvidia.dump_ptxas_log``) and are left empty before it.
 
 Writes ``<out>/kernel_resources.{json,md}``. tests/test_triton_compile.py compiles the same set.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -43,6 +45,7 @@ _POINTER_TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp3
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # Per SM, on both architectures: registers, resident threads, resident blocks.
 _SM_REGISTERS, _SM_THREADS, _SM_BLOCKS = 65536, 2048, 32
+PTXAS_LOG = hasattr(getattr(triton, "knobs", None) and triton.knobs.nvidia, "dump_ptxas_log")
 
 
 @dataclass(frozen=True)
@@ -147,39 +150,51 @@ def specializations() -> list[Specialization]:
     return list(dict.fromkeys(s for r in recorders for s in r.specializations()))
 
 
+def _ast_source(spec: Specialization) -> ASTSource:
+    fn, constexprs = spec.fn, dict(spec.constexprs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3: keyed by argument path
+        return ASTSource(fn, dict(spec.signature, **{name: "constexpr" for name in constexprs}),
+                         {(fn.arg_names.index(name),): value for name, value in constexprs.items()})
+    return ASTSource(fn, dict(spec.signature), constexprs)  # Triton 3.0 to 3.2: keyed by name
+
+
 def compile_for(spec: Specialization, arch: int):
-    """(compiled kernel, ptxas's ``-v`` log) for ``sm_<arch>``; raises where the kernel does not compile."""
-    fn = spec.fn
-    signature = dict(spec.signature, **{name: "constexpr" for name, _ in spec.constexprs})
-    constexprs = {(fn.arg_names.index(name),): value for name, value in spec.constexprs}
+    """(compiled kernel, ptxas's ``-v`` log or None) for ``sm_<arch>``; raises where it does not compile."""
+    compile = lambda: triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),  # noqa: E731
+                                     options=dict(spec.options))
+    if not PTXAS_LOG:
+        return compile(), None
     log = io.StringIO()
     with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.compilation.always_compile = True  # a cached cubin would come without ptxas's log
         triton.knobs.nvidia.dump_ptxas_log = True
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                  options=dict(spec.options))
+        compiled = compile()
     return compiled, log.getvalue()
 
 
-def resources(compiled, ptxas_log: str) -> dict:
-    """What ptxas allocated, the vector accesses in the PTX, and the occupancy the registers allow."""
+def resources(compiled, ptxas_log: str | None) -> dict:
+    """The vector accesses in the PTX and, given ptxas's log, what it allocated and the occupancy that allows."""
+    ptx = compiled.asm["ptx"]
+    found = {"vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[248]\.", ptx)),
+             "vector_stores": len(re.findall(r"\bst\.global(?:\.\w+)*\.v[248]\.", ptx)),
+             "registers": None, "spill_bytes": None, "stack_bytes": None, "occupancy": None}
+    if ptxas_log is None:
+        return found
+
     def number(pattern):
-        found = re.search(pattern, ptxas_log)
-        if found is None:
+        match = re.search(pattern, ptxas_log)
+        if match is None:
             raise ValueError(f"no {pattern!r} in the ptxas log:\n{ptxas_log}")
-        return int(found.group(1))
+        return int(match.group(1))
 
     registers = number(r"Used (\d+) registers")
-    ptx = compiled.asm["ptx"]
     warps = compiled.metadata.num_warps
     regs_per_warp = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
     blocks = min(_SM_BLOCKS, _SM_THREADS // (32 * warps), _SM_REGISTERS // (regs_per_warp * warps))
-    return {"registers": registers,
-            "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
-            "stack_bytes": number(r"(\d+) bytes stack frame"),  # the call frame of IEEE division's slow path
-            "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[248]\.", ptx)),
-            "vector_stores": len(re.findall(r"\bst\.global(?:\.\w+)*\.v[248]\.", ptx)),
-            "occupancy": blocks * 32 * warps / _SM_THREADS}
+    return dict(found, registers=registers,
+                spill_bytes=number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+                stack_bytes=number(r"(\d+) bytes stack frame"),  # the call frame of IEEE division's slow path
+                occupancy=blocks * 32 * warps / _SM_THREADS)
 
 
 def main(argv=None) -> dict:
@@ -189,8 +204,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter has no compiler to run")
-    if not hasattr(triton, "knobs"):
-        parser.error(f"needs triton >= 3.4 (triton.knobs, for ptxas's log); this is triton {triton.__version__}")
     from tqdm import tqdm
 
     specs = specializations()
@@ -201,7 +214,7 @@ def main(argv=None) -> dict:
                      **{f"sm_{a}": r for a, r in per_arch.items()}})
     env = harness.environment(torch.device("cpu"), harness.command_line("bench/kernel_resources.py", argv or sys.argv[1:]))
     archs = [f"sm_{a}" for a in args.archs]
-    per_arch = lambda row, key, f=str: " / ".join(f(row[a][key]) for a in archs)  # noqa: E731
+    per_arch = lambda row, key, f=str: " / ".join("–" if row[a][key] is None else f(row[a][key]) for a in archs)  # noqa: E731
     lines = [
         "# Triton kernels: resources per specialization (compiled ahead of time, no GPU)", "",
         f"- command: `{env['command']}`",

@@ -42,7 +42,8 @@ _TL_DTYPES = {
 
 @triton.jit
 def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(table + tensor * NCOLS + column).to(tl.pointer_type(DTYPE))
+    # pointer_type of Triton 3.0/3.1 refuses a constexpr; the interpreter passes the bare dtype: unwrap both
+    ptr = tl.load(table + tensor * NCOLS + column).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     if ALIGNED:  # the host checked that every address is 16-byte aligned: lets full blocks use vector loads
         ptr = tl.multiple_of(ptr, 16)
     return ptr
