@@ -134,6 +134,7 @@ def _hub_rows():
 
 
 def test_hub_layouts_from_local_files(tmp_path):
+    pytest.importorskip("datasets")
     import pandas as pd
 
     rows = _hub_rows()
@@ -156,6 +157,7 @@ def test_hub_layouts_from_local_files(tmp_path):
 
 
 def test_malformed_hub_rows_name_the_row(tmp_path):
+    pytest.importorskip("datasets")
     rows = _hub_rows()["mmlu"][:3] + [{"question": "", "subject": "m", "choices": ["a", "b", "c", "d"], "answer": 0}]
     path = tmp_path / "mmlu.json"
     path.write_text(json.dumps(rows))

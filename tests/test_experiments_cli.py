@@ -104,6 +104,7 @@ def test_demo_on_a_tiny_model(workspace, capsys):
 
 
 def test_prepare_data_and_mmac_from_local_files(workspace, capsys):
+    pytest.importorskip("datasets")
     import pandas as pd
 
     rows = [{"question": f"Q{i}?", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(20)]

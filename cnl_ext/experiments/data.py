@@ -176,7 +176,10 @@ MMAC_PARTS = ("mmlu", "medqa", "arc_c", "csqa")  # MMAC: MMLU + MedQA + ARC-C + 
 
 def _load_splits(benchmark: Benchmark, data_files):
     """``{split name: rows}`` from the hub, or from local JSON/JSONL/Parquet/CSV files in its layout."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(f"loading {benchmark.hub_id} needs the datasets package: pip install datasets") from exc
 
     if data_files is None:
         loaded = datasets.load_dataset(benchmark.hub_id, benchmark.config)
