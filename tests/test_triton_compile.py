@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from bench import kernel_resources
 
 ROOT = Path(__file__).resolve().parents[1]
