@@ -80,23 +80,24 @@ phase_e2e() {  # issue 3: a training step and a CNL epoch, Qwen2.5-1.5B architec
   run "$PY" bench/end_to_end.py --out "$1"
 }
 
-phase_wheel() {  # issue 4: build the release wheel, install it in a fresh environment, test from it
+phase_wheel() {  # issue 4: build the release wheel, install it apart from the source tree, test from it
   run env TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" CNL_EXT_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
     "$PY" -m build --wheel --no-isolation --outdir "$1"
-  local wheel venv=$STASH/wheel_env
+  local wheel site=$STASH/wheel_site
   wheel=$(ls "$1"/cnl_ext-*.whl)
   "$PY" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1])
 print(sys.argv[1], z.fp.seek(0, 2), "bytes"); print(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/WHEEL"))).decode())
 print("\n".join(n for n in z.namelist() if n.endswith(".so")))' "$wheel"
-  # torch comes from the system (no registry here); the venv's own site-packages, holding the wheel,
-  # come first on sys.path, and the check below makes sure the source tree does not answer instead
-  rm -rf "$venv" "$STASH/wheel_tests" && "$PY" -m venv --system-site-packages "$venv"
-  "$venv/bin/pip" install --quiet --no-deps --no-index "$wheel"
+  # A directory of its own on PYTHONPATH, not a venv: python3 there is itself a venv's, whose torch a
+  # nested venv would not see. PYTHONPATH comes before site-packages and the editable install of
+  # setup(); the check below makes sure that the wheel answers the imports.
+  rm -rf "$site" "$STASH/wheel_tests"
+  "$PY" -m pip install --quiet --no-deps --no-index --target "$site" "$wheel"
   mkdir "$STASH/wheel_tests" && cp -r tests "$STASH/wheel_tests/"
-  (cd "$STASH/wheel_tests" \
-    && "$venv/bin/python" -c 'import sys, cnl_ext, cnl_ext._C
-print("testing", cnl_ext.__file__, cnl_ext._C.__file__); sys.exit(not cnl_ext._C.__file__.startswith(sys.prefix))' \
-    && run "$venv/bin/python" -m pytest -m cuda -n 8 -q -rfE -p no:cacheprovider \
+  (cd "$STASH/wheel_tests" && export PYTHONPATH=$site \
+    && "$PY" -c 'import sys, cnl_ext, cnl_ext._C
+print("testing", cnl_ext.__file__, cnl_ext._C.__file__); sys.exit(not cnl_ext._C.__file__.startswith(sys.argv[1]))' "$site" \
+    && run "$PY" -m pytest -m cuda -n 8 -q -rfE -p no:cacheprovider \
          tests/test_cuda_backend.py tests/test_kernels.py tests/test_optim_vs_torch.py tests/test_wrapper.py)
 }
 
