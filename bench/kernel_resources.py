@@ -160,15 +160,15 @@ def _ast_source(spec: Specialization) -> ASTSource:
 
 def compile_for(spec: Specialization, arch: int):
     """(compiled kernel, ptxas's ``-v`` log or None) for ``sm_<arch>``; raises where it does not compile."""
-    compile = lambda: triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),  # noqa: E731
-                                     options=dict(spec.options))
+    build = lambda: triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),  # noqa: E731
+                                   options=dict(spec.options))
     if not PTXAS_LOG:
-        return compile(), None
+        return build(), None
     log = io.StringIO()
     with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.compilation.always_compile = True  # a cached cubin would come without ptxas's log
         triton.knobs.nvidia.dump_ptxas_log = True
-        compiled = compile()
+        compiled = build()
     return compiled, log.getvalue()
 
 

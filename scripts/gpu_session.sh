@@ -42,6 +42,8 @@ write_env() {
   } > "$OUT/env.txt" 2>&1
 }
 
+gguf_file() { echo "$STASH/$(awk '{print $2}' .carry/common/gguf.sha256)"; }  # its name as staged
+
 setup() {  # once per machine: wheels carried in, the package with its CUDA extension, the GGUF
   if ! (cd / && "$PY" -c "import cnl_ext" 2>/dev/null); then
     if compgen -G ".carry/common/wheels/*.whl" >/dev/null; then
@@ -56,15 +58,15 @@ setup() {  # once per machine: wheels carried in, the package with its CUDA exte
   shopt -s nullglob
   for part in .carry/gguf.part*; do cp "$part" "$STASH/"; done
   if [[ ! -f $STASH/gguf.ok && -f $STASH/gguf.part00 && -f $STASH/gguf.part01 ]]; then
-    cat "$STASH/gguf.part00" "$STASH/gguf.part01" > "$STASH/$(awk '{print $2}' .carry/common/gguf.sha256)"
+    cat "$STASH/gguf.part00" "$STASH/gguf.part01" > "$(gguf_file)"
     (cd "$STASH" && sha256sum --check "$ROOT/.carry/common/gguf.sha256") && touch "$STASH/gguf.ok"
   fi
   write_env
 }
 
-gguf_path() {
+gguf_path() {  # the joined GGUF, once its checksum matched
   [[ -f $STASH/gguf.ok ]] || { echo "the SmolLM2 GGUF is not on this machine: carry both halves (calls 1 and 2)" >&2; return 1; }
-  echo "$STASH/$(awk '{print $2}' .carry/common/gguf.sha256)"
+  gguf_file
 }
 
 phase_tests() {  # the whole suite: on a GPU its CUDA tests run the compiled Triton kernels and _C
@@ -101,12 +103,12 @@ print("testing", cnl_ext.__file__, cnl_ext._C.__file__); sys.exit(not cnl_ext._C
          tests/test_cuda_backend.py tests/test_kernels.py tests/test_optim_vs_torch.py tests/test_wrapper.py)
 }
 
-ARC() { echo .carry/common/data/arc_c_{correct,wrong}_Qwen2.5-1.5B-Instruct.jsonl; }
+ARC=(.carry/common/data/arc_c_{correct,wrong}_Qwen2.5-1.5B-Instruct.jsonl)
 LR="sgd=1e-3 momentum=1e-4 adam=1e-4 adamw=1e-4"  # docs/results.md section 2d (the same protocol on CPU)
 
 phase_paper-taught() {  # issue 5, docs/results.md section 1: teach half, then in-set FT vs CNL
   local model; model=$(gguf_path)
-  run "$PY" -m cnl_ext teach --model "$model" --data $(ARC) --limit "$PAPER_LIMIT" --seed 0 \
+  run "$PY" -m cnl_ext teach --model "$model" --data "${ARC[@]}" --limit "$PAPER_LIMIT" --seed 0 \
     --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 10 --teach-margin 1.0 --eval-batch-size 64 --out "$STASH/taught"
   run "$PY" -m cnl_ext inject --model "$STASH/taught/model" --mastered "$STASH/taught/mastered.jsonl" \
     --injection "$STASH/taught/injection.jsonl" --optimizers sgd momentum adam adamw --methods ft cnl \
@@ -121,7 +123,7 @@ phase_paper-rest() {  # issue 5: Table 2, out-of-set with replay, and the plain 
   run "$PY" -m cnl_ext out-of-set --model "$taught/model" --mastered "$taught/mastered.jsonl" \
     --injection "$taught/injection.jsonl" --side mastered --methods ft cnl replay --optimizers adamw \
     --lr 1e-4 --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --out "$1/out_of_set"
-  run "$PY" -m cnl_ext infer-and-split --model "$model" --data $(ARC) --limit "$PAPER_LIMIT" --seed 0 \
+  run "$PY" -m cnl_ext infer-and-split --model "$model" --data "${ARC[@]}" --limit "$PAPER_LIMIT" --seed 0 \
     --eval-batch-size 64 --out "$1/plain"
   run "$PY" -m cnl_ext inject --model "$model" --mastered "$1/plain/mastered.jsonl" \
     --injection "$1/plain/injection.jsonl" --optimizers adamw --methods ft cnl --lr 1e-4 \
