@@ -19,9 +19,12 @@ class FusedCNLAdam(CNLOptimizer):
     or a device one with ``capturable=True`` (then ``lr`` may be a device tensor too, and ``step``
     makes no host synchronization, so it can be captured in a CUDA graph).
 
-    Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
-    (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
+    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``) and
+    ``track_stats`` (see :meth:`cnl_stats`).
     """
+
+    _op = "adam_step_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -65,5 +68,5 @@ class FusedCNLAdam(CNLOptimizer):
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
-            reference_format=self.reference_format, backend=self.backend,
+            reference_format=self.reference_format, backend=self.backend, check=False,
         )
