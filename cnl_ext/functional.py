@@ -208,9 +208,20 @@ def _dense(tensors, written_back):
     return dense
 
 
-def _run_bucket(op, backend, stats, indices, key: BucketKey, written, read, **kwargs):
-    """Run ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads, in
-    the op's argument order (written first). Adds the bucket's statistics into the caller's rows."""
+class _Launch(NamedTuple):
+    """One bucket's op call, planned before any bucket runs."""
+    module: object
+    op: str
+    args: tuple  # the op's positional tensor lists, contract order (stats excluded)
+    kwargs: dict
+    indices: list
+    key: BucketKey
+    copies: list  # (original, contiguous copy) of the non-contiguous tensors the op writes
+
+
+def _plan(op, backend, indices, key: BucketKey, written, read, **kwargs) -> _Launch:
+    """The call of ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads,
+    in the op's argument order (written first)."""
     module = resolve(backend, key.device, op)
     if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
         written = [None if ts is None else [local_tensor(t) for t in ts] for ts in written]
@@ -218,18 +229,32 @@ def _run_bucket(op, backend, stats, indices, key: BucketKey, written, read, **kw
     copies = []
     written = [_dense(ts, copies) for ts in written]
     read = [_dense(ts, None) for ts in read]
+    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies)
+
+
+def _prepare(launches) -> None:
+    """Let each backend compile what it will launch (Triton compiles at the first launch otherwise),
+    so that a compile error surfaces before the first bucket writes."""
+    for launch in launches:
+        prepare = getattr(launch.module, "prepare", None)
+        if prepare is not None:
+            prepare(launch.op, *launch.args, None, **launch.kwargs)
+
+
+def _run(launch: _Launch, stats) -> None:
+    """Run one planned bucket, adding its statistics into the caller's rows."""
     bucket_stats = None
-    if stats is not None and key.has_reference:
-        bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=key.device)
-    getattr(module, op)(*_contract_order(op, written, read), bucket_stats, **kwargs)
-    for original, copy in copies:
+    if stats is not None and launch.key.has_reference:
+        bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
+    getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    for original, copy in launch.copies:
         original.copy_(copy)
     if bucket_stats is None:
         return
-    if len(indices) == stats.shape[0]:  # one bucket: no index tensor to copy to the device
+    if len(launch.indices) == stats.shape[0]:  # one bucket: no index tensor to copy to the device
         stats += bucket_stats.to(stats.device)
     else:
-        stats.index_add_(0, torch.tensor(indices, device=stats.device), bucket_stats.to(stats.device))
+        stats.index_add_(0, torch.tensor(launch.indices, device=stats.device), bucket_stats.to(stats.device))
 
 
 def _contract_order(op, written, read):
@@ -262,18 +287,21 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     first_step = set()
     if use_momentum:
         for i, buf in enumerate(momentum_buffer_list):
-            if buf is None:
+            if buf is None:  # created here, as torch's functional SGD does
                 momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
-    for key, idx in _buckets(params, references, first_step.__contains__):
-        _run_bucket(
-            "sgd_step_", backend, stats, idx, key,
-            written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
-            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
-            reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra,
-        )
+    launches = [
+        _plan("sgd_step_", backend, idx, key,
+              written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
+              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+              reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
+              dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
+        for key, idx in _buckets(params, references, first_step.__contains__)
+    ]
+    _prepare(launches)
+    for launch in launches:
+        _run(launch, stats)
 
 
 def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, references=None,
@@ -291,21 +319,25 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     """
     if check:
         check_step("adam_step_", backend, params, grads, capturable=capturable)
-    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
-    bucket_key = (lambda i: None) if capturable else [float(s) for s in state_steps].__getitem__
+    # bucketed by the step count this step takes (host steps), incremented once every bucket is planned
+    bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
+    launches = []
     for key, idx in _buckets(params, references, bucket_key):
         step = key.extra
         corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
-        _run_bucket(
-            "adam_step_", backend, stats, idx, key,
+        launches.append(_plan(
+            "adam_step_", backend, idx, key,
             written=(_take(params, idx), _take(exp_avgs, idx), _take(exp_avg_sqs, idx),
                      _take(max_exp_avg_sqs, idx) if amsgrad else None),
             read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad, maximize=maximize, **corrections,
-        )
+            amsgrad=amsgrad, maximize=maximize, **corrections))
+    _prepare(launches)
+    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
+    for launch in launches:
+        _run(launch, stats)
 
 
 def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",
@@ -313,9 +345,10 @@ def cnl_masked_delta(params, befores, references, stats=None, *, reference_forma
     """The write-back of :class:`cnl_ext.CNL`: where ``params − befores`` conflicts with the
     reference, put ``befores`` back into ``params`` (in place). ``stats`` as for :func:`cnl_adam`,
     with ``u = −Δ·inv_lr``. See :func:`cnl_ext.ops.torch_backend.masked_delta_`."""
-    for device in {p.device for p in params}:
-        resolve(backend, device, "masked_delta_")
-    for key, idx in _buckets(params, references, lambda i: None):
-        _run_bucket("masked_delta_", backend, stats, idx, key,
-                    written=(_take(params, idx),), read=(_take(befores, idx), _take(references, idx)),
-                    reference_format=reference_format, inv_lr=inv_lr)
+    launches = [_plan("masked_delta_", backend, idx, key, written=(_take(params, idx),),
+                      read=(_take(befores, idx), _take(references, idx)),
+                      reference_format=reference_format, inv_lr=inv_lr)
+                for key, idx in _buckets(params, references, lambda i: None)]
+    _prepare(launches)
+    for launch in launches:
+        _run(launch, stats)

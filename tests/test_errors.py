@@ -188,3 +188,25 @@ def test_require_native_makes_an_unavailable_native_backend_an_error(monkeypatch
     with pytest.raises(functional.BackendUnavailable, match="CNL_EXT_REQUIRE_NATIVE=1"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+
+
+@pytest.mark.parametrize("optimizer", [cnl_ext.FusedCNLAdamW, lambda ps: cnl_ext.FusedCNLSGD(ps, lr=0.1, momentum=0.9)])
+def test_a_bucket_that_fails_to_compile_stops_the_step_before_any_bucket_writes(monkeypatch, optimizer):
+    """Buckets of two dtypes: the second's kernel fails to compile. Every bucket's kernel is compiled
+    (``prepare``) before the first one runs, so nothing is written and no step is counted."""
+    from cnl_ext.ops import triton_backend
+
+    def prepare(op, params, *args, **kwargs):
+        if params[0].dtype == torch.bfloat16:
+            raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_backend, "prepare", prepare, raising=False)
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, dtype=torch.bfloat16, requires_grad=True)]
+    opt = optimizer(params) if not isinstance(optimizer, type) else optimizer(params, backend="triton")
+    opt.backend = "triton"
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state

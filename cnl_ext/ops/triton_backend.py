@@ -10,12 +10,13 @@ import os
 
 import torch
 
+from . import triton_step
 from .triton_masked_delta import masked_delta_
 from .triton_step import adam_step_, sgd_step_
 
 NAME = "triton"
 
-__all__ = ["NAME", "unavailable_reason", "supports", "unsupported_reason", "sgd_step_", "adam_step_",
+__all__ = ["NAME", "unavailable_reason", "supports", "unsupported_reason", "prepare", "sgd_step_", "adam_step_",
            "masked_delta_"]
 
 _OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable")
@@ -38,3 +39,10 @@ def unsupported_reason(device: torch.device, op: str) -> str:
         return f"the Triton backend has no op {op!r}"
     return (f"Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, set before "
             f"triton is imported); got tensors on {device}")
+
+
+def prepare(op: str, *args, **kwargs) -> None:
+    """Compile the kernel that ``op(*args, **kwargs)`` would launch, writing nothing (compile errors
+    surface here, before a multi-bucket step has written its first bucket)."""
+    with triton_step.compile_only():
+        globals()[op](*args, **kwargs)
