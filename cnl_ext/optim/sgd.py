@@ -38,7 +38,7 @@ class FusedCNLSGD(CNLOptimizer):
 
     def _step_group(self, group, params, grads, stats):
         use_momentum = group["momentum"] != 0
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if use_momentum else None
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if use_momentum else None
         functional.cnl_sgd(
             params, grads, buffers, self._references_for(params), stats,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
