@@ -30,9 +30,10 @@ REFERENCE_KEY = "cnl_reference"
 class ReferenceCapture:
     """Handed out by :meth:`ReferenceStore.capture`; counts the ``backward`` calls."""
 
-    def __init__(self):
+    def __init__(self, after_backward=None):
         self.calls = 0
         self.total_weight = 0.0
+        self._after_backward = after_backward
 
     def backward(self, loss: torch.Tensor, *, weight: float = 1.0, **kwargs) -> None:
         """``(weight·loss).backward(**kwargs)``, accumulating into the reference, which is divided
@@ -42,6 +43,8 @@ class ReferenceCapture:
         if not weight > 0:
             raise ValueError(f"ref.backward: weight must be positive, got {weight}")
         (loss * weight if weight != 1.0 else loss).backward(**kwargs)
+        if self._after_backward is not None:
+            self._after_backward()
         self.calls += 1
         self.total_weight += weight
 
@@ -155,19 +158,50 @@ class ReferenceStore:
 
     @contextlib.contextmanager
     def capture(self, params):
-        """See :meth:`cnl_ext.CNLOptimizer.capture_reference`."""
+        """See :meth:`cnl_ext.CNLOptimizer.capture_reference`.
+
+        float32 parameters accumulate in the ``.grad`` buffers set here (with a float32 reference the
+        buffer becomes the reference: no copy). bf16/fp16 parameters accumulate in float32: after each
+        ``ref.backward`` returns (under DDP, once its all-reduce is done) their ``.grad`` is added into a
+        float32 sum and zeroed. A ``.grad`` that something replaced meanwhile (DDP with
+        ``gradient_as_bucket_view=True`` puts a view of its bucket there) is copied, never kept, so the
+        reference cannot alias a buffer that the next backward overwrites.
+        """
         params = [p for p in params if p.requires_grad]
         saved_grads = [p.grad for p in params]
-        capture = ReferenceCapture()
+        low_precision = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+        sums = {}
+
+        def fold_low_precision_grads():
+            for i in low_precision:
+                grad = local_tensor(params[i].grad)
+                total = sums.get(i)
+                if total is None:
+                    sums[i] = grad.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                else:
+                    total.add_(grad.to(torch.float32))
+                grad.zero_()
+
+        capture = ReferenceCapture(fold_low_precision_grads if low_precision else None)
         try:
-            for p in params:
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            buffers = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            for p, buffer in zip(params, buffers):
+                p.grad = buffer
             yield capture
             if capture.calls == 0:
                 raise RuntimeError("capture_reference() ended without any ref.backward(loss) call")
             if any(p.grad is None for p in params):  # e.g. set to None by zero_grad inside the block
                 raise RuntimeError("a gradient was cleared inside capture_reference(); do not call zero_grad there")
-            accumulated = [local_tensor(p.grad) for p in params]  # FSDP2: this rank's shard, like the parameter's
+            if low_precision:
+                fold_low_precision_grads()  # what a plain loss.backward() inside the block left there
+            accumulated = []
+            for i, (p, buffer) in enumerate(zip(params, buffers)):
+                if i in sums:
+                    accumulated.append(sums[i])
+                elif p.grad is buffer:
+                    accumulated.append(local_tensor(buffer))  # FSDP2: this rank's shard, like the parameter's
+                else:
+                    accumulated.append(local_tensor(p.grad).clone(memory_format=torch.contiguous_format))
             _raise_if_not_finite(
                 accumulated, "capture_reference(): the reference gradient (an fp16 loss-scaled backward that "
                 "overflowed? capture with a smaller scale)", sharded=any(map(is_dtensor, params)),
