@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from .ops.importance import check_importance_options, importance_update_
+
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -191,6 +193,14 @@ def _take(tensors, indices):
     return None if tensors is None else [tensors[i] for i in indices]
 
 
+def _importance_of(importance, indices, kind, betas):
+    """The bucket's part of ``importance`` (None, or the two EMA lists) with its options, for _plan."""
+    if importance is None:
+        return None
+    sensitivities, uncertainties = importance
+    return _take(sensitivities, indices), _take(uncertainties, indices), kind, betas
+
+
 def _dense(tensors, written_back):
     """``tensors`` with contiguous copies in place of non-contiguous ones; each copy of a tensor
     the op writes is recorded in ``written_back`` as (original, copy), to be copied back after."""
@@ -217,19 +227,32 @@ class _Launch(NamedTuple):
     indices: list
     key: BucketKey
     copies: list  # (original, contiguous copy) of the non-contiguous tensors the op writes
+    importance_after: dict  # importance_update_'s arguments where the backend does not fuse it, else None
 
 
-def _plan(op, backend, indices, key: BucketKey, written, read, **kwargs) -> _Launch:
+def _plan(op, backend, indices, key: BucketKey, written, read, importance=None, **kwargs) -> _Launch:
     """The call of ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads,
-    in the op's argument order (written first)."""
+    in the op's argument order (written first); ``importance``: None or (sensitivities, uncertainties,
+    kind, betas) of the bucket (KIF's EMAs, in the step where the backend fuses them, else after it)."""
     module = resolve(backend, key.device, op)
+    if importance is not None:
+        written = (*written, *importance[:2])
     if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
         written = [None if ts is None else [local_tensor(t) for t in ts] for ts in written]
         read = [None if ts is None else [local_tensor(t) for t in ts] for ts in read]
     copies = []
     written = [_dense(ts, copies) for ts in written]
     read = [_dense(ts, None) for ts in read]
-    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies)
+    importance_after = None
+    if importance is not None:
+        *written, sensitivities, uncertainties = written
+        kind, betas = importance[2:]
+        if module.supports(key.device, "importance"):
+            kwargs.update(importance=(sensitivities, uncertainties), importance_kind=kind, importance_betas=betas)
+        else:  # one more pass over the bucket after the step
+            importance_after = dict(params_after=written[0], grads=read[0], sensitivities=sensitivities,
+                                    uncertainties=uncertainties, kind=kind, betas=betas)
+    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies, importance_after)
 
 
 def _prepare(launches) -> None:
@@ -247,6 +270,8 @@ def _run(launch: _Launch, stats) -> None:
     if stats is not None and launch.key.has_reference:
         bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
     getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    if launch.importance_after is not None:
+        importance_update_(**launch.importance_after)
     for original, copy in launch.copies:
         original.copy_(copy)
     if bucket_stats is None:
@@ -273,16 +298,21 @@ def _contract_order(op, written, read):
 def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *, lr: float,
             weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
             nesterov: bool = False, maximize: bool = False, reference_format: str = "float32",
-            backend: str = "auto", check: bool = True) -> None:
+            backend: str = "auto", check: bool = True, importance=None, importance_kind: str = "first",
+            importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
     ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
     functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
     ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
-    ``check=False`` skips :func:`check_step` when the caller has just run it.
+    ``check=False`` skips :func:`check_step` when the caller has just run it. ``importance``: None, or
+    (sensitivities, uncertainties), float32 tensors aligned with ``params``: KIF's EMAs, updated with
+    ``importance_kind`` and ``importance_betas`` (:mod:`cnl_ext.ops.importance`).
     """
     if check:
         check_step("sgd_step_", backend, params, grads)
+    if importance is not None:
+        check_importance_options(importance_kind, importance_betas)
     use_momentum = momentum != 0
     first_step = set()
     if use_momentum:
@@ -295,6 +325,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
         _plan("sgd_step_", backend, idx, key,
               written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
               read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+              importance=_importance_of(importance, idx, importance_kind, importance_betas),
               reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
               dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
         for key, idx in _buckets(params, references, first_step.__contains__)
@@ -308,17 +339,20 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
              stats=None, *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
              maximize: bool = False, capturable: bool = False, reference_format: str = "float32",
-             backend: str = "auto", check: bool = True) -> None:
+             backend: str = "auto", check: bool = True, importance=None, importance_kind: str = "first",
+             importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
 
     ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam. On the host
     (default), tensors whose step counts differ go to different launches (their bias corrections
     differ). With ``capturable``, the steps live on the params' device, ``lr`` may be a device
     scalar, and the bias corrections are computed on the device: no host synchronization, so the
-    step can be captured in a CUDA graph. ``check=False`` as for :func:`cnl_sgd`.
+    step can be captured in a CUDA graph. ``check=False`` and ``importance`` as for :func:`cnl_sgd`.
     """
     if check:
         check_step("adam_step_", backend, params, grads, capturable=capturable)
+    if importance is not None:
+        check_importance_options(importance_kind, importance_betas)
     # bucketed by the step count this step takes (host steps), incremented once every bucket is planned
     bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
     launches = []
@@ -331,6 +365,7 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
             written=(_take(params, idx), _take(exp_avgs, idx), _take(exp_avg_sqs, idx),
                      _take(max_exp_avg_sqs, idx) if amsgrad else None),
             read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+            importance=_importance_of(importance, idx, importance_kind, importance_betas),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, maximize=maximize, **corrections))
