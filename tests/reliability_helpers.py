@@ -53,7 +53,8 @@ def backend_params(devices=("cpu", "cuda"), backends=("torch", "triton", "native
             if device == "cuda":
                 marks = [pytest.mark.cuda, requires_cuda]
             if backend == "triton" and device == "cpu":
-                marks = [pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")]
+                marks = [pytest.mark.skipif(not TRITON_ON_CPU,
+                                            reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")]
             if backend == "native":
                 marks = _native_marks(device)
             params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
@@ -218,7 +219,9 @@ def assert_unchanged(opt, before: dict) -> None:
         details.append("parameters " + str([i for i, (a, b) in enumerate(zip(before["params"], after["params"]))
                                             if not _same(a, b)]))
     if "state" in changed:
-        details.append(f"state of parameters {sorted(set(before['state']) ^ set(after['state']) | {i for i in before['state'] if i in after['state'] and not _same(before['state'][i], after['state'][i])})}")
+        indices = set(before["state"]) | set(after["state"])
+        details.append("state of parameters " + str(sorted(
+            i for i in indices if not _same(before["state"].get(i), after["state"].get(i)))))
     assert not changed, f"a failed call changed the optimizer: {changed} {details}"
 
 
