@@ -264,12 +264,21 @@ def _prepare(launches) -> None:
             prepare(launch.op, *launch.args, None, **launch.kwargs)
 
 
-def _run(launch: _Launch, stats) -> None:
-    """Run one planned bucket, adding its statistics into the caller's rows."""
+def _run(launch: _Launch, stats, step_counts=None) -> None:
+    """Run one planned bucket, adding its statistics into the caller's rows. ``step_counts``: the
+    bucket's Adam step counts, counted just before its launch and uncounted if the launch raises (a
+    launch that fails has written nothing)."""
     bucket_stats = None
     if stats is not None and launch.key.has_reference:
         bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
-    getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    if step_counts is not None:
+        torch._foreach_add_(step_counts, 1)
+    try:
+        getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    except BaseException:
+        if step_counts is not None:
+            torch._foreach_sub_(step_counts, 1)
+        raise
     if launch.importance_after is not None:
         importance_update_(**launch.importance_after)
     for original, copy in launch.copies:
@@ -353,7 +362,7 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         check_step("adam_step_", backend, params, grads, capturable=capturable)
     if importance is not None:
         check_importance_options(importance_kind, importance_betas)
-    # bucketed by the step count this step takes (host steps), incremented once every bucket is planned
+    # bucketed by the step count this step takes (host steps); counted as each bucket launches
     bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
     launches = []
     for key, idx in _buckets(params, references, bucket_key):
@@ -370,9 +379,8 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, maximize=maximize, **corrections))
     _prepare(launches)
-    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
     for launch in launches:
-        _run(launch, stats)
+        _run(launch, stats, step_counts=_take(state_steps, launch.indices))
 
 
 def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",

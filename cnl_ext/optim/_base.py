@@ -45,6 +45,8 @@ class CNLOptimizer(torch.optim.Optimizer):
     importance_slot = "inner"  # the slot the next steps update (see importance_scores)
     _op = None  # "sgd_step_" or "adam_step_": what check_step resolves a backend for
     _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
+    # what the torch.optim counterpart's __setstate__ fills into a loaded param group that lacks a key
+    _torch_setstate_defaults: dict = {}
 
     def __init__(self, params, defaults, *, backend: str, reference_dtype, track_stats: bool,
                  importance=None, importance_betas=(0.85, 0.85)):
@@ -69,10 +71,11 @@ class CNLOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_stats", StatsTracker(False))
         self.__dict__.setdefault("importance", None)
         self.__dict__.setdefault("importance_betas", (0.85, 0.85))
-        # As torch.optim does for the keys it added over releases: a checkpoint written before an
-        # option existed (torch 2.4's AdamW has no decoupled_weight_decay, say) gets its default.
+        # As torch.optim's __setstate__ does for the keys it added over releases: a checkpoint written
+        # before an option existed gets the value torch gives it (torch 2.4's AdamW has no
+        # decoupled_weight_decay, say); any other missing key gets this optimizer's default.
         for group in self.param_groups:
-            for key, value in self.defaults.items():
+            for key, value in {**self.defaults, **self._torch_setstate_defaults}.items():
                 group.setdefault(key, value)
 
     # ------------------------------------------------------------------ parameters and the step
@@ -208,11 +211,10 @@ class CNLOptimizer(torch.optim.Optimizer):
                 continue
             p, capturable = param_of_id[saved_id]
             for key, value in saved_state.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if key == "step":
-                    self.state[p][key] = value.detach().to(p.device if capturable else "cpu", torch.float32, copy=True)
-                elif value.is_floating_point():
+                if key == "step":  # a Python number in checkpoints of old torch releases
+                    value = torch.as_tensor(value).detach()
+                    self.state[p][key] = value.to(p.device if capturable else "cpu", torch.float32, copy=True)
+                elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True,
                                                            memory_format=torch.contiguous_format)
         if references is not None:
@@ -237,6 +239,8 @@ class CNLOptimizer(torch.optim.Optimizer):
         """Every per-element state of a checkpoint must have its parameter's (local) shape."""
         shape = local_tensor(p).shape
         for key, value in saved_state.items():
+            if key == "step" and not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
             if not isinstance(value, torch.Tensor):
                 continue
             if key == "step":

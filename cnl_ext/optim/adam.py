@@ -27,6 +27,8 @@ class FusedCNLAdam(CNLOptimizer):
     """
 
     _op = "adam_step_"
+    _torch_setstate_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                    differentiable=False, fused=None, decoupled_weight_decay=False)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,

@@ -18,3 +18,8 @@ class FusedCNLAdamW(FusedCNLAdam):
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats, importance=importance, importance_betas=importance_betas)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW: whatever the checkpoint says
+            group["decoupled_weight_decay"] = True

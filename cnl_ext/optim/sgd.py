@@ -23,6 +23,7 @@ class FusedCNLSGD(CNLOptimizer):
     """
 
     _op = "sgd_step_"
+    _torch_setstate_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
