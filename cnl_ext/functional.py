@@ -228,13 +228,18 @@ class _Launch(NamedTuple):
     key: BucketKey
     copies: list  # (original, contiguous copy) of the non-contiguous tensors the op writes
     importance_after: dict  # importance_update_'s arguments where the backend does not fuse it, else None
+    stats: object  # the bucket's zeroed float64 [n, 3] statistics rows, or None
 
 
-def _plan(op, backend, indices, key: BucketKey, written, read, importance=None, **kwargs) -> _Launch:
+def _plan(op, backend, indices, key: BucketKey, written, read, stats=None, importance=None, **kwargs) -> _Launch:
     """The call of ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads,
-    in the op's argument order (written first); ``importance``: None or (sensitivities, uncertainties,
-    kind, betas) of the bucket (KIF's EMAs, in the step where the backend fuses them, else after it)."""
+    in the op's argument order (written first); ``stats``: the caller's statistics rows (or None);
+    ``importance``: None or (sensitivities, uncertainties, kind, betas) of the bucket (KIF's EMAs, in
+    the step where the backend fuses them, else after it)."""
     module = resolve(backend, key.device, op)
+    bucket_stats = None
+    if stats is not None and key.has_reference:
+        bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=key.device)
     if importance is not None:
         written = (*written, *importance[:2])
     if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
@@ -252,7 +257,8 @@ def _plan(op, backend, indices, key: BucketKey, written, read, importance=None, 
         else:  # one more pass over the bucket after the step
             importance_after = dict(params_after=written[0], grads=read[0], sensitivities=sensitivities,
                                     uncertainties=uncertainties, kind=kind, betas=betas)
-    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies, importance_after)
+    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies, importance_after,
+                   bucket_stats)
 
 
 def _prepare(launches) -> None:
@@ -261,16 +267,14 @@ def _prepare(launches) -> None:
     for launch in launches:
         prepare = getattr(launch.module, "prepare", None)
         if prepare is not None:
-            prepare(launch.op, *launch.args, None, **launch.kwargs)
+            prepare(launch.op, *launch.args, launch.stats, **launch.kwargs)
 
 
 def _run(launch: _Launch, stats, step_counts=None) -> None:
     """Run one planned bucket, adding its statistics into the caller's rows. ``step_counts``: the
     bucket's Adam step counts, counted just before its launch and uncounted if the launch raises (a
     launch that fails has written nothing)."""
-    bucket_stats = None
-    if stats is not None and launch.key.has_reference:
-        bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
+    bucket_stats = launch.stats
     if step_counts is not None:
         torch._foreach_add_(step_counts, 1)
     try:
@@ -333,7 +337,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     launches = [
         _plan("sgd_step_", backend, idx, key,
               written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
-              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None), stats=stats,
               importance=_importance_of(importance, idx, importance_kind, importance_betas),
               reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
               dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
@@ -373,7 +377,7 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
             "adam_step_", backend, idx, key,
             written=(_take(params, idx), _take(exp_avgs, idx), _take(exp_avg_sqs, idx),
                      _take(max_exp_avg_sqs, idx) if amsgrad else None),
-            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None), stats=stats,
             importance=_importance_of(importance, idx, importance_kind, importance_betas),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -389,7 +393,7 @@ def cnl_masked_delta(params, befores, references, stats=None, *, reference_forma
     reference, put ``befores`` back into ``params`` (in place). ``stats`` as for :func:`cnl_adam`,
     with ``u = −Δ·inv_lr``. See :func:`cnl_ext.ops.torch_backend.masked_delta_`."""
     launches = [_plan("masked_delta_", backend, idx, key, written=(_take(params, idx),),
-                      read=(_take(befores, idx), _take(references, idx)),
+                      read=(_take(befores, idx), _take(references, idx)), stats=stats,
                       reference_format=reference_format, inv_lr=inv_lr)
                 for key, idx in _buckets(params, references, lambda i: None)]
     _prepare(launches)
