@@ -792,7 +792,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # paths welcome
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     ctx = None
     try:

@@ -29,6 +29,17 @@ def quiet_library_bars() -> None:
         disable_progress_bars()
     except ImportError:
         pass
+    import functools
+    import importlib
+
+    # transformers' GGUF loader calls tqdm directly, whatever disable_progress_bar() says.
+    for name in ("transformers.modeling_gguf_pytorch_utils",):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "tqdm", None) is not None and not isinstance(module.tqdm, functools.partial):
+            module.tqdm = functools.partial(module.tqdm, disable=True)
 
 
 def bar(iterable, *, desc: str | None = None, unit: str = "it", leave: bool = False, disable: bool | None = None):

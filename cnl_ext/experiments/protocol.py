@@ -83,8 +83,8 @@ class InjectConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.reference_every is not None and self.reference_every < 1:
             raise ValueError(f"reference_every must be >= 1 steps (or None: every epoch), got {self.reference_every}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
         if self.reference_batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("reference_batch_size and eval_batch_size must be >= 1, got "
                              f"{self.reference_batch_size} and {self.eval_batch_size}")

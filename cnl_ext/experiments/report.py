@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .outputs import atomic_write, write_json, write_text
 
-__all__ = ["count_percent", "markdown_table", "results_table", "write_run_outputs", "write_json", "plot_curves"]
+__all__ = ["count_percent", "markdown_table", "results_table", "write_run_outputs", "write_json", "plot_curves", "curves_figure"]
 
 SUMMARY_COLUMNS = ["run", "optimizer", "method", "lr", "epoch", "train_loss", "learned", "learned_pct",
                    "forgot", "forgot_pct", "collaborative_share", "wall_s"]
@@ -64,12 +64,13 @@ def _write_summary(path, runs) -> None:
     write_text(path, text.getvalue())
 
 
-def plot_curves(path, runs, title: str) -> None:
-    """Learning and forgetting against epochs, one line per run (like the paper's Figure 2)."""
+def curves_figure(runs, title: str):
+    """The figure of :func:`plot_curves`: Learned and Forgot (0-100%) against whole epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (learned_axes, forgot_axes) = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
@@ -79,8 +80,6 @@ def plot_curves(path, runs, title: str) -> None:
                           markersize=3, label=run.label)
         forgot_axes.plot(epochs, [_pct(e.forgot, run.n_mastered) for e in run.epochs], style, marker="o",
                          markersize=3, label=run.label)
-    from matplotlib.ticker import MaxNLocator
-
     for axes, name in ((learned_axes, "Learned (% of injection set)"), (forgot_axes, "Forgot (% of mastered set)")):
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -90,6 +89,14 @@ def plot_curves(path, runs, title: str) -> None:
         axes.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(path, runs, title: str) -> None:
+    """Learning and forgetting against epochs, one line per run (like the paper's Figure 2), as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = curves_figure(runs, title)
     with atomic_write(path, "wb") as out:
         figure.savefig(out, dpi=120, format="png")
     plt.close(figure)
