@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -84,6 +84,10 @@ class RunPlan:
     def __post_init__(self):
         from .experiments.protocol import OPTIMIZERS
 
+        for name in ("optimizers", "methods"):
+            listed = getattr(self, name)
+            if len(set(listed)) != len(listed):
+                raise ValueError(f"--{name} {' '.join(listed)}: each at most once")
         self.default_lr, self.lrs = None, {}
         for value in self.lr:
             name, sep, number = value.partition("=")
@@ -342,8 +346,11 @@ class Context:
         if store.last_saved is not None:
             label, epoch, epochs = store.last_saved
             return f"{label} after epoch {epoch} of {epochs}"
-        if store.folder.is_dir() and any(store.folder.iterdir()):
+        saved = {p.name for p in store.folder.iterdir()} if store.folder.is_dir() else set()
+        if saved - {"start.pt"}:
             return "the checkpoints saved before"
+        if saved:
+            return "the starting weights" + (" (teaching done)" if (self.out.staging / "teach.json").is_file() else "")
         return None
 
     def abandon(self) -> None:
@@ -379,15 +386,34 @@ def _check_backend(name: str, device) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = functional.resolve_backend(name, device)
+            module = _resolve_backend(name, device)
     except (ImportError, RuntimeError, ValueError) as error:
         raise UsageError(f"--backend {name} on {device}: {error}; {fix}") from None
+    if module is None:
+        return
     supports = getattr(module, "supports", None)
     if supports is not None:
         if not supports(device, "adam_step_"):
             raise UsageError(f"--backend {name} does not run on {device} here; {fix}")
     elif name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError(f"--backend triton runs CPU tensors only under TRITON_INTERPRET=1 (slow); {fix}")
+
+
+def _resolve_backend(name: str, device):
+    """The module that runs the optimizer steps for ``backend=name`` on ``device`` (raises why not), from
+    cnl_ext.functional's ``resolve(name, device, op)``, or the older ``resolve_backend(name, device)``."""
+    from . import functional
+
+    resolve = getattr(functional, "resolve", None)
+    if resolve is not None:
+        for op in ("sgd_step_", "adam_step_"):
+            module = resolve(name, device, op)
+        return module
+    resolve_backend = getattr(functional, "resolve_backend", None)
+    if resolve_backend is None:
+        return None
+    module = resolve_backend(name, device)
+    return module[-1] if isinstance(module, tuple) else module
 
 
 def _demo_folder_is_replaceable(ctx: Context, path: Path) -> bool:
@@ -431,7 +457,15 @@ def info_lines() -> list:
         compiled = importlib.import_module("cnl_ext._C")
         lines.append(f"compiled extension cnl_ext._C: built ({compiled.__file__})")
     except ImportError as error:
-        lines.append(f"compiled extension cnl_ext._C: not built ({error})")
+        reason = str(error)
+        for name in ("cnl_ext.ops.native_backend", "cnl_ext.ops.cuda_step"):  # their reason says how to build it
+            try:
+                reason = importlib.import_module(name).unavailable_reason() or reason
+                break
+            except (ImportError, AttributeError):
+                continue
+        reason = reason.removeprefix("cnl_ext._C is not built ").removeprefix("(").removesuffix(")")
+        lines.append(f"compiled extension cnl_ext._C: not built ({reason})")
     lines.append("backends (backend=...):")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     aliases = getattr(functional, "BACKEND_ALIASES", None) or getattr(functional, "ALIASES", None) or {}
@@ -448,14 +482,26 @@ def info_lines() -> list:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                resolved = functional._resolve("auto", device)  # noqa: SLF001 - (name, module)
-            chosen.append(f"{device.type} tensors -> {resolved[0]}")
+                resolved = _resolve_backend("auto", device)
+            chosen.append(f"{device.type} tensors -> {_backend_name(resolved)}")
         except Exception as error:  # noqa: BLE001 - info never fails
             chosen.append(f"{device.type} tensors: {error}")
     lines.append(f"  auto    {'; '.join(chosen)}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         lines.append("TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter (slow)")
     return lines
+
+
+def _backend_name(module) -> str:
+    """The backend name of a backend module (its NAME, else its entry in functional's module table)."""
+    from . import functional
+
+    if isinstance(module, tuple):  # (name, module)
+        return module[0]
+    if getattr(module, "NAME", None):
+        return module.NAME
+    by_module = {path: name for name, path in getattr(functional, "_MODULES", {}).items()}
+    return by_module.get(module.__name__, module.__name__)
 
 
 def _backend_status(name: str, devices) -> str:
@@ -476,6 +522,10 @@ def _backend_status(name: str, devices) -> str:
                 return f"not usable: {error}"
         except Exception as error:  # noqa: BLE001 - e.g. triton missing or broken
             return f"not usable: {type(error).__name__}: {error}"
+    status = getattr(functional, "backend_status", None)
+    reason = status().get(name, "") if status is not None else ""
+    if reason:
+        return f"not usable: {reason}"
     if module is None:
         return "not usable: no module implements it in this version"
     reason = getattr(module, "unavailable_reason", lambda: "")()
@@ -807,13 +857,15 @@ def main(argv=None) -> int:
         ctx.finish()
     except KeyboardInterrupt:
         saved = ctx.saved_work() if ctx is not None else None
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # after the ^C the terminal echoed
         if saved:
-            print(f"\ninterrupted: saved {saved} in {ctx.out.staging}; continue with: {ctx.resume_command()}",
+            print(f"interrupted: saved {saved} in {ctx.out.staging}; continue with: {ctx.resume_command()}",
                   file=sys.stderr)
         else:
             if ctx is not None:
                 ctx.abandon()
-            print("\ninterrupted: nothing was saved", file=sys.stderr)
+            print("interrupted: nothing was saved", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, ImportError, KeyError) as error:
         from .experiments.data import DataError
