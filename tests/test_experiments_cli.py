@@ -381,3 +381,23 @@ def test_quickstart_prints_what_the_readme_says():
     assert float(cnl.group(3)) < float(cnl.group(2)), "and still lowers the injected loss"
     readme = (REPO / "README.md").read_text()
     assert f"AdamW raises the loss on M to {m_adamw:.3f}, CNL to {m_cnl:.4f}" in " ".join(readme.split())
+
+
+def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path):
+    from cnl_ext.experiments.outputs import atomic_write, write_text
+
+    path = tmp_path / "results.json"
+    write_text(path, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as out:
+            out.write("half of the new")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    write_text(path, "new")
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
