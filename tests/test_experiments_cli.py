@@ -260,17 +260,41 @@ def test_demo_default_folder_is_replaced_only_when_it_holds_a_demo(workspace, tm
     assert (tmp_path / "runs" / "demo" / "notes.txt").exists()
 
 
+@pytest.fixture(scope="module")
+def demo_one_thread(workspace):
+    out = workspace / "demo_threads1"
+    assert main(["demo", *map(str, _model(workspace)), *DEMO, "--threads", "1", "--out", str(out)]) == 0
+    return out
+
+
 def test_demo_is_the_same_with_one_or_two_threads(workspace, tmp_path):
+    """A short demo (two threads on a busy 2-core machine are slow): the same summary.csv with 1 and 2 threads."""
     import torch
 
+    short = ["--questions", "8", "--teach-lr", "3e-3", "--teach-epochs", "6", "--epochs", "1", "--lr", "3e-3", *TRAIN]
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
-            assert main(["demo", *map(str, _model(workspace)), *DEMO, "--threads", str(n),
+            assert main(["demo", *map(str, _model(workspace)), *short, "--threads", str(n),
                          "--out", str(tmp_path / f"threads{n}")]) == 0
     finally:
         torch.set_num_threads(threads)
     assert _rows(tmp_path / "threads1" / "summary.csv") == _rows(tmp_path / "threads2" / "summary.csv")
+
+
+def test_interrupted_demo_resumes_without_teaching_again(workspace, demo_one_thread, tmp_path, monkeypatch, capsys):
+    demo = ["demo", *map(str, _model(workspace)), *DEMO, "--threads", "1", "--out", str(tmp_path / "demo")]
+    monkeypatch.setenv("CNL_EXT_INTERRUPT_AFTER_EPOCH", "1")
+    assert main(demo) == 130
+    assert "interrupted: saved adamw FT after epoch 1 of 2" in capsys.readouterr().err
+    monkeypatch.delenv("CNL_EXT_INTERRUPT_AFTER_EPOCH")
+    assert main([*demo, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "teaching: done before the interruption" in printed and "teach epoch" not in printed
+    assert _rows(tmp_path / "demo" / "summary.csv") == _rows(demo_one_thread / "summary.csv")
+    resumed = json.loads((tmp_path / "demo" / "results.json").read_text())
+    whole = json.loads((demo_one_thread / "results.json").read_text())
+    assert resumed["teach_log"] == whole["teach_log"] and resumed["n_excluded"] == whole["n_excluded"]
 
 
 # ---------------------------------------------------------------------------------- what a person reads
