@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from .experiments.options import add_options, build, flag_of, option
+from .experiments.options import add_options, build, declared_names, flag_of, option
 
 __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "Context"]
 
@@ -213,8 +213,9 @@ class Context:
         self.command, self.argv = command, list(argv)
         from .experiments.outputs import UsageError
 
-        self.configs = {}
+        self.configs, self.declared = {}, {}
         for cls in _option_classes(command):
+            self.declared[cls] = declared_names(parser, cls)
             try:
                 self.configs[cls] = build(cls, args, parser)
             except ValueError as error:  # the settings' own checks: a usage problem, not a bug
@@ -235,7 +236,7 @@ class Context:
 
     def check(self) -> None:
         """Everything checkable before the model loads (the dataclasses checked themselves when built)."""
-        from .experiments.outputs import OutputFolder, check_output_file
+        from .experiments.outputs import OutputFolder, UsageError, check_output_file
 
         models = self.get(_models())
         if models is not None:
@@ -251,7 +252,7 @@ class Context:
             output = self[FolderOutput]
             resume = self.get(ResumeOptions, ResumeOptions())
             if output.overwrite and resume.resume:
-                raise ValueError("--overwrite starts again and --resume continues: give one of the two")
+                raise UsageError("--overwrite starts again and --resume continues: give one of the two")
             replaceable = self.command.replaceable
             self.out = OutputFolder(output.out, overwrite=output.overwrite, resume=resume.resume,
                                     replaceable=(lambda path: replaceable(self, path)) if replaceable else None)
@@ -279,7 +280,6 @@ class Context:
 
         from .experiments.model import MCQEncoder, load_model
         from .experiments.outputs import sha256_file, weight_files
-
         from .experiments.progress import quiet_library_bars
 
         quiet_library_bars()
@@ -300,7 +300,7 @@ class Context:
         record = {}
         for cls, config in self.configs.items():
             for f in fields(cls):
-                if f.name in ignored or not f.metadata.get("cli", True) or f.name not in vars(config):
+                if f.name in ignored or f.name not in self.declared[cls]:
                     continue
                 record[flag_of(f)] = _jsonable(getattr(config, f.name))
         return json.loads(json.dumps(record))
@@ -835,10 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- main
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, (KeyError,)):
-        text = f"KeyError: {text}"
-    return text
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv=None) -> int:
@@ -867,7 +864,7 @@ def main(argv=None) -> int:
                 ctx.abandon()
             print("interrupted: nothing was saved", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, ImportError, KeyError) as error:
+    except (ValueError, OSError, RuntimeError, ImportError) as error:  # anything else is a bug: its traceback
         from .experiments.data import DataError
         from .experiments.outputs import UsageError
 

@@ -21,7 +21,7 @@ import types
 import typing
 from pathlib import Path
 
-__all__ = ["option", "add_options", "build", "flag_of"]
+__all__ = ["option", "add_options", "build", "flag_of", "declared_names"]
 
 _FIELDS_ATTRIBUTE = "_cnl_option_fields"  # on a parser: {dataclass: names of its fields declared there}
 
@@ -134,5 +134,6 @@ def build(cls, args: argparse.Namespace, parser: argparse.ArgumentParser):
     return cls(**values)
 
 
-def declared_classes(parser: argparse.ArgumentParser) -> list:
-    return list(parser.__dict__.get(_FIELDS_ATTRIBUTE, {}))
+def declared_names(parser: argparse.ArgumentParser, cls) -> tuple:
+    """The fields of ``cls`` that are options of ``parser``."""
+    return tuple(parser.__dict__.get(_FIELDS_ATTRIBUTE, {}).get(cls, ()))
