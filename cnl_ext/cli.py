@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -145,6 +146,8 @@ class ResumeOptions:
                                  "uninterrupted run); rerun the same command with --resume")
     keep_checkpoints: bool = option(False, "keep the checkpoints of finished runs in OUT/checkpoints (about 2 GB "
                                            "per run for SmolLM2 with AdamW; deleted by default)")
+    checkpoints: bool = option(True, "save no checkpoints (no time spent writing them; an interrupted command "
+                                     "then starts again)")
 
 
 @dataclass
@@ -260,7 +263,9 @@ class Context:
             self.out.check(options)
             self.out.open(options)  # a failure before anything is saved removes it again (abandon)
             self._opened = True
-            if self.command.checkpoints:
+            if not resume.checkpoints and (resume.resume or resume.keep_checkpoints):
+                raise UsageError("--no-checkpoints saves none: it goes with neither --resume nor --keep-checkpoints")
+            if self.command.checkpoints and resume.checkpoints:
                 from .experiments.checkpoints import RunCheckpoints
 
                 self.checkpoints = RunCheckpoints(self.out.staging / "checkpoints", keep=resume.keep_checkpoints)
@@ -296,7 +301,7 @@ class Context:
 
     def options_record(self) -> dict:
         """Every option as given (by flag), except those that do not change the results."""
-        ignored = {"resume", "keep_checkpoints", "overwrite", "threads"}
+        ignored = {"resume", "keep_checkpoints", "checkpoints", "overwrite", "threads"}
         record = {}
         for cls, config in self.configs.items():
             for f in fields(cls):
@@ -842,6 +847,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # paths welcome
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     ctx = None
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # a job scheduler's stop: like Ctrl-C
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -881,4 +887,10 @@ def main(argv=None) -> int:
             message += " [--debug shows the traceback]"
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -176,6 +176,7 @@ def _bad_inputs(workspace, tmp_path):
         (["inject", *split, *model, "--lr", "adamm=1e-4", *out], "no optimizer 'adamm'"),
         (["inject", *split, *model, "--out", full], f"--out {full} is not empty; pass --overwrite"),
         (["inject", *split, *model, "--resume", "--out", full], "holds a finished run, with nothing to resume"),
+        (["inject", *split, *model, "--no-checkpoints", "--resume", *out], "--no-checkpoints saves none"),
         (["table2", *split, *model, "--epochs", "3", *out], "table2 does not take --epochs 3"),
         (["table1", *split, *model, "--reference-dtype", "sign2", *out], "table1 does not take --reference-dtype"),
     ]
