@@ -381,44 +381,20 @@ def _device(name: str):
 
 
 def _check_backend(name: str, device) -> None:
-    """Refuse, before the load, a backend that cannot run the optimizer on ``device``."""
+    """Refuse, before the load, a backend that cannot run the optimizer steps on ``device``."""
     import warnings
 
     from . import functional
     from .experiments.outputs import UsageError
 
-    fix = "see python -m cnl_ext info, or use --backend auto"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = _resolve_backend(name, device)
-    except (ImportError, RuntimeError, ValueError) as error:
-        raise UsageError(f"--backend {name} on {device}: {error}; {fix}") from None
-    if module is None:
-        return
-    supports = getattr(module, "supports", None)
-    if supports is not None:
-        if not supports(device, "adam_step_"):
-            raise UsageError(f"--backend {name} does not run on {device} here; {fix}")
-    elif name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError(f"--backend triton runs CPU tensors only under TRITON_INTERPRET=1 (slow); {fix}")
-
-
-def _resolve_backend(name: str, device):
-    """The module that runs the optimizer steps for ``backend=name`` on ``device`` (raises why not), from
-    cnl_ext.functional's ``resolve(name, device, op)``, or the older ``resolve_backend(name, device)``."""
-    from . import functional
-
-    resolve = getattr(functional, "resolve", None)
-    if resolve is not None:
-        for op in ("sgd_step_", "adam_step_"):
-            module = resolve(name, device, op)
-        return module
-    resolve_backend = getattr(functional, "resolve_backend", None)
-    if resolve_backend is None:
-        return None
-    module = resolve_backend(name, device)
-    return module[-1] if isinstance(module, tuple) else module
+            for op in ("sgd_step_", "adam_step_"):
+                functional.resolve(name, device, op)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--backend {name} on {device}: {error}; see python -m cnl_ext info, or use "
+                         "--backend auto") from None
 
 
 def _demo_folder_is_replaceable(ctx: Context, path: Path) -> bool:
@@ -441,8 +417,8 @@ def cmd_info(ctx: Context) -> None:
 
 def info_lines() -> list:
     """Versions, devices, the compiled extension and which backends run here (and why not the others)."""
-    import importlib
     import platform
+    import warnings
 
     import torch
 
@@ -458,37 +434,28 @@ def info_lines() -> list:
              "devices: cpu (" + f"{torch.get_num_threads()} threads)" + (
                  "; " + ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
                  if cuda else "; no CUDA device")]
-    try:
-        compiled = importlib.import_module("cnl_ext._C")
-        lines.append(f"compiled extension cnl_ext._C: built ({compiled.__file__})")
-    except ImportError as error:
-        reason = str(error)
-        for name in ("cnl_ext.ops.native_backend", "cnl_ext.ops.cuda_step"):  # their reason says how to build it
-            try:
-                reason = importlib.import_module(name).unavailable_reason() or reason
-                break
-            except (ImportError, AttributeError):
-                continue
-        reason = reason.removeprefix("cnl_ext._C is not built ").removeprefix("(").removesuffix(")")
-        lines.append(f"compiled extension cnl_ext._C: not built ({reason})")
+    lines.append(f"compiled extension: {_native_build_line()}")
     lines.append("backends (backend=...):")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    aliases = getattr(functional, "BACKEND_ALIASES", None) or getattr(functional, "ALIASES", None) or {}
-    for name in functional.BACKENDS:
-        if name == "auto":
+    status = functional.backend_status()
+    for name, reason in status.items():
+        if reason:
+            lines.append(f"  {name:<7} not usable: {reason}")
             continue
-        lines.append(f"  {name:<7} {_backend_status(name, devices)}")
-    for alias, target in aliases.items():
+        module = functional.load_backend(name)
+        usable = [d.type for d in devices if module.supports(d, "adam_step_")]
+        refused = [d.type for d in devices if d.type not in usable]
+        why_not = "; ".join(functional.why_unsupported(module, torch.device(d), "adam_step_") for d in refused)
+        lines.append(f"  {name:<7} " + (f"usable on {', '.join(usable)}" if usable else "not usable here")
+                     + (f" ({why_not})" if refused else ""))
+    for alias, target in functional.BACKEND_ALIASES.items():
         lines.append(f"  {alias:<7} an alias of {target!r}")
     chosen = []
     for device in devices:
         try:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                resolved = _resolve_backend("auto", device)
-            chosen.append(f"{device.type} tensors -> {_backend_name(resolved)}")
+                chosen.append(f"{device.type} tensors -> {functional.resolve('auto', device, 'adam_step_').NAME}")
         except Exception as error:  # noqa: BLE001 - info never fails
             chosen.append(f"{device.type} tensors: {error}")
     lines.append(f"  auto    {'; '.join(chosen)}")
@@ -497,62 +464,17 @@ def info_lines() -> list:
     return lines
 
 
-def _backend_name(module) -> str:
-    """The backend name of a backend module (its NAME, else its entry in functional's module table)."""
-    from . import functional
-
-    if isinstance(module, tuple):  # (name, module)
-        return module[0]
-    if getattr(module, "NAME", None):
-        return module.NAME
-    by_module = {path: name for name, path in getattr(functional, "_MODULES", {}).items()}
-    return by_module.get(module.__name__, module.__name__)
-
-
-def _backend_status(name: str, devices) -> str:
-    """'usable on cpu, cuda' or 'not usable: reason', from the backend module's own unavailable_reason()."""
-    import importlib
-
-    from . import functional
-
-    module = None
-    for module_name in (f"cnl_ext.ops.{name}_backend", getattr(functional, "_MODULES", {}).get(name)):
-        if not module_name:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-            break
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                return f"not usable: {error}"
-        except Exception as error:  # noqa: BLE001 - e.g. triton missing or broken
-            return f"not usable: {type(error).__name__}: {error}"
-    status = getattr(functional, "backend_status", None)
-    reason = status().get(name, "") if status is not None else ""
+def _native_build_line() -> str:
+    """How the compiled extension was built here, or why it is not."""
+    try:
+        from .ops import native_backend
+    except ImportError as error:
+        return f"not available ({error})"
+    reason = native_backend.unavailable_reason()
     if reason:
-        return f"not usable: {reason}"
-    if module is None:
-        return "not usable: no module implements it in this version"
-    reason = getattr(module, "unavailable_reason", lambda: "")()
-    if reason:
-        return f"not usable: {reason}"
-    usable, refused = [], []
-    for device in devices:
-        supports = getattr(module, "supports", None)
-        if supports is not None:
-            ok = bool(supports(device, "adam_step_"))
-        elif name == "triton" and device.type == "cpu":
-            ok = os.environ.get("TRITON_INTERPRET") == "1"
-        elif name == "cuda":
-            ok = device.type == "cuda"
-        else:
-            ok = True
-        (usable if ok else refused).append(device.type)
-    if not usable:
-        return f"not usable on {', '.join(refused)} here" + (
-            " (CPU tensors only under TRITON_INTERPRET=1)" if name == "triton" else "")
-    return f"usable on {', '.join(usable)}" + (f"; not on {', '.join(refused)}" + (
-        " (CPU tensors only under TRITON_INTERPRET=1)" if name == "triton" else "") if refused else "")
+        return f"not available ({reason})"
+    info = getattr(native_backend, "build_info", dict)()
+    return "built (" + ", ".join(f"{key} {value}" for key, value in info.items()) + ")"
 
 
 def cmd_prepare_data(ctx: Context) -> None:

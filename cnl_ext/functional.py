@@ -93,7 +93,8 @@ def backend_status() -> dict:
     return status
 
 
-def _why_unsupported(module, device, op) -> str:
+def why_unsupported(module, device, op) -> str:
+    """Why backend ``module`` does not run ``op`` on ``device`` (for error messages and reports)."""
     explain = getattr(module, "unsupported_reason", None)
     return explain(device, op) if explain else f"backend {module.NAME!r} does not support {op} on {device}"
 
@@ -104,7 +105,7 @@ def resolve(backend: str, device: torch.device, op: str):
     if name != "auto":
         module = load_backend(name)
         if not module.supports(device, op):
-            raise RuntimeError(_why_unsupported(module, device, op))
+            raise RuntimeError(why_unsupported(module, device, op))
         return module
     key = (device.type, op)
     if key not in _auto_chosen:
