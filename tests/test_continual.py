@@ -103,6 +103,25 @@ def test_config_fields_all_have_help():
         assert f.metadata.get("help"), f.name
 
 
+def test_command_line_options_map_to_the_config(task_files):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ContinualConfig.add_arguments(parser)
+    args = parser.parse_args(["--task", task_files["alpha"], "--task", task_files["beta"], "--methods", "ft,kif",
+                              "recurrent-kif", "--seeds", "0", "3", "--orders", "alpha,beta", "beta,alpha",
+                              "--questions-per-task", "32", "--importance-betas", "0.5", "0.6", "--no-use-chat-template",
+                              "--max-grad-norm", "1.0", "--rkif-rule", "paper", "--resume"])
+    config = ContinualConfig.from_arguments(args)
+    assert config.tasks == [task_files["alpha"], task_files["beta"]]
+    assert config.methods == ["ft", "kif", "recurrent-kif"] and config.seeds == [0, 3]
+    assert config.orders == ["alpha,beta", "beta,alpha"] and config.questions_per_task == 32
+    assert config.importance_betas == (0.5, 0.6) and config.use_chat_template is False
+    assert config.max_grad_norm == 1.0 and config.rkif_rule == "paper" and config.resume is True
+    defaults = ContinualConfig.from_arguments(parser.parse_args([]))
+    assert defaults == ContinualConfig()
+
+
 # ---------------------------------------------------------------------------------- importance adapter
 
 def test_tracker_fallback_equals_the_optimizer_path_formula():

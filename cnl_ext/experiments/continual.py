@@ -75,15 +75,16 @@ class ContinualConfig:
     out_dir: str = _opt("folder for the results (runs/ holds one file per finished run)", "continual-results")
     resume: bool = _opt("skip the runs already saved in OUT_DIR/runs (their settings must match)", False)
     model: str = _opt("hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M)", "smollm2")
-    gguf_file: str | None = _opt("GGUF file name inside MODEL's folder", None)
+    gguf_file: str | None = _opt("GGUF file name inside MODEL's folder", None, type=str)
     dtype: str = _opt("float32 or bfloat16 weights", "float32")
     device: str = _opt("auto, cpu, cuda, ...", "auto")
     use_chat_template: bool = _opt("wrap prompts in the tokenizer's chat template", True)
     methods: list = _opt(f"methods to compare, from {', '.join(METHODS)}", factory=lambda: list(METHODS))
     orders: list = _opt("task orders, each a comma-separated permutation of the task names (default: as given)",
                         factory=list)
-    seeds: list = _opt("seeds: each picks the questions, held-out share, memory and batch order", factory=lambda: [0])
-    questions_per_task: int | None = _opt("seeded sample of N questions per task (default: all)", None)
+    seeds: list = _opt("seeds: each picks the questions, held-out share, memory and batch order", factory=lambda: [0],
+                       type=int)
+    questions_per_task: int | None = _opt("seeded sample of N questions per task (default: all)", None, type=int)
     heldout_fraction: float = _opt("seeded share of each task kept out of training (reported beside)", 0.2)
     memory_per_task: int = _opt(f"memory questions per finished task, balanced by answer letter "
                                 f"(at least {MIN_MEMORY_PER_TASK})", 16)
@@ -94,7 +95,8 @@ class ContinualConfig:
     weight_decay: float = _opt("AdamW weight decay", 0.0)
     betas: tuple = _opt("AdamW betas", (0.9, 0.999))
     eps: float = _opt("AdamW eps", 1e-8)
-    max_grad_norm: float | None = _opt("clip the gradient norm of every step (the authors: 1.0); None: no clip", None)
+    max_grad_norm: float | None = _opt("clip the gradient norm of every step (the authors: 1.0); default: no clip",
+                                       None, type=float)
     trainable: str = _opt("full-parameter methods: 'all' or 'last:N' decoder layers", "all")
     lora_r: int = _opt("LoRA rank", 16)
     lora_alpha: int = _opt("LoRA alpha", 32)
@@ -114,7 +116,8 @@ class ContinualConfig:
     rkif_quantile: float = _opt("recurrent-kif: an element is important above this quantile", 0.8)
 
     def __post_init__(self):
-        self.methods, self.orders, self.tasks = list(self.methods), list(self.orders), list(self.tasks)
+        self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
+        self.orders, self.tasks = list(self.orders), list(self.tasks)
         self.seeds = [int(s) for s in self.seeds]
         self.betas, self.importance_betas = tuple(self.betas), tuple(self.importance_betas)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -149,6 +152,36 @@ class ContinualConfig:
         check_importance_options("first", self.importance_betas)
         for spec in self.tasks:
             parse_task(spec)
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add one command-line option per field to an argparse parser (``--task`` repeats; lists take
+        several values; booleans have a ``--no-`` form)."""
+        import argparse
+
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            options = dict(dest=f.name, help=f.metadata["help"], default=default)
+            if f.name == "tasks":
+                parser.add_argument("--task", action="append", metavar="NAME=FILE[,FILE...]",
+                                    **dict(options, default=None))
+                continue
+            if isinstance(default, bool):
+                options["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, tuple):
+                options.update(nargs=len(default), type=type(default[0]))
+            elif isinstance(default, list):
+                options.update(nargs="+", type=f.metadata.get("type", str))
+            else:
+                options["type"] = f.metadata.get("type", type(default))
+            parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+    @classmethod
+    def from_arguments(cls, namespace) -> "ContinualConfig":
+        """The config of parsed arguments (see :meth:`add_arguments`)."""
+        values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+        values["tasks"] = values["tasks"] or []
+        return cls(**values)
 
     def run_settings(self) -> dict:
         """The settings a saved run must share to be resumed (all but where and which runs)."""

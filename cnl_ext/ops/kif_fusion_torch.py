@@ -31,6 +31,15 @@ FUSION_RULES = ("code", "paper")
 @torch.no_grad()
 def task_vector_fuse_(params, anchors, coefficients, unit_maps) -> None:
     """``params[i] <- a + c * (params[i] - a)`` per unit; ``unit_maps[i] = (offset, div, mod)``."""
+    if all(p.dtype == torch.float32 and p.is_contiguous() for p in params):
+        # in place, no temporaries: the same three roundings (a + x equals x + a bit for bit)
+        a32 = [a.to(torch.float32) for a in anchors]
+        torch._foreach_sub_(params, a32)
+        for p, (offset, div, mod) in zip(params, unit_maps):
+            if p.numel():
+                p.view(-1, mod, div).mul_(coefficients[offset:offset + mod].view(1, mod, 1))
+        torch._foreach_add_(params, a32)
+        return
     p32 = [p.to(torch.float32) for p in params]
     a32 = [a.to(torch.float32) for a in anchors]
     task_vectors = [d.contiguous() for d in torch._foreach_sub(p32, a32)]  # units follow row-major order
