@@ -223,9 +223,9 @@ def global_quantile(tensors, q: float) -> torch.Tensor:
     """The exact ``q`` quantile over all elements of ``tensors`` jointly (linear interpolation, as
     ``numpy.quantile``), a 0-d float32 tensor; any number of elements.
 
-    Rank ``p = q·(n−1)`` in float64; one selection (``kthvalue``) gives the value at rank ⌊p⌋ and a
-    masked minimum the next one. Equals ``torch.quantile`` up to its float32 rank arithmetic
-    (bit-identical when ``p`` is an integer).
+    Rank ``p = q·(n−1)`` in float64; the values at ranks ⌊p⌋ and ⌊p⌋ + 1 come from a radix select
+    (non-negative float32, e.g. scores) or ``kthvalue``. Equals ``torch.quantile`` up to its float32
+    rank arithmetic (bit-identical when ``p`` is an integer).
     """
     tensors = list(tensors)
     if not 0 <= q <= 1:
@@ -238,18 +238,54 @@ def global_quantile(tensors, q: float) -> torch.Tensor:
 
 
 def _quantile_of_flat(flat: torch.Tensor, q: float) -> torch.Tensor:
-    if bool(torch.isnan(flat).any()):
-        raise ValueError("quantile over scores that contain NaN")
     n = flat.numel()
     rank = q * (n - 1)
     below = min(int(math.floor(rank)), n - 1)
     weight = rank - below
-    low = flat.kthvalue(below + 1).values if n > 1 else flat[0]
+    low, high = _order_statistics(flat, below, need_next=weight > 0)
     if weight == 0:
         return low.clone()
-    at_most_low = int((flat <= low).sum())
-    high = low if at_most_low >= below + 2 else torch.where(flat > low, flat, torch.inf).min()
     return (low.double() + weight * (high.double() - low.double())).float()
+
+
+RADIX_MIN_ELEMENTS = 1 << 20  # below this, one kthvalue is as fast
+
+
+def _order_statistics(flat: torch.Tensor, k: int, *, need_next: bool):
+    """The values of 0-based ranks ``k`` and ``k + 1`` (the latter only with ``need_next``) of ``flat``.
+
+    Non-negative float32 inputs (importance scores) of at least ``RADIX_MIN_ELEMENTS`` take a radix
+    select: their bits, read as int32, sort like the values, so a histogram of the top 16 bits finds
+    the bucket holding rank k and only that bucket is selected from. Otherwise ``kthvalue``.
+    """
+    n = flat.numel()
+    if flat.dtype == torch.float32 and n >= RADIX_MIN_ELEMENTS:
+        bits = flat.view(torch.int32)
+        smallest, largest = (int(v) for v in torch.aminmax(bits))
+        if smallest >= 0:  # no negative value, no -0.0, no negative NaN
+            if largest > 0x7F800000:
+                raise ValueError("quantile over scores that contain NaN")
+            top = bits >> 16
+            counts = torch.bincount(top, minlength=(largest >> 16) + 1)
+            ends = counts.cumsum(0)
+            bucket = int(torch.searchsorted(ends, k + 1))  # first bucket whose end passes rank k
+            before = int(ends[bucket - 1]) if bucket else 0
+            members = flat[top == bucket]
+            low = members.kthvalue(k - before + 1).values
+            if not need_next or k + 1 >= n:
+                return low, low
+            if k + 1 - before < members.numel():
+                return low, members.kthvalue(k + 1 - before + 1).values
+            following = int(torch.nonzero(counts[bucket + 1:])[0]) + bucket + 1
+            return low, flat[top == following].min()
+    if bool(torch.isnan(flat).any()):
+        raise ValueError("quantile over scores that contain NaN")
+    low = flat.kthvalue(k + 1).values if n > 1 else flat[0]
+    if not need_next or k + 1 >= n:
+        return low, low
+    if int((flat <= low).sum()) >= k + 2:  # rank k + 1 ties with rank k
+        return low, low
+    return low, torch.where(flat > low, flat, torch.inf).min()
 
 
 @torch.no_grad()
@@ -315,18 +351,14 @@ def _check_lists(params, named_lists, *, float32=()):
 
 
 def _run_bucketed(module, lists, key_lists, call):
-    """Run ``call(module, indices, *sublists)`` per bucket of one (param dtype, anchor dtype); Triton gets
+    """Run ``call(module, indices, *sublists)`` per bucket of one (param dtype, anchor dtype), with
     contiguous tensors (temporaries copied back for non-contiguous params and anchors)."""
     buckets = {}
     for i in range(len(lists[0])):
         buckets.setdefault(tuple(lst[i].dtype for lst in key_lists), []).append(i)
     for indices in buckets.values():
-        sub = [[lst[i] for i in indices] for lst in lists]
-        if module is kif_fusion_torch:
-            call(module, indices, *sub)
-            continue
-        originals = [list(s) for s in sub]
-        sub = [[t if t.is_contiguous() else t.contiguous() for t in s] for s in sub]
+        originals = [[lst[i] for i in indices] for lst in lists]
+        sub = [[t if t.is_contiguous() else t.contiguous() for t in s] for s in originals]
         call(module, indices, *sub)
         for written in (0, 1):  # params and anchors are the only lists an op writes
             for original, used in zip(originals[written], sub[written]):

@@ -318,3 +318,87 @@ def test_module_exports_exist():
     for name in kif.__all__:
         assert hasattr(kif, name), name
     assert kif_fusion_torch.FUSION_RULES == ("code", "paper")
+
+
+# ---------------------------------------------------------------------------------- chunked torch = definition
+
+def _task_vector_by_definition(params, anchors, coefficients, units):
+    out = []
+    for p, a, (offset, div, mod) in zip(params, anchors, units.maps):
+        f = torch.arange(p.numel()).view(p.shape)
+        c = coefficients[offset + (f // div) % mod]
+        p32, a32 = p.float(), a.float()
+        out.append((a32 + c * (p32 - a32)).to(p.dtype))
+    return out
+
+
+def _recurrent_by_definition(params, anchors, ends, inner, outer, d_in, d_out, rule):
+    out = []
+    for i, p in enumerate(params):
+        m_in = inner[0][i] * inner[1][i] > torch.tensor(d_in)
+        m_out = outer[0][i] * outer[1][i] > torch.tensor(d_out)
+        if rule == "paper":
+            w_in, w_out = m_in.float(), m_out.float()
+        else:
+            both = m_in & m_out
+            w_in = torch.where(both, 0.4, torch.where(m_in, 1.0, torch.where(m_out, 0.0, 0.5))).float()
+            w_out = torch.where(both, 0.6, torch.where(m_in, 0.0, torch.where(m_out, 1.0, 0.5))).float()
+        b, q, t = anchors[i].float(), ends[i].float(), p.float()
+        out.append((b + w_in * (q - b) + w_out * (t - q)).to(p.dtype))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
+@pytest.mark.parametrize("param_dtype, anchor_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                       (torch.float16, torch.bfloat16)])
+def test_chunked_torch_passes_equal_their_definition(monkeypatch, chunk, param_dtype, anchor_dtype):
+    monkeypatch.setattr(kif_fusion_torch, "CHUNK", chunk)
+    shapes = [(1,), (100,), (9, 13), (2, 3, 5), (4, 30), (40, 4), (0,), (64,)]
+    for layout in ("tensor", "row", "lora"):
+        units = (Units.build(shapes, lora_pairs=[(4, 5)]) if layout == "lora"
+                 else Units.build(shapes, rows=layout == "row"))
+        params = [torch.randn(s).to(param_dtype) for s in shapes]
+        anchors = [(p.float() + 0.1 * torch.randn(p.shape)).to(anchor_dtype) for p in params]
+        c = torch.rand(units.count)
+        expected = _task_vector_by_definition(params, anchors, c, units)
+        fuse_task_vector_(params, anchors, c, units, backend="torch")
+        for got, want in zip(params, expected):
+            assert torch.equal(got, want), layout
+    for rule in ("code", "paper"):
+        params = [torch.randn(s).to(param_dtype) for s in shapes]
+        anchors = [(p.float() + 0.1 * torch.randn(p.shape)).to(anchor_dtype) for p in params]
+        ends = [(p.float() + 0.1 * torch.randn(p.shape)).to(anchor_dtype) for p in params]
+        inner = ([torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes])
+        outer = ([torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes])
+        d_in, d_out = score_quantile(*inner).item(), score_quantile(*outer).item()
+        expected = _recurrent_by_definition(params, anchors, ends, inner, outer, d_in, d_out, rule)
+        recurrent_fuse_(params, anchors, ends, inner, outer, d_in, d_out, rule=rule, backend="torch")
+        for got, want, anchor in zip(params, expected, anchors):
+            assert torch.equal(got, want), rule
+            assert torch.equal(anchor, want.to(anchor_dtype))
+
+
+def test_torch_backend_handles_non_contiguous_tensors():
+    weight = torch.randn(6, 5).t()
+    anchor = torch.randn(10, 6)[::2]  # non-contiguous too
+    c = torch.rand(5)
+    expected = _task_vector_by_definition([weight], [anchor], c, Units.per_row([weight.shape]))[0]
+    fuse_task_vector_([weight], [anchor], c, Units.per_row([weight.shape]), backend="torch")
+    assert torch.equal(weight, expected)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "wide", "ties", "zeros", "one_bucket", "with_inf"])
+def test_radix_select_equals_kthvalue(monkeypatch, distribution):
+    n = 5003
+    x = {"uniform": torch.rand(n) * 1e-6, "wide": torch.exp(torch.randn(n) * 10),
+         "ties": (torch.rand(n) * 4).floor(), "zeros": torch.zeros(n),
+         "one_bucket": 1.0 + torch.rand(n) * 1e-3,  # every value shares its top 16 bits
+         "with_inf": torch.cat([torch.rand(n - 3), torch.full((3,), float("inf"))])}[distribution]
+    for q in (0.0, 0.37, 0.8, 0.9999, 1.0):
+        monkeypatch.setattr(kif, "RADIX_MIN_ELEMENTS", 1 << 40)
+        by_kthvalue = global_quantile([x], q)
+        monkeypatch.setattr(kif, "RADIX_MIN_ELEMENTS", 16)
+        by_radix = global_quantile([x], q)
+        assert torch.equal(by_radix, by_kthvalue) or (by_radix.isnan() and by_kthvalue.isnan()), q
+    with pytest.raises(ValueError, match="NaN"):
+        global_quantile([torch.cat([x, torch.tensor([float("nan")])])], 0.8)
