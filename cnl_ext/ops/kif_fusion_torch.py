@@ -124,7 +124,7 @@ def recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_unce
             p_c, b_c, q_c, si, ui, so, uo = (t[start:end] for t in flat)
             torch.gt(torch.mul(si, ui, out=score[:n]), threshold_in, out=mask_in[:n])
             torch.gt(torch.mul(so, uo, out=score[:n]), threshold_out, out=mask_out[:n])
-            torch.mul(mask_out[:n], 2, out=code[:n]).add_(mask_in[:n])
+            torch.add(mask_in[:n].view(torch.uint8), mask_out[:n].view(torch.uint8), alpha=2, out=code[:n])
             torch.index_select(table_in, 0, code[:n], out=w_in[:n])
             torch.index_select(table_out, 0, code[:n], out=w_out[:n])
             b32 = _as_float32(b_c, theta_b)
