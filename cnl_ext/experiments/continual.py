@@ -652,8 +652,8 @@ def write_outputs(out_dir, records, *, config: ContinualConfig, task_sets: dict)
     parts = ["## Continual learning: summary", "",
              f"a[j][i] = share of task i's training questions answered correctly after task j; AP, BWT, FWT and "
              f"FWT_gem as in docs/kif-spec.md §5; held-out columns: the same on each task's held-out questions "
-             f"(near chance for a small model). Mean ± standard deviation over {len(records)} runs "
-             f"(seeds × orders).", "", summary_table(records), "## Accuracy matrices", ""]
+             f"(near chance for a small model). Mean ± standard deviation over each method's runs "
+             f"(seeds × task orders).", "", summary_table(records), "## Accuracy matrices", ""]
     for r in records:
         parts += [f"### {r.method}, seed {r.seed}, order {' > '.join(r.order)}", "", matrix_table(r)]
         parts += [f"- {r.order[k]}: {note}" for k, note in enumerate(r.notes) if note] + [""]
@@ -687,7 +687,7 @@ def plot_heatmaps(out_dir, records) -> None:
                 for i, value in enumerate(row):
                     ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if value < 0.5 else "black")
-            ax.set_title(f"seed {r.seed}", fontsize=8)
+            ax.set_title(f"seed {r.seed}: {' > '.join(r.order)}", fontsize=8)
         figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
         figure.suptitle(f"{method}: accuracy on each task's training questions")
         figure.savefig(Path(out_dir) / f"heatmap_{method}.png", dpi=110, bbox_inches="tight")
