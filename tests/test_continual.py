@@ -250,3 +250,52 @@ def test_orders_seeds_and_resume(task_files, tmp_path, tokenizer):
         continual.run(dataclasses.replace(config, resume=True, epochs=2), model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="not a permutation"):
         continual.run(dataclasses.replace(config, orders=["alpha,beta"]), model=model, tokenizer=tokenizer)
+
+
+def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tokenizer, monkeypatch):
+    """The same memory questions (of the earlier tasks only) reach every method that uses memory."""
+    config = tiny_config(task_files, tmp_path, methods=["replay", "cnl", "recurrent-kif"], questions_per_task=8,
+                         batch_size=3, rkif_inner_steps=1, rkif_outer_steps=1)
+    tasks = load_tasks(config, seed=0)
+    memories = [select_memory(tasks[n].train, config.memory_per_task, f"0:{n}") for n in ("alpha", "beta", "gamma")]
+    seen = {"replay": [], "cnl": [], "recurrent-kif": []}
+    real_train_task, real_reference = continual._train_task, continual.compute_reference
+    real_outer = continual._train_task_recurrent_kif
+
+    def train_task(model, encoder, trainer, params, task, memory, *, method, **kwargs):
+        seen[method].append((task.name, [q.prompt for q in memory]))
+        return real_train_task(model, encoder, trainer, params, task, memory, method=method, **kwargs)
+
+    references = []
+
+    def compute_reference(optimizer, model, encoder, mastered, *, batch_size):
+        references.append([q.prompt for q in mastered])
+        return real_reference(optimizer, model, encoder, mastered, batch_size=batch_size)
+
+    outer_batches = []
+
+    def train_recurrent(trainer, params, train, memory, **kwargs):
+        real_step = trainer.step
+
+        def step(optimizer, batch, tracker=None, slot="main"):
+            if slot == "out":
+                outer_batches.append({q.prompt for q in batch})
+            return real_step(optimizer, batch, tracker, slot)
+
+        trainer.step = step
+        try:
+            return real_outer(trainer, params, train, memory, **kwargs)
+        finally:
+            trainer.step = real_step
+
+    monkeypatch.setattr(continual, "_train_task", train_task)
+    monkeypatch.setattr(continual, "compute_reference", compute_reference)
+    monkeypatch.setattr(continual, "_train_task_recurrent_kif", train_recurrent)
+    continual.run(config, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
+    expected = [[q.prompt for m in memories[:k] for q in m] for k in range(3)]
+    for method in seen:
+        assert [memory for _, memory in seen[method]] == expected, method
+    assert all(len(set(m)) == len(m) for m in expected) and len(expected[2]) == len(memories[0]) + len(memories[1])
+    # CNL: one reference per epoch of tasks 2 and 3, over exactly the earlier tasks' memory
+    assert references == [expected[1], expected[2]]
+    assert outer_batches and all(batch <= set(expected[2]) for batch in outer_batches)
