@@ -81,3 +81,21 @@ def test_list_lengths_must_match():
     with pytest.raises(ValueError, match="2 params, 1 grads"):
         importance_update_([torch.ones(1)] * 2, [torch.ones(1)], [torch.zeros(1)] * 2, [torch.zeros(1)] * 2,
                            kind="first", betas=(0.85, 0.85))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["first", "param_mix"])
+def test_chunked_large_tensors_equal_the_foreach_path(monkeypatch, dtype, kind):
+    from cnl_ext.ops import importance
+
+    shapes = [(3,), (50, 7), (1000,), (33,)]
+    w = [torch.randn(s).to(dtype) for s in shapes]
+    g = [torch.randn(s).to(dtype) for s in shapes]
+    states = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]
+    by_foreach = [t.clone() for t in states[0]], [t.clone() for t in states[1]]
+    monkeypatch.setattr(importance, "CHUNK", 1 << 30)
+    importance_update_(w, g, *by_foreach, kind=kind, betas=(0.8, 0.6))
+    monkeypatch.setattr(importance, "CHUNK", 32)  # all but the first tensor go through in chunks
+    importance_update_(w, g, *states, kind=kind, betas=(0.8, 0.6))
+    for got, want in zip(states[0] + states[1], by_foreach[0] + by_foreach[1]):
+        assert torch.equal(got, want)

@@ -52,6 +52,21 @@ def importance_update_(params_after, grads, sensitivities, uncertainties, *, kin
                          f"{len(sensitivities)} sensitivities and {len(uncertainties)} uncertainties")
     if not params_after:
         return
+    small = [i for i, p in enumerate(params_after) if p.numel() <= CHUNK]
+    large = [i for i, p in enumerate(params_after) if p.numel() > CHUNK]
+    if small:
+        _update_foreach([params_after[i] for i in small], [grads[i] for i in small], [sensitivities[i] for i in small],
+                        [uncertainties[i] for i in small], kind, b1, b2)
+    if large:
+        _update_chunked([params_after[i] for i in large], [grads[i] for i in large], [sensitivities[i] for i in large],
+                        [uncertainties[i] for i in large], kind, b1, b2)
+
+
+CHUNK = 1 << 18  # large tensors go through in chunks of this many elements, with reused buffers
+
+
+def _update_foreach(params_after, grads, sensitivities, uncertainties, kind, b1, b2):
+    """Many small tensors: a few multi-tensor (foreach) operations."""
     w = [p.to(torch.float32) for p in params_after]
     g = [grad.to(torch.float32) for grad in grads]
     x = torch._foreach_mul(w, g)
@@ -65,3 +80,25 @@ def importance_update_(params_after, grads, sensitivities, uncertainties, *, kin
     deviation = torch._foreach_abs(torch._foreach_sub(importance, sensitivities))
     torch._foreach_mul_(uncertainties, b2)
     torch._foreach_add_(uncertainties, torch._foreach_mul(deviation, 1.0 - b2))
+
+
+def _update_chunked(params_after, grads, sensitivities, uncertainties, kind, b1, b2):
+    """Large tensors: chunk by chunk, the same operations in the same order, the temporaries in cache."""
+    device = params_after[0].device
+    w_buf, g_buf, x_buf, t_buf = (torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(4))
+    for p, grad, s_all, u_all in zip(params_after, grads, sensitivities, uncertainties):
+        p, grad = p.reshape(-1), grad.reshape(-1)
+        s_flat, u_flat = s_all.view(-1), u_all.view(-1)
+        for start in range(0, p.numel(), CHUNK):
+            end = min(start + CHUNK, p.numel())
+            n = end - start
+            w = p[start:end] if p.dtype == torch.float32 else w_buf[:n].copy_(p[start:end])
+            g = grad[start:end] if grad.dtype == torch.float32 else g_buf[:n].copy_(grad[start:end])
+            importance = torch.mul(w, g, out=x_buf[:n])
+            if kind == "param_mix":
+                importance.sub_(torch.mul(importance, importance, out=t_buf[:n]).mul_(0.5))
+            importance.abs_()
+            s, u, t = s_flat[start:end], u_flat[start:end], t_buf[:n]
+            s.mul_(b1).add_(torch.mul(importance, 1.0 - b1, out=t))
+            deviation = importance.sub_(s).abs_()
+            u.mul_(b2).add_(deviation.mul_(1.0 - b2))

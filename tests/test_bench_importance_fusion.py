@@ -1,0 +1,23 @@
+"""CPU smoke test of bench/importance_fusion.py: it runs every case and writes what it promises.
+Speed goals are never asserted here."""
+from __future__ import annotations
+
+import json
+
+from bench import importance_fusion
+
+
+def test_importance_fusion_bench_smoke(tmp_path):
+    result = importance_fusion.main(["--params", "tiny", "--warmup", "0", "--iters", "1", "--copy-mib", "1",
+                                     "--out", str(tmp_path)])
+    rows = {row["case"]: row for row in result["rows"]}
+    assert set(rows) == set(importance_fusion.BYTES_PER_ELEMENT)
+    numel = result["setup"]["numel"]
+    bandwidth = result["setup"]["copy_bandwidth_bytes_per_s"]
+    for case, row in rows.items():
+        assert row["ms"] > 0
+        assert abs(row["floor_ms"] - importance_fusion.BYTES_PER_ELEMENT[case] * numel / bandwidth * 1e3) < 1e-9
+        assert (row["target"] is None) == (case not in importance_fusion.TARGETED)
+    saved = json.loads((tmp_path / "importance_fusion-cpu.json").read_text())
+    assert saved["setup"]["backend"] == "torch" and len(saved["rows"]) == len(rows)
+    assert "| `rkif_fuse_code` | 36 |" in (tmp_path / "importance_fusion-cpu.md").read_text()
