@@ -115,11 +115,15 @@ C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kV
 // kStatGroup * 2^-24, far below the tests' tolerance, at a fraction of the cost of widening every vector.
 constexpr int kStatGroup = 32;
 
+// Three arrays of kVecs float vectors (count, collaborative sum, conflicting sum), locals of the
+// item loop passed by pointer: GCC keeps small local arrays in registers once everything is inlined,
+// not a larger struct holding them.
 struct BlockStats {
-  Vec count[kVecs], collaborative[kVecs], conflicting[kVecs];
+  Vec* count;
+  Vec* collaborative;
+  Vec* conflicting;
 
-  BlockStats() { clear(); }
-  C10_ALWAYS_INLINE void clear() {
+  C10_ALWAYS_INLINE void clear() const {
     for (int64_t j = 0; j < kVecs; ++j) count[j] = collaborative[j] = conflicting[j] = Vec(0.0f);
   }
 };
@@ -129,7 +133,7 @@ struct StatAcc {
 
   // Adds the float32 lanes of `block` (position by position) and clears them. Inlined, so that
   // `block` never has its address taken and stays in registers.
-  C10_ALWAYS_INLINE void flush(BlockStats& block) {
+  C10_ALWAYS_INLINE void flush(const BlockStats& block) {
     alignas(64) float values[3][kBlock];
     for (int64_t j = 0; j < kVecs; ++j) {
       block.count[j].store(values[0] + j * kW);
@@ -164,7 +168,7 @@ C10_ALWAYS_INLINE Vec valid_lanes(int64_t j, int64_t valid) {
 // The element's new value: `p_new` unless sign(r)*sign(u) < 0 (zeros and NaNs are collaborative),
 // then `p`; with `stats`, s = r*u (float32) goes into the statistics of the element's position.
 C10_ALWAYS_INLINE Vec cnl_select(const Vec& p, const Vec& p_new, const Vec& u, const Vec& r, bool stats,
-                                 BlockStats& acc, int64_t j, int64_t valid) {
+                                 const BlockStats& acc, int64_t j, int64_t valid) {
   const Vec zero(0.0f);
   const Vec conflict = ((r > zero) & (u < zero)) | ((r < zero) & (u > zero));
   if (stats) {
@@ -210,7 +214,9 @@ template <RefFormat kRef, class Step, size_t kStreams>
 void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&element_bytes)[kStreams],
               const bool (&written)[kStreams], int64_t start, int64_t end, double* partial) {
   StatAcc acc;
-  BlockStats block_stats;
+  Vec count[kVecs], collaborative[kVecs], conflicting[kVecs];
+  const BlockStats block_stats{count, collaborative, conflicting};
+  block_stats.clear();
   int blocks = 0;
   int64_t i = start;
   for (; i + kBlock <= end; i += kBlock) {
@@ -318,7 +324,7 @@ struct SgdStep {
   const SgdScalars& s;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[4], int64_t i, int64_t valid, BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[4], int64_t i, int64_t valid, const BlockStats& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     float* buf = ptrs[2] == nullptr ? nullptr : static_cast<float*>(ptrs[2]) + i;
@@ -348,7 +354,7 @@ struct SgdStep {
     if (s.has_momentum) store_block(buf, b);
   }
 
-  void block_at_zero(void* const (&ptrs)[4], int64_t valid, BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[4], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
 };
 
 // ---------------------------------------------------------------------------- Adam
@@ -365,7 +371,7 @@ struct AdamStep {
   AdamTensorScalars t;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     float* exp_avg = static_cast<float*>(ptrs[2]) + i;
@@ -414,7 +420,7 @@ struct AdamStep {
     if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
   }
 
-  void block_at_zero(void* const (&ptrs)[6], int64_t valid, BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
 };
 
 // ---------------------------------------------------------------------------- masked write-back
@@ -424,7 +430,7 @@ template <typename T, RefFormat kRef>
 struct MaskedDeltaStep {
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[3], int64_t i, int64_t valid, BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[3], int64_t i, int64_t valid, const BlockStats& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* before = static_cast<const T*>(ptrs[1]) + i;
     Vec after[kVecs], b[kVecs], r[kVecs];
@@ -439,7 +445,7 @@ struct MaskedDeltaStep {
     store_block(param, after);
   }
 
-  void block_at_zero(void* const (&ptrs)[3], int64_t valid, BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[3], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
 };
 
 }  // namespace
