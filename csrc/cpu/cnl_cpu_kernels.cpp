@@ -169,6 +169,25 @@ C10_ALWAYS_INLINE Vec valid_lanes(int64_t j, int64_t valid) {
 // then `p`; with `stats`, s = r*u (float32) goes into the statistics of the element's position.
 C10_ALWAYS_INLINE Vec cnl_select(const Vec& p, const Vec& p_new, const Vec& u, const Vec& r, bool stats,
                                  const BlockStats& acc, int64_t j, int64_t valid) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same operations on AVX-512 mask registers (Vectorized<float> keeps masks in vectors, which
+  // costs a conversion per comparison and per blend). A lane left out of a masked add keeps its
+  // value, where the generic path adds +0.0: the same result, the sums never being -0.0.
+  const __m512 r_ = r, u_ = u, zero = _mm512_setzero_ps();
+  const __mmask16 conflict =
+      (_mm512_cmp_ps_mask(r_, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_LT_OQ)) |
+      (_mm512_cmp_ps_mask(r_, zero, _CMP_LT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_GT_OQ));
+  if (stats) {
+    const int64_t lanes = valid - j * kW;
+    const __mmask16 in = lanes >= kW ? __mmask16(0xFFFF) : __mmask16(lanes <= 0 ? 0 : (1u << lanes) - 1u);
+    const __mmask16 collaborative = static_cast<__mmask16>(~conflict) & in, conflicting = conflict & in;
+    const __m512 s = _mm512_mul_ps(r_, u_);
+    acc.count[j] = Vec(_mm512_mask_add_ps(acc.count[j], collaborative, acc.count[j], _mm512_set1_ps(1.0f)));
+    acc.collaborative[j] = Vec(_mm512_mask_add_ps(acc.collaborative[j], collaborative, acc.collaborative[j], s));
+    acc.conflicting[j] = Vec(_mm512_mask_add_ps(acc.conflicting[j], conflicting, acc.conflicting[j], s));
+  }
+  return Vec(_mm512_mask_blend_ps(conflict, p_new, p));
+#else
   const Vec zero(0.0f);
   const Vec conflict = ((r > zero) & (u < zero)) | ((r < zero) & (u > zero));
   if (stats) {
@@ -179,6 +198,7 @@ C10_ALWAYS_INLINE Vec cnl_select(const Vec& p, const Vec& p_new, const Vec& u, c
     acc.conflicting[j] = acc.conflicting[j] + (Vec::blendv(zero, s, conflict) & in);
   }
   return Vec::blendv(p_new, p, conflict);
+#endif
 }
 
 // ---------------------------------------------------------------------------- the item loop
