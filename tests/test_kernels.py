@@ -541,3 +541,14 @@ def test_failed_build_falls_back_with_one_warning_or_raises_when_required(tmp_pa
     else:
         assert "REASON: building the CPU kernels" in run.stdout and "failed" in run.stdout
         assert "WARNINGS: 1" in run.stdout
+
+
+def test_importing_compiles_nothing(tmp_path):
+    """Importing cnl_ext and the backend module loads no library and starts no compile: the first
+    use (unavailable_reason or an op) does."""
+    code = ("import cnl_ext, cnl_ext.functional, torch; from cnl_ext.ops import native_backend as n; "
+            "print(bool(n._state), hasattr(torch.ops.cnl_ext, 'adam_step_'))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=_subprocess_env(CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "False"] and "compiling" not in run.stderr
