@@ -13,8 +13,10 @@ Two libraries serve these ops:
 - ``cnl_ext._C``, the CUDA kernels, built by setup.py where a CUDA toolkit and a CUDA torch exist.
 
 Importing this module loads and compiles nothing; :func:`unavailable_reason` (or the first op) does.
-If the build fails, the backend is unavailable with the reason and one warning; with
-``CNL_EXT_REQUIRE_NATIVE=1`` (CI) a failed build raises instead.
+If the build fails, the backend is unavailable and :func:`unavailable_reason` says why (the caller,
+``backend="auto"``, warns once and uses the next backend); with ``CNL_EXT_REQUIRE_NATIVE=1`` (CI) it
+raises :class:`NativeBackendRequiredError` instead, which is deliberately not a RuntimeError or
+ImportError, so that no fallback logic can swallow it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import re
 import sys
 import threading
 import time
-import warnings
 
 import torch
 
@@ -36,6 +37,12 @@ NAME = "native"
 OPS = ("sgd_step_", "adam_step_", "masked_delta_")
 _CUDA_OPS = ("sgd_step_", "adam_step_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
+
+
+
+class NativeBackendRequiredError(Exception):
+    """CNL_EXT_REQUIRE_NATIVE=1 and the native backend cannot load or compile."""
+
 
 _lock = threading.Lock()
 _state: dict = {}  # filled once by _load(): cpu (module), cpu_reason, build, cuda (module), cuda_reason
@@ -158,18 +165,15 @@ def _load() -> dict:
                     _state.update(cpu=None, cpu_reason=f"the CPU library does not register torch.ops.cnl_ext.{missing[0]}")
                 else:
                     _state["cuda"], _state["cuda_reason"] = _load_cuda()
-            if _state["cpu"] is None:
-                if _required():
-                    raise RuntimeError(f"cnl_ext: {ENV_REQUIRE}=1 but the native backend is unavailable: "
-                                       f"{_state['cpu_reason']}")
-                warnings.warn(f"cnl_ext: the native backend is unavailable: {_state['cpu_reason']}",
-                              RuntimeWarning, stacklevel=3)
+    if _state["cpu"] is None and _required():
+        raise NativeBackendRequiredError(f"cnl_ext: {ENV_REQUIRE}=1 but the native backend is unavailable: "
+                                         f"{_state['cpu_reason']}")
     return _state
 
 
 def unavailable_reason() -> str:
     """``""`` when the native ops run in this process (loading, or compiling, them on first call),
-    otherwise why not. Raises instead with ``CNL_EXT_REQUIRE_NATIVE=1``."""
+    otherwise why not. Raises :class:`NativeBackendRequiredError` instead with ``CNL_EXT_REQUIRE_NATIVE=1``."""
     return _load()["cpu_reason"]
 
 
