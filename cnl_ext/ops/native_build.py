@@ -25,7 +25,7 @@ ISA_FLAGS = {
 }
 # No FMA contraction (gcc contracts a*b+c by default once -mfma is on): every backend rounds like
 # the PyTorch backend's separate operations.
-COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-g0"]  # -g0: Python's CFLAGS add -g (a 4x larger wheel)
+COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-g0"]  # -g0: Python's CFLAGS add -g (a 10x larger wheel)
 
 CPU_SOURCES = ("cpu/cnl_cpu_ops.cpp", "cpu/cnl_cpu_kernels.cpp")  # relative to the csrc directory
 CPU_HEADERS = ("cnl_types.h", "cnl_binding.h", "cpu/cnl_cpu_kernels.h")
