@@ -109,15 +109,15 @@ C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kV
 
 // Statistics per position of the block (the same lane layout on every instruction set): the
 // collaborative count and the sums of s = r*u over collaborative and conflicting elements. The
-// kernels add into float32 lanes (BlockStats, kept in registers), which are added into double
+// kernels add into float32 lanes (BlockStats), which are added into double
 // every kStatGroup blocks (StatAcc): each float32 lane sums at most kStatGroup terms of one sign
 // (s >= 0 where collaborative, s <= 0 where conflicting), a relative error of at most
 // kStatGroup * 2^-24, far below the tests' tolerance, at a fraction of the cost of widening every vector.
 constexpr int kStatGroup = 32;
 
 // Three arrays of kVecs float vectors (count, collaborative sum, conflicting sum), locals of the
-// item loop passed by pointer: GCC keeps small local arrays in registers once everything is inlined,
-// not a larger struct holding them.
+// item loop. (GCC 12 keeps them on the stack, not in registers: a store-to-load round trip per
+// vector that the memory-bound loop mostly hides.)
 struct BlockStats {
   Vec* count;
   Vec* collaborative;
@@ -131,8 +131,7 @@ struct BlockStats {
 struct StatAcc {
   double count[kBlock] = {}, collaborative[kBlock] = {}, conflicting[kBlock] = {};
 
-  // Adds the float32 lanes of `block` (position by position) and clears them. Inlined, so that
-  // `block` never has its address taken and stays in registers.
+  // Adds the float32 lanes of `block` (position by position) and clears them.
   C10_ALWAYS_INLINE void flush(const BlockStats& block) {
     alignas(64) float values[3][kBlock];
     for (int64_t j = 0; j < kVecs; ++j) {
@@ -220,16 +219,9 @@ constexpr int64_t reference_offset_bytes(int64_t i) {
   return kRef == RefFormat::kSign2 ? i / 4 : static_cast<int64_t>(reference_bytes<kRef>(i));
 }
 
-// A stream of one item: its pointer, its element size and whether the step writes it.
-struct Stream {
-  void* ptr;
-  size_t element_bytes;  // 0: the reference (see reference_bytes)
-  bool written;
-};
-
-// Runs Step::block(ptrs, i, valid, block_stats) over [start, end): whole blocks in place, then the partial
-// last block on zero-padded copies of the streams (written streams are copied back). Adds the
-// item's statistics to `partial` when given.
+// Runs Step::block(ptrs, i, valid, block_stats) over [start, end): whole blocks in place, then the
+// partial last block on zero-padded copies of the streams (written streams are copied back). Adds
+// the item's statistics to `partial` when given. `element_bytes` 0 marks the reference stream.
 template <RefFormat kRef, class Step, size_t kStreams>
 void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&element_bytes)[kStreams],
               const bool (&written)[kStreams], int64_t start, int64_t end, double* partial) {
@@ -261,8 +253,7 @@ void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&el
       const int64_t offset = is_reference ? reference_offset_bytes<kRef>(i) : static_cast<int64_t>(element_bytes[k]) * i;
       source[k] = static_cast<const unsigned char*>(ptrs[k]) + offset;
       std::memcpy(buffers[k], source[k], bytes[k]);
-      // The step indexes every stream from element 0 of the padded copy: shift the base back.
-      local[k] = buffers[k];
+      local[k] = buffers[k];  // the step then indexes the padded copies from element 0
     }
     step.block_at_zero(local, valid, block_stats);
     for (size_t k = 0; k < kStreams; ++k) {
