@@ -1,17 +1,25 @@
 """Build script for cnl_ext.
 
-The package is pure Python (Triton kernels compile at run time). On a machine with a CUDA toolkit
-and a CUDA build of torch it also builds the C++/CUDA extension ``cnl_ext._C`` from ``csrc/`` (the
-fallback backend, ``cnl_ext.ops.cuda_step``); without them it installs the pure-Python package and
-says once why. torch must be importable while building, so install with::
+The Python package works without building anything here: Triton kernels compile at run time, and
+the native CPU kernels (``csrc/cpu/``, backend ``"native"``, :mod:`cnl_ext.ops.native_backend`)
+compile on first use with ``torch.utils.cpp_extension.load``. When torch is importable while
+building (``pip install --no-build-isolation .``, ``python -m build --wheel --no-isolation``,
+scripts/build_wheels.sh), this script builds them ahead of time instead:
 
-    pip install --no-build-isolation .          # or: python -m build --wheel --no-isolation
+- ``cnl_ext._cpu_default``, ``cnl_ext._cpu_avx2``, ``cnl_ext._cpu_avx512``: the CPU kernels, one
+  library per instruction set (x86-64; only the baseline elsewhere); a process loads the one its CPU runs;
+- ``cnl_ext._C``: the CUDA kernels, on a machine with a CUDA toolkit and a CUDA build of torch.
+
+The C++ sources are also copied into the package (``cnl_ext/_csrc``), so that an install without the
+prebuilt libraries can still compile them on first use.
 
 Environment:
 
-- ``CNL_EXT_BUILD_CUDA``: unset = build the extension when possible (a failed compile falls back to
-  pure Python, with the reason); ``1`` = the extension is required (any obstacle is an error);
-  ``0`` = never build it.
+- ``CNL_EXT_BUILD_CPU``: unset = build the CPU libraries when torch is importable (a failed compile
+  leaves them to the build on first use, with the reason); ``1`` = required; ``0`` = never.
+- ``CNL_EXT_BUILD_CUDA``: unset = build the CUDA extension when possible (a failed compile falls
+  back to the package without it, with the reason); ``1`` = the extension is required (any obstacle
+  is an error); ``0`` = never build it.
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures, default ``8.0;9.0+PTX`` (A100/A800, H100/H200, and
   PTX that newer GPUs compile at load time).
 - ``MAX_JOBS``: parallel compile jobs (ninja), as for any torch extension.
@@ -21,11 +29,14 @@ Environment:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 CSRC = "csrc"
@@ -42,15 +53,71 @@ def _say(message: str) -> None:
         print(f"cnl_ext setup: {message}", file=sys.stderr, flush=True)
 
 
-def _build_mode() -> str:
-    value = os.environ.get("CNL_EXT_BUILD_CUDA", "").strip().lower()
+def _build_mode(variable: str = "CNL_EXT_BUILD_CUDA") -> str:
+    value = os.environ.get(variable, "").strip().lower()
     if value in ("", "auto"):
         return "auto"
     if value in ("1", "true", "yes", "on"):
         return "force"
     if value in ("0", "false", "no", "off"):
         return "skip"
-    raise SystemExit(f"cnl_ext setup: CNL_EXT_BUILD_CUDA must be 0, 1 or unset, got {value!r}")
+    raise SystemExit(f"cnl_ext setup: {variable} must be 0, 1 or unset, got {value!r}")
+
+
+def _native_build():
+    """cnl_ext/ops/native_build.py (sources, flags, instruction sets), loaded as a file: importing
+    the cnl_ext package would need torch."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cnl_ext", "ops", "native_build.py")
+    spec = importlib.util.spec_from_file_location("cnl_ext_native_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NATIVE = _native_build()
+
+
+def _cpu_extensions():
+    """The CPU libraries, one per instruction set, or [] (with the reason said once)."""
+    mode = _build_mode("CNL_EXT_BUILD_CPU")
+    if mode == "skip":
+        _say("CNL_EXT_BUILD_CPU=0: the native CPU kernels will compile on first use")
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as exc:
+        reason = (f"torch is not importable while building ({exc}); they will compile on first use "
+                  "(or install torch first and build with --no-build-isolation)")
+        if mode == "force":
+            raise SystemExit(f"cnl_ext setup: CNL_EXT_BUILD_CPU=1 but the CPU kernels cannot be built: {reason}")
+        _say(f"not building the native CPU kernels ahead of time: {reason}")
+        return []
+    here = os.path.dirname(os.path.abspath(__file__))
+    extensions = []
+    for capability in NATIVE.variants():
+        # Each variant compiles the same sources with its own flags: through per-variant wrapper
+        # files, so that their objects do not overwrite each other in the shared build directory.
+        wrapper_dir = os.path.join("build", "cnl_cpu_variants", capability.lower())
+        os.makedirs(os.path.join(here, wrapper_dir), exist_ok=True)
+        sources = []
+        for source in NATIVE.CPU_SOURCES:
+            wrapper = os.path.join(wrapper_dir, os.path.basename(source))
+            text = f'// Generated by setup.py: the {capability} variant of csrc/{source}.\n#include "{source}"\n'
+            path = os.path.join(here, wrapper)
+            if not os.path.exists(path) or open(path).read() != text:
+                with open(path, "w") as f:
+                    f.write(text)
+            sources.append(wrapper)
+        extensions.append(CppExtension(
+            name=NATIVE.prebuilt_module(capability),
+            sources=sources,
+            include_dirs=[os.path.join(here, CSRC), os.path.join(here, CSRC, "cpu")],
+            depends=[f"{CSRC}/{f}" for f in NATIVE.CPU_SOURCES + NATIVE.CPU_HEADERS],
+            extra_compile_args={"cxx": NATIVE.compile_flags(capability)},
+            extra_link_args=["-fopenmp"],
+        ))
+    _say(f"building the native CPU kernels for {', '.join(NATIVE.variants())}")
+    return extensions
 
 
 def _why_no_cuda_build():
@@ -71,26 +138,26 @@ def _why_no_cuda_build():
 
 
 def _cuda_extension():
-    """(ext_modules, cmdclass) for the build, after deciding whether to build the extension."""
+    """[the CUDA extension] or [], after deciding whether to build it."""
     mode = _build_mode()
     if mode == "skip":
-        _say("CNL_EXT_BUILD_CUDA=0: installing the pure-Python package without cnl_ext._C")
-        return [], {}
+        _say("CNL_EXT_BUILD_CUDA=0: installing the package without cnl_ext._C")
+        return []
     reason = _why_no_cuda_build()
     if reason is not None:
         if mode == "force":
             raise SystemExit(f"cnl_ext setup: CNL_EXT_BUILD_CUDA=1 but cnl_ext._C cannot be built: {reason}")
-        _say(f"not building the CUDA extension cnl_ext._C: {reason}. Installing the pure-Python "
-             "package (Triton and PyTorch backends); set CNL_EXT_BUILD_CUDA=1 to make this an error.")
-        return [], {}
+        _say(f"not building the CUDA extension cnl_ext._C: {reason}. Installing the package without it; "
+             "set CNL_EXT_BUILD_CUDA=1 to make this an error.")
+        return []
 
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     _say(f"building cnl_ext._C for TORCH_CUDA_ARCH_LIST={arch_list!r}")
     here = os.path.dirname(os.path.abspath(__file__))
     # A plain token (no quotes, ';' or '+'): torch's ninja build quotes nvcc flags but not the C++
-    # ones. "8.0;9.0+PTX" -> 80_90PTX; cnl_ext.ops.cuda_step.build_info() turns it back.
+    # ones. "8.0;9.0+PTX" -> 80_90PTX; cnl_ext.ops.native_backend.build_info() turns it back.
     arch_token = re.sub(r"[^0-9A-Za-z_]", "", arch_list.replace(";", "_").replace(" ", "_")) or "default"
     define = [("CNL_EXT_CUDA_ARCHS", arch_token)]
     extension = CUDAExtension(
@@ -107,23 +174,48 @@ def _cuda_extension():
         },
     )
 
+    return [extension]
+
+
+class CopySources(build_py):
+    """Copies the CPU kernel sources into the package (cnl_ext/_csrc), for the build on first use."""
+
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in NATIVE.CPU_SOURCES + NATIVE.CPU_HEADERS:
+            target = os.path.join(self.build_lib, "cnl_ext", "_csrc", name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(here, CSRC, name), target)
+
+
+def _cmdclass(ext_modules):
+    if not ext_modules:
+        return {"build_py": CopySources}
+    from torch.utils.cpp_extension import BuildExtension
+
+    modes = {ext.name: _build_mode("CNL_EXT_BUILD_CUDA" if ext.name == "cnl_ext._C" else "CNL_EXT_BUILD_CPU")
+             for ext in ext_modules}
+
     class Build(BuildExtension):
         """BuildExtension (ninja when installed) that explains a failed compile and, unless the
-        extension is required, falls back to the pure-Python package."""
+        extension is required, installs the package without it."""
 
         def build_extension(self, ext):
+            variable = "CNL_EXT_BUILD_CUDA" if ext.name == "cnl_ext._C" else "CNL_EXT_BUILD_CPU"
             try:
                 super().build_extension(ext)
             except Exception as exc:  # compiler errors arrive as several distutils/subprocess types
-                if mode == "force":
-                    raise SystemExit(f"cnl_ext setup: building {ext.name} failed (CNL_EXT_BUILD_CUDA=1): {exc}") from exc
-                _say(f"building {ext.name} failed: {exc}. Installing the pure-Python package without "
-                     "it (the compiler output is above); set CNL_EXT_BUILD_CUDA=1 to make this an error.")
+                if modes[ext.name] == "force":
+                    raise SystemExit(f"cnl_ext setup: building {ext.name} failed ({variable}=1): {exc}") from exc
+                _say(f"building {ext.name} failed: {exc}. Installing the package without it (the compiler "
+                     f"output is above); set {variable}=1 to make this an error.")
 
-    return [extension], {"build_ext": Build.with_options(use_ninja=True)}
+    return {"build_ext": Build.with_options(use_ninja=True), "build_py": CopySources}
 
 
-ext_modules, cmdclass = _cuda_extension()
+ext_modules = _cpu_extensions() + _cuda_extension()
+cmdclass = _cmdclass(ext_modules)
 VERSION = "0.1.0"
 if os.environ.get("CNL_EXT_LOCAL_VERSION"):
     VERSION += "+" + os.environ["CNL_EXT_LOCAL_VERSION"]
@@ -131,10 +223,10 @@ if os.environ.get("CNL_EXT_LOCAL_VERSION"):
 setup(
     name="cnl_ext",
     version=VERSION,
-    description="Fused Collaborative Neuron Learning (CNL) optimizers for PyTorch, in Triton",
+    description="Fused Collaborative Neuron Learning (CNL) optimizers for PyTorch (Triton, C++ CPU and CUDA kernels)",
     packages=find_packages(include=["cnl_ext", "cnl_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "tqdm"],
+    install_requires=["torch>=2.4", "tqdm", "ninja"],
     extras_require={
         "triton": ["triton>=3.0"],
         "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Build cnl_ext wheels that contain the CUDA extension cnl_ext._C, one per (Python, torch, CUDA)
-# entry of a matrix (docs/wheels.md explains the matrix and how to publish and install the wheels).
+# Build cnl_ext wheels with the compiled kernels, one per (Python, torch, CUDA or cpu) entry of a
+# matrix (docs/wheels.md explains the matrix and how to publish and install the wheels). Every wheel
+# holds the native CPU kernels (cnl_ext._cpu_default/_avx2/_avx512, one per instruction set); CUDA
+# entries add the CUDA extension cnl_ext._C.
 #
-# Runs on a Linux x86-64 build host with the CUDA toolkits of the matrix installed side by side
-# (/usr/local/cuda-X.Y), e.g. inside pytorch/manylinux2_28-builder:cudaX.Y, whose Pythons live in
-# /opt/python. No GPU is needed to build; with one, each wheel's CUDA tests also run.
+# Runs on a Linux x86-64 build host; CUDA entries need the CUDA toolkits of the matrix installed
+# side by side (/usr/local/cuda-X.Y), e.g. inside pytorch/manylinux2_28-builder:cudaX.Y, whose
+# Pythons live in /opt/python. No GPU is needed to build; with one, each wheel's CUDA tests also run.
 #
-#   scripts/build_wheels.sh                  # the whole default matrix
+#   scripts/build_wheels.sh                  # the whole default (CUDA) matrix
 #   scripts/build_wheels.sh 3.11:2.5.1:12.4  # selected entries, PYTHON:TORCH:CUDA
+#   scripts/build_wheels.sh 3.11:2.13.0:cpu  # a CPU wheel (torch from the cpu index): the CPU mode
 #   DRY_RUN=1 scripts/build_wheels.sh        # print the plan only
 #
 # Environment:
@@ -19,10 +22,13 @@
 #                         (default https://download.pytorch.org/whl/{cu})
 #   PIP_EXTRA             extra pip arguments (a local mirror, --no-index --find-links ...)
 #   MAX_JOBS              parallel compile jobs (default: CPU count)
-#   RUN_TESTS             1 (default): run the CPU tests and, with a GPU, the CUDA tests per wheel
+#   RUN_TESTS             1 (default): run the kernel tests (tests/test_kernels.py, the native CPU
+#                         kernels required) and tests/test_cuda_backend.py (GPU tests with a GPU)
+#   SYSTEM_SITE_PACKAGES  1: the venvs see this Python's packages (python -m venv --system-site-packages),
+#                         and an installed torch of the entry's version is used as it is (offline hosts)
 #
-# Each wheel gets a local version label, 0.1.0+cu124.torch2.5: the extension is tied to the torch
-# minor version (C++ ABI) and the CUDA major version it was built with. The wheels are tagged
+# Each wheel gets a local version label, 0.1.0+cu124.torch2.5 or 0.1.0+cpu.torch2.13: the extension
+# is tied to the torch minor version (C++ ABI) and the CUDA major version it was built with. The wheels are tagged
 # linux_x86_64 and meant for a find-links/extra index beside PyTorch's own (they rely on the libtorch
 # and CUDA runtime that the torch wheel ships, so auditwheel must not vendor those; see docs).
 set -euo pipefail
@@ -82,7 +88,7 @@ for entry in "${MATRIX[@]}"; do
     echo "build_wheels: bad matrix entry '$entry' (want PYTHON:TORCH:CUDA, e.g. 3.11:2.5.1:12.4)" >&2
     exit 2
   fi
-  cu=cu${cuda/./}
+  if [[ "$cuda" == cpu ]]; then cu=cpu; else cu=cu${cuda/./}; fi
   torch_minor=$(echo "$torch_version" | cut -d. -f1,2)
   label="${cu}.torch${torch_minor}"
   cuda_home=${CUDA_ROOT_PATTERN//\{cuda\}/$cuda}
@@ -98,7 +104,7 @@ for entry in "${MATRIX[@]}"; do
       failed+=("$entry (no python)")
       continue
     fi
-    if [[ ! -x "$cuda_home/bin/nvcc" ]]; then
+    if [[ "$cuda" != cpu && ! -x "$cuda_home/bin/nvcc" ]]; then
       echo "build_wheels: no CUDA toolkit at $cuda_home; skipped" >&2
       failed+=("$entry (no CUDA $cuda)")
       continue
@@ -109,37 +115,56 @@ for entry in "${MATRIX[@]}"; do
 
   (
     set -euo pipefail
-    run "$python_bin" -m venv --clear "$venv"
+    venv_options=(--clear)
+    [[ "${SYSTEM_SITE_PACKAGES:-0}" != 1 ]] || venv_options+=(--system-site-packages)
+    run "$python_bin" -m venv "${venv_options[@]}" "$venv"
     pip=("$venv/bin/python" -m pip)
     # shellcheck disable=SC2086
     run "${pip[@]}" install -q ${PIP_EXTRA:-} --upgrade pip setuptools wheel build ninja
-    # shellcheck disable=SC2086
-    run "${pip[@]}" install -q ${PIP_EXTRA:-} "torch==${torch_version}" --index-url "$index"
+    if [[ "${SYSTEM_SITE_PACKAGES:-0}" == 1 && "$DRY_RUN" != 1 ]] &&
+       "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+      echo "build_wheels: using the installed torch $torch_version"
+    else
+      # shellcheck disable=SC2086
+      run "${pip[@]}" install -q ${PIP_EXTRA:-} "torch==${torch_version}" --index-url "$index"
+    fi
     if [[ "$DRY_RUN" != 1 ]]; then
-      got=$("$venv/bin/python" -c "import torch; print(torch.version.cuda)")
+      got=$("$venv/bin/python" -c "import torch; print(torch.version.cuda or 'cpu')")
       [[ "$got" == "$cuda" ]] || { echo "build_wheels: torch reports CUDA $got, expected $cuda" >&2; exit 1; }
     fi
     run rm -rf "$ROOT/build/lib."* "$ROOT/build/temp."*  # objects of another torch must not be reused
-    run env CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$PATH" CNL_EXT_BUILD_CUDA=1 \
-      CNL_EXT_LOCAL_VERSION="$label" "$venv/bin/python" -m build --wheel --no-isolation --outdir "$WHEEL_DIR" "$ROOT"
+    if [[ "$cuda" == cpu ]]; then
+      run env CNL_EXT_BUILD_CPU=1 CNL_EXT_BUILD_CUDA=0 CNL_EXT_LOCAL_VERSION="$label" \
+        "$venv/bin/python" -m build --wheel --no-isolation --outdir "$WHEEL_DIR" "$ROOT"
+    else
+      run env CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$PATH" CNL_EXT_BUILD_CPU=1 CNL_EXT_BUILD_CUDA=1 \
+        CNL_EXT_LOCAL_VERSION="$label" "$venv/bin/python" -m build --wheel --no-isolation --outdir "$WHEEL_DIR" "$ROOT"
+    fi
     wheel="$WHEEL_DIR/cnl_ext-0.1.0+${label}-cp${py/./}-cp${py/./}-linux_x86_64.whl"
-    # Check the wheel in its own environment: the extension loads and registers its ops.
+    # Check the wheel in its own environment: the libraries load (prebuilt, nothing compiled) and
+    # register their ops.
     run "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
     # shellcheck disable=SC2086
     run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest
-    run env -C "$WORK_DIR" "$venv/bin/python" -c "
-import torch, cnl_ext.ops.cuda_step as c
-assert c._C is not None, c.unavailable_reason()
-assert hasattr(torch.ops.cnl_ext, 'adam_step_')
-print('cnl_ext._C', c.build_info(), 'available:', c.is_available() or c.unavailable_reason())"
+    run env -C "$WORK_DIR" CNL_EXT_REQUIRE_NATIVE=1 "$venv/bin/python" -c "
+import torch
+from cnl_ext.ops import native_backend as n
+assert n.unavailable_reason() == ''
+info = n.build_info()
+assert info['cpu_build'] == 'prebuilt', info
+assert '$cuda' == 'cpu' or 'cuda_arch_list' in info, n.cuda_unavailable_reason()
+print('cnl_ext native', info, 'CUDA:', n.cuda_unavailable_reason() or 'available')"
     if [[ "$RUN_TESTS" == 1 ]]; then
-      # Against the installed wheel, not the source tree (which has no _C): from a copy of the tests
-      # and of the files they read (csrc/, scripts/).
+      # Against the installed wheel, not the source tree: from a copy of the tests and of the files
+      # they read (csrc/, scripts/).
       copy="$WORK_DIR/test-tree"
       run rm -rf "$copy"
       run mkdir -p "$copy"
       run cp -r "$ROOT/tests" "$ROOT/csrc" "$ROOT/scripts" "$copy/"
-      run env -C "$copy" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
+      selection=()  # a CPU host runs the native kernels' cases (Triton's interpreter is the source tree's CI)
+      [[ "$cuda" != cpu ]] || selection=(-k "(native or instruction_set or build) and not setup")  # setup.py is not in the copy
+      run env -C "$copy" CNL_EXT_REQUIRE_NATIVE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py tests/test_cuda_backend.py "${selection[@]}"
     fi
   ) 2>&1 | tee "$log" && built+=("$entry") || failed+=("$entry (see $log)")
 done

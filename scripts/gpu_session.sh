@@ -38,7 +38,7 @@ write_env() {
     "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
 "| CUDA", torch.version.cuda, "| triton", triton.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
-    "$PY" -c 'import cnl_ext.ops.cuda_step as c; print("cnl_ext._C:", "built" if c.is_available() else c.unavailable_reason())'
+    "$PY" -c 'import cnl_ext.ops.native_backend as c; print("native:", c.unavailable_reason() or c.build_info())'
   } > "$OUT/env.txt" 2>&1
 }
 

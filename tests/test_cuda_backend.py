@@ -1,17 +1,18 @@
 """The C++/CUDA backend (``csrc/``, ``cnl_ext.ops.cuda_step``).
 
 On a GPU with ``cnl_ext._C`` built (tests marked ``cuda``): the ops against the PyTorch reference
-(:mod:`cnl_ext.reference`) element by element, over many shapes (scalars, empty, odd sizes, 1-D to
+(:mod:`cnl_ext.ops.torch_backend`) element by element, over many shapes (scalars, empty, odd sizes, 1-D to
 4-D, more than one chunk), parameter dtypes, reference formats, with and without statistics, for
 several steps; unaligned tensors (the scalar path), lists longer than one launch's table,
 input validation, ``torch.compile`` and CUDA-graph capture.
 
 Everywhere: the module imports and reports why it is unavailable, the operator schemas in
-``csrc/cnl_ops.cpp`` parse, match the ops contract and work under ``torch.compile`` (checked with a
+``csrc/cnl_binding.h`` parse, match the ops contract and work under ``torch.compile`` (checked with a
 stand-in CPU implementation), and ``scripts/check_cuda_compile.sh`` passes where nvcc exists.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -23,11 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnl_ext import reference, reference_format
+from cnl_ext import reference_format
+from cnl_ext.ops import torch_backend as reference
 from cnl_ext.ops import cuda_step
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS_CPP = ROOT / "csrc" / "cnl_ops.cpp"
+SCHEMAS_H = ROOT / "csrc" / "cnl_binding.h"  # the schemas, registered by the CPU library (csrc/cpu/)
 
 CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h
 SHAPES = [(), (0,), (1,), (3,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (CHUNK + 3,),
@@ -182,24 +184,22 @@ SGD_OPTIONS = [  # momentum, dampening, nesterov, weight_decay, maximize
 # ----------------------------------------------------------------------------- everywhere (CPU)
 
 
-def test_cuda_step_imports_and_explains_unavailability():
+def test_cuda_side_imports_and_explains_unavailability():
+    """Without a GPU or cnl_ext._C the CUDA side says why (and compiles nothing to say so)."""
+    from cnl_ext.ops import native_backend
+
     assert isinstance(cuda_step.is_available(), bool)
     reason = cuda_step.unavailable_reason()
-    assert isinstance(reason, str)
+    assert isinstance(reason, str) and reason == native_backend.cuda_unavailable_reason()
     if cuda_step.is_available():
         assert reason == ""
         assert cuda_step.build_info()["chunk_size"] == CHUNK
         return
     assert reason, "an unavailable backend must say why"
-    if cuda_step._C is None:
-        assert "cnl_ext._C" in reason
-        assert cuda_step.build_info() == {}
-        p = [torch.zeros(3)]
-        with pytest.raises(RuntimeError, match="cnl_ext._C"):
-            cuda_step.sgd_step_(p, [torch.ones(3)], None, None, None, reference_format="float32", lr=0.1,
-                                weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
-                                maximize=False, first_step=True)
-        assert torch.equal(p[0], torch.zeros(3))
+    if importlib.util.find_spec("cnl_ext._C") is None:
+        assert not native_backend.supports("cuda", "adam_step_")
+        if torch.cuda.is_available():
+            assert "cnl_ext._C" in reason
 
 
 def test_build_info_arch_list_round_trip():
@@ -208,13 +208,13 @@ def test_build_info_arch_list_round_trip():
     assert cuda_step._arch_list("unknown") == "unknown"
 
 
-def _schemas():
-    """The schema strings that csrc/cnl_ops.cpp registers, joined from their C++ string literals."""
-    source = OPS_CPP.read_text()
+def _schemas(names=("kSgdSchema", "kAdamSchema")):
+    """The schema strings that csrc/cnl_binding.h defines, joined from their C++ string literals."""
+    source = SCHEMAS_H.read_text()
     out = {}
-    for name in ("kSgdSchema", "kAdamSchema"):
+    for name in names:
         match = re.search(r"constexpr const char\* %s =\s*((?:\"[^\"]*\"\s*)+);" % name, source)
-        assert match, f"{name} not found in {OPS_CPP}"
+        assert match, f"{name} not found in {SCHEMAS_H}"
         schema = "".join(re.findall(r'"([^"]*)"', match.group(1)))
         out[schema.split("(", 1)[0]] = schema
     return out
@@ -243,6 +243,19 @@ def test_schemas_parse_and_match_the_ops_contract():
         assert len(schema.returns) == 0
 
 
+def test_masked_delta_schema_matches_the_ops_contract():
+    """masked_delta_ (CPU only for now): the contract's arguments; it writes params and stats only."""
+    from cnl_ext.ops import native_backend
+    from cnl_ext.ops import torch_backend as masked_delta_reference
+
+    schema = torch._C.parse_schema(_schemas(("kMaskedDeltaSchema",))["masked_delta_"])
+    contract = inspect.signature(masked_delta_reference.masked_delta_).parameters
+    assert [a.name for a in schema.arguments] == list(contract)
+    assert list(inspect.signature(native_backend.masked_delta_).parameters) == list(contract)
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"params", "stats"}
+
+
 def _reference_with_lr_tensor(name):
     """The reference behind the op's signature: ``lr_tensor`` (when given) is the learning rate."""
     def kernel(*args, lr_tensor=None, **kwargs):
@@ -256,7 +269,7 @@ def _reference_with_lr_tensor(name):
 @pytest.fixture
 def stand_in_ops():
     """The real schemas, in a scratch namespace, with the reference as CPU kernel and no-op Meta
-    kernels (as csrc/cnl_ops.cpp registers): checks the schemas' aliasing under torch.compile."""
+    kernels (as csrc/cpu/cnl_cpu_ops.cpp registers): checks the schemas' aliasing under torch.compile."""
     namespace = "cnl_ext_schema_check"
     lib = torch.library.Library(namespace, "FRAGMENT")
     for name, schema in _schemas().items():

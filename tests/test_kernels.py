@@ -1,30 +1,137 @@
-"""The Triton kernels against the PyTorch reference, at the level of the ops contract.
+"""Every backend against the PyTorch backend (the oracle), at the level of the ops contract.
 
-Every case runs one multi-tensor launch over tensors of many shapes (scalars, empty, odd sizes,
-1-D to 4-D, one larger than a chunk) for several steps, and compares parameters, optimizer states
-and statistics with :mod:`cnl_ext.reference` run on copies of the same inputs.
+One harness and one tolerance policy for all backends (``triton``, ``native``; the oracle is
+``torch``): each case runs one multi-tensor call over tensors of many shapes (scalars, empty, odd
+sizes, 1-D to 4-D, larger than one chunk / work item) for several steps, on copies of the same
+inputs, and compares parameters, optimizer states and statistics; and it checks that the op wrote
+neither grads nor references.
+
+Tolerance policy (:func:`_assert_same`): float32 within 1e-5 relative; bfloat16/float16 within
+about one ulp of the values' scale (a wrongly masked element moves by ~LR, far beyond either);
+statistics: counts within rounding-of-zero flips, sums within 1e-4 relative.
+
+Exactness. The native CPU kernels round every operation separately, like the torch backend on
+paper. On CPU, torch itself does not: its AVX2/AVX512 kernels contract ``add(alpha=)`` and
+``addcmul`` into FMAs, and ``Tensor.sqrt`` is MKL's (not correctly rounded; 15-20% of elements differ
+by an ulp). With ``ATEN_CPU_CAPABILITY=default`` (no FMA) and a correctly rounded sqrt in the
+oracle, the native kernels equal it bit for bit; ``CNL_TEST_EXACT=1`` asserts that, and
+:func:`test_native_equals_torch_backend_bit_for_bit` runs this file so in a subprocess.
 """
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from cnl_ext import reference_format
-from cnl_ext.ops import torch_backend as reference
-from cnl_ext.ops import triton_step
+from cnl_ext.ops import masked_delta_reference, native_backend, triton_step
 
-from .conftest import TRITON_DEVICES
+from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
 
-# Chunks are shrunk in these tests (fixture below) so that a small tensor spans several of them.
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = os.environ.get("CNL_TEST_EXACT") == "1"
+
+# Chunks are shrunk for Triton (fixture below) so that a small tensor spans several of them; the
+# native CPU kernels cut tensors into work items of a fixed size.
 TEST_CHUNK = 4 * triton_step.BLOCK
-SHAPES = [(), (0,), (1,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (2 * TEST_CHUNK + 3,)]
+NATIVE_ITEM = 32768  # cnl::cpu::kItemSize (csrc/cpu/cnl_cpu_kernels.h); checked by test_native_build_info
+SHAPES = [(), (0,), (1,), (7,), (31,), (33,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7)]
+LARGE_SHAPE = {"triton": (2 * TEST_CHUNK + 3,), "native": (2 * NATIVE_ITEM + 37,)}
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = [None, *reference_format.FORMATS]
 # lr is large so that a wrongly masked element moves far beyond the bf16/fp16 tolerance.
 LR = 0.1
 
 
+def _first_module(*names):
+    """The first importable of ``names`` (backend modules are being renamed: new name first)."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    raise ModuleNotFoundError(names[0])
+
+
+def torch_backend():
+    return _first_module("cnl_ext.ops.torch_backend", "cnl_ext.reference")
+
+
+def backend_module(name):
+    if name == "torch":
+        return torch_backend()
+    if name == "triton":
+        return _first_module("cnl_ext.ops.triton_backend", "cnl_ext.ops.triton_step")
+    return native_backend
+
+
+def masked_delta_op(name):
+    """The backend's masked_delta_ (the torch and triton ones still live in their own modules)."""
+    module = backend_module(name)
+    if hasattr(module, "masked_delta_"):
+        return module.masked_delta_
+    if name == "torch":
+        return masked_delta_reference.masked_delta_
+    return importlib.import_module("cnl_ext.ops.triton_masked_delta").masked_delta_
+
+
+def _native_cpu_skip_reason():
+    """Why the native CPU kernels are not tested here ('' when they are). Computed on first use
+    (it may compile them); unavailability fails instead of skipping under CNL_EXT_REQUIRE_NATIVE=1."""
+    return native_backend.unavailable_reason()  # raises (the test fails) under CNL_EXT_REQUIRE_NATIVE=1
+
+
+# (backend, device) of every backend under test; CUDA ones are marked and skip without a GPU.
+BACKENDS = [
+    pytest.param("triton", "cpu", id="triton-cpu",
+                 marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
+    pytest.param("native", "cpu", id="native-cpu"),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, requires_cuda]),
+    pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda]),
+]
+
+
 @pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch):
+def _backend_ready(request, monkeypatch):
+    """Small Triton chunks; skip (or fail, see above) a native case whose kernels are unavailable."""
     monkeypatch.setattr(triton_step, "CHUNK", TEST_CHUNK)
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "native":
+        return
+    if callspec.params.get("device") == "cuda":
+        reason = native_backend.cuda_unavailable_reason()
+    else:
+        reason = _native_cpu_skip_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+
+
+@contextlib.contextmanager
+def _oracle_rounding():
+    """Under CNL_TEST_EXACT=1: the oracle's sqrt correctly rounded (as the kernels' and CUDA's), not MKL's."""
+    if not EXACT:
+        yield
+        return
+
+    def exact_sqrt(t):
+        return torch.sqrt(t.double()).to(t.dtype)  # sqrt in double, rounded once: correctly rounded
+
+    original = torch.Tensor.sqrt, torch._foreach_sqrt
+    torch.Tensor.sqrt = exact_sqrt
+    torch._foreach_sqrt = lambda tensors: [exact_sqrt(t) for t in tensors]
+    try:
+        yield
+    finally:
+        torch.Tensor.sqrt, torch._foreach_sqrt = original
+
+
+def _shapes(backend):
+    return SHAPES + [LARGE_SHAPE[backend]]
 
 
 def _random_reference(shape, device):
@@ -33,10 +140,10 @@ def _random_reference(shape, device):
     return r
 
 
-def _setup(dtype, fmt, device, n_state):
-    params = [torch.randn(s, device=device).to(dtype) for s in SHAPES]
-    states = [[torch.randn(s, device=device).abs() for s in SHAPES] for _ in range(n_state)]
-    refs = None if fmt is None else [reference_format.encode(_random_reference(s, device), fmt) for s in SHAPES]
+def _setup(shapes, dtype, fmt, device, n_state):
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    states = [[torch.randn(s, device=device).abs() for s in shapes] for _ in range(n_state)]
+    refs = None if fmt is None else [reference_format.encode(_random_reference(s, device), fmt) for s in shapes]
     return params, states, refs
 
 
@@ -53,9 +160,12 @@ def _clone(tensors):
     return None if tensors is None else [_offset_view(t) if t.data_ptr() % 16 else t.clone() for t in tensors]
 
 
-def _assert_same(got, want, dtype):
+def _assert_same(got, want, dtype, exact=False):
+    """The one tolerance policy (module docstring); ``exact``: bit for bit."""
     for g, w in zip(got, want):
-        if dtype == torch.float32:
+        if exact:
+            assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
+        elif dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         else:  # rounded once per step: allow about an ulp at the values' scale (~1); a masking
             # error moves an element by ~LR, far beyond this
@@ -63,28 +173,41 @@ def _assert_same(got, want, dtype):
             torch.testing.assert_close(g.float(), w.float(), rtol=eps, atol=2 * eps)
 
 
-def _assert_stats_close(got, want):
+def _assert_stats_close(got, want, shapes):
     """Counts may differ where ``u`` is within rounding of 0 (its sign is then a coin flip in either
     implementation): a few elements per tensor. The sums are continuous in such elements."""
-    numels = torch.tensor([float(torch.Size(s).numel()) for s in SHAPES], dtype=torch.float64, device=got.device)
+    numels = torch.tensor([float(torch.Size(s).numel()) for s in shapes], dtype=torch.float64, device=got.device)
     assert ((got[:, 0] - want[:, 0]).abs() <= 2 + 1e-3 * numels).all()
     torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-3)
     assert got[:, 0].sum() > 0  # some elements were collaborative and counted
 
 
-def _run_both(step_name, params, grads, states, refs, fmt, stats, steps, kwargs):
-    """Run the Triton op and the reference op ``steps`` times on copies; return both results."""
+def _run_both(backend, step_name, params, grads, states, refs, fmt, stats, steps, kwargs):
+    """Run the backend's op and the oracle's ``steps`` times on copies; return both results. Also
+    checks that the backend wrote neither the grads nor the references."""
     results = []
-    for module in (triton_step, reference):
+    grads_before = [[g.clone() for g in gs] for gs in grads]
+    refs_before = None if refs is None else [r.clone() for r in refs]
+    for name in (backend, "torch"):
+        module = backend_module(name)
         p, s, st = _clone(params), [_clone(x) for x in states], None if stats is None else stats.clone()
-        for k in range(steps):
-            state_lists = [None if x is None else x for x in s]
-            getattr(module, step_name)(p, grads[k], *state_lists, refs, st, reference_format=fmt or "float32", **kwargs(k))
+        with _oracle_rounding() if name == "torch" else contextlib.nullcontext():
+            for k in range(steps):
+                getattr(module, step_name)(p, grads[k], *s, refs, st, reference_format=fmt or "float32", **kwargs(k))
         results.append((p, s, st))
+        if name == backend:
+            for gs, gs_before in zip(grads, grads_before):
+                assert all(torch.equal(a, b) for a, b in zip(gs, gs_before)), "the op wrote a gradient"
+            if refs is not None:
+                assert all(torch.equal(a, b) for a, b in zip(refs, refs_before)), "the op wrote a reference"
     return results
 
 
-@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+def _exact(backend, device):
+    return EXACT and backend == "native" and device == "cpu"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("amsgrad,decoupled,weight_decay,maximize", [
@@ -94,39 +217,48 @@ def _run_both(step_name, params, grads, states, refs, fmt, stats, steps, kwargs)
     (True, True, 0.0, False),    # AdamW without decay
 ])
 def test_adam_kernel_matches_reference(backend, device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize):
-    _check_adam_against_reference(device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize)
+    _check_adam_against_reference(backend, device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize)
 
 
-def _check_adam_against_reference(device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize, unaligned=False):
-    """Three Adam steps of the Triton op and the reference on the same inputs; ``unaligned`` places
-    every tensor at an odd address (a flat buffer's slices), where the kernels take their scalar path."""
-    params, states, refs = _setup(dtype, fmt, device, n_state=3)
+def _check_adam_against_reference(backend, device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize,
+                                  unaligned=False, capturable=False):
+    """Three Adam steps of the backend and the oracle on the same inputs; ``unaligned`` places every
+    tensor at an odd address (a flat buffer's slices), where kernels take their unaligned path;
+    ``capturable`` passes lr as a tensor and step counts instead of bias corrections."""
+    shapes = _shapes(backend)
+    params, states, refs = _setup(shapes, dtype, fmt, device, n_state=3)
     steps = 3
-    grads = [[torch.randn(s, device=device).to(dtype) for s in SHAPES] for _ in range(steps)]
+    grads = [[torch.randn(s, device=device).to(dtype) for s in shapes] for _ in range(steps)]
     if unaligned:
         params, grads = [_offset_view(p) for p in params], [[_offset_view(t) for t in g] for g in grads]
         states = [[_offset_view(t) for t in x] for x in states]
         refs = None if refs is None else [_offset_view(r) for r in refs]
-        nonempty = [p for p in params if p.numel()]
-        assert not triton_step._pointer_table((_clone(nonempty),), torch.device(device))[1]  # as _run_both copies
-    stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device=device)
+        if backend == "triton":
+            nonempty = [p for p in params if p.numel()]
+            assert not triton_step._pointer_table((_clone(nonempty),), torch.device(device))[1]  # as _run_both copies
+    stats = None if fmt is None else torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)
     beta1, beta2 = 0.8, 0.95
 
     def kwargs(k):
         t = k + 1
-        return dict(lr=LR, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=weight_decay,
-                    decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize,
-                    bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t)
+        options = dict(lr=LR, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=weight_decay,
+                       decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize)
+        if capturable:
+            return dict(options, lr=torch.tensor(LR, device=device),
+                        device_steps=[torch.tensor(float(t), device=device) for _ in shapes])
+        return dict(options, bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t)
 
-    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both("adam_step_", params, grads, states, refs, fmt, stats, steps, kwargs)
-    _assert_same(p_t, p_r, dtype)
+    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both(backend, "adam_step_", params, grads, states, refs, fmt, stats,
+                                                   steps, kwargs)
+    exact = _exact(backend, device) and not capturable  # step counts: bias corrections rounded differently
+    _assert_same(p_t, p_r, dtype, exact)
     for a, b in zip(s_t, s_r):
-        _assert_same(a, b, torch.float32)
+        _assert_same(a, b, torch.float32, exact)
     if stats is not None:
-        _assert_stats_close(st_t, st_r)
+        _assert_stats_close(st_t, st_r, shapes)
 
 
-@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("momentum,dampening,nesterov,weight_decay,maximize", [
@@ -136,34 +268,90 @@ def _check_adam_against_reference(device, dtype, fmt, amsgrad, decoupled, weight
     (0.5, 0.3, False, 0.0, True),    # dampening, maximize
 ])
 def test_sgd_kernel_matches_reference(backend, device, dtype, fmt, momentum, dampening, nesterov, weight_decay, maximize):
-    params, states, refs = _setup(dtype, fmt, device, n_state=1 if momentum else 0)
+    _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampening, nesterov, weight_decay, maximize)
+
+
+def _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampening, nesterov, weight_decay, maximize,
+                                 capturable=False):
+    shapes = _shapes(backend)
+    params, states, refs = _setup(shapes, dtype, fmt, device, n_state=1 if momentum else 0)
     steps = 3
-    grads = [[torch.randn(s, device=device).to(dtype) for s in SHAPES] for _ in range(steps)]
-    stats = None if fmt is None else torch.zeros(len(SHAPES), 3, dtype=torch.float64, device=device)
+    grads = [[torch.randn(s, device=device).to(dtype) for s in shapes] for _ in range(steps)]
+    stats = None if fmt is None else torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)
     if not momentum:
         states = [None]  # the momentum_buffers argument
 
     def kwargs(k):
-        return dict(lr=LR, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+        lr = torch.tensor(LR, device=device) if capturable else LR
+        return dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                     nesterov=nesterov, maximize=maximize, first_step=(k == 0))
 
-    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both("sgd_step_", params, grads, states, refs, fmt, stats, steps, kwargs)
-    _assert_same(p_t, p_r, dtype)
+    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both(backend, "sgd_step_", params, grads, states, refs, fmt, stats,
+                                                   steps, kwargs)
+    exact = _exact(backend, device)
+    _assert_same(p_t, p_r, dtype, exact)
     if momentum:
-        _assert_same(s_t[0], s_r[0], torch.float32)
+        _assert_same(s_t[0], s_r[0], torch.float32, exact)
     if stats is not None:
-        _assert_stats_close(st_t, st_r)
+        _assert_stats_close(st_t, st_r, shapes)
 
 
-@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", [None, "float32", "sign2"])
 def test_unaligned_tensors_match_reference(backend, device, dtype, fmt):
-    _check_adam_against_reference(device, dtype, fmt, amsgrad=True, decoupled=True, weight_decay=0.1, maximize=False,
-                                  unaligned=True)
+    _check_adam_against_reference(backend, device, dtype, fmt, amsgrad=True, decoupled=True, weight_decay=0.1,
+                                  maximize=False, unaligned=True)
 
 
-@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "native"])
+@pytest.mark.parametrize("fmt", [None, "sign2"])
+def test_capturable_arguments_match_reference(backend, device, fmt):
+    """lr as a 0-d tensor, step counts instead of bias corrections (CUDA graphs; trivial on CPU)."""
+    _check_adam_against_reference(backend, device, torch.float32, fmt, amsgrad=False, decoupled=True,
+                                  weight_decay=0.1, maximize=False, capturable=True)
+    _check_sgd_against_reference(backend, device, torch.float32, fmt, 0.9, 0.0, False, 0.01, False, capturable=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fmt", reference_format.FORMATS)
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+def test_write_back_matches_reference(backend, device, fmt, dtype):
+    """masked_delta_ (the CNL(...) wrapper's write-back) against the oracle and the rule written out."""
+    shapes = [LARGE_SHAPE[backend], (70_001,), (3, 5), (1,), (0,), (257, 3), (33,)]
+    befores = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    afters = [b + torch.randn(b.shape, device=device).to(dtype) * 0.1 for b in befores]
+    for a in afters:  # exact zeros in Δ and in r are collaborative
+        a.view(-1)[:3] = torch.tensor([0.0, 0.0, 1.0], dtype=dtype)[: a.numel()]
+    for b in befores:
+        b.view(-1)[:3] = torch.tensor([0.0, 1.0, 1.0], dtype=dtype)[: b.numel()]
+    raw = [torch.randn(s, device=device) for s in shapes]
+    for r in raw:
+        r.view(-1)[:3] = torch.tensor([1.0, 0.0, -1.0])[: r.numel()]
+    references = [reference_format.encode(r, fmt) for r in raw]
+    befores_copy, references_copy = [b.clone() for b in befores], [r.clone() for r in references]
+    results = []
+    for name in ("torch", backend):
+        params = [a.clone() for a in afters]
+        stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)
+        masked_delta_op(name)(params, befores, references, stats, reference_format=fmt, inv_lr=4.0)
+        results.append((params, stats))
+    assert all(torch.equal(a, b) for a, b in zip(befores, befores_copy)), "the op wrote a `before`"
+    assert all(torch.equal(a, b) for a, b in zip(references, references_copy)), "the op wrote a reference"
+    (ref_params, ref_stats), (got_params, got_stats) = results
+    for p, q in zip(ref_params, got_params):
+        assert torch.equal(p, q)
+    assert torch.equal(ref_stats[:, 0], got_stats[:, 0])
+    torch.testing.assert_close(got_stats, ref_stats, rtol=1e-4, atol=1e-3)
+    # and against the rule written out: restored exactly where conflicting, else the new value
+    for a, b, r, p in zip(afters, befores, raw, got_params):
+        u = b.float() - a.float()
+        conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
+        assert torch.equal(p, torch.where(conflict, b, a))
+    assert int(got_stats[:, 0].sum()) < sum(a.numel() for a in afters)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch-cpu"), *BACKENDS])
 def test_mask_is_never_stored_and_frozen_elements_are_bitwise_unchanged(backend, device):
     """Conflicting elements keep their exact bits (bf16 too), and every other element moves."""
     shape = (1000,)
@@ -171,9 +359,11 @@ def test_mask_is_never_stored_and_frozen_elements_are_bitwise_unchanged(backend,
     g = torch.randn(shape, device=device).to(torch.bfloat16)
     r = _random_reference(shape, device)
     before = p.clone()
-    triton_step.sgd_step_([p], [g], None, [r], None, reference_format="float32", lr=LR, weight_decay=0.0,
-                          momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first_step=True)
-    conflict = reference.conflicting(r, g.float())
+    backend_module(backend).sgd_step_([p], [g], None, [r], None, reference_format="float32", lr=LR,
+                                      weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                                      maximize=False, first_step=True)
+    u = g.float()
+    conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
     assert conflict.any() and not conflict.all()
     assert torch.equal(p[conflict], before[conflict])
     moved = (before.float() - LR * g.float()).to(torch.bfloat16)  # rounded to nearest even, like torch
@@ -181,7 +371,7 @@ def test_mask_is_never_stored_and_frozen_elements_are_bitwise_unchanged(backend,
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_tensor_beyond_int32_offsets():
     """Offsets are 64-bit: a tensor of more than 2**31 elements is updated to its last element."""
     n = 2**31 + 4099
@@ -195,3 +385,167 @@ def test_tensor_beyond_int32_offsets():
                           momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first_step=True)
     assert p[0].item() == 0.5 and p[2**31 + 7].item() == 0.5 and p[-4].item() == 0.5
     assert (p[-3:] == 1.0).all()  # conflicting with the reference: frozen
+
+
+# ----------------------------------------------------------------------------- native CPU specifics
+
+
+def _require_native_cpu():
+    reason = _native_cpu_skip_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+
+
+def _subprocess_env(**extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(EXACT, reason="already the exact run")
+def test_native_equals_torch_backend_bit_for_bit():
+    """The native CPU kernels equal the torch backend bit for bit wherever torch rounds each operation
+    separately (ATEN_CPU_CAPABILITY=default) and its sqrt is correctly rounded (module docstring)."""
+    _require_native_cpu()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "native-cpu and (adam_kernel or sgd_kernel or write_back)"],
+        cwd=ROOT, env=_subprocess_env(ATEN_CPU_CAPABILITY="default", CNL_TEST_EXACT="1"),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+_ISA_WORKLOAD = r"""
+import sys, torch
+from cnl_ext import reference_format
+from cnl_ext.ops import native_backend
+torch.manual_seed(0)
+shapes = [(), (1,), (31,), (33,), (1025,), (3, 5), (2 * 32768 + 37,)]
+out = {"capability": native_backend.build_info()["cpu_capability"]}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for fmt in (None, *reference_format.FORMATS):
+        params = [torch.randn(s).to(dtype) for s in shapes]
+        m, v, vmax = ([torch.rand(s) for s in shapes] for _ in range(3))
+        refs = None if fmt is None else [reference_format.encode(torch.randn(s) * (torch.rand(s) > 0.1), fmt) for s in shapes]
+        stats = torch.zeros(len(shapes), 3, dtype=torch.float64)
+        for k in range(2):
+            grads = [torch.randn(s).to(dtype) for s in shapes]
+            native_backend.adam_step_(params, grads, m, v, vmax, refs, stats, reference_format=fmt or "float32",
+                lr=0.1, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05, decoupled_weight_decay=k == 0,
+                amsgrad=True, maximize=k == 1, bias_correction1=0.2, bias_correction2=0.05)
+            native_backend.sgd_step_(params, grads, m, refs, stats, reference_format=fmt or "float32", lr=0.1,
+                weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=k == 1, maximize=False, first_step=k == 0)
+        if fmt is not None:
+            before = [p.clone() for p in params]
+            after = [p + torch.randn(p.shape).to(dtype) for p in params]
+            native_backend.masked_delta_(after, before, refs, stats, reference_format=fmt, inv_lr=10.0)
+            params += after
+        out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_instruction_set_variants_are_bit_identical(tmp_path):
+    """DEFAULT and AVX2 builds (CNL_EXT_CPU_CAPABILITY) give the AVX512 build's results bit for bit,
+    statistics included: every variant this CPU can run, each in its own process (one per process)."""
+    _require_native_cpu()
+    best = native_backend.cpu_capability()
+    order = ("AVX512", "AVX2", "DEFAULT")
+    variants = order[order.index(best):]
+    if len(variants) < 2:
+        pytest.skip(f"this CPU runs only the {best} variant")
+    script = tmp_path / "workload.py"
+    script.write_text(_ISA_WORKLOAD)
+    results = {}
+    for capability in variants:
+        out = tmp_path / f"{capability}.pt"
+        run = subprocess.run([sys.executable, str(script), str(out)], cwd=ROOT,
+                             env=_subprocess_env(CNL_EXT_CPU_CAPABILITY=capability),
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-4000:]
+        results[capability] = torch.load(out)
+        assert results[capability].pop("capability") == capability
+    first = results[variants[0]]
+    for capability in variants[1:]:
+        for case, tensors in first.items():
+            flat_a = torch.utils._pytree.tree_leaves(tensors)
+            flat_b = torch.utils._pytree.tree_leaves(results[capability][case])
+            for a, b in zip(flat_a, flat_b, strict=True):
+                assert torch.equal(a, b), f"{capability} differs from {variants[0]} in {case}"
+
+
+def test_native_build_info():
+    _require_native_cpu()
+    info = native_backend.build_info()
+    assert info["cpu_capability"] == native_backend.cpu_capability()
+    assert info["cpu_build"] in ("prebuilt", "jit")
+    assert info["cpu_item_size"] == NATIVE_ITEM
+    assert native_backend.supports("cpu", "masked_delta_") and not native_backend.supports("meta", "adam_step_")
+
+
+def test_native_rejects_mismatched_inputs():
+    _require_native_cpu()
+    p, g = [torch.zeros(8)], [torch.zeros(8)]
+    kwargs = dict(lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                  first_step=True)
+    with pytest.raises(RuntimeError, match=r"references\[0\] has dtype Float, expected Byte"):
+        native_backend.sgd_step_(p, g, None, [torch.zeros(2)], None, reference_format="sign2", **kwargs)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has 4 elements, expected 8"):
+        native_backend.sgd_step_(p, [torch.zeros(4)], None, None, None, reference_format="float32", **kwargs)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        native_backend.sgd_step_([torch.zeros(4, 2).t()], [torch.zeros(2, 4)], None, None, None,
+                                 reference_format="float32", **kwargs)
+    with pytest.raises(RuntimeError, match="reference_format must be one of"):
+        native_backend.sgd_step_(p, g, None, None, None, reference_format="int4", **kwargs)
+    with pytest.raises(RuntimeError, match="stats must have shape"):
+        native_backend.masked_delta_(p, g, [torch.zeros(8)], torch.zeros(2, 3, dtype=torch.float64),
+                                     reference_format="float32", inv_lr=1.0)
+    assert torch.equal(p[0], torch.zeros(8))  # nothing written by a rejected call
+
+
+_BROKEN_BUILD = r"""
+import warnings, torch
+from cnl_ext.ops import native_backend
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        reason = native_backend.unavailable_reason()
+    except native_backend.NativeBackendRequiredError as exc:
+        print("RAISED:", exc)
+    else:
+        assert native_backend.unavailable_reason() == reason  # decided once per process
+        print("REASON:", reason)
+        print("WARNINGS:", len(caught))  # the caller (backend="auto") warns, once
+"""
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_failed_build_is_a_reason_or_an_error_when_required(tmp_path, required):
+    """A compiler that fails (here: CXX=false in an empty extension cache): the backend is unavailable
+    with the reason (backend="auto" warns with it), or, with CNL_EXT_REQUIRE_NATIVE=1 (CI), an error
+    that no fallback catches."""
+    if importlib.util.find_spec(f"cnl_ext._cpu_{native_backend.cpu_capability().lower()}") is not None:
+        pytest.skip("a prebuilt CPU library is installed: nothing is compiled")
+    env = _subprocess_env(CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env[native_backend.ENV_REQUIRE] = "1" if required else "0"
+    run = subprocess.run([sys.executable, "-c", _BROKEN_BUILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    if required:
+        assert "RAISED:" in run.stdout and "CNL_EXT_REQUIRE_NATIVE=1" in run.stdout
+    else:
+        assert "REASON: building the CPU kernels" in run.stdout and "failed" in run.stdout
+        assert "WARNINGS: 0" in run.stdout
+
+
+def test_importing_compiles_nothing(tmp_path):
+    """Importing cnl_ext and the backend module loads no library and starts no compile: the first
+    use (unavailable_reason or an op) does."""
+    code = ("import cnl_ext, cnl_ext.functional, torch; from cnl_ext.ops import native_backend as n; "
+            "print(bool(n._state), hasattr(torch.ops.cnl_ext, 'adam_step_'))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=_subprocess_env(CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "False"] and "compiling" not in run.stderr

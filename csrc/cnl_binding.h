@@ -1,0 +1,245 @@
+// What the PyTorch bindings of the CPU (csrc/cpu/cnl_cpu_ops.cpp) and CUDA (csrc/cnl_ops.cpp)
+// kernels share: the operator schemas and the validation of op inputs into cnl::TensorLists.
+//
+// The ops follow the contract of cnl_ext/ops/__init__.py. Their schemas declare every list they
+// write (Tensor(a!)[]), so torch.compile functionalizes them correctly. Unlike the Python backends,
+// the bindings re-check their inputs: a wrong pointer here is a silent memory corruption, so every
+// mismatch is a TORCH_CHECK with a message.
+//
+// Header-only on purpose: each CPU variant library (one per instruction set) compiles its own copy
+// with its own flags, so no function compiled for one instruction set is shared with another.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cnl_types.h"
+
+namespace cnl::binding {
+
+using at::Tensor;
+using at::TensorList;
+
+// The arguments of the ops contract, in its order, plus `lr_tensor`: a capturable step passes its
+// learning rate as a 0-d float32 tensor on the params' device there (the Python wrapper moves a
+// tensor `lr` to it; `lr` is then ignored). tests/test_cuda_backend.py parses these strings.
+constexpr const char* kSgdSchema =
+    "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, Tensor[]? references, "
+    "Tensor(c!)? stats, *, str reference_format, float lr, float weight_decay, float momentum, "
+    "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? lr_tensor=None) -> ()";
+constexpr const char* kAdamSchema =
+    "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[]? max_exp_avg_sqs, Tensor[]? references, Tensor(e!)? stats, *, str reference_format, "
+    "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+    "bool amsgrad, bool maximize, float? bias_correction1=None, float? bias_correction2=None, "
+    "Tensor[]? device_steps=None, Tensor? lr_tensor=None) -> ()";
+constexpr const char* kMaskedDeltaSchema =
+    "masked_delta_(Tensor(a!)[] params, Tensor[] befores, Tensor[] references, Tensor(b!)? stats, *, "
+    "str reference_format, float inv_lr) -> ()";
+
+inline RefFormat parse_format(c10::string_view name, const char* op) {
+  if (name == "float32") return RefFormat::kFloat32;
+  if (name == "bfloat16") return RefFormat::kBFloat16;
+  if (name == "int8") return RefFormat::kInt8;
+  if (name == "sign2") return RefFormat::kSign2;
+  TORCH_CHECK(false, op, ": reference_format must be one of 'float32', 'bfloat16', 'int8', 'sign2', got '",
+              std::string(name), "'");
+}
+
+// The dtype a stored reference has in each format (cnl_ext/reference_format.py).
+inline at::ScalarType reference_dtype(RefFormat format) {
+  switch (format) {
+    case RefFormat::kFloat32: return at::kFloat;
+    case RefFormat::kBFloat16: return at::kBFloat16;
+    case RefFormat::kInt8: return at::kChar;
+    default: return at::kByte;  // sign2
+  }
+}
+
+inline ParamType param_type(at::ScalarType dtype, const char* op) {
+  switch (dtype) {
+    case at::kFloat: return ParamType::kFloat32;
+    case at::kBFloat16: return ParamType::kBFloat16;
+    case at::kHalf: return ParamType::kFloat16;
+    default:
+      TORCH_CHECK(false, op, ": parameters must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+// Validated op inputs as the host arrays the kernels take. The vectors own the pointer arrays for
+// the duration of the op call only.
+struct Collected {
+  std::vector<int64_t> numels;
+  std::vector<void*> params, grads, states[3], references, steps;
+  TensorLists lists;
+  Tensor partials;  // CUDA: keeps the statistics workspace alive until the kernels are enqueued
+};
+
+inline void check_tensor(const Tensor& t, const char* op, const char* list, size_t i, const Tensor& param,
+                         at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
+              " but params are on ", param.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
+              dtype);
+  TORCH_CHECK(t.numel() == numel, op, ": ", list, "[", i, "] has ", t.numel(), " elements, expected ", numel,
+              " (params[", i, "] has shape ", param.sizes(), ")");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", list, "[", i, "] must be contiguous");
+}
+
+inline std::vector<void*> pointers_of(TensorList list, const char* op, const char* name, TensorList params,
+                                      at::ScalarType dtype, bool packed_signs = false) {
+  TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
+  std::vector<void*> out(list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const int64_t n = params[i].numel();
+    check_tensor(list[i], op, name, i, params[i], dtype, packed_signs ? (n + 3) / 4 : n);
+    out[i] = list[i].data_ptr();
+  }
+  return out;
+}
+
+// Checks params, grads (or any second list shaped and typed like the params: `grads_name` says
+// which), references and stats; fills c.lists except the optimizer states. `device_type` is the
+// device the kernels run on; `other_backends` completes the error for tensors elsewhere.
+inline void collect(Collected& c, const char* op, c10::DeviceType device_type, const char* other_backends,
+                    TensorList params, TensorList grads, const char* grads_name,
+                    const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                    c10::string_view reference_format) {
+  TORCH_CHECK(!params.empty(), op, ": params is empty");
+  const Tensor& first = params[0];
+  TORCH_CHECK(first.defined() && first.device().type() == device_type, op, ": params must be ",
+              c10::DeviceTypeName(device_type), " tensors here, params[0] is ",
+              first.defined() ? first.device().str() : std::string("undefined"), " (", other_backends, ")");
+  const at::ScalarType dtype = first.scalar_type();
+  c.lists.param_type = param_type(dtype, op);
+  c.lists.count = static_cast<int64_t>(params.size());
+  c.numels.resize(params.size());
+  c.params.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_tensor(params[i], op, "params", i, first, dtype, params[i].numel());
+    c.numels[i] = params[i].numel();
+    c.params[i] = params[i].data_ptr();
+  }
+  c.grads = pointers_of(grads, op, grads_name, params, dtype);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes(), op, ": ", grads_name, "[", i, "] has shape ",
+                grads[i].sizes(), " but params[", i, "] has shape ", params[i].sizes());
+  }
+  c.lists.numels = c.numels.data();
+  c.lists.params = c.params.data();
+  c.lists.grads = c.grads.data();
+
+  // The format is parsed (and must be valid) even without references, as in the Python backends.
+  const RefFormat format = parse_format(reference_format, op);
+  if (references.has_value()) {
+    c.references = pointers_of(*references, op, "references", params, reference_dtype(format),
+                               format == RefFormat::kSign2);
+    c.lists.references = c.references.data();
+    c.lists.ref_format = format;
+  }
+  // Statistics are about the mask: without references there are none, and `stats` is left as it
+  // is (as the Triton and PyTorch backends do).
+  if (stats.has_value() && stats->defined() && references.has_value()) {
+    const Tensor& s = *stats;
+    TORCH_CHECK(s.device() == first.device(), op, ": stats is on ", s.device(), " but params are on ",
+                first.device());
+    TORCH_CHECK(s.scalar_type() == at::kDouble, op, ": stats must be float64, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == c.lists.count && s.size(1) == 3, op, ": stats must have shape [",
+                c.lists.count, ", 3], got ", s.sizes());
+    TORCH_CHECK(s.is_contiguous(), op, ": stats must be contiguous");
+    c.lists.stats = s.data_ptr<double>();
+  }
+}
+
+inline void set_states(Collected& c, int column, const std::optional<TensorList>& states, const char* op,
+                       const char* name, TensorList params) {
+  if (!states.has_value()) return;
+  c.states[column] = pointers_of(*states, op, name, params, at::kFloat);
+  c.lists.states[column] = c.states[column].data();
+}
+
+// A 0-d (or one-element) float32 tensor on the params' device, read by the kernels.
+inline const float* device_scalar(const Tensor& t, const char* op, const std::string& name, const Tensor& param) {
+  TORCH_CHECK(t.device() == param.device(), op, ": ", name, " must be on the params' device ", param.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have one element, got shape ", t.sizes());
+  return t.const_data_ptr<float>();
+}
+
+inline const float* lr_pointer(const std::optional<Tensor>& lr_tensor, const char* op, const Tensor& param) {
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return nullptr;
+  return device_scalar(*lr_tensor, op, "lr_tensor", param);
+}
+
+inline SgdScalars sgd_scalars(const std::optional<TensorList>& momentum_buffers, double lr,
+                              double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                              bool first_step, const float* lr_ptr) {
+  SgdScalars s;
+  s.lr = static_cast<float>(lr);
+  s.lr_ptr = lr_ptr;
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.momentum = static_cast<float>(momentum);
+  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  s.has_weight_decay = weight_decay != 0.0;
+  s.has_momentum = momentum_buffers.has_value();  // the contract: buffers given iff momentum != 0
+  s.first_step = first_step;
+  s.nesterov = nesterov;
+  s.maximize = maximize;
+  return s;
+}
+
+// Adam's states, step counts (capturable) and scalars; fills c.lists.states / steps.
+inline AdamScalars adam_setup(Collected& c, const char* op, TensorList params, TensorList exp_avgs,
+                              TensorList exp_avg_sqs, const std::optional<TensorList>& max_exp_avg_sqs, double lr,
+                              double beta1, double beta2, double eps, double weight_decay,
+                              bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                              std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                              const std::optional<TensorList>& device_steps, const float* lr_ptr) {
+  set_states(c, 0, exp_avgs, op, "exp_avgs", params);
+  set_states(c, 1, exp_avg_sqs, op, "exp_avg_sqs", params);
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sqs.has_value(), op, ": amsgrad=True needs max_exp_avg_sqs");
+    set_states(c, 2, max_exp_avg_sqs, op, "max_exp_avg_sqs", params);
+  }
+  if (device_steps.has_value()) {
+    TORCH_CHECK(device_steps->size() == params.size(), op, ": got ", params.size(), " params but ",
+                device_steps->size(), " device_steps");
+    c.steps.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      c.steps[i] = const_cast<float*>(
+          device_scalar((*device_steps)[i], op, "device_steps[" + std::to_string(i) + "]", params[0]));
+    }
+    c.lists.steps = c.steps.data();
+  } else {
+    TORCH_CHECK(bias_correction1.has_value() && bias_correction2.has_value(), op,
+                ": bias_correction1 and bias_correction2 are needed without device_steps");
+    TORCH_CHECK(*bias_correction1 > 0.0 && *bias_correction2 > 0.0, op, ": bias corrections must be positive, got ",
+                *bias_correction1, " and ", *bias_correction2);
+  }
+  AdamScalars s;
+  s.lr = static_cast<float>(lr);
+  s.lr_ptr = lr_ptr;
+  s.beta1 = static_cast<float>(beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.one_minus_lr_wd = static_cast<float>(1.0 - lr * weight_decay);
+  s.bias_correction1 = static_cast<float>(bias_correction1.value_or(1.0));
+  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2.value_or(1.0)));
+  s.l2_weight_decay = weight_decay != 0.0 && !decoupled_weight_decay;
+  s.decoupled_weight_decay = weight_decay != 0.0 && decoupled_weight_decay;
+  s.amsgrad = amsgrad;
+  s.maximize = maximize;
+  return s;
+}
+
+}  // namespace cnl::binding

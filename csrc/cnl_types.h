@@ -1,0 +1,73 @@
+// Plain data shared by every kernel of the extension (CUDA in csrc/*.cu, CPU in csrc/cpu/) and
+// their PyTorch bindings: parameter and reference types, the tensor lists of one op call and the
+// scalars of each step.
+//
+// Free of torch and CUDA headers, so that it compiles with plain nvcc, plain g++, and in every
+// per-instruction-set variant of the CPU kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace cnl {
+
+enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Storage of the reference gradient (see cnl_ext/reference_format.py).
+enum class RefFormat : int { kNone = 0, kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kSign2 = 4 };
+
+// The tensors of one op call, as host arrays of device pointers (one entry per tensor). A column
+// the options do not use is nullptr (the whole array, not its entries).
+struct TensorLists {
+  int64_t count = 0;
+  const int64_t* numels = nullptr;
+  void* const* params = nullptr;
+  void* const* grads = nullptr;
+  void* const* states[3] = {nullptr, nullptr, nullptr};  // SGD: momentum; Adam: m, v, vmax
+  void* const* references = nullptr;
+  // Adam only, capturable: per tensor a 0-d float32 device step count (already incremented); the
+  // bias corrections are then computed on the device from it.
+  void* const* steps = nullptr;
+  ParamType param_type = ParamType::kFloat32;
+  RefFormat ref_format = RefFormat::kNone;
+  // float64 [count, 3] (row i: collaborative count, sum s collaborative, sum s conflicting)
+  // that the op adds to, or nullptr. Needs `references`.
+  double* stats = nullptr;
+  // CUDA only: device workspace of 3 * num_chunks(numels, count) doubles when `stats` is set: one partial
+  // row per block, summed per tensor in a fixed order (deterministic, no float atomics).
+  double* partials = nullptr;
+};
+
+// Kernel scalars. Derived constants (1 - dampening, 1 - lr*wd, sqrt(bias_correction2)) are
+// computed on the host in double and rounded once, as torch.optim does with Python floats.
+struct SgdScalars {
+  float lr;
+  const float* lr_ptr;  // capturable: lr read from this 0-d device tensor (nullptr: use `lr`)
+  float weight_decay;
+  float momentum;
+  float one_minus_dampening;
+  bool has_weight_decay;
+  bool has_momentum;
+  bool first_step;
+  bool nesterov;
+  bool maximize;
+};
+
+struct AdamScalars {
+  float lr;
+  const float* lr_ptr;  // capturable: lr read from this 0-d device tensor (nullptr: use `lr`)
+  float beta1;
+  float beta2;
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;
+  float one_minus_lr_wd;  // decoupled decay factor 1 - lr*wd (host lr only)
+  float bias_correction1;       // unused with TensorLists::steps
+  float bias_correction2_sqrt;  // unused with TensorLists::steps
+  bool l2_weight_decay;         // weight_decay != 0 and not decoupled: g += wd*p
+  bool decoupled_weight_decay;  // weight_decay != 0 and decoupled: u += wd*p, p *= 1 - lr*wd
+  bool amsgrad;
+  bool maximize;
+};
+
+}  // namespace cnl

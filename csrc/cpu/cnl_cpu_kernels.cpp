@@ -1,0 +1,540 @@
+// CPU kernels of the CNL steps: one pass per element, vectorized with ATen's Vectorized<float>,
+// parallel over (tensor, item) work items of all tensors of the call with one at::parallel_for.
+//
+// Rounding: every operation is a separate IEEE float32 operation in the order of the PyTorch
+// backend (cnl_ext/reference.py), compiled with -ffp-contract=off and without Vectorized::fmadd,
+// so the result does not depend on the instruction set. The new parameter is rounded once to the
+// parameter dtype (round to nearest even) on store. Elements that keep their value are stored
+// too: the float32 round trip is exact for every parameter dtype.
+#include "cnl_cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#define CNL_STRINGIFY_(x) #x
+#define CNL_STRINGIFY(x) CNL_STRINGIFY_(x)
+
+namespace cnl::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+using IVec = at::vec::Vectorized<int32_t>;
+
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kVecs = kBlock / kW;  // float vectors per block
+static_assert(kBlock % (2 * kW) == 0, "a block holds whole pairs of float vectors (one 16-bit vector)");
+static_assert(IVec::size() == kW, "int32 and float vectors have the same lanes");
+static_assert(kItemSize % kBlock == 0, "items start on block boundaries (and on sign2 byte boundaries)");
+
+// ---------------------------------------------------------------------------- loads and stores
+
+// kBlock elements of T as float32 vectors.
+template <typename T>
+C10_ALWAYS_INLINE void load_block(const T* p, Vec (&out)[kVecs]) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < kVecs; ++j) out[j] = Vec::loadu(p + j * kW);
+  } else {
+    for (int64_t j = 0; j < kVecs; j += 2) at::vec::load_to_float<T>(p + j * kW, out[j], out[j + 1]);
+  }
+}
+
+// kBlock elements rounded to T (round to nearest even).
+template <typename T>
+C10_ALWAYS_INLINE void store_block(T* p, const Vec (&in)[kVecs]) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < kVecs; ++j) in[j].store(p + j * kW);
+  } else {
+    for (int64_t j = 0; j < kVecs; j += 2) at::vec::convert_from_float<T>(in[j], in[j + 1]).store(p + j * kW);
+  }
+}
+
+// int32 lanes to float32 (exact for the small values used here).
+C10_ALWAYS_INLINE Vec int32_to_float(const IVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_cvtepi32_ps(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_cvtepi32_ps(v));
+#else
+  return at::vec::convert_to_fp_of_same_size<float>(v);
+#endif
+}
+
+// kW int8 values to float32.
+C10_ALWAYS_INLINE Vec int8_to_float(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  alignas(64) float buffer[kW];
+  for (int64_t k = 0; k < kW; ++k) buffer[k] = static_cast<float>(p[k]);
+  return Vec::loadu(buffer);
+#endif
+}
+
+// Reference values of kBlock elements starting at element i: the stored value, or -1/0/+1 for the
+// sign formats (sign2 code 0 zero, 1 positive, 2 negative, 3 unused and read as zero).
+template <RefFormat kRef>
+C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kVecs]) {
+  if constexpr (kRef == RefFormat::kFloat32) {
+    load_block(static_cast<const float*>(base) + i, out);
+  } else if constexpr (kRef == RefFormat::kBFloat16) {
+    load_block(static_cast<const c10::BFloat16*>(base) + i, out);
+  } else if constexpr (kRef == RefFormat::kInt8) {
+    const int8_t* r = static_cast<const int8_t*>(base) + i;
+    for (int64_t j = 0; j < kVecs; ++j) out[j] = int8_to_float(r + j * kW);
+  } else if constexpr (kRef == RefFormat::kSign2) {
+    // kW codes (2*kW bits) per vector: lane l takes bits 2l, 2l+1 of the vector's word.
+    const uint8_t* bytes = static_cast<const uint8_t*>(base) + i / 4;
+    const IVec shifts = IVec::arange(0, 2);
+    const IVec three(3), one(1);
+    for (int64_t j = 0; j < kVecs; ++j) {
+      uint32_t word = 0;
+      std::memcpy(&word, bytes + j * (kW / 4), kW / 4);  // little-endian: byte b at bits 8b
+      const IVec codes = (IVec(static_cast<int32_t>(word)) >> shifts) & three;
+      out[j] = int32_to_float((codes & one) - (codes >> one));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- the CNL mask
+
+// Statistics per position of the block (the same lane layout on every instruction set): the
+// collaborative count and the sums of s = r*u over collaborative and conflicting elements. The
+// kernels add into float32 lanes (BlockStats), which are added into double
+// every kStatGroup blocks (StatAcc): each float32 lane sums at most kStatGroup terms of one sign
+// (s >= 0 where collaborative, s <= 0 where conflicting), a relative error of at most
+// kStatGroup * 2^-24, far below the tests' tolerance, at a fraction of the cost of widening every vector.
+constexpr int kStatGroup = 32;
+
+// Three arrays of kVecs float vectors (count, collaborative sum, conflicting sum), locals of the
+// item loop. (GCC 12 keeps them on the stack, not in registers: a store-to-load round trip per
+// vector that the memory-bound loop mostly hides.)
+struct BlockStats {
+  Vec* count;
+  Vec* collaborative;
+  Vec* conflicting;
+
+  C10_ALWAYS_INLINE void clear() const {
+    for (int64_t j = 0; j < kVecs; ++j) count[j] = collaborative[j] = conflicting[j] = Vec(0.0f);
+  }
+};
+
+struct StatAcc {
+  double count[kBlock] = {}, collaborative[kBlock] = {}, conflicting[kBlock] = {};
+
+  // Adds the float32 lanes of `block` (position by position) and clears them.
+  C10_ALWAYS_INLINE void flush(const BlockStats& block) {
+    alignas(64) float values[3][kBlock];
+    for (int64_t j = 0; j < kVecs; ++j) {
+      block.count[j].store(values[0] + j * kW);
+      block.collaborative[j].store(values[1] + j * kW);
+      block.conflicting[j].store(values[2] + j * kW);
+    }
+    for (int64_t k = 0; k < kBlock; ++k) {
+      count[k] += values[0][k];
+      collaborative[k] += values[1][k];
+      conflicting[k] += values[2][k];
+    }
+    block.clear();
+  }
+
+  // Sums of the kBlock positions in position order, added to row[0..2].
+  void add_to(double* row) const {
+    for (int64_t k = 0; k < kBlock; ++k) {
+      row[0] += count[k];
+      row[1] += collaborative[k];
+      row[2] += conflicting[k];
+    }
+  }
+};
+
+// All-ones lanes where the element of vector j of the block exists (a block at the end of an item
+// may be partial; its missing lanes hold zeros and must not count).
+C10_ALWAYS_INLINE Vec valid_lanes(int64_t j, int64_t valid) {
+  if (valid >= kBlock) return Vec(0.0f) == Vec(0.0f);
+  return Vec::arange(static_cast<float>(j * kW), 1.0f) < Vec(static_cast<float>(valid));
+}
+
+// The element's new value: `p_new` unless sign(r)*sign(u) < 0 (zeros and NaNs are collaborative),
+// then `p`; with `stats`, s = r*u (float32) goes into the statistics of the element's position.
+C10_ALWAYS_INLINE Vec cnl_select(const Vec& p, const Vec& p_new, const Vec& u, const Vec& r, bool stats,
+                                 const BlockStats& acc, int64_t j, int64_t valid) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same operations on AVX-512 mask registers (Vectorized<float> keeps masks in vectors, which
+  // costs a conversion per comparison and per blend). A lane left out of a masked add keeps its
+  // value, where the generic path adds +0.0: the same result, the sums never being -0.0.
+  const __m512 r_ = r, u_ = u, zero = _mm512_setzero_ps();
+  const __mmask16 conflict =
+      (_mm512_cmp_ps_mask(r_, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_LT_OQ)) |
+      (_mm512_cmp_ps_mask(r_, zero, _CMP_LT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_GT_OQ));
+  if (stats) {
+    const int64_t lanes = valid - j * kW;
+    const __mmask16 in = lanes >= kW ? __mmask16(0xFFFF) : __mmask16(lanes <= 0 ? 0 : (1u << lanes) - 1u);
+    const __mmask16 collaborative = static_cast<__mmask16>(~conflict) & in, conflicting = conflict & in;
+    const __m512 s = _mm512_mul_ps(r_, u_);
+    acc.count[j] = Vec(_mm512_mask_add_ps(acc.count[j], collaborative, acc.count[j], _mm512_set1_ps(1.0f)));
+    acc.collaborative[j] = Vec(_mm512_mask_add_ps(acc.collaborative[j], collaborative, acc.collaborative[j], s));
+    acc.conflicting[j] = Vec(_mm512_mask_add_ps(acc.conflicting[j], conflicting, acc.conflicting[j], s));
+  }
+  return Vec(_mm512_mask_blend_ps(conflict, p_new, p));
+#else
+  const Vec zero(0.0f);
+  const Vec conflict = ((r > zero) & (u < zero)) | ((r < zero) & (u > zero));
+  if (stats) {
+    const Vec in = valid_lanes(j, valid);
+    const Vec s = r * u;
+    acc.count[j] = acc.count[j] + (Vec::blendv(Vec(1.0f), zero, conflict) & in);
+    acc.collaborative[j] = acc.collaborative[j] + (Vec::blendv(s, zero, conflict) & in);
+    acc.conflicting[j] = acc.conflicting[j] + (Vec::blendv(zero, s, conflict) & in);
+  }
+  return Vec::blendv(p_new, p, conflict);
+#endif
+}
+
+// ---------------------------------------------------------------------------- the item loop
+
+// Bytes of a reference for n elements (n a multiple of 4 except at a tensor's end).
+template <RefFormat kRef>
+constexpr size_t reference_bytes(int64_t n) {
+  switch (kRef) {
+    case RefFormat::kFloat32: return 4 * n;
+    case RefFormat::kBFloat16: return 2 * n;
+    case RefFormat::kInt8: return n;
+    case RefFormat::kSign2: return (n + 3) / 4;
+    default: return 0;
+  }
+}
+
+template <RefFormat kRef>
+constexpr int64_t reference_offset_bytes(int64_t i) {
+  return kRef == RefFormat::kSign2 ? i / 4 : static_cast<int64_t>(reference_bytes<kRef>(i));
+}
+
+// Runs Step::block(ptrs, i, valid, block_stats) over [start, end): whole blocks in place, then the
+// partial last block on zero-padded copies of the streams (written streams are copied back). Adds
+// the item's statistics to `partial` when given. `element_bytes` 0 marks the reference stream.
+template <RefFormat kRef, class Step, size_t kStreams>
+void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&element_bytes)[kStreams],
+              const bool (&written)[kStreams], int64_t start, int64_t end, double* partial) {
+  StatAcc acc;
+  Vec count[kVecs], collaborative[kVecs], conflicting[kVecs];
+  const BlockStats block_stats{count, collaborative, conflicting};
+  block_stats.clear();
+  int blocks = 0;
+  int64_t i = start;
+  for (; i + kBlock <= end; i += kBlock) {
+    step.block(ptrs, i, kBlock, block_stats);
+    if (partial != nullptr && ++blocks == kStatGroup) {
+      acc.flush(block_stats);
+      blocks = 0;
+    }
+  }
+  if (i < end) {
+    const int64_t valid = end - i;
+    alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(float)];
+    void* local[kStreams];
+    size_t bytes[kStreams];
+    const void* source[kStreams];
+    for (size_t k = 0; k < kStreams; ++k) {
+      std::memset(buffers[k], 0, sizeof(buffers[k]));
+      local[k] = nullptr;
+      if (ptrs[k] == nullptr) continue;
+      const bool is_reference = element_bytes[k] == 0;
+      bytes[k] = is_reference ? reference_bytes<kRef>(valid) : element_bytes[k] * valid;
+      const int64_t offset = is_reference ? reference_offset_bytes<kRef>(i) : static_cast<int64_t>(element_bytes[k]) * i;
+      source[k] = static_cast<const unsigned char*>(ptrs[k]) + offset;
+      std::memcpy(buffers[k], source[k], bytes[k]);
+      local[k] = buffers[k];  // the step then indexes the padded copies from element 0
+    }
+    step.block_at_zero(local, valid, block_stats);
+    for (size_t k = 0; k < kStreams; ++k) {
+      if (ptrs[k] != nullptr && written[k]) std::memcpy(const_cast<void*>(source[k]), local[k], bytes[k]);
+    }
+  }
+  if (partial != nullptr) {
+    acc.flush(block_stats);
+    acc.add_to(partial);
+  }
+}
+
+// One call: work items of kItemSize elements over all non-empty tensors, one at::parallel_for,
+// then per tensor the item statistics summed in item order (and scaled by `stats_scale`).
+template <class RunItem>
+void for_all_items(const TensorLists& lists, RunItem&& run, double stats_scale = 1.0) {
+  struct Item {
+    int64_t tensor, start, end;
+  };
+  std::vector<Item> items;
+  int64_t total = 0;
+  for (int64_t t = 0; t < lists.count; ++t) {
+    const int64_t n = lists.numels[t];
+    for (int64_t start = 0; start < n; start += kItemSize) items.push_back({t, start, std::min(n, start + kItemSize)});
+    total += n;
+  }
+  const bool stats = lists.stats != nullptr && lists.ref_format != RefFormat::kNone;
+  std::vector<double> partials(stats ? 3 * items.size() : 0, 0.0);
+  const auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      run(items[k].tensor, items[k].start, items[k].end, stats ? partials.data() + 3 * k : nullptr);
+    }
+  };
+  const int64_t count = static_cast<int64_t>(items.size());
+  if (total <= 2 * kItemSize) {
+    work(0, count);  // not worth waking the thread pool
+  } else {
+    at::parallel_for(0, count, 1, work);
+  }
+  if (stats) {
+    std::vector<double> rows(3 * lists.count, 0.0);
+    for (int64_t k = 0; k < count; ++k) {
+      double* row = rows.data() + 3 * items[k].tensor;
+      for (int c = 0; c < 3; ++c) row[c] += partials[3 * k + c];
+    }
+    for (int64_t t = 0; t < lists.count; ++t) {
+      if (lists.numels[t] == 0) continue;  // the other backends add zeros: same result
+      lists.stats[3 * t + 0] += rows[3 * t + 0];
+      lists.stats[3 * t + 1] += rows[3 * t + 1] * stats_scale;
+      lists.stats[3 * t + 2] += rows[3 * t + 2] * stats_scale;
+    }
+  }
+}
+
+template <class F>
+void dispatch(ParamType param, RefFormat ref, F&& f) {
+  const auto by_reference = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    switch (ref) {
+      case RefFormat::kNone: return f(T{}, std::integral_constant<RefFormat, RefFormat::kNone>{});
+      case RefFormat::kFloat32: return f(T{}, std::integral_constant<RefFormat, RefFormat::kFloat32>{});
+      case RefFormat::kBFloat16: return f(T{}, std::integral_constant<RefFormat, RefFormat::kBFloat16>{});
+      case RefFormat::kInt8: return f(T{}, std::integral_constant<RefFormat, RefFormat::kInt8>{});
+      case RefFormat::kSign2: return f(T{}, std::integral_constant<RefFormat, RefFormat::kSign2>{});
+    }
+  };
+  switch (param) {
+    case ParamType::kFloat32: return by_reference(float{});
+    case ParamType::kBFloat16: return by_reference(c10::BFloat16{});
+    case ParamType::kFloat16: return by_reference(c10::Half{});
+  }
+}
+
+// ---------------------------------------------------------------------------- SGD
+
+// Streams: param, grad, momentum buffer, reference.
+template <typename T, RefFormat kRef>
+struct SgdStep {
+  const SgdScalars& s;
+  bool stats;
+
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[4], int64_t i, int64_t valid, const BlockStats& acc) const {
+    T* param = static_cast<T*>(ptrs[0]) + i;
+    const T* grad = static_cast<const T*>(ptrs[1]) + i;
+    float* buf = ptrs[2] == nullptr ? nullptr : static_cast<float*>(ptrs[2]) + i;
+    Vec p[kVecs], g[kVecs], b[kVecs], r[kVecs];
+    load_block(param, p);
+    load_block(grad, g);
+    if (s.has_momentum && !s.first_step) load_block(buf, b);
+    if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[3], i, r);
+    const Vec lr(s.lr), weight_decay(s.weight_decay), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening);
+    for (int64_t j = 0; j < kVecs; ++j) {
+      Vec gj = s.maximize ? g[j].neg() : g[j];
+      if (s.has_weight_decay) gj = gj + weight_decay * p[j];
+      Vec u = gj;
+      if (s.has_momentum) {
+        // torch.optim.SGD starts the buffer at the first gradient, undamped.
+        b[j] = s.first_step ? gj : momentum * b[j] + one_minus_dampening * gj;
+        u = s.nesterov ? gj + momentum * b[j] : b[j];
+      }
+      const Vec p_new = p[j] - lr * u;
+      if constexpr (kRef == RefFormat::kNone) {
+        p[j] = p_new;
+      } else {
+        p[j] = cnl_select(p[j], p_new, u, r[j], stats, acc, j, valid);
+      }
+    }
+    store_block(param, p);
+    if (s.has_momentum) store_block(buf, b);
+  }
+
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[4], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+};
+
+// ---------------------------------------------------------------------------- Adam
+
+// Per-tensor scalars that a capturable step takes from its step count.
+struct AdamTensorScalars {
+  float bias_correction1, bias_correction2_sqrt;
+};
+
+// Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference.
+template <typename T, RefFormat kRef>
+struct AdamStep {
+  const AdamScalars& s;
+  AdamTensorScalars t;
+  bool stats;
+
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats& acc) const {
+    T* param = static_cast<T*>(ptrs[0]) + i;
+    const T* grad = static_cast<const T*>(ptrs[1]) + i;
+    float* exp_avg = static_cast<float*>(ptrs[2]) + i;
+    float* exp_avg_sq = static_cast<float*>(ptrs[3]) + i;
+    float* max_exp_avg_sq = s.amsgrad ? static_cast<float*>(ptrs[4]) + i : nullptr;
+    Vec p[kVecs], g[kVecs], m[kVecs], v[kVecs], vmax[kVecs], r[kVecs];
+    load_block(param, p);
+    load_block(grad, g);
+    load_block(exp_avg, m);
+    load_block(exp_avg_sq, v);
+    if (s.amsgrad) load_block(max_exp_avg_sq, vmax);
+    if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r);
+    const Vec lr(s.lr), beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
+        one_minus_beta2(s.one_minus_beta2), eps(s.eps), weight_decay(s.weight_decay),
+        one_minus_lr_wd(s.one_minus_lr_wd), bias_correction1(t.bias_correction1),
+        bias_correction2_sqrt(t.bias_correction2_sqrt);
+    for (int64_t j = 0; j < kVecs; ++j) {
+      Vec gj = s.maximize ? g[j].neg() : g[j];
+      if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
+      // Moments are updated for every element; the mask touches only the parameter.
+      // Operation order of m.mul_(beta1).add_(g, alpha=1-beta1) and v.mul_(beta2).addcmul_(g, g, value=1-beta2).
+      m[j] = beta1 * m[j] + one_minus_beta1 * gj;
+      v[j] = beta2 * v[j] + one_minus_beta2 * gj * gj;
+      Vec second = v[j];
+      if (s.amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
+      const Vec denom = second.sqrt() / bias_correction2_sqrt + eps;
+      const Vec adam = m[j] / bias_correction1 / denom;
+      Vec u, p_new;
+      if (s.decoupled_weight_decay) {
+        // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
+        u = adam + weight_decay * p[j];
+        p_new = p[j] * one_minus_lr_wd - lr * adam;  // torch.optim.AdamW's order of operations
+      } else {
+        u = adam;
+        p_new = p[j] - lr * adam;
+      }
+      if constexpr (kRef == RefFormat::kNone) {
+        p[j] = p_new;
+      } else {
+        p[j] = cnl_select(p[j], p_new, u, r[j], stats, acc, j, valid);
+      }
+    }
+    store_block(param, p);
+    store_block(exp_avg, m);
+    store_block(exp_avg_sq, v);
+    if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
+  }
+
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+};
+
+// ---------------------------------------------------------------------------- masked write-back
+
+// Streams: param (theta after the step), before (theta before), reference.
+template <typename T, RefFormat kRef>
+struct MaskedDeltaStep {
+  bool stats;
+
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[3], int64_t i, int64_t valid, const BlockStats& acc) const {
+    T* param = static_cast<T*>(ptrs[0]) + i;
+    const T* before = static_cast<const T*>(ptrs[1]) + i;
+    Vec after[kVecs], b[kVecs], r[kVecs];
+    load_block(param, after);
+    load_block(before, b);
+    load_reference<kRef>(ptrs[2], i, r);
+    for (int64_t j = 0; j < kVecs; ++j) {
+      // u = -delta (its sign is exact in float32); the sums of s are scaled by 1/lr once per tensor.
+      const Vec u = b[j] - after[j];
+      after[j] = cnl_select(b[j], after[j], u, r[j], stats, acc, j, valid);
+    }
+    store_block(param, after);
+  }
+
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[3], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+};
+
+}  // namespace
+
+const char* capability() { return CNL_STRINGIFY(CPU_CAPABILITY); }
+
+void sgd_step(const TensorLists& lists, const SgdScalars& scalars) {
+  SgdScalars s = scalars;
+  if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate tensor (on the CPU)
+  const bool has_ref = lists.ref_format != RefFormat::kNone;
+  const bool stats = has_ref && lists.stats != nullptr;
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    constexpr RefFormat kRef = decltype(ref_tag)::value;
+    const SgdStep<T, kRef> step{s, stats};
+    const size_t bytes[4] = {sizeof(T), sizeof(T), sizeof(float), 0};
+    const bool written[4] = {true, false, true, false};
+    for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+      void* const ptrs[4] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
+                             has_ref ? lists.references[t] : nullptr};
+      run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+    });
+  });
+}
+
+void adam_step(const TensorLists& lists, const AdamScalars& scalars) {
+  AdamScalars s = scalars;
+  if (s.lr_ptr != nullptr) {
+    // Capturable: lr from its tensor, the decay factor then in float32 (as the PyTorch backend
+    // computes it from a tensor lr).
+    s.lr = *s.lr_ptr;
+    s.one_minus_lr_wd = 1.0f - s.lr * s.weight_decay;
+  }
+  std::vector<AdamTensorScalars> per_tensor(lists.count, {s.bias_correction1, s.bias_correction2_sqrt});
+  if (lists.steps != nullptr) {
+    for (int64_t t = 0; t < lists.count; ++t) {
+      const double step = *static_cast<const float*>(lists.steps[t]);
+      // pow in double, rounded once (as the CUDA kernels do).
+      per_tensor[t].bias_correction1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(s.beta1), step));
+      per_tensor[t].bias_correction2_sqrt =
+          std::sqrt(1.0f - static_cast<float>(std::pow(static_cast<double>(s.beta2), step)));
+    }
+  }
+  const bool has_ref = lists.ref_format != RefFormat::kNone;
+  const bool stats = has_ref && lists.stats != nullptr;
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    constexpr RefFormat kRef = decltype(ref_tag)::value;
+    const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(float), sizeof(float), sizeof(float), 0};
+    const bool written[6] = {true, false, true, true, true, false};
+    for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+      const AdamStep<T, kRef> step{s, per_tensor[t], stats};
+      void* const ptrs[6] = {lists.params[t],    lists.grads[t],
+                             lists.states[0][t], lists.states[1][t],
+                             s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr};
+      run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+    });
+  });
+}
+
+void masked_delta(const TensorLists& lists, double inv_lr) {
+  const bool stats = lists.stats != nullptr;
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    constexpr RefFormat kRef = decltype(ref_tag)::value;
+    if constexpr (kRef != RefFormat::kNone) {
+      const MaskedDeltaStep<T, kRef> step{stats};
+      const size_t bytes[3] = {sizeof(T), sizeof(T), 0};
+      const bool written[3] = {true, false, false};
+      for_all_items(
+          lists,
+          [&](int64_t t, int64_t start, int64_t end, double* partial) {
+            void* const ptrs[3] = {lists.params[t], lists.grads[t], lists.references[t]};
+            run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+          },
+          inv_lr);
+    }
+  });
+}
+
+}  // namespace cnl::cpu

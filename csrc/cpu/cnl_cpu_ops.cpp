@@ -1,0 +1,123 @@
+// The CPU library of the cnl_ext ops: it defines the operator schemas (TORCH_LIBRARY), registers
+// the CPU kernels (cnl_cpu_kernels.cpp) and the Meta kernels, and is a Python module carrying its
+// build information.
+//
+// Compiled once per instruction set (DEFAULT, AVX2, AVX512) into its own library;
+// cnl_ext.ops.native_backend loads exactly one per process (the one torch's CPU capability
+// allows), before the CUDA library cnl_ext._C, which only adds CUDA kernels to these ops.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cnl_binding.h"
+#include "cnl_cpu_kernels.h"
+
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using cnl::binding::Collected;
+
+constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
+
+void sgd_step_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                  c10::string_view reference_format, double lr, double weight_decay, double momentum,
+                  double dampening, bool nesterov, bool maximize, bool first_step,
+                  const std::optional<Tensor>& lr_tensor) {
+  constexpr const char* op = "cnl_ext.sgd_step_";
+  Collected c;
+  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
+                        reference_format);
+  cnl::binding::set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
+  const cnl::SgdScalars s = cnl::binding::sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening,
+                                                      nesterov, maximize, first_step,
+                                                      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
+  cnl::cpu::sgd_step(c.lists, s);
+}
+
+void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   const std::optional<TensorList>& max_exp_avg_sqs, const std::optional<TensorList>& references,
+                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                   bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                   const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
+  constexpr const char* op = "cnl_ext.adam_step_";
+  Collected c;
+  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
+                        reference_format);
+  const cnl::AdamScalars s = cnl::binding::adam_setup(
+      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
+      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
+  cnl::cpu::adam_step(c.lists, s);
+}
+
+void masked_delta_cpu(TensorList params, TensorList befores, TensorList references,
+                      const std::optional<Tensor>& stats, c10::string_view reference_format, double inv_lr) {
+  constexpr const char* op = "cnl_ext.masked_delta_";
+  Collected c;
+  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, befores, "befores",
+                        std::optional<TensorList>(references), stats, reference_format);
+  cnl::cpu::masked_delta(c.lists, inv_lr);
+}
+
+// Meta / fake-tensor kernels: nothing to compute, no metadata changes, nothing returned.
+void sgd_step_meta(TensorList, TensorList, const std::optional<TensorList>&, const std::optional<TensorList>&,
+                   const std::optional<Tensor>&, c10::string_view, double, double, double, double, bool, bool,
+                   bool, const std::optional<Tensor>&) {}
+
+void adam_step_meta(TensorList, TensorList, TensorList, TensorList, const std::optional<TensorList>&,
+                    const std::optional<TensorList>&, const std::optional<Tensor>&, c10::string_view, double, double,
+                    double, double, double, bool, bool, bool, std::optional<double>, std::optional<double>,
+                    const std::optional<TensorList>&, const std::optional<Tensor>&) {}
+
+void masked_delta_meta(TensorList, TensorList, TensorList, const std::optional<Tensor>&, c10::string_view,
+                       double) {}
+
+}  // namespace
+
+TORCH_LIBRARY(cnl_ext, m) {
+  m.def(cnl::binding::kSgdSchema);
+  m.def(cnl::binding::kAdamSchema);
+  m.def(cnl::binding::kMaskedDeltaSchema);
+}
+
+TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("masked_delta_", &masked_delta_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
+  m.impl("sgd_step_", &sgd_step_meta);
+  m.impl("adam_step_", &adam_step_meta);
+  m.impl("masked_delta_", &masked_delta_meta);
+}
+
+// The module name: cnl_ext._cpu_<isa> when setup.py builds it, the JIT name when
+// torch.utils.cpp_extension.load does (both define TORCH_EXTENSION_NAME).
+#ifndef TORCH_EXTENSION_NAME
+#error "TORCH_EXTENSION_NAME must name the module (setup.py and cpp_extension.load define it)"
+#endif
+#define CNL_CONCAT_(a, b) a##b
+#define CNL_CONCAT(a, b) CNL_CONCAT_(a, b)
+#define CNL_STRINGIFY_(x) #x
+#define CNL_STRINGIFY(x) CNL_STRINGIFY_(x)
+
+PyMODINIT_FUNC CNL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, CNL_STRINGIFY(TORCH_EXTENSION_NAME),
+                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_ and masked_delta_.",
+                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "cpu_capability", cnl::cpu::capability()) < 0 ||
+      PyModule_AddIntConstant(m, "item_size", static_cast<long>(cnl::cpu::kItemSize)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
