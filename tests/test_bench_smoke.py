@@ -255,3 +255,15 @@ def test_host_overhead_smoke_run(tmp_path):
     assert all(r["ms"] > 0 and math.isclose(r["us_per_tensor"], r["ms"] * 1e3 / r["tensors"]) for r in rows)
     markdown = (tmp_path / "host_overhead.md").read_text()
     assert "python bench/host_overhead.py --tensors 2 5" in markdown and "| `adamw_capturable` | 5 |" in markdown
+
+
+def test_profile_step_smoke_run(tmp_path):
+    from bench import profile_step
+
+    result = profile_step.main(["--case", "cnl_adamw_fp32", "--backend", "torch", "--params", "tiny",
+                                "--warmup", "1", "--steps", "1", "--top", "5", "--out", str(tmp_path)])
+    assert result["backend"] == "torch" and result["step_ms"] > 0
+    assert 0 < len(result["operators"]) <= 5
+    assert all(row["self_ms_per_step"] >= 0 and row["calls_per_step"] > 0 for row in result["operators"])
+    markdown = (tmp_path / f"{harness.file_stem(CPU)}-profile-cnl_adamw_fp32.md").read_text()
+    assert "| operator | calls / step | self ms / step | share of step |" in markdown
