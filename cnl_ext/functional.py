@@ -1,26 +1,32 @@
-"""Functional CNL optimizers and the choice of implementation (backend).
+"""Functional CNL optimizers, and the one place that chooses an implementation (backend).
 
 As in ``torch/optim/adamw.py``: the optimizer classes gather lists of tensors and call these
 functions; these functions group the tensors into buckets that one kernel launch can take (same
 device, parameter dtype, step count, with or without a reference) and hand each bucket to a
-backend module that implements the ops contract of :mod:`cnl_ext.ops`:
+backend module that implements the ops contract of :mod:`cnl_ext.ops`. The backends (the registry,
+:data:`BACKEND_MODULES`):
 
-- ``"torch"``: :mod:`cnl_ext.reference`, plain PyTorch, any device;
-- ``"triton"``: :mod:`cnl_ext.ops.triton_step`, multi-tensor Triton kernels (CUDA tensors, or CPU
-  tensors under ``TRITON_INTERPRET=1``);
-- ``"cuda"``: :mod:`cnl_ext.ops.cuda_step`, the compiled C++/CUDA extension;
-- ``"auto"``: Triton for CUDA tensors (falling back to the CUDA extension, then the reference, when
-  it is missing or fails to compile, with one warning naming the reason), the reference elsewhere.
+- ``"torch"``: :mod:`cnl_ext.ops.torch_backend`, plain PyTorch, any device (the oracle);
+- ``"triton"``: :mod:`cnl_ext.ops.triton_backend`, multi-tensor Triton kernels (CUDA tensors, or
+  CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"native"``: :mod:`cnl_ext.ops.native_backend`, the compiled C++ extension (CPU kernels, and
+  CUDA kernels where it was built with them); ``"cuda"`` is its old name;
+- ``"auto"``: per device type, the first of :data:`AUTO_ORDER` that imports, builds and supports
+  the op (one warning names what was passed over). Only import and build failures, which happen
+  before anything is written, move ``auto`` on; an error inside an op propagates.
+
+The ops take contiguous tensors (the contract); this module hands a non-contiguous parameter,
+state or reference to them as a contiguous copy and writes the result back into the original.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections import defaultdict
 from typing import NamedTuple
 
 import torch
-
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -28,14 +34,98 @@ except ImportError:  # torch built without distributed
     class _DTensor:  # noqa: D401 - nothing is an instance of it
         pass
 
-BACKENDS = ("auto", "triton", "torch", "cuda")
+BACKEND_MODULES = {
+    "torch": "cnl_ext.ops.torch_backend",
+    "triton": "cnl_ext.ops.triton_backend",
+    "native": "cnl_ext.ops.native_backend",
+}
+BACKEND_ALIASES = {"cuda": "native"}
+BACKENDS = ("auto", *BACKEND_MODULES)
+# What backend="auto" tries, in order, per device type; other device types get "torch".
+AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+# Set (as CI does) to make an unavailable native backend an error instead of a fallback to "torch".
+REQUIRE_NATIVE_ENV = "CNL_EXT_REQUIRE_NATIVE"
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_MODULES = {"torch": "cnl_ext.reference", "triton": "cnl_ext.ops.triton_step", "cuda": "cnl_ext.ops.cuda_step"}
-# What backend="auto" tries, in order, for tensors of each device type; the first that works is kept.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
-_auto_chosen: dict = {}  # device type -> (backend name, module)
-_auto_rejected: set = set()  # backend names that failed to import or to compile
+_modules: dict = {}  # backend name -> module, or the reason it is unavailable (str)
+_auto_chosen: dict = {}  # (device type, op) -> module
+_warned: set = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run in this process (not installed, not built, failed to build)."""
+
+
+def canonical_backend(backend: str) -> str:
+    """``backend`` as a name of :data:`BACKENDS` (aliases resolved); ValueError for anything else."""
+    name = BACKEND_ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + tuple(BACKEND_ALIASES)}, got {backend!r}")
+    return name
+
+
+def load_backend(name: str):
+    """The backend module ``name``; BackendUnavailable says why it cannot be used here."""
+    if name not in _modules:
+        try:
+            module = importlib.import_module(BACKEND_MODULES[name])
+            reason = module.unavailable_reason()
+        except ImportError as exc:
+            module, reason = None, f"{BACKEND_MODULES[name]} cannot be imported: {exc}"
+        _modules[name] = module if not reason else reason
+    loaded = _modules[name]
+    if isinstance(loaded, str):
+        raise BackendUnavailable(f"backend {name!r} is not available: {loaded}")
+    return loaded
+
+
+def backend_status() -> dict:
+    """``{name: ""}`` for every backend usable in this process, else the reason it is not (for reports)."""
+    status = {}
+    for name in BACKEND_MODULES:
+        try:
+            load_backend(name)
+            status[name] = ""
+        except BackendUnavailable as exc:
+            status[name] = str(exc)
+    return status
+
+
+def _why_unsupported(module, device, op) -> str:
+    explain = getattr(module, "unsupported_reason", None)
+    return explain(device, op) if explain else f"backend {module.NAME!r} does not support {op} on {device}"
+
+
+def resolve(backend: str, device: torch.device, op: str):
+    """The backend module that runs ``op`` for tensors on ``device``; raises before anything is written."""
+    name = canonical_backend(backend)
+    if name != "auto":
+        module = load_backend(name)
+        if not module.supports(device, op):
+            raise RuntimeError(_why_unsupported(module, device, op))
+        return module
+    key = (device.type, op)
+    if key not in _auto_chosen:
+        passed_over = []
+        for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+            try:
+                module = load_backend(candidate)
+            except BackendUnavailable as exc:
+                if candidate == "native" and os.environ.get(REQUIRE_NATIVE_ENV) == "1":
+                    raise BackendUnavailable(f"{exc} ({REQUIRE_NATIVE_ENV}=1 makes this an error)") from None
+                passed_over.append(str(exc))
+                continue
+            if module.supports(device, op):
+                _auto_chosen[key] = module
+                break
+        else:
+            raise RuntimeError(f"no backend runs {op} on {device}")
+        message = (f"cnl_ext: backend='auto' uses {_auto_chosen[key].NAME!r} for {device.type} tensors because "
+                   + "; ".join(passed_over))
+        if passed_over and message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return _auto_chosen[key]
 
 
 def is_dtensor(t) -> bool:
@@ -46,51 +136,6 @@ def is_dtensor(t) -> bool:
 def local_tensor(t):
     """This rank's shard of a DTensor (sharing its storage); any other tensor as it is."""
     return t.to_local() if is_dtensor(t) else t
-
-
-def _import_backend(name):
-    """The backend module, or raise ImportError/RuntimeError saying why it cannot be used."""
-    module = importlib.import_module(_MODULES[name])
-    if name == "cuda" and not module.is_available():
-        raise RuntimeError(module.unavailable_reason())
-    return module
-
-
-def _auto_backend(device_type: str, reasons=()):
-    """(name, module) of the first usable backend in AUTO_ORDER; one warning names what was passed over."""
-    if device_type not in _auto_chosen:
-        reasons = list(reasons)
-        for name in AUTO_ORDER.get(device_type, ("torch",)):
-            if name in _auto_rejected:
-                continue
-            try:
-                _auto_chosen[device_type] = (name, _import_backend(name))
-                break
-            except (ImportError, RuntimeError) as exc:
-                _auto_rejected.add(name)
-                reasons.append(f"{name}: {exc}")
-        if reasons:
-            warnings.warn(f"cnl_ext: backend='auto' uses {_auto_chosen[device_type][0]!r} for {device_type} tensors "
-                          f"because {'; '.join(reasons)}", RuntimeWarning, stacklevel=4)
-    return _auto_chosen[device_type]
-
-
-def _resolve(backend: str, device: torch.device):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return _auto_backend(device.type)
-    if backend == "cuda" and device.type != "cuda":
-        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    try:
-        return backend, _import_backend(backend)
-    except (ImportError, RuntimeError) as exc:
-        raise RuntimeError(f"backend={backend!r} is not available: {exc}") from exc
-
-
-def resolve_backend(backend: str, device: torch.device):
-    """The module that runs ``backend`` for tensors on ``device``."""
-    return _resolve(backend, device)[1]
 
 
 def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
@@ -111,6 +156,16 @@ def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
             f"{owner}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, "
             f"but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}"
         )
+
+
+def check_step(op: str, backend: str, params, grads, *, capturable: bool = False, owner: str = "cnl_ext") -> None:
+    """Everything a step can check before the optimizer writes anything (state included):
+    the gradients, and a backend for ``op`` (and ``capturable``) on every device of ``params``."""
+    check_gradients(params, grads, owner)
+    for device in {p.device for p in params}:
+        module = resolve(backend, device, op)
+        if capturable and not module.supports(device, "capturable"):
+            raise RuntimeError(f"{owner}: capturable=True is not supported by backend {module.NAME!r} on {device}")
 
 
 class BucketKey(NamedTuple):
@@ -136,95 +191,164 @@ def _take(tensors, indices):
     return None if tensors is None else [tensors[i] for i in indices]
 
 
-def _contiguous(tensors):
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+def _dense(tensors, written_back):
+    """``tensors`` with contiguous copies in place of non-contiguous ones; each copy of a tensor
+    the op writes is recorded in ``written_back`` as (original, copy), to be copied back after."""
+    if tensors is None:
+        return None
+    dense = []
+    for t in tensors:
+        if t is None or t.is_contiguous():
+            dense.append(t)
+            continue
+        copy = t.contiguous()
+        if written_back is not None:
+            written_back.append((t, copy))
+        dense.append(copy)
+    return dense
 
 
-def _run_bucket(step_name, backend, stats, indices, key: BucketKey, tensor_lists, **kwargs):
-    """Run one bucket, adding its statistics into the caller's rows.
+class _Launch(NamedTuple):
+    """One bucket's op call, planned before any bucket runs."""
+    module: object
+    op: str
+    args: tuple  # the op's positional tensor lists, contract order (stats excluded)
+    kwargs: dict
+    indices: list
+    key: BucketKey
+    copies: list  # (original, contiguous copy) of the non-contiguous tensors the op writes
 
-    With backend="auto", a backend that fails (Triton that does not compile, say: that happens
-    before its kernel writes anything) is dropped for the next one in AUTO_ORDER, with a warning.
-    """
-    device = key.device
-    name, module = _resolve(backend, device)
+
+def _plan(op, backend, indices, key: BucketKey, written, read, **kwargs) -> _Launch:
+    """The call of ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads,
+    in the op's argument order (written first)."""
+    module = resolve(backend, key.device, op)
     if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
-        tensor_lists = [None if tensors is None else [local_tensor(t) for t in tensors] for tensors in tensor_lists]
-    while True:
-        bucket_stats = None
-        if stats is not None and key.has_reference:
-            bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=device)
-        try:
-            getattr(module, step_name)(*tensor_lists, bucket_stats, **kwargs)
-            break
-        except Exception as exc:
-            if backend != "auto" or name == "torch":
-                raise
-            _auto_rejected.add(name)
-            _auto_chosen.pop(device.type, None)
-            name, module = _auto_backend(device.type, [f"{name} failed: {type(exc).__name__}: {exc}"])
+        written = [None if ts is None else [local_tensor(t) for t in ts] for ts in written]
+        read = [None if ts is None else [local_tensor(t) for t in ts] for ts in read]
+    copies = []
+    written = [_dense(ts, copies) for ts in written]
+    read = [_dense(ts, None) for ts in read]
+    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies)
+
+
+def _prepare(launches) -> None:
+    """Let each backend compile what it will launch (Triton compiles at the first launch otherwise),
+    so that a compile error surfaces before the first bucket writes."""
+    for launch in launches:
+        prepare = getattr(launch.module, "prepare", None)
+        if prepare is not None:
+            prepare(launch.op, *launch.args, None, **launch.kwargs)
+
+
+def _run(launch: _Launch, stats) -> None:
+    """Run one planned bucket, adding its statistics into the caller's rows."""
+    bucket_stats = None
+    if stats is not None and launch.key.has_reference:
+        bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
+    getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    for original, copy in launch.copies:
+        original.copy_(copy)
     if bucket_stats is None:
         return
-    if len(indices) == stats.shape[0]:  # one bucket: no index tensor to copy to the device
+    if len(launch.indices) == stats.shape[0]:  # one bucket: no index tensor to copy to the device
         stats += bucket_stats.to(stats.device)
     else:
-        stats.index_add_(0, torch.tensor(indices, device=stats.device), bucket_stats.to(stats.device))
+        stats.index_add_(0, torch.tensor(launch.indices, device=stats.device), bucket_stats.to(stats.device))
+
+
+def _contract_order(op, written, read):
+    """The positional tensor lists of ``op`` (see :mod:`cnl_ext.ops`) from its written and read lists."""
+    if op == "masked_delta_":  # (params, befores, references)
+        return (*written, *read)
+    if op == "sgd_step_":  # (params, grads, momentum_buffers, references)
+        params, buffers = written
+        grads, references = read
+        return params, grads, buffers, references
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = written  # adam_step_
+    grads, references = read
+    return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
 
 
 def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *, lr: float,
             weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
             nesterov: bool = False, maximize: bool = False, reference_format: str = "float32",
-            backend: str = "auto") -> None:
+            backend: str = "auto", check: bool = True) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
     ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
     functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
     ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
+    ``check=False`` skips :func:`check_step` when the caller has just run it.
     """
+    if check:
+        check_step("sgd_step_", backend, params, grads)
     use_momentum = momentum != 0
     first_step = set()
     if use_momentum:
         for i, buf in enumerate(momentum_buffer_list):
-            if buf is None:
+            if buf is None:  # created here, as torch's functional SGD does
                 momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
-    for key, idx in _buckets(params, references, first_step.__contains__):
-        _run_bucket(
-            "sgd_step_", backend, stats, idx, key,
-            (_take(params, idx), _contiguous(_take(grads, idx)),
-             _take(momentum_buffer_list, idx) if use_momentum else None,
-             _take(references, idx) if key.has_reference else None),
-            reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra,
-        )
+    launches = [
+        _plan("sgd_step_", backend, idx, key,
+              written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
+              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+              reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
+              dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
+        for key, idx in _buckets(params, references, first_step.__contains__)
+    ]
+    _prepare(launches)
+    for launch in launches:
+        _run(launch, stats)
 
 
 def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, references=None,
              stats=None, *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
              maximize: bool = False, capturable: bool = False, reference_format: str = "float32",
-             backend: str = "auto") -> None:
+             backend: str = "auto", check: bool = True) -> None:
     """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
 
     ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam. On the host
     (default), tensors whose step counts differ go to different launches (their bias corrections
     differ). With ``capturable``, the steps live on the params' device, ``lr`` may be a device
     scalar, and the bias corrections are computed on the device: no host synchronization, so the
-    step can be captured in a CUDA graph.
+    step can be captured in a CUDA graph. ``check=False`` as for :func:`cnl_sgd`.
     """
-    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
-    bucket_key = (lambda i: None) if capturable else [float(s) for s in state_steps].__getitem__
+    if check:
+        check_step("adam_step_", backend, params, grads, capturable=capturable)
+    # bucketed by the step count this step takes (host steps), incremented once every bucket is planned
+    bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
+    launches = []
     for key, idx in _buckets(params, references, bucket_key):
         step = key.extra
         corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
-        _run_bucket(
-            "adam_step_", backend, stats, idx, key,
-            (_take(params, idx), _contiguous(_take(grads, idx)), _take(exp_avgs, idx),
-             _take(exp_avg_sqs, idx), _take(max_exp_avg_sqs, idx) if amsgrad else None,
-             _take(references, idx) if key.has_reference else None),
+        launches.append(_plan(
+            "adam_step_", backend, idx, key,
+            written=(_take(params, idx), _take(exp_avgs, idx), _take(exp_avg_sqs, idx),
+                     _take(max_exp_avg_sqs, idx) if amsgrad else None),
+            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad, maximize=maximize, **corrections,
-        )
+            amsgrad=amsgrad, maximize=maximize, **corrections))
+    _prepare(launches)
+    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
+    for launch in launches:
+        _run(launch, stats)
+
+
+def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",
+                     inv_lr: float = 1.0, backend: str = "auto") -> None:
+    """The write-back of :class:`cnl_ext.CNL`: where ``params − befores`` conflicts with the
+    reference, put ``befores`` back into ``params`` (in place). ``stats`` as for :func:`cnl_adam`,
+    with ``u = −Δ·inv_lr``. See :func:`cnl_ext.ops.torch_backend.masked_delta_`."""
+    launches = [_plan("masked_delta_", backend, idx, key, written=(_take(params, idx),),
+                      read=(_take(befores, idx), _take(references, idx)),
+                      reference_format=reference_format, inv_lr=inv_lr)
+                for key, idx in _buckets(params, references, lambda i: None)]
+    _prepare(launches)
+    for launch in launches:
+        _run(launch, stats)

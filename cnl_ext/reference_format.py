@@ -13,8 +13,9 @@ sign2       its sign packed 4 per byte   0.25 (code 0: zero, 1: positive, 2: neg
                                          element ``i`` at bits ``2*(i % 4)`` of byte ``i // 4``)
 =========== ============================ ===================================================
 
-Rounding to bfloat16 never changes a sign, and the sign formats keep it exactly, so every format
-gives the same mask as float32. The statistics ``s = r*u`` use the stored value (``±1`` for the
+The sign formats keep every sign exactly; bfloat16 keeps it too, since a nonzero value too small for
+bfloat16 (which would round to 0, and 0 counts as collaborative) is stored as the smallest bfloat16
+of its sign. So every format gives the same mask as float32. The statistics ``s = r*u`` use the stored value (``±1`` for the
 sign formats).
 """
 from __future__ import annotations
@@ -46,19 +47,30 @@ def canonical_format(reference_dtype) -> str:
     return name
 
 
+def storage_dtype(fmt: str) -> torch.dtype:
+    """The dtype of a stored reference in format ``fmt``."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8, "sign2": torch.uint8}[fmt]
+
+
 def storage_numel(numel: int, fmt: str) -> int:
     """Number of stored elements for a reference of ``numel`` values."""
     return (numel + 3) // 4 if fmt == "sign2" else numel
 
 
 def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Return a new tensor holding ``gradient`` in format ``fmt`` (flat for ``sign2``)."""
+    """Return a new contiguous tensor holding ``gradient`` in format ``fmt`` (flat for ``sign2``)."""
+    dense = torch.contiguous_format
     if fmt == "float32":
-        return gradient.to(torch.float32, copy=True)
+        return gradient.to(torch.float32, memory_format=dense, copy=True)
     if fmt == "bfloat16":
-        return gradient.to(torch.bfloat16, copy=True)
+        stored = gradient.to(torch.bfloat16, memory_format=dense, copy=True)
+        # keep the sign of values below bfloat16's range: the smallest bfloat16 of that sign, not 0
+        underflow = (stored == 0) & (gradient != 0)
+        tiny = torch.full((), torch.finfo(torch.bfloat16).smallest_normal, dtype=torch.bfloat16,
+                          device=stored.device) * 2.0**-7  # the smallest subnormal
+        return torch.where(underflow, torch.copysign(tiny, gradient.to(torch.float32)).to(torch.bfloat16), stored)
     if fmt == "int8":
-        return torch.sign(gradient).to(torch.int8)
+        return torch.sign(gradient).to(torch.int8, memory_format=dense)
     # sign2: per element code (1 positive, 2 negative, 0 zero), four codes per byte.
     flat = gradient.reshape(-1)
     codes = (flat > 0).to(torch.uint8) | ((flat < 0).to(torch.uint8) << 1)

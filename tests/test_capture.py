@@ -140,3 +140,17 @@ def test_capture_with_low_precision_params(backend, device, dtype):
     expected = torch.autograd.grad(_loss(model, x), list(model.parameters()))
     for p, g in zip(model.parameters(), expected):
         assert torch.equal(reference_format.decode(opt._references[p], "sign2", p.shape), torch.sign(g.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_accumulate_the_reference_in_float32(dtype):
+    """256 backward calls: one gradient of 1, then 255 of 2**-8. Summed in bf16, each small one is lost
+    (1 + 2**-8 rounds back to 1); summed in float32 after each call, the mean is exact."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    opt = cnl_ext.FusedCNLSGD([p], lr=0.1)
+    with opt.capture_reference() as ref:
+        for k in range(256):
+            ref.backward((p * (1.0 if k == 0 else 2.0**-8)).sum())
+    expected = (1 + 255 * 2.0**-8) / 256
+    assert torch.allclose(opt._references[p], torch.full((4,), expected), rtol=0, atol=1e-9)
+    assert p.grad is None

@@ -91,15 +91,26 @@ def test_unsupported_options_fail_at_construction(make, error, match):
         make()
 
 
-def test_cuda_backend_on_cpu_tensors_names_the_problem():
+@pytest.mark.parametrize("optimizer", [cnl_ext.FusedCNLSGD, cnl_ext.FusedCNLAdamW])
+def test_an_unavailable_backend_names_the_reason_and_changes_nothing(monkeypatch, optimizer):
+    """backend="cuda" (the old name of "native") where the extension cannot load: one clear error,
+    raised before any state is created or any step counted."""
+    from cnl_ext import functional
+    monkeypatch.setattr(functional, "_modules", {"native": "cnl_ext._C could not be loaded: test"})
     params = _params("cpu")
-    opt = cnl_ext.FusedCNLSGD(params, lr=0.1, backend="cuda")
+    opt = optimizer(params, lr=0.1, backend="cuda")
     for p in params:
         p.grad = torch.randn_like(p)
     before = [p.detach().clone() for p in params]
-    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
-        opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="backend 'native' is not available: cnl_ext._C could not be loaded"):
+            opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+
+
+def test_unknown_backend_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of .*'native'.*'cuda'.*got 'tritn'"):
+        cnl_ext.FusedCNLAdamW(_params("cpu"), backend="tritn")
 
 
 def test_capture_without_backward_is_an_error():
@@ -110,18 +121,20 @@ def test_capture_without_backward_is_an_error():
     assert not opt.has_reference
 
 
-def test_auto_falls_back_once_with_a_warning_when_a_backend_fails(monkeypatch):
-    """auto: a backend that fails to compile is dropped for the next, with one warning naming why."""
+def _fresh_auto(monkeypatch, order):
     from cnl_ext import functional
-    from cnl_ext.ops import triton_step
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("PTX assembly failed")
-
-    monkeypatch.setattr(functional, "AUTO_ORDER", {"cpu": ("triton", "torch")})
+    monkeypatch.setattr(functional, "AUTO_ORDER", order)
     monkeypatch.setattr(functional, "_auto_chosen", {})
-    monkeypatch.setattr(functional, "_auto_rejected", set())
-    monkeypatch.setattr(triton_step, "adam_step_", broken)
+    monkeypatch.setattr(functional, "_modules", {})
+    monkeypatch.setattr(functional, "_warned", set())
+    return functional
+
+
+def test_auto_passes_over_an_unavailable_backend_once_with_a_warning(monkeypatch):
+    """auto: a backend that cannot be imported or built is passed over, with one warning naming why."""
+    functional = _fresh_auto(monkeypatch, {"cpu": ("native", "torch")})
+    monkeypatch.setitem(functional.BACKEND_MODULES, "native", "cnl_ext.ops.no_such_backend_module")
+    monkeypatch.delenv(functional.REQUIRE_NATIVE_ENV, raising=False)
     params = _params("cpu")
     expected = [p.detach().clone().requires_grad_() for p in params]
     opt, ref_opt = cnl_ext.FusedCNLAdamW(params), torch.optim.AdamW(expected)
@@ -130,10 +143,70 @@ def test_auto_falls_back_once_with_a_warning_when_a_backend_fails(monkeypatch):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         if step == 0:
-            with pytest.warns(RuntimeWarning, match="uses 'torch' for cpu tensors because triton failed.*PTX assembly"):
+            with pytest.warns(RuntimeWarning, match="uses 'torch' for cpu tensors because .*native.*no_such_backend"):
                 opt.step()
         else:
             opt.step()  # no second warning: the choice is kept
         ref_opt.step()
     for p, q in zip(params, expected):
         torch.testing.assert_close(p, q)
+
+
+def test_auto_never_retries_a_step_that_failed_inside_a_backend(monkeypatch):
+    """An error inside an op (after a partial write, perhaps) propagates: no second backend runs it,
+    and the backend stays chosen (a transient error must not demote it for the process)."""
+    functional = _fresh_auto(monkeypatch, {"cpu": ("triton", "torch")})
+    from cnl_ext.ops import torch_backend, triton_backend
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append("triton")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(triton_backend, "adam_step_", broken)
+    monkeypatch.setattr(torch_backend, "adam_step_", lambda *a, **k: calls.append("torch"))
+    monkeypatch.setattr(triton_backend, "supports", lambda device, op: True)
+    params = _params("cpu")
+    opt = cnl_ext.FusedCNLAdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step()
+    assert calls == ["triton"]
+    assert functional.resolve("auto", torch.device("cpu"), "adam_step_") is triton_backend
+
+
+def test_require_native_makes_an_unavailable_native_backend_an_error(monkeypatch):
+    functional = _fresh_auto(monkeypatch, {"cpu": ("native", "torch")})
+    monkeypatch.setitem(functional.BACKEND_MODULES, "native", "cnl_ext.ops.no_such_backend_module")
+    monkeypatch.setenv(functional.REQUIRE_NATIVE_ENV, "1")
+    params = _params("cpu")
+    opt = cnl_ext.FusedCNLAdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(functional.BackendUnavailable, match="CNL_EXT_REQUIRE_NATIVE=1"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+
+
+@pytest.mark.parametrize("optimizer", [cnl_ext.FusedCNLAdamW, lambda ps: cnl_ext.FusedCNLSGD(ps, lr=0.1, momentum=0.9)])
+def test_a_bucket_that_fails_to_compile_stops_the_step_before_any_bucket_writes(monkeypatch, optimizer):
+    """Buckets of two dtypes: the second's kernel fails to compile. Every bucket's kernel is compiled
+    (``prepare``) before the first one runs, so nothing is written and no step is counted."""
+    from cnl_ext.ops import triton_backend
+
+    def prepare(op, params, *args, **kwargs):
+        if params[0].dtype == torch.bfloat16:
+            raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_backend, "prepare", prepare, raising=False)
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, dtype=torch.bfloat16, requires_grad=True)]
+    opt = optimizer(params) if not isinstance(optimizer, type) else optimizer(params, backend="triton")
+    opt.backend = "triton"
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state

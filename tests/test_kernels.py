@@ -7,7 +7,8 @@ and statistics with :mod:`cnl_ext.reference` run on copies of the same inputs.
 import pytest
 import torch
 
-from cnl_ext import reference, reference_format
+from cnl_ext import reference_format
+from cnl_ext.ops import torch_backend as reference
 from cnl_ext.ops import triton_step
 
 from .conftest import TRITON_DEVICES

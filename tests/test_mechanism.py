@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cnl_ext
-from cnl_ext.reference import conflicting
+from cnl_ext.ops.torch_backend import conflicting
 
 from .conftest import BACKEND_DEVICES
 

@@ -4,7 +4,7 @@ import torch
 
 import cnl_ext
 from cnl_ext import reference_format
-from cnl_ext.ops import masked_delta_reference
+from cnl_ext.ops import torch_backend as masked_delta_reference
 
 from .conftest import BACKEND_DEVICES, TRITON_DEVICES
 
@@ -188,7 +188,7 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="already masks"):
         cnl_ext.CNL(cnl_ext.FusedCNLAdamW(model.parameters()))
     with pytest.raises(ValueError, match="backend"):
-        cnl_ext.CNL(torch.optim.SGD(model.parameters(), lr=0.1), backend="cuda")
+        cnl_ext.CNL(torch.optim.SGD(model.parameters(), lr=0.1), backend="tritn")
 
     class NoLr(torch.optim.Optimizer):
         def __init__(self, params):

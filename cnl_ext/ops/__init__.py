@@ -1,27 +1,66 @@
-"""Fused multi-tensor CNL kernels. They know nothing of optimizers: they take lists of tensors.
+"""The ops contract: fused multi-tensor CNL kernels, which know nothing of optimizers.
 
-Every backend module (``cnl_ext.ops.triton_step`` in Triton, ``cnl_ext.ops.cuda_step`` for the
-C++/CUDA extension) exposes the same two in-place functions::
+Layers: ``cnl_ext.ops`` (this package: backends that take lists of tensors) →
+:mod:`cnl_ext.functional` (the one dispatcher: buckets, backend choice, checks before writes) →
+:mod:`cnl_ext.optim` (the ``torch.optim.Optimizer`` classes) → experiments and integrations.
+
+Backends
+--------
+One module per backend, registered in :data:`cnl_ext.functional.BACKEND_MODULES`:
+
+========== ============================== =======================================================
+name       module                         what
+========== ============================== =======================================================
+``torch``  :mod:`.torch_backend`          plain PyTorch, any device: the oracle and the definition
+                                          of rounding
+``triton`` :mod:`.triton_backend`         Triton kernels (:mod:`.triton_step`,
+                                          :mod:`.triton_masked_delta`): CUDA tensors, or CPU
+                                          tensors under ``TRITON_INTERPRET=1``
+``native`` :mod:`.native_backend`         the compiled extension: C++ CPU kernels and, where built
+                                          with a CUDA toolkit, CUDA kernels (old name ``cuda``)
+========== ============================== =======================================================
+
+Each backend module exposes ``NAME``, ``unavailable_reason() -> str`` (``""`` when it can run in
+this process; else why: not installed, not built, failed to build), ``supports(device, op) ->
+bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"`` and ``"capturable"``,
+and the ops. Only an import or build failure, which happens before anything is written, may move
+``backend="auto"`` to the next backend; an error inside an op propagates and is never retried.
+
+Ops (in place)
+--------------
+::
 
     sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format, lr,
               weight_decay, momentum, dampening, nesterov, maximize, first_step)
     adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-               amsgrad, maximize, bias_correction1, bias_correction2, device_steps=None)
+               amsgrad, maximize, bias_correction1=None, bias_correction2=None, device_steps=None)
+    masked_delta_(params, befores, references, stats, *, reference_format, inv_lr)
 
-Conventions (the caller, ``cnl_ext.functional``, guarantees them; the ops do not re-check):
+``masked_delta_`` is the write-back of :class:`cnl_ext.CNL`: ``params`` hold θ after any optimizer's
+step and ``befores`` θ before it; where ``u = −(θ_after − θ_before)`` conflicts with the reference,
+θ_before is put back (the statistics use ``u·inv_lr``).
 
-- ``params``: non-empty list of contiguous tensors on one device, all of one dtype
-  (float32, bfloat16 or float16); ``grads`` has the same shapes and dtype.
-- Optimizer states (``momentum_buffers``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs``) are
-  contiguous float32 tensors shaped like the params; a list not used by the options is ``None``.
-- ``references``: ``None`` (plain optimizer, no mask) or one tensor per param in
-  ``reference_format`` (see :mod:`cnl_ext.reference_format`).
-- ``stats``: ``None`` or a float64 tensor of shape ``[len(params), 3]``; the op *adds* to row ``i``
-  (count of collaborative elements, sum of s = r*u over collaborative, sum of s over conflicting).
-  Only given together with ``references``.
-- Arithmetic in float32 whatever the parameter dtype; the new parameter is rounded once on store.
+Conventions (:mod:`cnl_ext.functional` guarantees them; the Python backends do not re-check, the C++
+binding does, since a wrong pointer there corrupts memory):
+
+- ``params``: a non-empty list of **contiguous** tensors on one device, of one dtype (float32,
+  bfloat16 or float16); ``grads``: the same shapes and dtype, contiguous. (functional hands a
+  non-contiguous parameter, state or reference over as a contiguous copy and copies written ones back.)
+- Optimizer states (``momentum_buffers``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs``):
+  contiguous float32 tensors shaped like the params; a list the options do not use is ``None``.
+- ``references``: ``None`` (plain optimizer, no mask) or one contiguous tensor per param in
+  ``reference_format`` (:mod:`cnl_ext.reference_format`: float32, bfloat16, int8 signs, or sign2:
+  a flat uint8 tensor of 2-bit codes).
+- ``stats``: ``None`` or a float64 ``[len(params), 3]`` tensor; the op *adds* to row ``i``
+  (collaborative count, Σ s over collaborative, Σ s over conflicting), ``s = r·u``. Only with references.
+- Arithmetic in float32 whatever the parameter dtype, in the order of :mod:`.torch_backend`, each
+  operation rounded on its own (no FMA contraction); the new parameter is rounded once, to nearest
+  even, on store. An element is frozen where ``sign(r)·sign(u) < 0`` (an exact 0 is collaborative);
+  the states are updated everywhere.
 - Capturable steps (CUDA graphs): ``lr`` may be a 0-d float32 tensor on the params' device, and
   ``adam_step_`` may get ``device_steps`` (one 0-d float32 device tensor per param, already
-  incremented) instead of the two bias corrections. A backend that does not support this raises.
+  incremented) instead of the bias corrections; ``supports(device, "capturable")`` says whether a
+  backend can.
+- An op writes ``params``, the state lists and ``stats``, never ``grads``, ``references`` or ``befores``.
 """

@@ -97,7 +97,7 @@ def _split_lr(lr):
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.sgd_step_` for the math."""
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.sgd_step_` for the math."""
     _check()
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
@@ -114,7 +114,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.adam_step_` for the math.
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.adam_step_` for the math.
 
     Capturable (CUDA graphs): ``lr`` may be a 0-d float32 device tensor and ``device_steps`` (one 0-d
     float32 device tensor per param, already incremented) replaces the bias corrections.

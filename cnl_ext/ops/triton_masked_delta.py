@@ -1,6 +1,6 @@
 """The masked write-back of :class:`cnl_ext.CNL` in Triton: one multi-tensor launch per bucket.
 
-Same contract and math as :mod:`cnl_ext.ops.masked_delta_reference`; the chunk tables, pointer
+Same contract and math as :func:`cnl_ext.ops.torch_backend.masked_delta_`; the chunk tables, pointer
 tables, reference decoding, masking, rounding and statistics are the core kernels' own
 (:mod:`cnl_ext.ops.triton_step`). Per element it reads θ_after, θ_before and the reference and
 writes θ once.
@@ -57,6 +57,6 @@ def _masked_delta_kernel(
 
 
 def masked_delta_(params, befores, references, stats, *, reference_format: str, inv_lr: float) -> None:
-    """See :mod:`cnl_ext.ops.masked_delta_reference` for the contract and the math."""
+    """See :func:`cnl_ext.ops.torch_backend.masked_delta_` for the contract and the math."""
     _launch(_masked_delta_kernel, (params, befores, references), params, references, stats,
             reference_format, (float(inv_lr),), 0.0)

@@ -15,7 +15,10 @@ one ``index_add_`` folds into the per-tensor rows: deterministic, and no host sy
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
+import os
 
 import torch
 import triton
@@ -340,6 +343,22 @@ def _reference_kind(references, fmt):
     return _REF_FLOAT, _TL_DTYPES[references[0].dtype]
 
 
+# While set (by compile_only), _launch compiles the kernel it would launch and launches nothing.
+_compile_only = contextvars.ContextVar("cnl_ext_triton_compile_only", default=False)
+_compiled: set = set()  # specializations compiled by compile_only (Triton keeps the binaries)
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within the block, the ops compile the kernels they would launch and write nothing: a multi-bucket
+    step compiles every bucket's kernel before the first one writes."""
+    token = _compile_only.set(True)
+    try:
+        yield
+    finally:
+        _compile_only.reset(token)
+
+
 def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, **constexprs):
     """One launch over ``params``; ``scalars`` start with ``lr`` (a float or a device scalar)."""
     device = params[0].device
@@ -352,14 +371,19 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
     track = stats is not None and ref_kind != _REF_NONE
     partials = torch.empty((num_chunks, 3) if track else (1,), dtype=torch.float32, device=device)
     pointer_table, aligned = _pointer_table(columns, device)
-    kernel[(num_chunks,)](
-        pointer_table, tensor_of_chunk, chunk_start, numel_table, partials,
-        *scalars,
+    constexprs.update(
         P_DTYPE=_TL_DTYPES[params[0].dtype], R_DTYPE=r_dtype, REF_KIND=ref_kind, STATS=track,
         WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor), ALIGNED=aligned,
-        CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
-        **constexprs,
-    )
+        CHUNK=CHUNK, BLOCK=BLOCK)
+    args = (pointer_table, tensor_of_chunk, chunk_start, numel_table, partials, *scalars)
+    if _compile_only.get():
+        key = (kernel, device, tuple(sorted(constexprs.items(), key=lambda item: item[0])),
+               tuple(type(a) for a in scalars))
+        if key not in _compiled and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter compiles nothing
+            kernel.warmup(*args, grid=(num_chunks,), **LAUNCH_OPTIONS, **constexprs)
+            _compiled.add(key)
+        return
+    kernel[(num_chunks,)](*args, **LAUNCH_OPTIONS, **constexprs)
     if track:
         stats.index_add_(0, tensor_of_chunk.to(torch.int64), partials.to(torch.float64))
 
@@ -367,7 +391,7 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.sgd_step_` for the math."""
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.sgd_step_` for the math."""
     _launch(
         _sgd_kernel, (params, grads, momentum_buffers, references), params, references, stats,
         reference_format, (lr, weight_decay, momentum, dampening), weight_decay,
@@ -380,7 +404,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.reference.adam_step_` for the math."""
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.adam_step_` for the math."""
     on_device = device_steps is not None
     _launch(
         _adam_kernel,

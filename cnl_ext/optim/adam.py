@@ -19,9 +19,12 @@ class FusedCNLAdam(CNLOptimizer):
     or a device one with ``capturable=True`` (then ``lr`` may be a device tensor too, and ``step``
     makes no host synchronization, so it can be captured in a CUDA graph).
 
-    Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
-    (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
+    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``) and
+    ``track_stats`` (see :meth:`cnl_stats`).
     """
+
+    _op = "adam_step_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -42,21 +45,20 @@ class FusedCNLAdam(CNLOptimizer):
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats)
 
-    def _init_state(self, p, capturable):
-        state = self.state[p]
-        if len(state) == 0:
+    def _state_of(self, p, capturable, amsgrad):
+        """``p``'s state: its own, or a new one that ``step`` stores only once the step succeeded."""
+        state = self.state.get(p)
+        if not state:
             # capturable: the step count lives on the device, so no step reads it back to the host
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu"),
+                     "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
+                     "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)}
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state = {**state, "max_exp_avg_sq": torch.zeros_like(state["exp_avg_sq"])}
         return state
 
     def _step_group(self, group, params, grads, stats):
-        states = [self._init_state(p, group["capturable"]) for p in params]
-        if group["amsgrad"]:
-            for state in states:
-                if "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        states = [self._state_of(p, group["capturable"], group["amsgrad"]) for p in params]
         beta1, beta2 = group["betas"]
         functional.cnl_adam(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -65,5 +67,7 @@ class FusedCNLAdam(CNLOptimizer):
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
-            reference_format=self.reference_format, backend=self.backend,
+            reference_format=self.reference_format, backend=self.backend, check=False,
         )
+        for p, state in zip(params, states):
+            self.state[p] = state

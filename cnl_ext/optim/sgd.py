@@ -1,7 +1,6 @@
 """FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask."""
 from __future__ import annotations
 
-
 from .. import functional
 from ._args import check_common
 from ._base import CNLOptimizer
@@ -16,9 +15,12 @@ class FusedCNLSGD(CNLOptimizer):
     with Nesterov); an element moves by ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``. The momentum
     buffer is updated for every element and kept in float32 whatever the parameter dtype.
 
-    Extra arguments: ``backend`` (``"auto" | "triton" | "torch" | "cuda"``), ``reference_dtype``
-    (``"float32" | "bfloat16" | "int8" | "sign2"``) and ``track_stats`` (see :meth:`cnl_stats`).
+    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``) and
+    ``track_stats`` (see :meth:`cnl_stats`).
     """
+
+    _op = "sgd_step_"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
@@ -36,12 +38,12 @@ class FusedCNLSGD(CNLOptimizer):
 
     def _step_group(self, group, params, grads, stats):
         use_momentum = group["momentum"] != 0
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if use_momentum else None
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if use_momentum else None
         functional.cnl_sgd(
             params, grads, buffers, self._references_for(params), stats,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            reference_format=self.reference_format, backend=self.backend,
+            reference_format=self.reference_format, backend=self.backend, check=False,
         )
         if use_momentum:
             for p, buf in zip(params, buffers):

@@ -12,40 +12,7 @@ import torch
 from .. import functional
 from ._base import REFERENCE_KEY, CNLOptimizer, local_tensor
 
-__all__ = ["CNL", "masked_delta_"]
-
-# backend name -> module implementing masked_delta_ (the "cuda" extension has none)
-_MASKED_DELTA_MODULES = {"torch": "masked_delta_reference", "triton": "triton_masked_delta"}
-
-
-def _masked_delta_module(backend: str, device: torch.device):
-    if backend == "auto":  # the core's choice for this device (Triton on CUDA, else PyTorch)
-        chosen = functional.resolve_backend("auto", device)
-        backend = "triton" if chosen.__name__ == "cnl_ext.ops.triton_step" else "torch"
-    if backend == "triton":
-        from ..ops import triton_masked_delta as module
-    else:
-        from ..ops import masked_delta_reference as module
-    return module
-
-
-def masked_delta_(params, befores, references, stats=None, *, reference_format: str = "float32",
-                  inv_lr: float = 1.0, backend: str = "auto") -> None:
-    """Functional form of the write-back: where ``params − befores`` conflicts with the reference,
-    put ``befores`` back into ``params`` (in place). See :mod:`cnl_ext.ops.masked_delta_reference`."""
-    if backend not in _MASKED_DELTA_MODULES and backend != "auto":
-        raise ValueError(f"CNL's write-back runs with backend 'auto', 'triton' or 'torch', got {backend!r}")
-    for i, (p, before) in enumerate(zip(params, befores)):
-        if not (p.is_contiguous() and before.is_contiguous()):
-            raise ValueError(f"CNL: parameter {i} (shape {tuple(p.shape)}) is not contiguous; the write-back needs "
-                             "contiguous parameters")
-    for key, idx in functional._buckets(params, references, lambda i: None):
-        bucket_stats = None if stats is None else torch.zeros(len(idx), 3, dtype=torch.float64, device=key.device)
-        _masked_delta_module(backend, key.device).masked_delta_(
-            functional._take(params, idx), functional._take(befores, idx), functional._take(references, idx),
-            bucket_stats, reference_format=reference_format, inv_lr=inv_lr)
-        if stats is not None:
-            stats.index_add_(0, torch.tensor(idx, device=stats.device), bucket_stats.to(stats.device))
+__all__ = ["CNL"]
 
 
 def _inverse_lr(group) -> float:
@@ -63,9 +30,10 @@ class CNL(CNLOptimizer):
     ``state_dict()`` is the wrapped optimizer's (plus the reference when ``save_reference``).
 
     Cost: before each step, a copy of the parameters that have a reference; after it, one fused
-    pass (Triton on CUDA) that reads θ_after, θ_before and the reference and writes θ.
+    pass (:func:`cnl_ext.functional.cnl_masked_delta`) that reads θ_after, θ_before and the
+    reference and writes θ.
 
-    Arguments: ``backend`` (``"auto" | "triton" | "torch"``), ``reference_dtype``
+    Arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``), ``reference_dtype``
     (``"float32" | "bfloat16" | "int8" | "sign2"``), ``track_stats`` (statistics with
     ``u = −Δ/lr``; needs an ``lr`` in every param group) and ``save_reference``.
     """
@@ -79,8 +47,6 @@ class CNL(CNLOptimizer):
             raise TypeError(f"CNL wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, CNLOptimizer):
             raise TypeError(f"{type(optimizer).__name__} already masks its update with CNL; wrap a plain optimizer")
-        if backend not in _MASKED_DELTA_MODULES and backend != "auto":
-            raise ValueError(f"CNL supports backend 'auto', 'triton' or 'torch', got {backend!r}")
         if track_stats and any("lr" not in group for group in optimizer.param_groups):
             raise ValueError("CNL(track_stats=True) needs an 'lr' in every param group (u = −Δ/lr)")
         self.optimizer = optimizer
@@ -108,26 +74,31 @@ class CNL(CNLOptimizer):
         return self._add_reference(self.optimizer.state_dict(), include_reference)
 
     def load_state_dict(self, state_dict):
+        references = self._parse_reference(state_dict)  # checked before the inner optimizer loads
         self.optimizer.load_state_dict(state_dict)
         self._share_inner_state()  # torch's load_state_dict replaces both objects
-        self._load_reference(state_dict.get(REFERENCE_KEY))
+        if references is not None:
+            self._reference.load(references)
 
     @torch.no_grad()
     def step(self, closure=None):
         masked = []  # (group, params with a reference, copies of their local data before the step)
-        if self._references:
+        if self._reference:
+            for device in {p.device for p in self._references}:  # a backend for the write-back, before any write
+                functional.resolve(self.backend, device, "masked_delta_")
             for group in self.param_groups:
-                params = [p for p in group["params"] if p in self._references]
+                params = [p for p in group["params"] if p in self._reference]
                 if params:
                     befores = [local_tensor(p).clone(memory_format=torch.contiguous_format) for p in params]
                     masked.append((group, params, befores))
         loss = self.optimizer.step(closure)
         per_group = []
         for group, params, befores in masked:
-            stats = self._new_stats(params)
-            masked_delta_([local_tensor(p) for p in params], befores, self._references_for(params), stats,
-                          reference_format=self.reference_format,
-                          inv_lr=_inverse_lr(group) if stats is not None else 1.0, backend=self.backend)
+            stats = self._stats.new_buffer(params, True)
+            functional.cnl_masked_delta(
+                [local_tensor(p) for p in params], befores, self._references_for(params), stats,
+                reference_format=self.reference_format, inv_lr=_inverse_lr(group) if stats is not None else 1.0,
+                backend=self.backend)
             per_group.append((params, stats))
-        self._record_stats(per_group)
+        self._stats.record(per_group, self._parameters(), self._reference)
         return loss
