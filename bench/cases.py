@@ -341,6 +341,13 @@ def case_backend(case: Case, backend: str) -> str | None:
     return (case.backend or backend) if case.implementation in CNL_IMPLEMENTATIONS else None
 
 
+def case_op(case: Case) -> str:
+    """The op of the ops contract that the case's cnl_ext step runs (what its backend must support)."""
+    if case.implementation == "cnl_wrapper":
+        return "masked_delta_"
+    return "adam_step_" if case.optimizer in ("adam", "adamw") else "sgd_step_"
+
+
 def build_step(case: Case, shapes, device: torch.device, backend: str, pool: TensorPool | None = None
                ) -> Callable[[], None]:
     """Build the case's optimizer over the pool's parameters; return a closure taking one step.

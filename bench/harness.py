@@ -190,30 +190,32 @@ def native_backend_name() -> str:
     return "native" if "native" in getattr(functional, "BACKENDS", ()) else "cuda"
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> str:
-    """``""`` when cnl_ext's ``backend`` can run steps on ``device`` in this process, else why
+def backend_unavailable_reason(backend: str, device: torch.device, op: str = "adam_step_") -> str:
+    """``""`` when cnl_ext's ``backend`` can run ``op`` on ``device`` in this process, else why
     (``"<backend> backend unavailable: ..."``), asked of cnl_ext's own dispatcher."""
     from cnl_ext import functional
 
     prefix = f"{backend} backend unavailable: "
-    if backend not in getattr(functional, "BACKENDS", ()):
-        return prefix + f"this cnl_ext has no backend {backend!r} (cnl_ext.functional.BACKENDS = {functional.BACKENDS})"
+    known = tuple(functional.BACKENDS) + tuple(getattr(functional, "BACKEND_ALIASES", ()))
+    if backend not in known:
+        return prefix + f"this cnl_ext has no backend {backend!r} (cnl_ext.functional.BACKENDS = {known})"
     try:
-        module = functional.resolve_backend(backend, device)
+        functional.resolve(backend, device, op)
     except Exception as exc:  # noqa: BLE001 - an import or build failure, or a device the backend does not serve
         return prefix + f"{type(exc).__name__}: {exc}"
-    supports = getattr(module, "supports", None)
-    if supports is not None and not supports(device, "adam_step_"):
-        return prefix + f"{module.__name__} does not support {device} tensors"
     return ""
 
 
 def resolved_backend(backend: str, device: torch.device) -> str | None:
-    """The module ``backend`` (e.g. ``"auto"``) runs on ``device``, or ``None`` when it cannot."""
+    """The backend ``backend`` (e.g. ``"auto"``) runs AdamW steps with on ``device``, or ``None``."""
+    import warnings
+
     from cnl_ext import functional
 
     try:
-        return functional.resolve_backend(backend, device).__name__
+        with warnings.catch_warnings():  # auto's warning about what it passed over: reported elsewhere
+            warnings.simplefilter("ignore")
+            return functional.resolve(backend, device, "adam_step_").NAME
     except Exception:  # noqa: BLE001 - reported by backend_unavailable_reason
         return None
 

@@ -60,6 +60,8 @@ def parse_args(argv=None):
                         help="elements of the one-tensor sweep (default 1e5..1e9 on a GPU, 1e3..1e6 on the CPU); "
                              "none to skip it")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    parser.add_argument("--tag", default=None,
+                        help="appended to the output files' names (<device>-<tag>.md), to keep runs apart")
     args = parser.parse_args(argv)
     if args.backend is not None:
         unknown = [b for b in args.backend if b not in backends]
@@ -77,7 +79,7 @@ def run_param_set(name: str, selected, device, backend: str, args, pool: cases.T
     skipped = {}
     for case in selected:
         case_backend = cases.case_backend(case, backend)
-        if case_backend and (reason := harness.backend_unavailable_reason(case_backend, device)):
+        if case_backend and (reason := harness.backend_unavailable_reason(case_backend, device, cases.case_op(case))):
             skipped[case.name] = reason
             print(f"{case.name}: skipped, {reason}", file=sys.stderr)
     active = [case for case in selected if case.name not in skipped]
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
         "sweep": sweep,
         "plot": None,
     }
-    stem = harness.file_stem(device)
+    stem = harness.file_stem(device) + (f"-{args.tag}" if args.tag else "")
     if result["sweep"]:
         result["plot"] = f"{stem}.png"
         report.plot_sweep(args.out / result["plot"], result["sweep"], f"AdamW step time, {env['device']}")

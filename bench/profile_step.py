@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     device = harness.resolve_device(args.device)
     (case,) = cases.select_cases([args.case], device, [args.backend])
     backend = cases.case_backend(case, args.backend)
-    if backend and (reason := harness.backend_unavailable_reason(backend, device)):
+    if backend and (reason := harness.backend_unavailable_reason(backend, device, cases.case_op(case))):
         raise SystemExit(f"{case.name}: {reason}")
     env = harness.environment(device, harness.command_line("bench/profile_step.py", argv))
     shapes = param_shapes(args.params)
