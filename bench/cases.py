@@ -271,39 +271,48 @@ class TensorPool:
 
     Building them costs more than a step on the CPU (``randn`` of 134.5M elements, three times),
     and repeated rounds would pay it for every case of every round; so the cases share them. They
-    all step the same tensors in place at lr 1e-7, which barely moves them. One shape table and
-    dtype is held at a time: asking for another frees the first (a Qwen2.5-1.5B set is 18.5 GB).
+    all step the same tensors in place at lr 1e-7, which barely moves them. Up to ``max_sets``
+    shape tables and dtypes are held (the per-tensor, the flat and the bf16 sets of SmolLM2 take
+    4.3 GB on the CPU); on a GPU one at a time by default (a Qwen2.5-1.5B set is 18.5 GB).
     """
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, max_sets: int | None = None):
         self.device, self.seed = device, seed
-        self._key, self.params, self.references = None, None, None
+        self.max_sets = max_sets or (1 if device.type == "cuda" else 3)
+        self._sets: dict = {}  # (shapes, dtype) -> (params, references), least recently used first
+        self.params, self.references = None, None
 
     def get(self, shapes, dtype: torch.dtype):
         """``(params, references)`` for ``shapes`` in ``dtype``; the references are fp32 and
         independent of the gradients, so about half of the elements conflict, like a real reference."""
         key = (tuple(shapes), dtype)
-        if key != self._key:
-            self.clear()
+        if key in self._sets:
+            self._sets[key] = self._sets.pop(key)  # most recently used last
+        else:
+            while len(self._sets) >= self.max_sets:
+                self._sets.pop(next(iter(self._sets)))
+                self.params = self.references = None
+                harness.free_memory(self.device)
             generator = torch.Generator(self.device).manual_seed(self.seed)
 
             def randn(shape, dtype):
                 return torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
 
-            self.params = [randn(shape, dtype).requires_grad_() for _, shape in shapes]
-            for p in self.params:
+            params = [randn(shape, dtype).requires_grad_() for _, shape in shapes]
+            for p in params:
                 p.grad = randn(p.shape, dtype)
-            self.references = [randn(shape, torch.float32) for _, shape in shapes]
-            self._key = key
+            self._sets[key] = (params, [randn(shape, torch.float32) for _, shape in shapes])
+        self.params, self.references = self._sets[key]
         return self.params, self.references
 
     def nbytes(self, references: bool = False) -> int:
-        """Bytes held for the parameters and gradients (and the references)."""
+        """Bytes held for the parameters and gradients (and the references) last handed out."""
         tensors = [t for p in self.params for t in (p, p.grad)] + (self.references if references else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def clear(self) -> None:
-        self._key, self.params, self.references = None, None, None
+        self._sets.clear()
+        self.params, self.references = None, None
         harness.free_memory(self.device)
 
 

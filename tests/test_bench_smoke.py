@@ -267,3 +267,19 @@ def test_profile_step_smoke_run(tmp_path):
     assert all(row["self_ms_per_step"] >= 0 and row["calls_per_step"] > 0 for row in result["operators"])
     markdown = (tmp_path / f"{harness.file_stem(CPU)}-profile-cnl_adamw_fp32.md").read_text()
     assert "| operator | calls / step | self ms / step | share of step |" in markdown
+
+
+def test_tensor_pool_shares_and_bounds_its_sets():
+    pool = cases.TensorPool(CPU, max_sets=2)
+    a, b, c = [("a", (4, 3))], [("b", (5,))], [("c", (2,))]
+    params_a, refs_a = pool.get(a, torch.float32)
+    assert [p.shape for p in params_a] == [(4, 3)] and params_a[0].grad.shape == (4, 3)
+    assert refs_a[0].dtype == torch.float32 and not torch.equal(refs_a[0], params_a[0].grad)
+    pool.get(b, torch.bfloat16)
+    assert pool.get(a, torch.float32)[0][0] is params_a[0]  # shared, not rebuilt
+    assert pool.params[0].dtype == torch.float32
+    pool.get(c, torch.float32)  # evicts b, the least recently used
+    assert pool.get(a, torch.float32)[0][0] is params_a[0]
+    assert pool.nbytes() == 2 * 12 * 4 and pool.nbytes(references=True) == 3 * 12 * 4
+    pool.clear()
+    assert pool.params is None
