@@ -84,8 +84,10 @@ def run_param_set(name: str, selected, device, backend: str, args, pool: cases.T
             print(f"{case.name}: skipped, {reason}", file=sys.stderr)
     active = [case for case in selected if case.name not in skipped]
     times = {case.name: [] for case in active}  # per round, the list of its step times
-    peaks, errors, copy_rounds = {}, {}, []
+    peaks, errors, copy_rounds, round_loads = {}, {}, [], []
     for round_index in range(args.rounds):
+        if device.type == "cpu":  # a shared machine's other work shows here, round by round
+            round_loads.append(harness.cpu_info()["load_average"][0])
         copy, traffic = harness.copy_step(device, args.copy_mib * 2**20)
         copy_ms = harness.median(harness.time_steps(copy, device, args.warmup, args.iters))
         copy_rounds.append(traffic / (copy_ms * 1e-3))
@@ -131,6 +133,7 @@ def run_param_set(name: str, selected, device, backend: str, args, pool: cases.T
         "tensors": len(shapes), "numel": total_numel(shapes), "rows": rows,
         "copy_bandwidth_gb_per_s": copy_bandwidth / 1e9,
         "copy_round_gb_per_s": [bw / 1e9 for bw in copy_rounds],
+        "round_load_average": round_loads or None,
         "fused_adamw_gb_per_s": None if adamw_rate is None else adamw_rate / 1e9,
         "roofline_gb_per_s": roofline_bandwidth / 1e9, "roofline_source": roofline_source,
     }
@@ -191,7 +194,10 @@ def markdown(result: dict) -> str:
             f"Roofline **{param_set['roofline_gb_per_s']:,.1f} GB/s**, set by **{param_set['roofline_source']}**. "
             f"Copy: {param_set['copy_bandwidth_gb_per_s']:,.1f} GB/s (round medians "
             f"{', '.join(f'{bw:,.1f}' for bw in param_set['copy_round_gb_per_s'])}); torch fused AdamW: "
-            f"{report.fmt(adamw, ',.1f')} GB/s.", ""]
+            f"{report.fmt(adamw, ',.1f')} GB/s."
+            + (f" 1-minute load average at the start of each round: "
+               f"{', '.join(f'{load:.2f}' for load in param_set['round_load_average'])} (2 CPUs)."
+               if param_set.get("round_load_average") else ""), ""]
         lines += report.step_rows_markdown(timed)
         skipped = {}  # reason -> cases, so that one missing backend is one line
         for row in param_set["rows"]:
