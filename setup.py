@@ -139,7 +139,7 @@ setup(
         "triton": ["triton>=3.0"],
         "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],
         "test": ["triton>=3.0", "transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft",
-                 "pytest", "pytest-benchmark", "pytest-xdist"],
+                 "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
     },
     entry_points={"console_scripts": ["cnl-ext=cnl_ext.cli:main"]},
     ext_modules=ext_modules,

@@ -110,23 +110,25 @@ def _tensors(dtype, unaligned=False, shapes=((5000,), (7,))):
     return out
 
 
-def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None, capturable=False):
+def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None, capturable=False,
+                importance=None):
     """Run the three ops once on CPU tensors (the kernels are recorders, so nothing computes)."""
     params = _tensors(dtype, unaligned)
-    states = [_tensors(torch.float32, unaligned) for _ in range(3)]
+    states = [_tensors(torch.float32, unaligned) for _ in range(5)]
+    tracking = {} if importance is None else dict(importance=(states[3], states[4]), importance_kind=importance)
     refs = None if fmt is None else [reference_format.encode(torch.randn(p.shape), fmt) for p in params]
     st = torch.zeros(len(params), 3, dtype=torch.float64) if stats and fmt is not None else None
     lr = torch.tensor(0.1) if capturable else 0.1
     sgd = dict(dict(weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, first_step=False),
                **(sgd or {}))
     triton_step.sgd_step_(params, params, states[0] if sgd["momentum"] else None, refs, st,
-                          reference_format=fmt or "float32", lr=lr, **sgd)
+                          reference_format=fmt or "float32", lr=lr, **sgd, **tracking)
     adam = dict(dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
                      amsgrad=False, maximize=False), **(adam or {}))
     steps = dict(device_steps=[torch.tensor(1.0) for _ in params]) if capturable else \
         dict(bias_correction1=0.1, bias_correction2=0.001)
     triton_step.adam_step_(params, params, states[0], states[1], states[2], refs, st,
-                           reference_format=fmt or "float32", lr=lr, **adam, **steps)
+                           reference_format=fmt or "float32", lr=lr, **adam, **steps, **tracking)
     if fmt is not None:
         triton_masked_delta.masked_delta_(params, params, refs, st, reference_format=fmt, inv_lr=10.0)
 
@@ -147,6 +149,9 @@ def specializations() -> list[Specialization]:
                     adam=dict(decoupled_weight_decay=False, weight_decay=0.01, amsgrad=True, maximize=True))
         _launch_ops(torch.float32, "float32", sgd=dict(first_step=True, nesterov=True))
         _launch_ops(torch.float32, "float32", adam=dict(weight_decay=0.0))
+        for dtype, kind in ((torch.float32, "first"), (torch.bfloat16, "param_mix")):  # KIF's importance EMAs
+            _launch_ops(dtype, None, importance=kind)
+            _launch_ops(dtype, "float32", importance=kind)
     return list(dict.fromkeys(s for r in recorders for s in r.specializations()))
 
 

@@ -1,409 +1,818 @@
-"""``python -m cnl_ext <subcommand>`` / ``cnl-ext``: the paper's experiments from the command line.
+"""python -m cnl_ext SUBCOMMAND (or cnl-ext): the CNL paper's experiments from the command line.
 
-Subcommands (``--help`` on each for its options):
+One mechanism for every subcommand (a new one is one Subcommand(...) entry in SUBCOMMANDS):
 
-  demo             FT vs CNL (AdamW) on generated questions and the embedded SmolLM2, a few minutes on CPU
-  prepare-data     a benchmark (mmlu, arc_c, csqa, medqa, mmac) from the hub or local files -> paper JSONL
-  mmac             the union MMLU + MedQA + ARC-C + CSQA -> paper JSONL
-  infer-and-split  ask the model every question: mastered.jsonl (correct) / injection.jsonl (wrong)
-  teach            the "taught first" variant: teach part, split, save the taught model
-  inject           in-set FT / CNL / replay / LoRA runs for one or more optimizers
-  out-of-set       the 1:1 out-of-set runs (mastered or injection side)
-  table1           Sim / Dissim forgetting
-  table2           collaborative / conflicting shares and sums of s (fused kernels)
+- options come from the settings dataclasses they fill (cnl_ext.experiments.options), so each is
+  declared once, with its help, default and choices;
+- everything checkable is checked before the model loads (the dataclasses' own checks, the model's
+  location, the device, the backend, the output location); a problem is one "error: ..." line and
+  exit status 2 (--debug or CNL_EXT_DEBUG=1 shows the traceback);
+- outputs go through cnl_ext.experiments.outputs: a staging folder moved into place at the end,
+  every file written atomically, results.json with the command, versions, seeds and weight hashes;
+- multi-run subcommands keep checkpoints there and continue with --resume; Ctrl-C says what was
+  saved and how to continue.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
+import signal
 import sys
 import time
+import traceback
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["main", "build_parser"]
+from .experiments.options import add_options, build, declared_names, flag_of, option
 
+__all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "Context"]
 
-# ---------------------------------------------------------------------------------- shared options
-
-def _add_model_options(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="smollm2",
-                       help="hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct; default)")
-    group.add_argument("--gguf-file", help="GGUF file name inside --model (a folder or hub repo)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (paper: float32)")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    group.add_argument("--no-chat-template", action="store_true", help="feed the bare prompt (for base models)")
-    group.add_argument("--threads", type=int, help="torch CPU threads")
-    group.add_argument("--eval-batch-size", type=int, default=16, help="batch size of inference")
+DEBUG_ENV = "CNL_EXT_DEBUG"
+DEFAULT_DEMO_OUT = Path("runs/demo")
 
 
-def _add_data_options(parser):
-    group = parser.add_argument_group("questions (one source)")
-    source = group.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", nargs="+", type=Path, help="paper-format JSONL files (joined)")
-    source.add_argument("--dataset", choices=["mmlu", "arc_c", "csqa", "medqa", "mmac"], help="a benchmark")
-    group.add_argument("--data-files", nargs="+", help="with --dataset: local files in the hub layout instead of the hub")
-    group.add_argument("--fraction", type=float, help="with --dataset: subsampling (default: the paper's)")
-    group.add_argument("--limit", type=int, help="keep at most this many questions (seeded sample)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the subsampling")
+# ---------------------------------------------------------------------------------- option dataclasses of the CLI
+
+@dataclass
+class SplitFiles:
+    """The split: mastered.jsonl and injection.jsonl (from infer-and-split or teach)."""
+
+    mastered: Path = option(help="mastered.jsonl: questions the model answers right (the reference set)")
+    injection: Path = option(help="injection.jsonl: questions it answers wrong (the training set)")
+    limit_mastered: int | None = option(None, "use at most this many mastered questions (a seeded sample)")
+    limit_injection: int | None = option(None, "use at most this many injection questions (a seeded sample)")
+
+    def __post_init__(self):
+        from .experiments.data import DataError
+
+        for flag, path in (("--mastered", self.mastered), ("--injection", self.injection)):
+            if not Path(path).is_file():
+                raise DataError(f"{flag} {path}: no such file")
+        for name in ("limit_mastered", "limit_injection"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def load(self, seed: int = 0):
+        from .experiments.data import read_jsonl, sample_n
+
+        return (sample_n(read_jsonl(self.mastered), self.limit_mastered, seed),
+                sample_n(read_jsonl(self.injection), self.limit_injection, seed))
 
 
-def _add_split_options(parser):
-    group = parser.add_argument_group("split (from infer-and-split or teach)")
-    group.add_argument("--mastered", type=Path, required=True, help="mastered.jsonl")
-    group.add_argument("--injection", type=Path, required=True, help="injection.jsonl")
-    group.add_argument("--limit-mastered", type=int, help="use at most this many mastered questions (seeded)")
-    group.add_argument("--limit-injection", type=int, help="use at most this many injection questions (seeded)")
+def _optimizers():
+    from .experiments.protocol import OPTIMIZERS
+    return OPTIMIZERS
 
 
-def _add_training_options(parser, *, methods_default=("ft", "cnl"), several=True):
-    from .experiments.protocol import METHODS, OPTIMIZERS
-
-    group = parser.add_argument_group("training")
-    if several:
-        group.add_argument("--optimizers", nargs="+", default=["adamw"], choices=OPTIMIZERS)
-        group.add_argument("--methods", nargs="+", default=list(methods_default), choices=METHODS)
-    else:
-        group.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    group.add_argument("--lr", nargs="+", default=[],
-                       help="learning rate: one value, or NAME=VALUE per optimizer "
-                            "(default: sgd/momentum 1e-7, adam/adamw 1e-6)")
-    group.add_argument("--epochs", type=int, default=25)
-    group.add_argument("--batch-size", type=int, default=1, help="training batch size (paper: 1)")
-    group.add_argument("--reference-every", type=int,
-                       help="recompute the reference over M every N steps (default: once per epoch)")
-    group.add_argument("--reference-batch-size", type=int, default=16, help="batching of the reference pass")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=0.1, help="AdamW only")
-    group.add_argument("--trainable", default="all", help="'all' or 'last:N' decoder layers")
-    group.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "cuda"])
-    group.add_argument("--reference-dtype", default="float32",
-                       help="storage of the reference (float32, bfloat16, int8, ...)")
-    group.add_argument("--order-seed", type=int, default=0, help="seed of the training order")
+def _methods():
+    from .experiments.protocol import METHODS
+    return METHODS
 
 
-def _add_out(parser, default=None):
-    parser.add_argument("--out", type=Path, default=default, required=default is None, help="output folder")
+@dataclass
+class RunPlan:
+    """Runs: which optimizers and methods, at which learning rates."""
 
+    optimizers: tuple[str, ...] = option(("adamw",), "optimizers to run", choices=_optimizers)
+    methods: tuple[str, ...] = option(("ft", "cnl"), "methods to run for each optimizer", choices=_methods)
+    lr: tuple[str, ...] = option((), "learning rate: one number for all, and/or NAME=VALUE per optimizer "
+                                      "(default: sgd/momentum 1e-7, the paper's; adam/adamw 1e-6)",
+                                 metavar="LR")
 
-# ---------------------------------------------------------------------------------- helpers
+    def __post_init__(self):
+        from .experiments.protocol import OPTIMIZERS
 
-def _parse_lrs(values):
-    """``["1e-6"]`` -> (1e-6, {}); ``["adamw=1e-6", "sgd=1e-7"]`` -> (None, {...})."""
-    single, per_optimizer = None, {}
-    for value in values:
-        name, sep, number = value.partition("=")
-        try:
-            if sep:
-                per_optimizer[name] = float(number)
-            elif single is None:
-                single = float(value)
+        for name in ("optimizers", "methods"):
+            listed = getattr(self, name)
+            if len(set(listed)) != len(listed):
+                raise ValueError(f"--{name} {' '.join(listed)}: each at most once")
+        self.default_lr, self.lrs = None, {}
+        for value in self.lr:
+            name, sep, number = value.partition("=")
+            try:
+                rate = float(number if sep else value)
+            except ValueError:
+                raise ValueError(f"--lr {value}: not a number; give one number or NAME=VALUE pairs") from None
+            if not rate > 0:
+                raise ValueError(f"--lr {value}: a learning rate must be > 0")
+            if not sep:
+                if self.default_lr is not None:
+                    raise ValueError(f"--lr: two plain numbers ({self.default_lr:g} and {value}); give one number "
+                                     "for all optimizers, and NAME=VALUE for the others")
+                self.default_lr = rate
+            elif name not in OPTIMIZERS:
+                raise ValueError(f"--lr {value}: no optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+            elif name not in self.optimizers:
+                raise ValueError(f"--lr {value}: {name} is not among --optimizers ({' '.join(self.optimizers)}); "
+                                 f"add it to --optimizers or drop it from --lr")
             else:
-                raise ValueError
-        except ValueError:
-            raise SystemExit(f"--lr: cannot read {value!r}; give one number or NAME=VALUE pairs") from None
-    return single, per_optimizer
+                self.lrs[name] = rate
 
 
-def _inject_config(args, optimizer=None):
-    from .experiments.protocol import InjectConfig
+@dataclass
+class OutOfSetSide:
+    """Out-of-set: which side is split 1:1."""
 
-    single, _ = _parse_lrs(args.lr)
-    return InjectConfig(optimizer=optimizer or getattr(args, "optimizer", "adamw"), lr=single, epochs=args.epochs,
-                        batch_size=args.batch_size, reference_every=args.reference_every,
-                        momentum=args.momentum, weight_decay=args.weight_decay, trainable=args.trainable,
-                        reference_batch_size=args.reference_batch_size, eval_batch_size=args.eval_batch_size,
-                        seed=args.order_seed, backend=args.backend, reference_dtype=args.reference_dtype)
-
-
-def _load(args):
-    import torch
-
-    from .experiments.model import MCQEncoder, load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
-    print(f"loaded {args.model} in {time.perf_counter() - started:.1f} s "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, {model.device})")
-    return model, tokenizer, MCQEncoder(tokenizer, use_chat_template=not args.no_chat_template)
+    side: str = option("mastered", "mastered: reference (and replay data) from one half of M, Forgot counted on the "
+                                   "other; injection: train on one half of I, Learned counted on the other",
+                       choices=("mastered", "injection"))
+    split_seed: int = option(0, "seed of the 1:1 split")
 
 
-def _questions(args):
-    from .experiments.data import load_benchmark, read_jsonl, sample_n
+@dataclass
+class FolderOutput:
+    """Output folder."""
 
-    if args.data:
-        questions = [q for path in args.data for q in read_jsonl(path)]
-    else:
-        files = args.data_files[0] if args.data_files and len(args.data_files) == 1 else args.data_files
-        questions = load_benchmark(args.dataset, data_files=files, fraction=args.fraction, seed=args.seed)
-    return sample_n(questions, args.limit, args.seed)
+    out: Path = option(help="output folder (refused if not empty, unless --overwrite or --resume)")
+    overwrite: bool = option(False, "replace a non-empty --out (the old contents go when the new run is complete)")
 
 
-def _split_files(args):
-    from .experiments.data import read_jsonl, sample_n
+@dataclass
+class FileOutput:
+    """Output file."""
 
-    return (sample_n(read_jsonl(args.mastered), args.limit_mastered, args.order_seed),
-            sample_n(read_jsonl(args.injection), args.limit_injection, args.order_seed))
-
-
-def _write_split(out, split, meta):
-    from .experiments.data import write_jsonl
-    from .experiments.report import write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "mastered.jsonl", split.mastered)
-    write_jsonl(out / "injection.jsonl", split.injection)
-    write_json(out / "split.json", dict(meta, mastered=len(split.mastered), injection=len(split.injection),
-                                        excluded=len(split.excluded)))
-    print(f"mastered {len(split.mastered)}, injection {len(split.injection)}, excluded {len(split.excluded)} -> {out}")
+    out: Path = option(help="output .jsonl file")
+    overwrite: bool = option(False, "replace an existing --out")
 
 
-def _meta(args, step):
-    return dict(step=step, command="python -m cnl_ext " + shlex.join(args.argv), model=args.model, dtype=args.dtype)
+@dataclass
+class ResumeOptions:
+    """Checkpoints (one per run, replaced at every epoch end)."""
+
+    resume: bool = option(False, "continue an interrupted run from its last finished epoch (same numbers as an "
+                                 "uninterrupted run); rerun the same command with --resume")
+    keep_checkpoints: bool = option(False, "keep the checkpoints of finished runs in OUT/checkpoints (about 2 GB "
+                                           "per run for SmolLM2 with AdamW; deleted by default)")
+    checkpoints: bool = option(True, "save no checkpoints (no time spent writing them; an interrupted command "
+                                     "then starts again)")
+
+
+@dataclass
+class MmacSource:
+    """The MMAC parts."""
+
+    data_files: tuple[str, ...] = option((), "local files per benchmark instead of the hub, e.g. mmlu=mmlu.parquet",
+                                         metavar="NAME=FILE")
+    fraction: float | None = option(None, "subsampling of every part (default: each one's paper value)")
+    seed: int = option(0, "seed of the subsampling")
+
+    def __post_init__(self):
+        from .experiments.data import DataError, MMAC_PARTS
+
+        self.files = {}
+        for item in self.data_files:
+            name, sep, path = item.partition("=")
+            if not sep or name not in MMAC_PARTS:
+                raise ValueError(f"--data-files {item}: expected NAME=FILE with NAME in {', '.join(MMAC_PARTS)}")
+            if not Path(path).is_file():
+                raise DataError(f"--data-files {item}: no such file")
+            self.files[name] = path
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+
+@dataclass
+class TeachOutput:
+    """Taught model."""
+
+    save_model: bool = option(True, "do not save the taught model to OUT/model")
 
 
 # ---------------------------------------------------------------------------------- subcommands
 
-def cmd_prepare_data(args):
-    from .experiments.data import write_jsonl
+@dataclass
+class Subcommand:
+    """A subcommand: ``run(ctx)`` and the settings dataclasses its options fill.
 
-    questions = _questions(args)
-    write_jsonl(args.out, questions)
-    print(f"{len(questions)} questions -> {args.out}")
+    ``options``: dataclasses, or ``(dataclass, dict(only=..., skip=..., defaults=...))`` pairs
+    (see :func:`~cnl_ext.experiments.options.add_options`); ``ctx[Dataclass]`` is the instance.
+    ``output``: ``"folder"`` (``--out`` folder, staged and swapped in), ``"file"`` or None.
+    ``checkpoints``: adds ``--resume`` / ``--keep-checkpoints``; ``ctx.checkpoints`` is the store.
+    """
+
+    name: str
+    run: Callable
+    summary: str  # one line
+    example: str
+    options: tuple = ()
+    output: str | None = "folder"
+    checkpoints: bool = False
+    out_default: Path | None = None
+    replaceable: Callable | None = None  # a non-empty --out that may be replaced without --overwrite
 
 
-def cmd_mmac(args):
+def _models():
+    from .experiments.model import ModelOptions
+    return ModelOptions
+
+
+class Context:
+    """What a running subcommand uses: its settings, its output folder, the model loader."""
+
+    def __init__(self, command: Subcommand, parser, args, argv):
+        self.command, self.argv = command, list(argv)
+        from .experiments.outputs import UsageError
+
+        self.configs, self.declared = {}, {}
+        for cls in _option_classes(command):
+            self.declared[cls] = declared_names(parser, cls)
+            try:
+                self.configs[cls] = build(cls, args, parser)
+            except ValueError as error:  # the settings' own checks: a usage problem, not a bug
+                raise UsageError(str(error)) from error
+        self.out = None
+        self.checkpoints = None
+        self.weights_sha256 = {}
+        self.started = time.perf_counter()
+        self._opened = False
+
+    def __getitem__(self, cls):
+        return self.configs[cls]
+
+    def get(self, cls, default=None):
+        return self.configs.get(cls, default)
+
+    # --------------------------------------------------------------------------- before any work
+
+    def check(self) -> None:
+        """Everything checkable before the model loads (the dataclasses checked themselves when built)."""
+        from .experiments.outputs import OutputFolder, UsageError, check_output_file
+
+        models = self.get(_models())
+        if models is not None:
+            models.check()
+            device = _device(models.device)
+            for config in self.configs.values():
+                if hasattr(config, "backend"):
+                    _check_backend(config.backend, device)
+        if self.command.output == "file":
+            output = self[FileOutput]
+            check_output_file(output.out, overwrite=output.overwrite)
+        elif self.command.output == "folder":
+            output = self[FolderOutput]
+            resume = self.get(ResumeOptions, ResumeOptions())
+            if output.overwrite and resume.resume:
+                raise UsageError("--overwrite starts again and --resume continues: give one of the two")
+            replaceable = self.command.replaceable
+            self.out = OutputFolder(output.out, overwrite=output.overwrite, resume=resume.resume,
+                                    replaceable=(lambda path: replaceable(self, path)) if replaceable else None)
+            options = self.options_record()
+            self.out.check(options)
+            self.out.open(options)  # a failure before anything is saved removes it again (abandon)
+            self._opened = True
+            if not resume.checkpoints and (resume.resume or resume.keep_checkpoints):
+                raise UsageError("--no-checkpoints saves none: it goes with neither --resume nor --keep-checkpoints")
+            if self.command.checkpoints and resume.checkpoints:
+                from .experiments.checkpoints import RunCheckpoints
+
+                self.checkpoints = RunCheckpoints(self.out.staging / "checkpoints", keep=resume.keep_checkpoints)
+            if resume.resume and not self.out.resuming:
+                print(f"--resume: no interrupted run of {output.out}; starting from the beginning")
+
+    # --------------------------------------------------------------------------- the work
+
+    @property
+    def out_dir(self) -> Path:
+        """The folder to write into (the staging folder, moved to --out when the command has finished)."""
+        return self.out.path
+
+    def load_model(self):
+        """``(model, tokenizer, encoder)`` from the model options; records the weights' sha256."""
+        import torch
+
+        from .experiments.model import MCQEncoder, load_model
+        from .experiments.outputs import sha256_file, weight_files
+        from .experiments.progress import quiet_library_bars
+
+        quiet_library_bars()
+        options = self[_models()]
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        started = time.perf_counter()
+        model, tokenizer = load_model(options.model, gguf_file=options.gguf_file, dtype=options.dtype,
+                                      device=options.device)
+        self.weights_sha256 = {path.name: sha256_file(path) for path in weight_files(options.model, options.gguf_file)}
+        print(f"loaded {options.model} in {time.perf_counter() - started:.1f} s "
+              f"({sum(p.numel() for p in model.parameters()):,} parameters, {options.dtype}, {model.device})")
+        return model, tokenizer, MCQEncoder(tokenizer, use_chat_template=options.chat_template)
+
+    def options_record(self) -> dict:
+        """Every option as given (by flag), except those that do not change the results."""
+        ignored = {"resume", "keep_checkpoints", "checkpoints", "overwrite", "threads"}
+        record = {}
+        for cls, config in self.configs.items():
+            for f in fields(cls):
+                if f.name in ignored or f.name not in self.declared[cls]:
+                    continue
+                record[flag_of(f)] = _jsonable(getattr(config, f.name))
+        return json.loads(json.dumps(record))
+
+    def provenance(self) -> dict:
+        from .experiments.outputs import provenance
+
+        seeds = {flag: value for flag, value in self.options_record().items() if flag.endswith("seed")}
+        return provenance(self.argv, seeds=seeds, weights=self.weights_sha256)
+
+    def write_results(self, payload: dict, name: str = "results.json") -> None:
+        from .experiments.outputs import write_json
+
+        write_json(self.out_dir / name, dict(payload, **self.provenance()))
+
+    def run_outputs(self, runs, title: str, meta: dict, extra_markdown: str = "") -> str:
+        from .experiments.report import write_run_outputs
+
+        table = write_run_outputs(self.out_dir, runs, title=title, meta=dict(meta, **self.provenance()),
+                                  extra_markdown=extra_markdown)
+        print(table)
+        return table
+
+    def finish(self) -> None:
+        if self.out is not None and self._opened:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+            final = self.out.finish()
+            print(f"outputs -> {final} ({', '.join(sorted(p.name for p in final.iterdir()))}); "
+                  f"total {time.perf_counter() - self.started:.0f} s")
+
+    # --------------------------------------------------------------------------- after an error or Ctrl-C
+
+    def resume_command(self) -> str:
+        argv = [a for a in self.argv if a not in ("--overwrite", "--resume", "--debug")]
+        return " ".join(["python -m cnl_ext", *map(shlex.quote, argv), "--resume"])
+
+    def saved_work(self) -> str | None:
+        """What an interrupted run leaves to resume from, in words (None: nothing)."""
+        store = self.checkpoints
+        if store is None or self.out is None or not self.out.staging.is_dir():
+            return None
+        if store.last_saved is not None:
+            label, epoch, epochs = store.last_saved
+            return f"{label} after epoch {epoch} of {epochs}"
+        saved = {p.name for p in store.folder.iterdir()} if store.folder.is_dir() else set()
+        if saved - {"start.pt"}:
+            return "the checkpoints saved before"
+        if saved:
+            return "the starting weights" + (" (teaching done)" if (self.out.staging / "teach.json").is_file() else "")
+        return None
+
+    def abandon(self) -> None:
+        """After a failure: drop a staging folder this command created that holds nothing to resume."""
+        import shutil
+
+        if self.out is not None and self._opened and not self.out.resuming and self.saved_work() is None:
+            shutil.rmtree(self.out.staging, ignore_errors=True)
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _device(name: str):
+    from .experiments.model import check_device
+
+    return check_device(name)
+
+
+def _check_backend(name: str, device) -> None:
+    """Refuse, before the load, a backend that cannot run the optimizer steps on ``device``."""
+    import warnings
+
+    from . import functional
+    from .experiments.outputs import UsageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for op in ("sgd_step_", "adam_step_"):
+                functional.resolve(name, device, op)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--backend {name} on {device}: {error}; see python -m cnl_ext info, or use "
+                         "--backend auto") from None
+
+
+def _demo_folder_is_replaceable(ctx: Context, path: Path) -> bool:
+    """The demo's default folder holding only a previous demo's outputs (and nothing else)."""
+    if Path(ctx[FolderOutput].out) != DEFAULT_DEMO_OUT:
+        return False
+    try:
+        previous = json.loads((path / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    demo_files = {"questions.jsonl", "mastered.jsonl", "injection.jsonl", "teach.json", "teach_log.json",
+                  "summary.csv", "results.json", "tables.md", "curves.png", "checkpoints"}
+    return previous.get("step") == "demo" and {p.name for p in path.iterdir()} <= demo_files
+
+
+def cmd_info(ctx: Context) -> None:
+    for line in info_lines():
+        print(line)
+
+
+def info_lines() -> list:
+    """Versions, devices, the compiled extension and which backends run here (and why not the others)."""
+    import platform
+    import warnings
+
+    import torch
+
+    from . import __version__, functional
+    from .experiments.outputs import package_versions
+
+    versions = package_versions()
+    cuda = torch.cuda.is_available()
+    lines = [f"cnl_ext {__version__} ({Path(__file__).parent})",
+             f"python {platform.python_version()}, torch {torch.__version__}, triton {versions['triton'] or 'not installed'}, "
+             f"transformers {versions['transformers'] or 'not installed'}, CUDA "
+             f"{torch.version.cuda or 'none (CPU-only torch)'}",
+             "devices: cpu (" + f"{torch.get_num_threads()} threads)" + (
+                 "; " + ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
+                 if cuda else "; no CUDA device")]
+    lines.append(f"compiled extension: {_native_build_line()}")
+    lines.append("backends (backend=...):")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    status = functional.backend_status()
+    for name, reason in status.items():
+        if reason:
+            lines.append(f"  {name:<7} not usable: {reason}")
+            continue
+        module = functional.load_backend(name)
+        usable = [d.type for d in devices if module.supports(d, "adam_step_")]
+        refused = [d.type for d in devices if d.type not in usable]
+        why_not = "; ".join(functional.why_unsupported(module, torch.device(d), "adam_step_") for d in refused)
+        lines.append(f"  {name:<7} " + (f"usable on {', '.join(usable)}" if usable else "not usable here")
+                     + (f" ({why_not})" if refused else ""))
+    for alias, target in functional.BACKEND_ALIASES.items():
+        lines.append(f"  {alias:<7} an alias of {target!r}")
+    chosen = []
+    for device in devices:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                chosen.append(f"{device.type} tensors -> {functional.resolve('auto', device, 'adam_step_').NAME}")
+        except Exception as error:  # noqa: BLE001 - info never fails
+            chosen.append(f"{device.type} tensors: {error}")
+    lines.append(f"  auto    {'; '.join(chosen)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        lines.append("TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter (slow)")
+    return lines
+
+
+def _native_build_line() -> str:
+    """How the compiled extension was built here, or why it is not."""
+    try:
+        from .ops import native_backend
+    except ImportError as error:
+        return f"not available ({error})"
+    reason = native_backend.unavailable_reason()
+    if reason:
+        return f"not available ({reason})"
+    info = getattr(native_backend, "build_info", dict)()
+    return "built (" + ", ".join(f"{key} {value}" for key, value in info.items()) + ")"
+
+
+def cmd_prepare_data(ctx: Context) -> None:
+    from .experiments.data import QuestionSource, write_jsonl
+
+    questions = ctx[QuestionSource].load()
+    write_jsonl(ctx[FileOutput].out, questions)
+    print(f"{len(questions)} questions -> {ctx[FileOutput].out}")
+
+
+def cmd_mmac(ctx: Context) -> None:
     from .experiments.data import MMAC_PARTS, load_benchmark, write_jsonl
 
-    files = {}
-    for item in args.data_files or []:
-        name, sep, path = item.partition("=")
-        if not sep or name not in MMAC_PARTS:
-            raise ValueError(f"--data-files: expected NAME=FILE with NAME in {MMAC_PARTS}, got {item!r}")
-        files[name] = path
+    source = ctx[MmacSource]
     union = []
     for part in MMAC_PARTS:
-        questions = load_benchmark(part, data_files=files.get(part), fraction=args.fraction, seed=args.seed)
+        questions = load_benchmark(part, data_files=source.files.get(part), fraction=source.fraction, seed=source.seed)
         print(f"{part}: {len(questions)} questions")
         union += questions
-    write_jsonl(args.out, union)
-    print(f"MMAC: {len(union)} questions -> {args.out}")
+    write_jsonl(ctx[FileOutput].out, union)
+    print(f"MMAC: {len(union)} questions -> {ctx[FileOutput].out}")
 
 
-def cmd_infer_and_split(args):
+def _write_split(ctx: Context, split, payload: dict) -> None:
+    from .experiments.data import write_jsonl
+
+    write_jsonl(ctx.out_dir / "mastered.jsonl", split.mastered)
+    write_jsonl(ctx.out_dir / "injection.jsonl", split.injection)
+    ctx.write_results(dict(payload, mastered=len(split.mastered), injection=len(split.injection),
+                           excluded=len(split.excluded)))
+    print(f"mastered {len(split.mastered)}, injection {len(split.injection)}, excluded {len(split.excluded)}")
+
+
+def cmd_infer_and_split(ctx: Context) -> None:
+    from .experiments.data import QuestionSource
     from .experiments.protocol import infer_and_split
 
-    questions = _questions(args)
-    model, _, encoder = _load(args)
+    questions = ctx[QuestionSource].load()
+    model, _, encoder = ctx.load_model()
     started = time.perf_counter()
-    split = infer_and_split(model, encoder, questions, batch_size=args.eval_batch_size)
-    meta = dict(_meta(args, "infer-and-split"), questions=len(questions), wall_s=round(time.perf_counter() - started, 1))
-    _write_split(args.out, split, meta)
+    split = infer_and_split(model, encoder, questions, batch_size=ctx[_models()].eval_batch_size)
+    _write_split(ctx, split, dict(step="infer-and-split", questions=len(questions),
+                                  wall_s=round(time.perf_counter() - started, 1)))
 
 
-def cmd_teach(args):
-    from .experiments.protocol import teach_first
+def cmd_teach(ctx: Context) -> None:
+    from .experiments.data import QuestionSource
+    from .experiments.progress import note
+    from .experiments.protocol import TeachSettings, teach_first, teach_summary
 
-    questions = _questions(args)
-    model, tokenizer, encoder = _load(args)
-    split, log = teach_first(model, encoder, questions, fraction=args.teach_fraction, seed=args.seed,
-                             lr=args.teach_lr, max_epochs=args.teach_epochs, margin=args.teach_margin,
-                             trainable=args.trainable, eval_batch_size=args.eval_batch_size, backend=args.backend)
-    _write_split(args.out, split, dict(_meta(args, "teach"), questions=len(questions), teach_log=log))
-    if not args.no_save_model:
+    source, settings = ctx[QuestionSource], ctx[TeachSettings]
+    questions = source.load()
+    model, tokenizer, encoder = ctx.load_model()
+    split, log = teach_first(model, encoder, questions, fraction=settings.teach_fraction, seed=source.seed,
+                             lr=settings.teach_lr, max_epochs=settings.teach_epochs, margin=settings.teach_margin,
+                             trainable=settings.trainable, eval_batch_size=ctx[_models()].eval_batch_size,
+                             backend=settings.backend)
+    summary = teach_summary(split, log, n_taught=round(len(questions) * settings.teach_fraction),
+                            margin=settings.teach_margin, max_epochs=settings.teach_epochs)
+    for line in summary:
+        note(line)
+    _write_split(ctx, split, dict(step="teach", questions=len(questions), teach_log=log, teach_summary=summary,
+                                  margin_reached=log[-1]["min_margin"] >= settings.teach_margin))
+    if ctx[TeachOutput].save_model:
         # A GGUF-loaded config still names its GGUF file; the saved copy is plain safetensors.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(args.out / "model")
-        tokenizer.save_pretrained(args.out / "model")
-        print(f"taught model -> {args.out / 'model'} (use it as --model)")
+        model.save_pretrained(ctx.out_dir / "model")
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        print(f"taught model -> {ctx[FolderOutput].out / 'model'} (use it as --model)")
 
 
-def _run_and_report(args, runs, title, meta, extra_markdown=""):
-    from .experiments.report import write_run_outputs
+def _training(ctx: Context):
+    """The split, the model and the injection config of inject / out-of-set / table1."""
+    from .experiments.protocol import InjectConfig
 
-    table = write_run_outputs(args.out, runs, title=title, meta=meta, extra_markdown=extra_markdown)
-    print(table)
-    print(f"outputs -> {args.out} (summary.csv, results.json, tables.md, curves.png)")
+    config = ctx[InjectConfig]
+    plan = ctx.get(RunPlan)
+    if plan is not None and plan.default_lr is not None:
+        from dataclasses import replace
+
+        config = replace(config, lr=plan.default_lr)
+    mastered, injection = ctx[SplitFiles].load(config.seed)
+    model, _, encoder = ctx.load_model()
+    return config, mastered, injection, model, encoder
 
 
-def cmd_inject(args):
+def cmd_inject(ctx: Context) -> None:
     from .experiments.protocol import compare
 
-    mastered, injection = _split_files(args)
-    model, _, encoder = _load(args)
-    single, lrs = _parse_lrs(args.lr)
-    runs = compare(model, encoder, methods=args.methods, optimizers=args.optimizers, config=_inject_config(args),
-                   train=injection, reference=mastered, lrs=lrs)
-    _run_and_report(args, runs, f"In-set injection ({args.mastered.parent.name or 'split'})", _meta(args, "inject"))
+    config, mastered, injection, model, encoder = _training(ctx)
+    plan = ctx[RunPlan]
+    runs = compare(model, encoder, methods=plan.methods, optimizers=plan.optimizers, config=config, train=injection,
+                   reference=mastered, lrs=plan.lrs, checkpoints=ctx.checkpoints)
+    ctx.run_outputs(runs, f"In-set injection ({Path(ctx[SplitFiles].mastered).parent.name or 'split'})",
+                    dict(step="inject", config=_jsonable_config(config)))
 
 
-def cmd_out_of_set(args):
+def cmd_out_of_set(ctx: Context) -> None:
     from .experiments.protocol import out_of_set
 
-    mastered, injection = _split_files(args)
-    model, _, encoder = _load(args)
-    _, lrs = _parse_lrs(args.lr)
-    runs, (seen, unseen) = out_of_set(model, encoder, mastered, injection, side=args.side, methods=args.methods,
-                                      optimizers=args.optimizers, config=_inject_config(args),
-                                      split_seed=args.split_seed, lrs=lrs)
-    meta = dict(_meta(args, "out-of-set"), side=args.side, seen_half=len(seen), unseen_half=len(unseen))
-    _run_and_report(args, runs, f"Out-of-set, {args.side} side (1:1 split)", meta)
+    config, mastered, injection, model, encoder = _training(ctx)
+    plan, side = ctx[RunPlan], ctx[OutOfSetSide]
+    runs, (seen, unseen) = out_of_set(model, encoder, mastered, injection, side=side.side, methods=plan.methods,
+                                      optimizers=plan.optimizers, config=config, split_seed=side.split_seed,
+                                      lrs=plan.lrs, checkpoints=ctx.checkpoints)
+    ctx.run_outputs(runs, f"Out-of-set, {side.side} side (1:1 split)",
+                    dict(step="out-of-set", config=_jsonable_config(config), side=side.side, seen_half=len(seen),
+                         unseen_half=len(unseen)))
 
 
-def cmd_table1(args):
+def cmd_table1(ctx: Context) -> None:
     from .experiments.analysis import table1
-    from .experiments.report import count_percent, write_json
+    from .experiments.outputs import write_json, write_text
+    from .experiments.report import count_percent, markdown_table
 
-    mastered, injection = _split_files(args)
-    model, _, encoder = _load(args)
-    groups, run, rows = table1(model, encoder, mastered, injection, config=_inject_config(args))
-    lines = ["### Table 1: forgetting of mastered samples by gradient similarity to the injection set", "",
-             f"FT with {run.optimizer}, {run.final.epoch} epochs; mastered samples with g_m·g_I < 0 ranked by "
-             "magnitude: Sim = top third, Dissim = bottom third.", "", "| Group | Samples | FORGOT |", "|---|---|---|"]
-    lines += [f"| {r['group']} | {r['size']} | {count_percent(r['forgot'], r['size'])} |" for r in rows]
-    markdown = "\n".join(lines) + "\n"
-    meta = dict(_meta(args, "table1"), table1=rows, sim=groups.sim, dissim=groups.dissim, dots=groups.dots)
-    _run_and_report(args, [run], "Table 1 run (FT)", meta, extra_markdown=markdown)
-    (args.out / "table1.md").write_text(markdown, encoding="utf-8")
-    write_json(args.out / "table1.json", dict(rows=rows, sim=groups.sim, dissim=groups.dissim, dots=groups.dots))
+    config, mastered, injection, model, encoder = _training(ctx)
+    groups, run, rows = table1(model, encoder, mastered, injection, config=config, checkpoints=ctx.checkpoints)
+    markdown = ("### Table 1: forgetting of mastered samples by gradient similarity to the injection set\n\n"
+                f"FT with {run.optimizer}, {run.final.epoch} epochs; mastered samples with g_m·g_I < 0 ranked by "
+                "magnitude: Sim = top third, Dissim = bottom third.\n\n"
+                + markdown_table(["Group", "Samples", "FORGOT"],
+                                 [[r["group"], r["size"], count_percent(r["forgot"], r["size"])] for r in rows]))
+    ctx.run_outputs([run], "Table 1 run (FT)", dict(step="table1", config=_jsonable_config(config), table1=rows,
+                                                      sim=groups.sim, dissim=groups.dissim, dots=groups.dots),
+                    extra_markdown=markdown)
+    write_text(ctx.out_dir / "table1.md", markdown)
+    write_json(ctx.out_dir / "table1.json", dict(rows=rows, sim=groups.sim, dissim=groups.dissim, dots=groups.dots))
     print(markdown)
 
 
-def cmd_table2(args):
+def cmd_table2(ctx: Context) -> None:
     from .experiments.analysis import gradient_agreement
     from .experiments.model import select_trainable
-    from .experiments.report import write_json
+    from .experiments.outputs import write_text
+    from .experiments.protocol import InjectConfig
+    from .experiments.report import markdown_table
 
-    mastered, injection = _split_files(args)
-    model, _, encoder = _load(args)
-    select_trainable(model, args.trainable)
-    result = gradient_agreement(model, encoder, mastered, injection, batch_size=args.reference_batch_size,
-                                backend=args.backend)
-    rows = [("Collaborative (s ≥ 0)", result.collaborative, f"{100 * result.collaborative_share:.2f}%",
-             result.sum_s_collaborative),
-            ("Conflicting (s < 0)", result.conflicting, f"{100 * result.conflicting_share:.2f}%",
-             result.sum_s_conflicting),
-            ("All", result.total, "100%", result.sum_s_collaborative + result.sum_s_conflicting)]
-    markdown = "\n".join([
-        "### Table 2: collaborative vs conflicting elements (u = ∇L_I, r = ∇L_M, s = r·u)", "",
-        "| | Elements | Share | Sum of s |", "|---|---|---|---|",
-        *(f"| {name} | {count:,} | {share} | {total_s:.6g} |" for name, count, share, total_s in rows),
-    ]) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table2.md").write_text(markdown, encoding="utf-8")
-    write_json(args.out / "results.json", dict(_meta(args, "table2"), mastered=len(mastered),
-                                               injection=len(injection), table2=result.to_dict()))
+    config = ctx[InjectConfig]
+    mastered, injection = ctx[SplitFiles].load()
+    model, _, encoder = ctx.load_model()
+    select_trainable(model, config.trainable)
+    result = gradient_agreement(model, encoder, mastered, injection, batch_size=config.reference_batch_size,
+                                backend=config.backend)
+    rows = [["Collaborative (s ≥ 0)", f"{result.collaborative:,}", f"{100 * result.collaborative_share:.2f}%",
+             f"{result.sum_s_collaborative:.6g}"],
+            ["Conflicting (s < 0)", f"{result.conflicting:,}", f"{100 * result.conflicting_share:.2f}%",
+             f"{result.sum_s_conflicting:.6g}"],
+            ["All", f"{result.total:,}", "100%", f"{result.sum_s_collaborative + result.sum_s_conflicting:.6g}"]]
+    markdown = ("### Table 2: collaborative vs conflicting elements (u = ∇L_I, r = ∇L_M, s = r·u)\n\n"
+                + markdown_table(["", "Elements", "Share", "Sum of s"], rows, align="lrrr"))
+    write_text(ctx.out_dir / "table2.md", markdown)
+    ctx.write_results(dict(step="table2", mastered=len(mastered), injection=len(injection),
+                           table2=result.to_dict()))
     print(markdown)
 
 
-def cmd_demo(args):
+def cmd_demo(ctx: Context) -> None:
     from .experiments.demo import DemoSettings, run_demo
 
-    started = time.perf_counter()
-    model, _, encoder = _load(args)
-    settings = DemoSettings(questions=args.questions, teach_lr=args.teach_lr, teach_epochs=args.teach_epochs,
-                            teach_margin=args.teach_margin, epochs=args.epochs, lr=args.lr,
-                            trainable=args.trainable, seed=args.seed)
-    table = run_demo(model, encoder, args.out, settings, backend=args.backend)
-    print(table)
-    print(f"outputs -> {args.out} (summary.csv, results.json, tables.md, curves.png); "
-          f"total {time.perf_counter() - started:.0f} s")
+    model, _, encoder = ctx.load_model()
+    settings = ctx[DemoSettings]
+    print(run_demo(model, encoder, ctx.out_dir, settings, checkpoints=ctx.checkpoints, provenance=ctx.provenance))
+
+
+def _jsonable_config(config) -> dict:
+    from dataclasses import asdict
+
+    return {k: _jsonable(v) for k, v in asdict(config).items()}
+
+
+def _subcommands() -> list:
+    from .experiments.data import QuestionSource
+    from .experiments.demo import DemoSettings
+    from .experiments.model import ModelOptions
+    from .experiments.protocol import InjectConfig, TeachSettings
+
+    split_and_model = (SplitFiles, ModelOptions)
+    no_lora_or_reference = ("optimizer", "lr", "reference_every", "reference_dtype", "lora_r", "lora_alpha")
+    return [
+        Subcommand("demo", cmd_demo, "FT vs CNL (AdamW) on generated questions and the embedded SmolLM2 "
+                   "(about 8 minutes on 2 CPU cores)",
+                   "python -m cnl_ext demo        # writes runs/demo; --epochs 1 --questions 16 for a quick look",
+                   (ModelOptions, DemoSettings), checkpoints=True, out_default=DEFAULT_DEMO_OUT,
+                   replaceable=_demo_folder_is_replaceable),
+        Subcommand("prepare-data", cmd_prepare_data, "a benchmark (hub or local files) or JSONL files -> one "
+                   "paper-format JSONL",
+                   "python -m cnl_ext prepare-data --dataset arc_c --out data/arc_c.jsonl",
+                   (QuestionSource,), output="file"),
+        Subcommand("mmac", cmd_mmac, "the MMAC union (MMLU + MedQA + ARC-C + CSQA) -> one paper-format JSONL",
+                   "python -m cnl_ext mmac --out data/mmac.jsonl", (MmacSource,), output="file"),
+        Subcommand("infer-and-split", cmd_infer_and_split, "ask the model every question: mastered.jsonl (right) "
+                   "and injection.jsonl (wrong)",
+                   "python -m cnl_ext infer-and-split --data data/arc_c.jsonl --model Qwen/Qwen2.5-1.5B-Instruct "
+                   "--out runs/split", (QuestionSource, ModelOptions)),
+        Subcommand("teach", cmd_teach, "the taught-first variant: teach part of the questions, split, save the "
+                   "taught model",
+                   "python -m cnl_ext teach --data data/arc_c.jsonl --limit 400 --teach-lr 2e-4 --out runs/taught",
+                   (QuestionSource, ModelOptions, TeachSettings, TeachOutput)),
+        Subcommand("inject", cmd_inject, "in-set runs: FT / CNL / replay / LoRA for each optimizer, from one "
+                   "starting model",
+                   "python -m cnl_ext inject --model runs/taught/model --mastered runs/taught/mastered.jsonl "
+                   "--injection runs/taught/injection.jsonl --optimizers sgd adamw --lr sgd=1e-3 adamw=1e-4 "
+                   "--out runs/in_set",
+                   (*split_and_model, RunPlan, (InjectConfig, dict(skip=("optimizer", "lr"))), ), checkpoints=True),
+        Subcommand("out-of-set", cmd_out_of_set, "out-of-set runs: one side of the split cut 1:1, one half "
+                   "trained or referenced, the other counted",
+                   "python -m cnl_ext out-of-set --mastered runs/split/mastered.jsonl --injection "
+                   "runs/split/injection.jsonl --side mastered --out runs/oos",
+                   (*split_and_model, OutOfSetSide, (RunPlan, dict(defaults=dict(methods=("ft", "cnl", "replay")))),
+                    (InjectConfig, dict(skip=("optimizer", "lr")))), checkpoints=True),
+        Subcommand("table1", cmd_table1, "Table 1: forgetting of Sim / Dissim mastered questions under FT",
+                   "python -m cnl_ext table1 --mastered runs/split/mastered.jsonl --injection "
+                   "runs/split/injection.jsonl --epochs 5 --out runs/table1",
+                   (*split_and_model, (InjectConfig, dict(skip=no_lora_or_reference[2:]))), checkpoints=True),
+        Subcommand("table2", cmd_table2, "Table 2: shares of collaborative / conflicting elements and sums of s "
+                   "(fused kernels)",
+                   "python -m cnl_ext table2 --mastered runs/split/mastered.jsonl --injection "
+                   "runs/split/injection.jsonl --out runs/table2",
+                   (*split_and_model, (InjectConfig, dict(only=("trainable", "reference_batch_size", "backend"))))),
+        Subcommand("info", cmd_info, "versions, devices, the compiled extension and the usable backends (paste it "
+                   "into a bug report)", "python -m cnl_ext info", output=None),
+    ]
+
+
+SUBCOMMANDS: list = []  # filled on first use by build_parser (importing the dataclasses imports torch)
+
+
+def _option_classes(command: Subcommand) -> list:
+    classes = [spec[0] if isinstance(spec, tuple) else spec for spec in command.options]
+    if command.output == "folder":
+        classes.append(FolderOutput)
+    elif command.output == "file":
+        classes.append(FileOutput)
+    if command.checkpoints:
+        classes.append(ResumeOptions)
+    return classes
 
 
 # ---------------------------------------------------------------------------------- parser
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one ``error: ...`` line (exit status 2) that says where the help is."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.demo import DemoSettings
+    if not SUBCOMMANDS:
+        SUBCOMMANDS.extend(_subcommands())
+    description, details = __doc__.split("\n\n", 1)
+    parser = _Parser(
+        prog="python -m cnl_ext", description=description.split(":", 1)[1].strip(), formatter_class=_HelpFormatter,
+        epilog="python -m cnl_ext SUBCOMMAND --help shows its options and an example.\n"
+               f"On an error, --debug (or {DEBUG_ENV}=1) shows the traceback.")
+    from . import __version__
 
-    parser = argparse.ArgumentParser(prog="cnl-ext", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="subcommand")
-
-    demo = sub.add_parser("demo", help="FT vs CNL with AdamW on generated questions (a few minutes on CPU)")
-    _add_model_options(demo)
-    defaults = DemoSettings()
-    demo.add_argument("--questions", type=int, default=defaults.questions, help="how many questions to generate")
-    demo.add_argument("--teach-lr", type=float, default=defaults.teach_lr)
-    demo.add_argument("--teach-epochs", type=int, default=defaults.teach_epochs, help="at most this many epochs")
-    demo.add_argument("--teach-margin", type=float, default=defaults.teach_margin)
-    demo.add_argument("--epochs", type=int, default=defaults.epochs, help="injection epochs")
-    demo.add_argument("--lr", type=float, default=defaults.lr)
-    demo.add_argument("--trainable", default=defaults.trainable, help="'all' or 'last:N' decoder layers")
-    demo.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "cuda"])
-    demo.add_argument("--seed", type=int, default=defaults.seed)
-    _add_out(demo, Path("runs/demo"))
-    demo.set_defaults(run=cmd_demo)
-
-    prepare = sub.add_parser("prepare-data", help="a benchmark or JSONL files -> one paper-format JSONL")
-    _add_data_options(prepare)
-    prepare.add_argument("--out", type=Path, required=True, help="output .jsonl")
-    prepare.set_defaults(run=cmd_prepare_data)
-
-    mmac = sub.add_parser("mmac", help="the MMAC union (MMLU + MedQA + ARC-C + CSQA) -> paper-format JSONL")
-    mmac.add_argument("--data-files", nargs="+", metavar="NAME=FILE",
-                      help="local files per benchmark, e.g. mmlu=mmlu.parquet")
-    mmac.add_argument("--fraction", type=float, help="subsampling of every part (default: each one's paper value)")
-    mmac.add_argument("--seed", type=int, default=0)
-    mmac.add_argument("--out", type=Path, required=True, help="output .jsonl")
-    mmac.set_defaults(run=cmd_mmac)
-
-    split = sub.add_parser("infer-and-split", help="mastered.jsonl / injection.jsonl from the model's answers")
-    _add_data_options(split)
-    _add_model_options(split)
-    _add_out(split)
-    split.set_defaults(run=cmd_infer_and_split)
-
-    teach = sub.add_parser("teach", help="the taught-first variant: teach part, split, save the taught model")
-    _add_data_options(teach)
-    _add_model_options(teach)
-    teach.add_argument("--teach-fraction", type=float, default=0.5)
-    teach.add_argument("--teach-lr", type=float, default=1e-5)
-    teach.add_argument("--teach-epochs", type=int, default=10, help="at most this many epochs")
-    teach.add_argument("--teach-margin", type=float, default=1.0,
-                       help="stop once every taught answer leads by this logit margin")
-    teach.add_argument("--trainable", default="all", help="'all' or 'last:N' decoder layers")
-    teach.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "cuda"])
-    teach.add_argument("--no-save-model", action="store_true")
-    _add_out(teach)
-    teach.set_defaults(run=cmd_teach)
-
-    for name, handler, help_text, methods in (
-            ("inject", cmd_inject, "in-set runs: FT / CNL / replay / LoRA x optimizers", ("ft", "cnl")),
-            ("out-of-set", cmd_out_of_set, "out-of-set runs on a 1:1 split", ("ft", "cnl", "replay"))):
-        command = sub.add_parser(name, help=help_text)
-        _add_split_options(command)
-        _add_model_options(command)
-        _add_training_options(command, methods_default=methods)
-        if name == "out-of-set":
-            command.add_argument("--side", choices=["mastered", "injection"], default="mastered")
-            command.add_argument("--split-seed", type=int, default=0)
-        _add_out(command)
-        command.set_defaults(run=handler)
-
-    for name, handler, help_text in (("table1", cmd_table1, "Sim / Dissim forgetting (FT)"),
-                                     ("table2", cmd_table2, "collaborative / conflicting shares (fused kernels)")):
-        command = sub.add_parser(name, help=help_text)
-        _add_split_options(command)
-        _add_model_options(command)
-        _add_training_options(command, several=False)
-        _add_out(command)
-        command.set_defaults(run=handler)
+    parser.add_argument("--version", action="version", version=f"cnl_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
+    for command in SUBCOMMANDS:
+        command_parser = sub.add_parser(command.name, help=command.summary, description=command.summary + ".",
+                                        epilog=f"example:\n  {command.example}", formatter_class=_HelpFormatter)
+        for spec in command.options:
+            cls, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+            add_options(command_parser, cls, **kwargs)
+        if command.output == "folder":
+            defaults = {"out": command.out_default} if command.out_default else None
+            add_options(command_parser, FolderOutput, defaults=defaults)
+        elif command.output == "file":
+            add_options(command_parser, FileOutput)
+        if command.checkpoints:
+            add_options(command_parser, ResumeOptions)
+        command_parser.add_argument("--debug", action="store_true",
+                                    help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+        command_parser.set_defaults(_subcommand=command, _parser=command_parser)
     return parser
 
 
-def main(argv=None) -> int:
-    from .experiments.data import DataError
+# ---------------------------------------------------------------------------------- main
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # recorded in results.json
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # paths welcome
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    ctx = None
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # a job scheduler's stop: like Ctrl-C
     try:
-        args.run(args)
-    except (DataError, FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        command = args._subcommand
+        if extra:
+            args._parser.error(f"{command.name} does not take {' '.join(extra)}")
+        ctx = Context(command, args._parser, args, argv)
+        ctx.check()
+        command.run(ctx)
+        ctx.finish()
+    except KeyboardInterrupt:
+        saved = ctx.saved_work() if ctx is not None else None
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # after the ^C the terminal echoed
+        if saved:
+            print(f"interrupted: saved {saved} in {ctx.out.staging}; continue with: {ctx.resume_command()}",
+                  file=sys.stderr)
+        else:
+            if ctx is not None:
+                ctx.abandon()
+            print("interrupted: nothing was saved", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError) as error:  # anything else is a bug: its traceback
+        from .experiments.data import DataError
+        from .experiments.outputs import UsageError
+
+        if debug:
+            traceback.print_exc()
+        message = _one_line(error)
+        if ctx is not None:
+            saved = ctx.saved_work()
+            if saved:
+                message += f" (saved {saved}: after a fix, continue with: {ctx.resume_command()})"
+            else:
+                ctx.abandon()
+        if not debug and not isinstance(error, (UsageError, DataError)):
+            message += " [--debug shows the traceback]"
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

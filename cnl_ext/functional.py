@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from .ops.importance import check_importance_options, importance_update_
+
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -91,7 +93,8 @@ def backend_status() -> dict:
     return status
 
 
-def _why_unsupported(module, device, op) -> str:
+def why_unsupported(module, device, op) -> str:
+    """Why backend ``module`` does not run ``op`` on ``device`` (for error messages and reports)."""
     explain = getattr(module, "unsupported_reason", None)
     return explain(device, op) if explain else f"backend {module.NAME!r} does not support {op} on {device}"
 
@@ -102,7 +105,7 @@ def resolve(backend: str, device: torch.device, op: str):
     if name != "auto":
         module = load_backend(name)
         if not module.supports(device, op):
-            raise RuntimeError(_why_unsupported(module, device, op))
+            raise RuntimeError(why_unsupported(module, device, op))
         return module
     key = (device.type, op)
     if key not in _auto_chosen:
@@ -191,6 +194,14 @@ def _take(tensors, indices):
     return None if tensors is None else [tensors[i] for i in indices]
 
 
+def _importance_of(importance, indices, kind, betas):
+    """The bucket's part of ``importance`` (None, or the two EMA lists) with its options, for _plan."""
+    if importance is None:
+        return None
+    sensitivities, uncertainties = importance
+    return _take(sensitivities, indices), _take(uncertainties, indices), kind, betas
+
+
 def _dense(tensors, written_back):
     """``tensors`` with contiguous copies in place of non-contiguous ones; each copy of a tensor
     the op writes is recorded in ``written_back`` as (original, copy), to be copied back after."""
@@ -217,19 +228,38 @@ class _Launch(NamedTuple):
     indices: list
     key: BucketKey
     copies: list  # (original, contiguous copy) of the non-contiguous tensors the op writes
+    importance_after: dict  # importance_update_'s arguments where the backend does not fuse it, else None
+    stats: object  # the bucket's zeroed float64 [n, 3] statistics rows, or None
 
 
-def _plan(op, backend, indices, key: BucketKey, written, read, **kwargs) -> _Launch:
+def _plan(op, backend, indices, key: BucketKey, written, read, stats=None, importance=None, **kwargs) -> _Launch:
     """The call of ``op`` on one bucket; ``written``/``read``: the tensor lists it writes / only reads,
-    in the op's argument order (written first)."""
+    in the op's argument order (written first); ``stats``: the caller's statistics rows (or None);
+    ``importance``: None or (sensitivities, uncertainties, kind, betas) of the bucket (KIF's EMAs, in
+    the step where the backend fuses them, else after it)."""
     module = resolve(backend, key.device, op)
+    bucket_stats = None
+    if stats is not None and key.has_reference:
+        bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=key.device)
+    if importance is not None:
+        written = (*written, *importance[:2])
     if key.sharded:  # FSDP2 parameters, gradients, states and references are DTensors sharded alike
         written = [None if ts is None else [local_tensor(t) for t in ts] for ts in written]
         read = [None if ts is None else [local_tensor(t) for t in ts] for ts in read]
     copies = []
     written = [_dense(ts, copies) for ts in written]
     read = [_dense(ts, None) for ts in read]
-    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies)
+    importance_after = None
+    if importance is not None:
+        *written, sensitivities, uncertainties = written
+        kind, betas = importance[2:]
+        if module.supports(key.device, "importance"):
+            kwargs.update(importance=(sensitivities, uncertainties), importance_kind=kind, importance_betas=betas)
+        else:  # one more pass over the bucket after the step
+            importance_after = dict(params_after=written[0], grads=read[0], sensitivities=sensitivities,
+                                    uncertainties=uncertainties, kind=kind, betas=betas)
+    return _Launch(module, op, _contract_order(op, written, read), kwargs, indices, key, copies, importance_after,
+                   bucket_stats)
 
 
 def _prepare(launches) -> None:
@@ -238,15 +268,24 @@ def _prepare(launches) -> None:
     for launch in launches:
         prepare = getattr(launch.module, "prepare", None)
         if prepare is not None:
-            prepare(launch.op, *launch.args, None, **launch.kwargs)
+            prepare(launch.op, *launch.args, launch.stats, **launch.kwargs)
 
 
-def _run(launch: _Launch, stats) -> None:
-    """Run one planned bucket, adding its statistics into the caller's rows."""
-    bucket_stats = None
-    if stats is not None and launch.key.has_reference:
-        bucket_stats = torch.zeros(len(launch.indices), 3, dtype=torch.float64, device=launch.key.device)
-    getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+def _run(launch: _Launch, stats, step_counts=None) -> None:
+    """Run one planned bucket, adding its statistics into the caller's rows. ``step_counts``: the
+    bucket's Adam step counts, counted just before its launch and uncounted if the launch raises (a
+    launch that fails has written nothing)."""
+    bucket_stats = launch.stats
+    if step_counts is not None:
+        torch._foreach_add_(step_counts, 1)
+    try:
+        getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+    except BaseException:
+        if step_counts is not None:
+            torch._foreach_sub_(step_counts, 1)
+        raise
+    if launch.importance_after is not None:
+        importance_update_(**launch.importance_after)
     for original, copy in launch.copies:
         original.copy_(copy)
     if bucket_stats is None:
@@ -273,16 +312,21 @@ def _contract_order(op, written, read):
 def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *, lr: float,
             weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
             nesterov: bool = False, maximize: bool = False, reference_format: str = "float32",
-            backend: str = "auto", check: bool = True) -> None:
+            backend: str = "auto", check: bool = True, importance=None, importance_kind: str = "first",
+            importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
     ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
     functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
     ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
-    ``check=False`` skips :func:`check_step` when the caller has just run it.
+    ``check=False`` skips :func:`check_step` when the caller has just run it. ``importance``: None, or
+    (sensitivities, uncertainties), float32 tensors aligned with ``params``: KIF's EMAs, updated with
+    ``importance_kind`` and ``importance_betas`` (:mod:`cnl_ext.ops.importance`).
     """
     if check:
         check_step("sgd_step_", backend, params, grads)
+    if importance is not None:
+        check_importance_options(importance_kind, importance_betas)
     use_momentum = momentum != 0
     first_step = set()
     if use_momentum:
@@ -294,7 +338,8 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     launches = [
         _plan("sgd_step_", backend, idx, key,
               written=(_take(params, idx), _take(momentum_buffer_list, idx) if use_momentum else None),
-              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+              read=(_take(grads, idx), _take(references, idx) if key.has_reference else None), stats=stats,
+              importance=_importance_of(importance, idx, importance_kind, importance_betas),
               reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
               dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
         for key, idx in _buckets(params, references, first_step.__contains__)
@@ -308,18 +353,21 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
              stats=None, *, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
              maximize: bool = False, capturable: bool = False, reference_format: str = "float32",
-             backend: str = "auto", check: bool = True) -> None:
+             backend: str = "auto", check: bool = True, importance=None, importance_kind: str = "first",
+             importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
 
     ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam. On the host
     (default), tensors whose step counts differ go to different launches (their bias corrections
     differ). With ``capturable``, the steps live on the params' device, ``lr`` may be a device
     scalar, and the bias corrections are computed on the device: no host synchronization, so the
-    step can be captured in a CUDA graph. ``check=False`` as for :func:`cnl_sgd`.
+    step can be captured in a CUDA graph. ``check=False`` and ``importance`` as for :func:`cnl_sgd`.
     """
     if check:
         check_step("adam_step_", backend, params, grads, capturable=capturable)
-    # bucketed by the step count this step takes (host steps), incremented once every bucket is planned
+    if importance is not None:
+        check_importance_options(importance_kind, importance_betas)
+    # bucketed by the step count this step takes (host steps); counted as each bucket launches
     bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
     launches = []
     for key, idx in _buckets(params, references, bucket_key):
@@ -330,14 +378,14 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
             "adam_step_", backend, idx, key,
             written=(_take(params, idx), _take(exp_avgs, idx), _take(exp_avg_sqs, idx),
                      _take(max_exp_avg_sqs, idx) if amsgrad else None),
-            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None),
+            read=(_take(grads, idx), _take(references, idx) if key.has_reference else None), stats=stats,
+            importance=_importance_of(importance, idx, importance_kind, importance_betas),
             reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, maximize=maximize, **corrections))
     _prepare(launches)
-    torch._foreach_add_(state_steps, 1)  # one call: cheaper than a Python loop over host scalars
     for launch in launches:
-        _run(launch, stats)
+        _run(launch, stats, step_counts=_take(state_steps, launch.indices))
 
 
 def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",
@@ -346,7 +394,7 @@ def cnl_masked_delta(params, befores, references, stats=None, *, reference_forma
     reference, put ``befores`` back into ``params`` (in place). ``stats`` as for :func:`cnl_adam`,
     with ``u = −Δ·inv_lr``. See :func:`cnl_ext.ops.torch_backend.masked_delta_`."""
     launches = [_plan("masked_delta_", backend, idx, key, written=(_take(params, idx),),
-                      read=(_take(befores, idx), _take(references, idx)),
+                      read=(_take(befores, idx), _take(references, idx)), stats=stats,
                       reference_format=reference_format, inv_lr=inv_lr)
                 for key, idx in _buckets(params, references, lambda i: None)]
     _prepare(launches)

@@ -13,9 +13,8 @@ sign2       its sign packed 4 per byte   0.25 (code 0: zero, 1: positive, 2: neg
                                          element ``i`` at bits ``2*(i % 4)`` of byte ``i // 4``)
 =========== ============================ ===================================================
 
-The sign formats keep every sign exactly; bfloat16 keeps it too, since a nonzero value too small for
-bfloat16 (which would round to 0, and 0 counts as collaborative) is stored as the smallest bfloat16
-of its sign. So every format gives the same mask as float32. The statistics ``s = r*u`` use the stored value (``±1`` for the
+The sign formats keep every sign exactly; bfloat16 keeps it too, since a nonzero value that would
+round to 0 (0 counts as collaborative) is stored as the smallest normal bfloat16 of its sign. So every format gives the same mask as float32. The statistics ``s = r*u`` use the stored value (``±1`` for the
 sign formats).
 """
 from __future__ import annotations
@@ -64,10 +63,10 @@ def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
         return gradient.to(torch.float32, memory_format=dense, copy=True)
     if fmt == "bfloat16":
         stored = gradient.to(torch.bfloat16, memory_format=dense, copy=True)
-        # keep the sign of values below bfloat16's range: the smallest bfloat16 of that sign, not 0
+        # keep the sign of values that round to 0: the smallest normal bfloat16 of that sign (a normal,
+        # not a subnormal, so that no flush-to-zero on the way to float32 can lose it either)
         underflow = (stored == 0) & (gradient != 0)
-        tiny = torch.full((), torch.finfo(torch.bfloat16).smallest_normal, dtype=torch.bfloat16,
-                          device=stored.device) * 2.0**-7  # the smallest subnormal
+        tiny = torch.full((), torch.finfo(torch.bfloat16).smallest_normal, dtype=torch.float32, device=stored.device)
         return torch.where(underflow, torch.copysign(tiny, gradient.to(torch.float32)).to(torch.bfloat16), stored)
     if fmt == "int8":
         return torch.sign(gradient).to(torch.int8, memory_format=dense)

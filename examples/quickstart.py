@@ -1,9 +1,10 @@
-"""Quickstart: swap torch.optim.AdamW for cnl_ext.FusedCNLAdamW and watch a mastered loss stay put.
+"""Quickstart: swap torch.optim.AdamW for cnl_ext.FusedCNLAdamW and compare what each does to a mastered task.
 
-A small network first masters task M; then it is trained on an injection set I that contradicts M
-on nearby inputs. Plain AdamW raises the loss on M step after step; FusedCNLAdamW, with the mean
-gradient of M as its reference, moves only the elements that agree with it, and the loss on M does
-not rise while the loss on I still falls.
+A small network first masters task M (its loss on M is 0); then it is trained on an injection set I
+that contradicts M on nearby inputs. Plain AdamW lowers the loss on I and raises the loss on M;
+FusedCNLAdamW, with the mean gradient of M as its reference, moves only the elements that agree
+with it: the loss on M rises far less (about 30 times less with the defaults), and the loss on I
+still falls, more slowly. The script prints both losses before and after, and the ratio.
 
     python examples/quickstart.py [--steps 30] [--lr 1e-3] [--device cpu|cuda]
 """
@@ -28,6 +29,12 @@ def make_tasks(device):
 def train(use_cnl, steps, lr, device):
     model, (x_m, y_m), (x_i, y_i) = make_tasks(device)
     mse = torch.nn.functional.mse_loss
+
+    def losses():
+        with torch.no_grad():
+            return mse(model(x_m), y_m).item(), mse(model(x_i), y_i).item()
+
+    before = losses()
     if use_cnl:
         opt = cnl_ext.FusedCNLAdamW(model.parameters(), lr=lr, weight_decay=0.1, track_stats=True)
     else:
@@ -40,11 +47,8 @@ def train(use_cnl, steps, lr, device):
         opt.zero_grad()
         mse(model(x_i), y_i).backward()
         opt.step()
-    with torch.no_grad():
-        result = {"loss on M (mastered)": mse(model(x_m), y_m).item(), "loss on I (injected)": mse(model(x_i), y_i).item()}
-    if use_cnl:
-        result["collaborative share (last step)"] = opt.cnl_stats().collaborative_share
-    return result
+    share = opt.cnl_stats().collaborative_share if use_cnl else None
+    return before, losses(), share
 
 
 def main():
@@ -53,8 +57,18 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    print(f"loss on M (mastered) and on I (injected), before -> after {args.steps} steps:")
+    after_m = {}
     for name, use_cnl in (("AdamW", False), ("FusedCNLAdamW", True)):
-        print(f"{name:>14}: " + ", ".join(f"{k} {v:.4f}" for k, v in train(use_cnl, args.steps, args.lr, args.device).items()))
+        (m0, i0), (m1, i1), share = train(use_cnl, args.steps, args.lr, args.device)
+        after_m[name] = m1
+        extra = f" (collaborative share at the last step {100 * share:.1f}%)" if share is not None else ""
+        print(f"{name:>14}: M {m0:.4f} -> {m1:.4f}, I {i0:.4f} -> {i1:.4f}{extra}")
+    if after_m["FusedCNLAdamW"] < after_m["AdamW"]:
+        ratio = after_m["AdamW"] / after_m["FusedCNLAdamW"] if after_m["FusedCNLAdamW"] > 0 else float("inf")
+        print(f"the mastered loss after CNL is {ratio:.0f}x lower than after AdamW")
+    else:
+        print("the mastered loss after CNL is NOT lower than after AdamW here")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ LR="sgd=1e-3 momentum=1e-4 adam=1e-4 adamw=1e-4"  # docs/results.md section 2d (
 phase_paper-taught() {  # issue 5, docs/results.md section 1: teach half, then in-set FT vs CNL
   local model; model=$(gguf_path)
   run "$PY" -m cnl_ext teach --model "$model" --data "${ARC[@]}" --limit "$PAPER_LIMIT" --seed 0 \
-    --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 10 --teach-margin 1.0 --eval-batch-size 64 --out "$STASH/taught"
+    --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 10 --teach-margin 1.0 --eval-batch-size 64 --out "$STASH/taught" --overwrite
   run "$PY" -m cnl_ext inject --model "$STASH/taught/model" --mastered "$STASH/taught/mastered.jsonl" \
     --injection "$STASH/taught/injection.jsonl" --optimizers sgd momentum adam adamw --methods ft cnl \
     --lr $LR --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --out "$1/in_set"

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import cnl_ext
 
+from .progress import bar
 from .model import MCQEncoder, backward_mean_loss, per_question_losses
 from .protocol import InjectConfig, compare
 
@@ -77,7 +77,7 @@ def sim_dissim_groups(model, encoder: MCQEncoder, mastered, injection, *, batch_
         backward_mean_loss(model, encoder, injection, batch_size=batch_size, desc="∇L_I")
         injection_grad = [p.grad.detach().clone() if p.grad is not None else None for p in params]
         dots = []
-        for question in tqdm(mastered, desc="per-sample g_m·g_I", unit="question", leave=False):
+        for question in bar(mastered, desc="per-sample g_m·g_I", unit="question"):
             for p in params:
                 p.grad = None
             per_question_losses(model, encoder, [question]).sum().backward()
@@ -91,14 +91,14 @@ def sim_dissim_groups(model, encoder: MCQEncoder, mastered, injection, *, batch_
     return SimDissim(sim=sorted(negative[:third]), dissim=sorted(negative[len(negative) - third:]), dots=dots)
 
 
-def table1(model, encoder: MCQEncoder, mastered, injection, *, config: InjectConfig):
+def table1(model, encoder: MCQEncoder, mastered, injection, *, config: InjectConfig, checkpoints=None):
     """Table 1: train FT on the injection set; forgetting within the Sim and the Dissim groups.
 
     Returns ``(groups, run, rows)`` with ``rows = [{"group", "size", "forgot"}]`` after the last epoch.
     """
     groups = sim_dissim_groups(model, encoder, mastered, injection, batch_size=config.reference_batch_size)
     (run,) = compare(model, encoder, methods=["ft"], optimizers=[config.optimizer], config=config,
-                     train=injection, reference=mastered)
+                     train=injection, reference=mastered, checkpoints=checkpoints)
     forgot = set(run.final.forgot_ids)
     rows = [dict(group=name, size=len(ids), forgot=len(forgot.intersection(ids)))
             for name, ids in (("Sim", groups.sim), ("Dissim", groups.dissim))]

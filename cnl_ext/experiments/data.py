@@ -10,9 +10,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import option
+from .outputs import atomic_write
+
 __all__ = [
     "LETTERS", "REPLY_INSTRUCTION", "BENCHMARKS", "DataError", "MCQuestion", "format_prompt",
-    "read_jsonl", "write_jsonl", "subsample", "sample_n", "split_in_half", "load_benchmark", "load_mmac",
+    "QuestionSource", "read_jsonl", "write_jsonl", "subsample", "sample_n", "split_in_half", "load_benchmark", "load_mmac",
 ]
 
 LETTERS = ("A", "B", "C", "D")
@@ -56,22 +59,27 @@ def read_jsonl(path) -> list[MCQuestion]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     questions = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "label" not in row or row["label"] in (None, ""):
-                raise DataError(f"{where}: missing label")
-            if "question" not in row:
-                raise DataError(f"{where}: missing question")
-            questions.append(MCQuestion(row["question"], row["label"], where))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                        "save the file as UTF-8") from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "label" not in row or row["label"] in (None, ""):
+            raise DataError(f"{where}: missing label")
+        if "question" not in row:
+            raise DataError(f"{where}: missing question")
+        questions.append(MCQuestion(row["question"], row["label"], where))
     if not questions:
         raise DataError(f"{path}: no questions")
     return questions
@@ -79,11 +87,9 @@ def read_jsonl(path) -> list[MCQuestion]:
 
 def write_jsonl(path, questions, predictions=None) -> None:
     """Write questions in the paper's format (``predict_label`` when predictions are given)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if predictions is not None and len(predictions) != len(questions):
         raise ValueError(f"{len(predictions)} predictions for {len(questions)} questions")
-    with path.open("w", encoding="utf-8") as out:
+    with atomic_write(path) as out:
         for i, q in enumerate(questions):
             row = {"label": q.label, "question": q.prompt}
             if predictions is not None:
@@ -126,7 +132,10 @@ def split_in_half(items, seed: int) -> tuple[list, list]:
 # ---------------------------------------------------------------------------------- hub benchmarks
 
 def _mmlu_row(row):
-    return row["question"], row["choices"], LETTERS[int(row["answer"])]
+    answer = int(row["answer"])
+    if not 0 <= answer < len(LETTERS):  # a negative index would silently pick D
+        raise DataError(f"answer {row['answer']!r} is not an option index 0-3")
+    return row["question"], row["choices"], LETTERS[answer]
 
 
 def _keyed_choices_row(row):
@@ -194,7 +203,12 @@ def _load_splits(benchmark: Benchmark, data_files):
     builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise DataError(f"{first}: cannot tell the format from the suffix {suffix!r} (json, jsonl, parquet, csv)")
-    return dict(datasets.load_dataset(builder, data_files=files))
+    try:
+        return dict(datasets.load_dataset(builder, data_files=files))
+    except Exception as error:  # noqa: BLE001 - name the files whatever the reader's complaint
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{', '.join(map(str, files.values()))}: cannot read as {builder} "
+                        f"({type(error).__name__}: {first_line})") from None
 
 
 def load_benchmark(name: str, *, data_files=None, fraction: float | None = None, seed: int = 0) -> list[MCQuestion]:
@@ -241,3 +255,38 @@ def load_mmac(*, data_files: dict | None = None, fraction: float | None = None, 
     for part in MMAC_PARTS:
         union += load_benchmark(part, data_files=data_files.get(part), fraction=fraction, seed=seed)
     return union
+
+
+@dataclass
+class QuestionSource:
+    """Questions: paper-format JSONL files or a benchmark."""
+
+    data: tuple[Path, ...] = option((), "paper-format JSONL files (joined); or use --dataset", metavar="FILE")
+    dataset: str | None = option(None, "a benchmark, from the hub or --data-files; or use --data",
+                                 choices=(*BENCHMARKS, "mmac"))
+    data_files: tuple[str, ...] = option((), "with --dataset: local files in the hub dataset's layout", metavar="FILE")
+    fraction: float | None = option(None, "with --dataset: keep this fraction (default: the paper's for it)")
+    limit: int | None = option(None, "keep at most this many questions (a seeded sample)")
+    seed: int = option(0, "seed of --fraction and --limit sampling (and of teach's choice of questions)")
+
+    def __post_init__(self):
+        if bool(self.data) == bool(self.dataset):
+            raise ValueError("give the questions with --data FILE... or with --dataset NAME (one of the two)")
+        if self.data_files and not self.dataset:
+            raise ValueError("--data-files goes with --dataset (the files of that benchmark)")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        for path in self.data:
+            if not Path(path).is_file():
+                raise DataError(f"--data {path}: no such file")
+
+    def load(self) -> list[MCQuestion]:
+        if self.data:
+            questions = [q for path in self.data for q in read_jsonl(path)]
+        else:
+            files = list(self.data_files) or None
+            files = files[0] if files and len(files) == 1 else files
+            questions = load_benchmark(self.dataset, data_files=files, fraction=self.fraction, seed=self.seed)
+        return sample_n(questions, self.limit, self.seed)

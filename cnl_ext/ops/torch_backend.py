@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference_format as rf
+from .importance import importance_update_
 
 NAME = "torch"
 
@@ -32,7 +33,7 @@ def unavailable_reason() -> str:
 
 def supports(device: torch.device, op: str) -> bool:
     """Every op, on every device."""
-    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable")
+    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance")
 
 
 def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,12 @@ def _write_masked(params, params32, new32, updates, references, fmt, stats):
 @torch.no_grad()
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-              first_step: bool) -> None:
-    """SGD (``momentum_buffers is None``) or momentum SGD, as torch.optim.SGD, with the CNL mask."""
+              first_step: bool, importance=None, importance_kind: str = "first",
+              importance_betas=(0.85, 0.85)) -> None:
+    """SGD (``momentum_buffers is None``) or momentum SGD, as torch.optim.SGD, with the CNL mask.
+
+    ``importance``: ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated after the step
+    from the new parameters and ``grads`` (:func:`cnl_ext.ops.importance.importance_update_`)."""
     params32 = _float32(params)
     g = _float32(grads)
     if maximize:
@@ -104,13 +109,16 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
     step = torch._foreach_mul(u, lr)
     new = _subtract(params32, step, in_place=references is None)
     _write_masked(params, params32, new, u, references, reference_format, stats)
+    if importance is not None:
+        importance_update_(params, grads, *importance, kind=importance_kind, betas=importance_betas)
 
 
 @torch.no_grad()
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
-               bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
+               bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
     """Adam (L2 weight decay) or AdamW (decoupled), as torch.optim.Adam/AdamW, with the CNL mask.
 
     For AdamW the decay term is part of ``u`` (spec), so a frozen element is not decayed either.
@@ -168,6 +176,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         u = adam
     del step
     _write_masked(params, params32, new, u, references, reference_format, stats)
+    if importance is not None:  # see sgd_step_
+        importance_update_(params, grads, *importance, kind=importance_kind, betas=importance_betas)
 
 
 @torch.no_grad()

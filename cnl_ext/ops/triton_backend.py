@@ -19,7 +19,7 @@ NAME = "triton"
 __all__ = ["NAME", "unavailable_reason", "supports", "unsupported_reason", "prepare", "sgd_step_", "adam_step_",
            "masked_delta_"]
 
-_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable")
+_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance")
 
 
 def unavailable_reason() -> str:

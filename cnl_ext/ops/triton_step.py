@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import os
 
 import torch
 import triton
@@ -154,12 +153,31 @@ def _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS: t
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, offs, mask, lr, weight_decay, momentum, dampening,
+def _importance_update(stored_p, g, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
+                       imp_one_minus_beta2, IMPORTANCE: tl.constexpr):
+    """KIF's sensitivity and uncertainty EMAs (cnl_ext.ops.importance, in its order of operations)
+    from the stored parameter and the gradient as passed; IMPORTANCE 1: |w·g|, 2: |w·g − ½(w·g)²|."""
+    if IMPORTANCE != 0:
+        x = stored_p.to(tl.float32) * g
+        if IMPORTANCE == 1:
+            importance = tl.abs(x)
+        else:
+            importance = tl.abs(x - (x * x) * 0.5)
+        sensitivity = _load(s_ptr, offs, mask) * imp_beta1 + importance * imp_one_minus_beta1
+        uncertainty = _load(u_ptr, offs, mask) * imp_beta2 + tl.abs(importance - sensitivity) * imp_one_minus_beta2
+        tl.store(s_ptr + offs, sensitivity, mask=mask)
+        tl.store(u_ptr + offs, uncertainty, mask=mask)
+
+
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, offs, mask, lr, weight_decay, momentum,
+               one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
                acc_count, acc_collab, acc_conflict,
                P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-               MAXIMIZE: tl.constexpr, STATS: tl.constexpr):
+               MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr):
     p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+    g_passed = -g if MAXIMIZE else g
     if WEIGHT_DECAY:
         g = g + weight_decay * p
     u = g
@@ -167,7 +185,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, offs, mask, lr, weight_decay, momentu
         if FIRST_STEP:  # torch.optim.SGD starts the buffer at the first gradient, undamped
             b = g
         else:
-            b = momentum * _load(b_ptr, offs, mask) + (1 - dampening) * g
+            b = momentum * _load(b_ptr, offs, mask) + one_minus_dampening * g
         tl.store(b_ptr + offs, b, mask=mask)
         if NESTEROV:
             u = g + momentum * b
@@ -175,55 +193,66 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, offs, mask, lr, weight_decay, momentu
             u = b
     new_p, acc_count, acc_collab, acc_conflict = _masked_update(
         p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-    tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    stored_p = _round_to(new_p, P_DTYPE)
+    tl.store(p_ptr + offs, stored_p, mask=mask)
+    _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
+                       imp_one_minus_beta2, IMPORTANCE)
     return acc_count, acc_collab, acc_conflict
 
 
 @triton.jit
 def _sgd_kernel(
     ptr_table, chunk_tensor, chunk_start, numels, partials,
-    lr, weight_decay, momentum, dampening,
+    lr, weight_decay, momentum, one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # pointer table columns: param, grad, momentum buffer, reference
+    # pointer table columns: param, grad, momentum buffer, reference, sensitivity, uncertainty
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
-    p_ptr = _pointer(ptr_table, t, 0, 4, P_DTYPE, ALIGNED)
-    g_ptr = _pointer(ptr_table, t, 1, 4, P_DTYPE, ALIGNED)
-    b_ptr = _pointer(ptr_table, t, 2, 4, tl.float32, ALIGNED)
-    r_ptr = _pointer(ptr_table, t, 3, 4, R_DTYPE, ALIGNED)
+    p_ptr = _pointer(ptr_table, t, 0, 6, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(ptr_table, t, 1, 6, P_DTYPE, ALIGNED)
+    b_ptr = _pointer(ptr_table, t, 2, 6, tl.float32, ALIGNED)
+    r_ptr = _pointer(ptr_table, t, 3, 6, R_DTYPE, ALIGNED)
+    s_ptr = _pointer(ptr_table, t, 4, 6, tl.float32, ALIGNED)
+    u_ptr = _pointer(ptr_table, t, 5, 6, tl.float32, ALIGNED)
     acc_count = tl.zeros((), tl.float32)
     acc_collab = tl.zeros((), tl.float32)
     acc_conflict = tl.zeros((), tl.float32)
     for block_start in range(start, full_end, BLOCK):
         acc_count, acc_collab, acc_conflict = _sgd_block(
-            p_ptr, g_ptr, b_ptr, r_ptr, _block_offsets(block_start, BLOCK), None,
-            lr, weight_decay, momentum, dampening, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS)
+            p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
+            lr, weight_decay, momentum, one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2,
+            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _sgd_block(
-            p_ptr, g_ptr, b_ptr, r_ptr, offs, offs < end,
-            lr, weight_decay, momentum, dampening, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS)
+            p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, offs, offs < end,
+            lr, weight_decay, momentum, one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2,
+            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, offs, mask,
-                lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, mask,
+                lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
+                bias_correction1, bias_correction2_sqrt,
+                imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
                 acc_count, acc_collab, acc_conflict,
                 P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr):
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
+                IMPORTANCE: tl.constexpr):
     p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+    g_passed = -g if MAXIMIZE else g
     if WEIGHT_DECAY and not DECOUPLED:
         g = g + weight_decay * p
-    m = beta1 * _load(m_ptr, offs, mask) + (1 - beta1) * g
-    v = beta2 * _load(v_ptr, offs, mask) + (1 - beta2) * (g * g)
+    m = beta1 * _load(m_ptr, offs, mask) + one_minus_beta1 * g
+    v = beta2 * _load(v_ptr, offs, mask) + one_minus_beta2 * (g * g)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:
@@ -233,37 +262,46 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, offs, mask,
     adam = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
     if WEIGHT_DECAY and DECOUPLED:
         u = adam + weight_decay * p
-        new_p = p * (1 - lr * weight_decay) - lr * adam  # torch.optim.AdamW's order
+        new_p = p * one_minus_lr_wd - lr * adam  # torch.optim.AdamW's order
     else:
         u = adam
         new_p = p - lr * adam
     new_p, acc_count, acc_collab, acc_conflict = _masked_update(
         p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
-    tl.store(p_ptr + offs, _round_to(new_p, P_DTYPE), mask=mask)
+    stored_p = _round_to(new_p, P_DTYPE)
+    tl.store(p_ptr + offs, stored_p, mask=mask)
+    _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
+                       imp_one_minus_beta2, IMPORTANCE)
     return acc_count, acc_collab, acc_conflict
 
 
 @triton.jit
 def _adam_kernel(
     ptr_table, chunk_tensor, chunk_start, numels, partials,
-    lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
+    bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, LR_ON_DEVICE: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
-    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    STEP_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step
+    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step,
+    # sensitivity, uncertainty
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE)
+    if LR_ON_DEVICE:  # the host computed 1 − lr·λ for a float lr; with a device lr, as the torch backend does
+        one_minus_lr_wd = 1 - lr * weight_decay
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
-    p_ptr = _pointer(ptr_table, t, 0, 7, P_DTYPE, ALIGNED)
-    g_ptr = _pointer(ptr_table, t, 1, 7, P_DTYPE, ALIGNED)
-    m_ptr = _pointer(ptr_table, t, 2, 7, tl.float32, ALIGNED)
-    v_ptr = _pointer(ptr_table, t, 3, 7, tl.float32, ALIGNED)
-    vmax_ptr = _pointer(ptr_table, t, 4, 7, tl.float32, ALIGNED)
-    r_ptr = _pointer(ptr_table, t, 5, 7, R_DTYPE, ALIGNED)
+    p_ptr = _pointer(ptr_table, t, 0, 9, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(ptr_table, t, 1, 9, P_DTYPE, ALIGNED)
+    m_ptr = _pointer(ptr_table, t, 2, 9, tl.float32, ALIGNED)
+    v_ptr = _pointer(ptr_table, t, 3, 9, tl.float32, ALIGNED)
+    vmax_ptr = _pointer(ptr_table, t, 4, 9, tl.float32, ALIGNED)
+    r_ptr = _pointer(ptr_table, t, 5, 9, R_DTYPE, ALIGNED)
+    s_ptr = _pointer(ptr_table, t, 7, 9, tl.float32, ALIGNED)
+    u_ptr = _pointer(ptr_table, t, 8, 9, tl.float32, ALIGNED)
     if STEP_ON_DEVICE:  # capturable: the bias corrections follow this tensor's step count on the device
-        step = tl.load(_pointer(ptr_table, t, 6, 7, tl.float32, False))
+        step = tl.load(_pointer(ptr_table, t, 6, 9, tl.float32, False))
         bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
         bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))
     acc_count = tl.zeros((), tl.float32)
@@ -271,15 +309,19 @@ def _adam_kernel(
     acc_conflict = tl.zeros((), tl.float32)
     for block_start in range(start, full_end, BLOCK):
         acc_count, acc_collab, acc_conflict = _adam_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, _block_offsets(block_start, BLOCK), None,
-            lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-            acc_count, acc_collab, acc_conflict, P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS)
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
+            lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
+            bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
+            acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _adam_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, offs, offs < end,
-            lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-            acc_count, acc_collab, acc_conflict, P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS)
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, offs < end,
+            lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
+            bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
+            acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
@@ -379,7 +421,7 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
     if _compile_only.get():
         key = (kernel, device, tuple(sorted(constexprs.items(), key=lambda item: item[0])),
                tuple(type(a) for a in scalars))
-        if key not in _compiled and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter compiles nothing
+        if key not in _compiled:  # (under the interpreter warmup only checks the arguments)
             kernel.warmup(*args, grid=(num_chunks,), **LAUNCH_OPTIONS, **constexprs)
             _compiled.add(key)
         return
@@ -388,31 +430,54 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
         stats.index_add_(0, tensor_of_chunk.to(torch.int64), partials.to(torch.float64))
 
 
+_IMPORTANCE_KINDS = {"first": 1, "param_mix": 2}
+
+
+def _importance_args(importance, importance_kind, importance_betas):
+    """(sensitivity column, uncertainty column, the four EMA scalars, IMPORTANCE constexpr)."""
+    if importance is None:
+        return None, None, (0.0, 0.0, 0.0, 0.0), 0
+    b1, b2 = (float(b) for b in importance_betas)
+    sensitivities, uncertainties = importance
+    # 1 − β rounded once from the double, as the torch backend's Python scalars are
+    return sensitivities, uncertainties, (b1, 1.0 - b1, b2, 1.0 - b2), _IMPORTANCE_KINDS[importance_kind]
+
+
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-              first_step: bool) -> None:
+              first_step: bool, importance=None, importance_kind: str = "first",
+              importance_betas=(0.85, 0.85)) -> None:
     """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.sgd_step_` for the math."""
+    sensitivities, uncertainties, importance_scalars, importance_code = _importance_args(
+        importance, importance_kind, importance_betas)
     _launch(
-        _sgd_kernel, (params, grads, momentum_buffers, references), params, references, stats,
-        reference_format, (lr, weight_decay, momentum, dampening), weight_decay,
-        HAS_MOMENTUM=momentum_buffers is not None, FIRST_STEP=first_step, NESTEROV=nesterov,
-        MAXIMIZE=maximize,
+        _sgd_kernel, (params, grads, momentum_buffers, references, sensitivities, uncertainties), params,
+        references, stats, reference_format, (lr, weight_decay, momentum, 1.0 - dampening, *importance_scalars),
+        weight_decay, HAS_MOMENTUM=momentum_buffers is not None, FIRST_STEP=first_step, NESTEROV=nesterov,
+        MAXIMIZE=maximize, IMPORTANCE=importance_code,
     )
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
-               bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
+               bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
     """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.adam_step_` for the math."""
     on_device = device_steps is not None
+    sensitivities, uncertainties, importance_scalars, importance_code = _importance_args(
+        importance, importance_kind, importance_betas)
+    # derived constants in double, rounded once (as torch's Python-float hyper-parameters are)
+    one_minus_lr_wd = 0.0 if isinstance(lr, torch.Tensor) else 1.0 - lr * weight_decay
     _launch(
         _adam_kernel,
-        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, device_steps),
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, device_steps,
+         sensitivities, uncertainties),
         params, references, stats, reference_format,
-        (lr, beta1, beta2, eps, weight_decay, 1.0 if on_device else bias_correction1,
-         1.0 if on_device else bias_correction2**0.5), weight_decay,
-        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, STEP_ON_DEVICE=on_device,
+        (lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, one_minus_lr_wd,
+         1.0 if on_device else bias_correction1, 1.0 if on_device else bias_correction2**0.5, *importance_scalars),
+        weight_decay, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        STEP_ON_DEVICE=on_device, IMPORTANCE=importance_code,
     )
 
 

@@ -16,8 +16,8 @@ def skip_or_unscale(optimizer, grads) -> bool:
     found_inf = getattr(optimizer, "found_inf", None)
     if grad_scale is None and found_inf is None:
         return False
-    flags = [t.detach().reshape(()).to("cpu", torch.float64) for t in (found_inf, grad_scale) if t is not None]
-    values = torch.stack(flags).tolist()  # the one host sync
+    flags = [t.detach().reshape(()).to(torch.float64) for t in (found_inf, grad_scale) if t is not None]
+    values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # stacked on the device: one host sync
     if found_inf is not None and values.pop(0) != 0:
         return True
     if grad_scale is not None and grads:

@@ -13,11 +13,16 @@ from __future__ import annotations
 import torch
 
 from .. import functional
+from ..ops.importance import check_importance_options
 from ._amp import skip_or_unscale
 from ._reference_store import REFERENCE_KEY, ReferenceCapture, ReferenceStore
 from ._stats import CNLStats, ParameterStats, StatsTracker
 
-__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY"]
+__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY", "IMPORTANCE_SLOTS"]
+
+# KIF's importance EMAs live in two slots (Recurrent-KIF's inner and outer learner); each is a pair
+# of float32 states per parameter, "<slot>_sensitivity" and "<slot>_uncertainty".
+IMPORTANCE_SLOTS = ("inner", "outer")
 
 is_dtensor = functional.is_dtensor
 local_tensor = functional.local_tensor
@@ -37,11 +42,18 @@ class CNLOptimizer(torch.optim.Optimizer):
     """
 
     save_reference = False
+    importance_slot = "inner"  # the slot the next steps update (see importance_scores)
     _op = None  # "sgd_step_" or "adam_step_": what check_step resolves a backend for
     _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
+    # what the torch.optim counterpart's __setstate__ fills into a loaded param group that lacks a key
+    _torch_setstate_defaults: dict = {}
 
-    def __init__(self, params, defaults, *, backend: str, reference_dtype, track_stats: bool):
+    def __init__(self, params, defaults, *, backend: str, reference_dtype, track_stats: bool,
+                 importance=None, importance_betas=(0.85, 0.85)):
         functional.canonical_backend(backend)  # a clear error for an unknown name, at construction
+        if importance is not None:
+            importance_betas = check_importance_options(importance, importance_betas)
+        self.importance, self.importance_betas = importance, tuple(importance_betas)
         self._reference = ReferenceStore(reference_dtype)
         self._stats = StatsTracker(track_stats)
         super().__init__(params, defaults)
@@ -57,10 +69,13 @@ class CNLOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_reference", ReferenceStore("float32"))
         self.__dict__.setdefault("_stats", StatsTracker(False))
-        # As torch.optim does for the keys it added over releases: a checkpoint written before an
-        # option existed (torch 2.4's AdamW has no decoupled_weight_decay, say) gets its default.
+        self.__dict__.setdefault("importance", None)
+        self.__dict__.setdefault("importance_betas", (0.85, 0.85))
+        # As torch.optim's __setstate__ does for the keys it added over releases: a checkpoint written
+        # before an option existed gets the value torch gives it (torch 2.4's AdamW has no
+        # decoupled_weight_decay, say); any other missing key gets this optimizer's default.
         for group in self.param_groups:
-            for key, value in self.defaults.items():
+            for key, value in {**self.defaults, **self._torch_setstate_defaults}.items():
                 group.setdefault(key, value)
 
     # ------------------------------------------------------------------ parameters and the step
@@ -118,6 +133,48 @@ class CNLOptimizer(torch.optim.Optimizer):
             gathered.append((group, params, grads))
         return gathered
 
+    # ------------------------------------------------------------------ importance (KIF)
+
+    def _importance_keys(self, slot=None):
+        slot = self.importance_slot if slot is None else slot
+        if slot not in IMPORTANCE_SLOTS:
+            raise ValueError(f"importance slot must be one of {IMPORTANCE_SLOTS}, got {slot!r}")
+        return f"{slot}_sensitivity", f"{slot}_uncertainty"
+
+    def _importance_arguments(self, params, states):
+        """The functional keywords that update this step's importance slot (``{}`` without importance).
+        The EMAs are added to ``states``, the dicts the step stores once it has succeeded."""
+        if self.importance is None:
+            return {}
+        keys = self._importance_keys()
+        for p, state in zip(params, states):
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return dict(importance=tuple([state[key] for state in states] for key in keys),
+                    importance_kind=self.importance, importance_betas=self.importance_betas)
+
+    def importance_scores(self, slot=None):
+        """KIF's element importance ``Ī·Ū`` per parameter (a list in parameter order, float32), from the
+        EMAs that steps with ``importance=`` set keep in ``slot`` (default: :attr:`importance_slot`).
+        A parameter not stepped yet scores 0 everywhere."""
+        sensitivity, uncertainty = self._importance_keys(slot)
+        scores = []
+        for p in self._parameters():
+            state = self.state.get(p, {})
+            if sensitivity in state:
+                scores.append(state[sensitivity] * state[uncertainty])
+            else:
+                scores.append(torch.zeros_like(p, dtype=torch.float32))
+        return scores
+
+    def reset_importance(self, slot=None) -> None:
+        """Forget the EMAs of ``slot`` (default: :attr:`importance_slot`): they start again from 0."""
+        keys = self._importance_keys(slot)
+        for state in self.state.values():
+            for key in keys:
+                state.pop(key, None)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self, *, include_reference: bool | None = None):
@@ -154,11 +211,10 @@ class CNLOptimizer(torch.optim.Optimizer):
                 continue
             p, capturable = param_of_id[saved_id]
             for key, value in saved_state.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if key == "step":
-                    self.state[p][key] = value.detach().to(p.device if capturable else "cpu", torch.float32, copy=True)
-                elif value.is_floating_point():
+                if key == "step":  # a Python number in checkpoints of old torch releases
+                    value = torch.as_tensor(value).detach()
+                    self.state[p][key] = value.to(p.device if capturable else "cpu", torch.float32, copy=True)
+                elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True,
                                                            memory_format=torch.contiguous_format)
         if references is not None:
@@ -183,6 +239,8 @@ class CNLOptimizer(torch.optim.Optimizer):
         """Every per-element state of a checkpoint must have its parameter's (local) shape."""
         shape = local_tensor(p).shape
         for key, value in saved_state.items():
+            if key == "step" and not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
             if not isinstance(value, torch.Tensor):
                 continue
             if key == "step":

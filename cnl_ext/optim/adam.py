@@ -20,15 +20,20 @@ class FusedCNLAdam(CNLOptimizer):
     makes no host synchronization, so it can be captured in a CUDA graph).
 
     Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
-    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``) and
-    ``track_stats`` (see :meth:`cnl_stats`).
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
+    ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
+    ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
+    an observer: parameters and moments are bit-identical with it on.
     """
 
     _op = "adam_step_"
+    _torch_setstate_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                    differentiable=False, fused=None, decoupled_weight_decay=False)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend="auto", reference_dtype="float32", track_stats=False):
+                 decoupled_weight_decay=False, backend="auto", reference_dtype="float32", track_stats=False,
+                 importance=None, importance_betas=(0.85, 0.85)):
         name = type(self).__name__
         check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable,
                      capturable=capturable)
@@ -43,18 +48,18 @@ class FusedCNLAdam(CNLOptimizer):
                         maximize=maximize, foreach=None, capturable=capturable, differentiable=False, fused=True,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
 
     def _state_of(self, p, capturable, amsgrad):
         """``p``'s state: its own, or a new one that ``step`` stores only once the step succeeded."""
-        state = self.state.get(p)
-        if not state:
+        state = dict(self.state.get(p, {}))  # a copy: stored by step() only once the step succeeded
+        if "step" not in state:
             # capturable: the step count lives on the device, so no step reads it back to the host
-            state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu"),
-                     "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-                     "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)}
+            state.update(step=torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu"),
+                         exp_avg=torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
+                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format))
         if amsgrad and "max_exp_avg_sq" not in state:
-            state = {**state, "max_exp_avg_sq": torch.zeros_like(state["exp_avg_sq"])}
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
         return state
 
     def _step_group(self, group, params, grads, stats):
@@ -68,6 +73,7 @@ class FusedCNLAdam(CNLOptimizer):
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
             reference_format=self.reference_format, backend=self.backend, check=False,
+            **self._importance_arguments(params, states),
         )
         for p, state in zip(params, states):
             self.state[p] = state

@@ -12,8 +12,14 @@ class FusedCNLAdamW(FusedCNLAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend="auto", reference_dtype="float32", track_stats=False):
+                 backend="auto", reference_dtype="float32", track_stats=False, importance=None,
+                 importance_betas=(0.85, 0.85)):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW: whatever the checkpoint says
+            group["decoupled_weight_decay"] = True

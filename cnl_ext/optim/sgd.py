@@ -16,15 +16,19 @@ class FusedCNLSGD(CNLOptimizer):
     buffer is updated for every element and kept in float32 whatever the parameter dtype.
 
     Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
-    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``) and
-    ``track_stats`` (see :meth:`cnl_stats`).
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
+    ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
+    ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
+    an observer: parameters and moments are bit-identical with it on.
     """
 
     _op = "sgd_step_"
+    _torch_setstate_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
-                 backend="auto", reference_dtype="float32", track_stats=False):
+                 backend="auto", reference_dtype="float32", track_stats=False, importance=None,
+                 importance_betas=(0.85, 0.85)):
         name = type(self).__name__
         check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable)
         if momentum < 0.0:
@@ -34,17 +38,21 @@ class FusedCNLSGD(CNLOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=None, differentiable=False, fused=True)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
 
     def _step_group(self, group, params, grads, stats):
         use_momentum = group["momentum"] != 0
-        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if use_momentum else None
+        states = [dict(self.state.get(p, {})) for p in params]  # stored only once the step succeeded
+        buffers = [state.get("momentum_buffer") for state in states] if use_momentum else None
         functional.cnl_sgd(
             params, grads, buffers, self._references_for(params), stats,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
             reference_format=self.reference_format, backend=self.backend, check=False,
+            **self._importance_arguments(params, states),
         )
-        if use_momentum:
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
+        for i, (p, state) in enumerate(zip(params, states)):
+            if use_momentum:
+                state["momentum_buffer"] = buffers[i]
+            if state:
+                self.state[p] = state

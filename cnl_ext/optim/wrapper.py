@@ -93,12 +93,20 @@ class CNL(CNLOptimizer):
                     masked.append((group, params, befores))
         loss = self.optimizer.step(closure)
         per_group = []
-        for group, params, befores in masked:
-            stats = self._stats.new_buffer(params, True)
-            functional.cnl_masked_delta(
-                [local_tensor(p) for p in params], befores, self._references_for(params), stats,
-                reference_format=self.reference_format, inv_lr=_inverse_lr(group) if stats is not None else 1.0,
-                backend=self.backend)
-            per_group.append((params, stats))
+        try:
+            for group, params, befores in masked:
+                stats = self._stats.new_buffer(params, True)
+                functional.cnl_masked_delta(
+                    [local_tensor(p) for p in params], befores, self._references_for(params), stats,
+                    reference_format=self.reference_format,
+                    inv_lr=_inverse_lr(group) if stats is not None else 1.0, backend=self.backend)
+                per_group.append((params, stats))
+        except BaseException:
+            # no parameter keeps an unmasked update: all go back to before the step (the wrapped
+            # optimizer's own state has moved; it is outside the write-back)
+            for _, params, befores in masked:
+                for p, before in zip(params, befores):
+                    local_tensor(p).copy_(before)
+            raise
         self._stats.record(per_group, self._parameters(), self._reference)
         return loss
