@@ -10,7 +10,7 @@ self time (time inside the operator itself, not its callees), with their call co
 the profiled steps: the phases of a step in the PyTorch implementation (each ``_foreach_*`` or
 elementwise pass over the parameters is one), or the one native kernel call and what surrounds it.
 A pass that reads and writes every element costs about ``bytes / roofline`` whatever it computes, so
-the count of full passes is what a fused kernel removes. Writes ``<out>/<device>-profile-<case>.md``.
+the count of full passes is what a fused kernel removes. Writes ``<out>/<device>-profile-<case>[-<backend>].{json,md}``.
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
              f"{r['self_ms_per_step'] / wall_ms:.1%}"] for r in rows]
     lines += report.markdown_table(["operator", "calls / step", "self ms / step", "share of step"], body)
     text = "\n".join(lines)
-    report.write_outputs(args.out, f"{harness.file_stem(device)}-profile-{case.name.replace('@', '-')}", result, text)
+    name = case.name.partition(cases.VARIANT_SEPARATOR)[0] + (f"-{backend}" if backend else "")
+    report.write_outputs(args.out, f"{harness.file_stem(device)}-profile-{name}", result, text)
     return result
 
 

@@ -265,7 +265,7 @@ def test_profile_step_smoke_run(tmp_path):
     assert result["backend"] == "torch" and result["step_ms"] > 0
     assert 0 < len(result["operators"]) <= 5
     assert all(row["self_ms_per_step"] >= 0 and row["calls_per_step"] > 0 for row in result["operators"])
-    markdown = (tmp_path / f"{harness.file_stem(CPU)}-profile-cnl_adamw_fp32.md").read_text()
+    markdown = (tmp_path / f"{harness.file_stem(CPU)}-profile-cnl_adamw_fp32-torch.md").read_text()
     assert "| operator | calls / step | self ms / step | share of step |" in markdown
 
 
