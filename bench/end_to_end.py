@@ -1,11 +1,12 @@
-"""End to end: training steps and a whole CNL epoch of a Qwen2.5-1.5B-architecture model (issue 3).
+"""End to end: training steps and a whole CNL epoch of a causal LM (issues 3 and 12).
 
-    python bench/end_to_end.py                            # on the GPU, the full 28-layer model
+    python bench/end_to_end.py                            # on the GPU, Qwen2.5-1.5B's 28 layers
+    python bench/end_to_end.py --device cpu               # on the CPU, SmolLM2-135M, torch and native backends
     python bench/end_to_end.py --device cpu --config tiny --mastered 2 --injection 2   # smoke run
 
-The model has random fp32 weights (transformers' Qwen2ForCausalLM from the published
-configuration, nothing downloaded) and the prompts are random tokens: an optimizer's speed does not
-depend on the values. Batch 1, as in the paper's protocol (spec): the loss is the cross-entropy of
+The model has random fp32 weights (transformers' Qwen2ForCausalLM or, for SmolLM2, LlamaForCausalLM
+from the published configuration, nothing downloaded) and the prompts are random tokens: an
+optimizer's speed does not depend on the values. Batch 1, as in the paper's protocol (spec): the loss is the cross-entropy of
 the next token after the prompt against one of four "answer letter" tokens. An epoch is the
 reference capture over the mastered set (CNL only) plus one training step per injection sample.
 
@@ -14,7 +15,9 @@ Modes, one after another on the same model (the tiny learning rate barely moves 
 - ``ft_fused``: plain fine-tuning with torch.optim.AdamW(fused=True), no reference;
 - ``cnl_authors``: the authors' CNL AdamW loop (tests/authors_oracle.py); the reference is a full
   fp32 clone of the mean gradient, accumulated one sample at a time, as they do;
-- ``cnl_fused``: cnl_ext.FusedCNLAdamW with ``capture_reference()``.
+- ``cnl_fused``: cnl_ext.FusedCNLAdamW with ``capture_reference()``, once per ``--backend``
+  (``cnl_fused@native`` for the second one, and so on): the optimizer step's share of the training
+  step before (PyTorch implementation) and after (native kernels).
 
 Writes ``<out>/<gpu-name>-end_to_end.json`` and ``.md``; prints the Markdown.
 """
@@ -35,10 +38,10 @@ from tqdm import tqdm
 import cnl_ext
 from cnl_ext import reference_format
 from bench import harness, report
-from bench.shapes import QWEN2_5_1_5B, TINY
+from bench.shapes import QWEN2_5_1_5B, SMOLLM2_135M, TINY
 from tests.authors_oracle import AuthorsCNL
 
-CONFIGS = {"qwen2.5-1.5b": QWEN2_5_1_5B, "tiny": TINY}
+CONFIGS = {"qwen2.5-1.5b": QWEN2_5_1_5B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 MODES = {
     "ft_fused": "plain fine-tuning, torch.optim.AdamW(fused=True)",
     "cnl_authors": "CNL, the authors' loop, fp32 clone of the mean gradient as reference",
@@ -47,21 +50,28 @@ MODES = {
 LETTER_TOKENS = (32, 33, 34, 35)  # "A".."D" in the Qwen2.5 vocabulary; any four ids would do
 LR = 1e-7
 WEIGHT_DECAY = 0.1  # the paper's AdamW setting
+# Defaults by device: the GPU runs issue 3's Qwen2.5-1.5B epoch; the CPU issue 12's SmolLM2 steps,
+# few samples (a SmolLM2 forward+backward takes ~0.7 s on 2 cores).
+GPU_DEFAULTS = {"config": "qwen2.5-1.5b", "mastered": 64, "injection": 64, "warmup": 2}
+CPU_DEFAULTS = {"config": "smollm2-135m", "mastered": 4, "injection": 8, "warmup": 1}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (the GPU if any), cuda, cuda:N or cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-1.5b",
-                        help="model architecture (tiny: Qwen2 shrunk for smoke runs)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                        help="model architecture (default qwen2.5-1.5b on a GPU, smollm2-135m on the CPU; "
+                             "tiny: Qwen2 shrunk for smoke runs)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     parser.add_argument("--prompt-tokens", type=int, default=200, help="tokens per prompt")
-    parser.add_argument("--mastered", type=int, default=64, help="samples in the mastered set (reference)")
-    parser.add_argument("--injection", type=int, default=64, help="samples in the injection set (training steps)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed samples of each kind before the epoch")
+    parser.add_argument("--mastered", type=int, default=None, help="samples in the mastered set (reference; 64 / 4)")
+    parser.add_argument("--injection", type=int, default=None,
+                        help="samples in the injection set (training steps; 64 on a GPU, 8 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed samples of each kind before the epoch (2 / 1)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch", "cuda"], default=None,
-                        help="FusedCNLAdamW backend (default: triton on a GPU, torch on the CPU)")
+    parser.add_argument("--backend", default=None, type=lambda text: text.split(","),
+                        help="comma-separated FusedCNLAdamW backends, one cnl_fused mode each (default: triton on a "
+                             "GPU, torch,native on the CPU; a backend unavailable here is skipped with the reason)")
     parser.add_argument("--reference-dtype", choices=reference_format.FORMATS, default="float32",
                         help="FusedCNLAdamW reference_dtype")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,27 +80,32 @@ def parse_args(argv=None):
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown mode(s) {sorted(unknown)}")
-    if min(args.mastered, args.injection) < 1:
+    if min(args.mastered or 1, args.injection or 1) < 1:
         parser.error("--mastered and --injection must be >= 1")
     return args
 
 
 def build_model(config_name: str, layers: int | None, device: torch.device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Qwen2ForCausalLM for the Qwen2 shapes (q/k/v biases), LlamaForCausalLM for SmolLM2's."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(CONFIGS[config_name])
     if layers is not None:
         shape["num_hidden_layers"] = layers
-    # Qwen2Config has no head_dim or bias switches: it derives head_dim and always has q/k/v biases.
-    assert shape["qkv_bias"] and shape["head_dim"] * shape["num_attention_heads"] == shape["hidden_size"]
-    config = Qwen2Config(
+    common = dict(
         vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
         intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_hidden_layers"],
         num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
         tie_word_embeddings=shape["tie_word_embeddings"], use_cache=False,
     )
+    if shape["qkv_bias"]:
+        # Qwen2Config has no head_dim or bias switches: it derives head_dim and always has q/k/v biases.
+        assert shape["head_dim"] * shape["num_attention_heads"] == shape["hidden_size"]
+        model_class, config = Qwen2ForCausalLM, Qwen2Config(**common)
+    else:
+        model_class, config = LlamaForCausalLM, LlamaConfig(**common, head_dim=shape["head_dim"])
     with torch.device(device):  # initialize on the device: no 6 GB host round trip
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     return model.train()
 
 
@@ -129,7 +144,7 @@ def make_mode(name: str, model, args, backend: str):
             model.zero_grad(set_to_none=True)
 
         return capture, lambda: opt.step(held["reference"])
-    if name == "cnl_fused":
+    if name.partition("@")[0] == "cnl_fused":
         opt = cnl_ext.FusedCNLAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, backend=backend,
                                     reference_dtype=args.reference_dtype)
 
@@ -177,6 +192,7 @@ def run_epoch(model, capture, optimizer_step, mastered, injection, device, desc:
 
 
 def run_mode(name, model, mastered, injection, args, backend, device) -> dict:
+    """One mode's epoch (after a warmup epoch); ``backend``: FusedCNLAdamW's, for the cnl_fused modes."""
     harness.free_memory(device)
     with harness.peak_memory(device, baseline=0) as peak:  # absolute peak: model, grads, states, activations
         capture, optimizer_step = make_mode(name, model, args, backend)
@@ -186,20 +202,29 @@ def run_mode(name, model, mastered, injection, args, backend, device) -> dict:
         result = run_epoch(model, capture, optimizer_step, mastered, injection, device, name)
         del capture, optimizer_step
     harness.free_memory(device)
-    return {"mode": name, "description": MODES[name], **result, "peak_memory_bytes": peak["bytes"]}
+    description = MODES[name.partition("@")[0]]
+    if name.startswith("cnl_fused"):
+        description += f' (backend="{backend}")'
+    return {"mode": name, "description": description, "backend": backend if name.startswith("cnl_fused") else None,
+            **result, "optimizer_share": result["optimizer_ms"] / result["train_step_ms"],
+            "peak_memory_bytes": peak["bytes"]}
 
 
 def speedups(rows: dict) -> list[tuple[str, float]]:
     """``(what, ratio)`` pairs; each label says which time is divided by which."""
     out = []
-    if "cnl_authors" in rows and "cnl_fused" in rows:
-        authors, fused = rows["cnl_authors"], rows["cnl_fused"]
-        out.append(("CNL epoch speed-up, authors' loop time / FusedCNLAdamW time", authors["epoch_s"] / fused["epoch_s"]))
-        out.append(("CNL optimizer step speed-up, authors' loop time / FusedCNLAdamW time",
-                    authors["optimizer_ms"] / fused["optimizer_ms"]))
-    if "ft_fused" in rows and "cnl_fused" in rows:
-        out.append(("CNL training step cost, FusedCNLAdamW step time / plain FT step time",
-                    rows["cnl_fused"]["train_step_ms"] / rows["ft_fused"]["train_step_ms"]))
+    fused_modes = [name for name in rows if name.startswith("cnl_fused")]
+    for name in fused_modes:
+        fused, label = rows[name], f"FusedCNLAdamW (backend {rows[name]['backend']!r})"
+        if "cnl_authors" in rows:
+            authors = rows["cnl_authors"]
+            out.append((f"CNL epoch speed-up, authors' loop time / {label} time", authors["epoch_s"] / fused["epoch_s"]))
+            out.append((f"CNL optimizer step speed-up, authors' loop time / {label} time",
+                        authors["optimizer_ms"] / fused["optimizer_ms"]))
+        if "ft_fused" in rows:
+            out.append((f"CNL training step cost, {label} training step time / plain FT (torch fused AdamW) "
+                        "training step time", fused["train_step_ms"] / rows["ft_fused"]["train_step_ms"]))
+            out.append((f"optimizer step, {label} / torch fused AdamW", fused["optimizer_ms"] / rows["ft_fused"]["optimizer_ms"]))
     return out
 
 
@@ -208,24 +233,28 @@ def markdown(result: dict) -> str:
     lines = [f"# End-to-end CNL benchmark: {env['device']}", ""]
     lines += report.environment_lines(env)
     lines += [
-        f"- model: Qwen2 architecture `{setup['config']}`, {setup['layers']} layers, "
+        f"- model: `{setup['config']}` architecture ({setup['model_class']}), {setup['layers']} layers, "
         f"{setup['parameters']:,} parameters, random fp32 weights",
         f"- batch 1, {setup['prompt_tokens']}-token prompts; epoch = reference over {setup['mastered']} mastered "
         f"samples + {setup['injection']} injection steps (after {setup['warmup']} warmup samples of each)",
-        f"- FusedCNLAdamW backend `{setup['backend']}`, reference_dtype `{setup['reference_dtype']}`; "
+        f"- FusedCNLAdamW backends `{'`, `'.join(setup['backends'])}`, reference_dtype `{setup['reference_dtype']}`; "
         f"AdamW lr {LR:g}, weight decay {WEIGHT_DECAY:g}",
-        "- step times are medians over the injection steps; peak memory is the absolute GPU peak of the mode",
+        "- step times are medians over the injection steps; optimizer share = optimizer ms / train step ms; "
+        "peak memory is the absolute GPU peak of the mode",
         "",
     ]
     header = ["mode", "what", "reference s", "injection s", "epoch s", "fwd+bwd ms", "optimizer ms",
-              "train step ms", "peak memory GiB"]
+              "train step ms", "optimizer share", "peak memory GiB"]
     body = [
         [f"`{row['mode']}`", row["description"], report.fmt(row["capture_s"], ".3f"), f"{row['injection_s']:.3f}",
          f"{row['epoch_s']:.3f}", f"{row['forward_backward_ms']:.2f}", f"{row['optimizer_ms']:.2f}",
-         f"{row['train_step_ms']:.2f}", report.fmt(report.gib(row["peak_memory_bytes"]))]
+         f"{row['train_step_ms']:.2f}", f"{row['optimizer_share']:.1%}",
+         report.fmt(report.gib(row["peak_memory_bytes"]))]
         for row in result["modes"].values()
     ]
     lines += report.markdown_table(header, body)
+    for name, reason in result["skipped"].items():
+        lines.append(f"\n- `{name}` skipped: {reason}")
     lines += [""] + [f"- {what}: **{value:.2f}×**" for what, value in result["speedups"]]
     return "\n".join(lines)
 
@@ -234,7 +263,10 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = harness.resolve_device(args.device)
-    backend = args.backend or ("triton" if device.type == "cuda" else "torch")
+    for key, value in (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    backends = args.backend or (["triton"] if device.type == "cuda" else ["torch", "native"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     env = harness.environment(device, harness.command_line("bench/end_to_end.py", argv))
@@ -246,18 +278,35 @@ def main(argv=None) -> dict:
     mastered = make_samples(args.mastered, args.prompt_tokens, vocab, generator, device)
     injection = make_samples(args.injection, args.prompt_tokens, vocab, generator, device)
 
-    rows = {name: run_mode(name, model, mastered, injection, args, backend, device)
-            for name in args.modes.split(",")}
+    # cnl_fused runs once per backend: cnl_fused, cnl_fused@<second backend>, ...
+    runs = []
+    for name in args.modes.split(","):
+        if name == "cnl_fused":
+            runs += [(name if i == 0 else f"{name}@{b}", b) for i, b in enumerate(backends)]
+        else:
+            runs.append((name, None))
+    rows, skipped = {}, {}
+    with harness.frozen_heap():
+        for name, backend in runs:
+            reason = backend and harness.backend_unavailable_reason(backend, device)
+            if reason:
+                skipped[name] = reason
+                print(f"{name}: skipped, {reason}", file=sys.stderr)
+                continue
+            rows[name] = run_mode(name, model, mastered, injection, args, backend, device)
     result = {
         "environment": env,
         "setup": {"config": args.config, "layers": model.config.num_hidden_layers,
                   "parameters": sum(p.numel() for p in model.parameters()), "prompt_tokens": args.prompt_tokens,
                   "mastered": args.mastered, "injection": args.injection, "warmup": args.warmup,
-                  "backend": backend, "reference_dtype": args.reference_dtype, "lr": LR,
-                  "weight_decay": WEIGHT_DECAY},
+                  "model_class": type(model).__name__, "backends": backends,
+                  "reference_dtype": args.reference_dtype, "lr": LR, "weight_decay": WEIGHT_DECAY},
         "modes": rows,
+        "skipped": skipped,
         "speedups": speedups(rows),
     }
+    if env["cpu"] is not None:
+        env["cpu"]["load_average_after"] = harness.cpu_info()["load_average"]
     stem = harness.file_stem(device) + "-end_to_end"
     report.write_outputs(args.out, stem, result, markdown(result))
     return result

@@ -41,10 +41,14 @@ CASES = {
 
 
 class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` and the compile-ahead
+    ``kernel.warmup(...)`` (which a step runs before it writes anything) do nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+    def warmup(self, *args, **kwargs):
+        return None
 
 
 def host_ms_per_step(case: str, tensors: int, warmup: int, iters: int) -> float:

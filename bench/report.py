@@ -21,7 +21,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def verdict(passed) -> str:
-    return {True: "pass", False: "miss", None: "n/a"}[passed]
+    return {True: "met", False: "missed", None: "n/a"}[passed]
 
 
 def environment_lines(env: dict) -> list[str]:
@@ -30,25 +30,49 @@ def environment_lines(env: dict) -> list[str]:
         f"- device: {env['device']}",
         f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}",
         f"- cnl_ext CUDA extension available: {'yes' if env['cnl_ext_cuda_extension'] else 'no'}",
-        f"- date (UTC): {env['date']}",
     ]
-    if env["device_type"] != "cuda":
-        lines.append("- **CPU smoke run**: the numbers only show that the benchmark runs; the targets are GPU targets.")
+    if "cnl_ext_auto_backend" in env:
+        lines.append(f"- cnl_ext `backend=\"auto\"` runs `{env.get('cnl_ext_auto_backend')}` here")
+    if env.get("native_build_info") is not None:
+        lines.append(f"- compiled extension `build_info()`: `{env['native_build_info']}`")
+    cpu = env.get("cpu")
+    if cpu is not None:
+        lines += [
+            f"- CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, torch uses {cpu['torch_threads']} threads; "
+            f"torch's CPU kernels run with instruction set `{cpu['torch_cpu_capability']}` "
+            "(`torch.backends.cpu.get_cpu_capability()`)",
+            f"- load average (1, 5, 15 min) before: {_load(cpu['load_average'])}"
+            + (f", after: {_load(cpu['load_average_after'])}" if cpu.get("load_average_after") else "")
+            + " (the machine is shared: other processes' load shows here)",
+        ]
+    if env.get("git_commit"):
+        lines.append(f"- cnl_ext commit: `{env['git_commit']}` ({env.get('cnl_ext_file')})")
+    lines.append(f"- date (UTC): {env['date']}")
     return lines
 
 
+def _load(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def step_rows_markdown(rows: list[dict]) -> list[str]:
-    header = ["case", "what", "tensors", "B/elem", "ms", "roofline ms", "GB/s", "% of copy BW",
-              "× torch fused AdamW", "peak memory GiB"]
-    body = [
-        [
+    """The step table. Rows from one round lack a spread; peak memory only where it was measured (GPU)."""
+    with_memory = any(row.get("peak_memory_bytes") is not None for row in rows)
+    header = ["case", "what", "tensors", "B/elem", "ms (median)", "spread ms", "roofline ms", "GB/s",
+              "% of roofline", "× baseline"] + (["peak memory GiB"] if with_memory else [])
+    body = []
+    for row in rows:
+        spread = row.get("spread_ms")
+        ratio = row.get("ratio_to_baseline")
+        cells = [
             f"`{row['case']}`", row["description"], f"{row['tensors']:,}", f"{row['bytes_per_element']:.2f}",
-            f"{row['ms']:.3f}", f"{row['roofline_ms']:.3f}", f"{row['gb_per_s']:,.0f}",
-            f"{row['fraction_of_copy_bandwidth']:.1%}", fmt(row["ratio_to_baseline"], ".3f", "×"),
-            fmt(gib(row["peak_memory_bytes"])),
+            f"{row['ms']:.3f}", "—" if not spread else f"{spread[0]:.3f}–{spread[1]:.3f}",
+            f"{row['roofline_ms']:.3f}", f"{row['gb_per_s']:,.1f}", f"{row['fraction_of_roofline']:.1%}",
+            "—" if ratio is None else f"{ratio:.3f}× `{row['baseline']}`",
         ]
-        for row in rows
-    ]
+        if with_memory:
+            cells.append(fmt(gib(row["peak_memory_bytes"])))
+        body.append(cells)
     return markdown_table(header, body)
 
 
@@ -58,8 +82,9 @@ def targets_markdown(rows: list[dict]) -> list[str]:
         for t in row["targets"]:
             # Ratios and speed-ups read as "1.23×"; roofline fractions as percentages.
             measured = fmt(t["measured"], ".1%") if "%" in t["target"] else fmt(t["measured"], ".3f", "×")
-            body.append([f"`{row['case']}`", t["target"], measured, verdict(t["passed"])])
-    return markdown_table(["case", "target", "measured", "result"], body)
+            body.append([f"`{row['case']}`", t["target"], str(t.get("issue", "")), measured,
+                         verdict(t["passed"])])
+    return markdown_table(["case", "target", "issue", "measured", "result"], body)
 
 
 def write_json(path: Path, data: dict) -> None:

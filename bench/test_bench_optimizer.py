@@ -62,7 +62,7 @@ def test_step(benchmark, param_set, case, copy_bandwidth):
 
     row = cases.run_case(case, param_shapes(param_set), DEVICE, BACKEND, WARMUP, ITERS, copy_bandwidth, timer=pedantic)
     benchmark.extra_info.update({key: row[key] for key in (
-        "roofline_bytes", "bytes_per_element", "roofline_ms", "gb_per_s", "fraction_of_copy_bandwidth",
+        "roofline_bytes", "bytes_per_element", "roofline_ms", "gb_per_s", "fraction_of_roofline",
         "peak_memory_bytes")})
     benchmark.extra_info["copy_bandwidth_gb_per_s"] = copy_bandwidth / 1e9
     ROWS[param_set].append((case, row))
