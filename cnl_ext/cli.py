@@ -202,6 +202,7 @@ class Subcommand:
     checkpoints: bool = False
     out_default: Path | None = None
     replaceable: Callable | None = None  # a non-empty --out that may be replaced without --overwrite
+    add_arguments: Callable | None = None  # a settings class with its own argparse options (continual)
 
 
 def _models():
@@ -213,7 +214,7 @@ class Context:
     """What a running subcommand uses: its settings, its output folder, the model loader."""
 
     def __init__(self, command: Subcommand, parser, args, argv):
-        self.command, self.argv = command, list(argv)
+        self.command, self.argv, self.args = command, list(argv), args
         from .experiments.outputs import UsageError
 
         self.configs, self.declared = {}, {}
@@ -646,6 +647,23 @@ def _jsonable_config(config) -> dict:
     return {k: _jsonable(v) for k, v in asdict(config).items()}
 
 
+def cmd_continual(ctx: Context) -> None:
+    from .experiments import continual
+    from .experiments.outputs import UsageError
+
+    try:
+        config = continual.ContinualConfig.from_arguments(ctx.args)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    continual.run(config)
+    print(f"results in {config.out_dir} (summary.md, accuracy matrices, heat maps, comparison chart)")
+
+
+def _continual_arguments():
+    from .experiments.continual import ContinualConfig
+    return ContinualConfig.add_arguments
+
+
 def _subcommands() -> list:
     from .experiments.data import QuestionSource
     from .experiments.demo import DemoSettings
@@ -695,6 +713,10 @@ def _subcommands() -> list:
                    "python -m cnl_ext table2 --mastered runs/split/mastered.jsonl --injection "
                    "runs/split/injection.jsonl --out runs/table2",
                    (*split_and_model, (InjectConfig, dict(only=("trainable", "reference_batch_size", "backend"))))),
+        Subcommand("continual", cmd_continual, "a sequence of knowledge-injection tasks with every method (ft, "
+                   "replay, lora, cnl, kif, kif-lora, recurrent-kif): accuracy matrices, AP, BWT, FWT",
+                   "python -m cnl_ext continual --task arc=a.jsonl --task csqa=c.jsonl --out-dir runs/continual",
+                   output=None, add_arguments=_continual_arguments()),
         Subcommand("info", cmd_info, "versions, devices, the compiled extension and the usable backends (paste it "
                    "into a bug report)", "python -m cnl_ext info", output=None),
     ]
@@ -746,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
         for spec in command.options:
             cls, kwargs = spec if isinstance(spec, tuple) else (spec, {})
             add_options(command_parser, cls, **kwargs)
+        if command.add_arguments is not None:
+            command.add_arguments(command_parser)
         if command.output == "folder":
             defaults = {"out": command.out_default} if command.out_default else None
             add_options(command_parser, FolderOutput, defaults=defaults)
