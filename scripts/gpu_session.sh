@@ -10,6 +10,7 @@
 #   2. carry .carry/common .carry/gguf.part01   bash scripts/gpu_session.sh e2e wheel     (issues 3, 4)
 #   3. carry .carry/common                      bash scripts/gpu_session.sh paper-taught  (issue 5)
 #   4. carry .carry/common                      bash scripts/gpu_session.sh paper-rest    (issue 5)
+#   5. carry .carry/common                      bash scripts/gpu_session.sh continual     (issue 15)
 # Sizes (estimates, not measurements): the paper phases follow docs/results.md section 1 with
 # PAPER_LIMIT=400 questions and PAPER_EPOCHS=10; lower them if call 3 runs long. CALL_LIMIT (540 s)
 # stops the phases' commands early so that the logs and partial results still come back.
@@ -128,6 +129,16 @@ phase_paper-rest() {  # issue 5: Table 2, out-of-set with replay, and the plain 
   run "$PY" -m cnl_ext inject --model "$model" --mastered "$1/plain/mastered.jsonl" \
     --injection "$1/plain/injection.jsonl" --optimizers adamw --methods ft cnl --lr 1e-4 \
     --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --out "$1/plain/in_set"
+}
+
+phase_continual() {  # issue 15: the continual protocol at paper scale (three tasks, every method, 2 orders)
+  local model d=.carry/common/data; model=$(gguf_path)
+  run "$PY" -m cnl_ext continual --model "$model" --device cuda \
+    --task arc=$d/arc_c_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/arc_c_wrong_Qwen2.5-1.5B-Instruct.jsonl \
+    --task csqa=$d/csqa_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/csqa_wrong_Qwen2.5-1.5B-Instruct.jsonl \
+    --task mmlu=$d/mmlu_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/mmlu_wrong_Qwen2.5-1.5B-Instruct.jsonl \
+    --questions-per-task "${CONTINUAL_QUESTIONS:-200}" --epochs "${CONTINUAL_EPOCHS:-3}" \
+    --orders arc,csqa,mmlu mmlu,csqa,arc --out-dir "$1/continual"
 }
 
 (($# > 0)) || { sed -n '2,16p' "$0"; exit 2; }
