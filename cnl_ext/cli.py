@@ -770,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_options(command_parser, cls, **kwargs)
         if command.add_arguments is not None:
             command.add_arguments(command_parser)
+            for action in command_parser._actions:  # its help shows the default, as add_options' does
+                if action.help and action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
+                    action.help += f" (default: {action.default})"
         if command.output == "folder":
             defaults = {"out": command.out_default} if command.out_default else None
             add_options(command_parser, FolderOutput, defaults=defaults)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from cnl_ext import reference_format
-from cnl_ext.ops import masked_delta_reference, native_backend, triton_step
+from cnl_ext.ops import native_backend, triton_step
 
 from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
 
@@ -71,13 +71,8 @@ def backend_module(name):
 
 
 def masked_delta_op(name):
-    """The backend's masked_delta_ (the torch and triton ones still live in their own modules)."""
-    module = backend_module(name)
-    if hasattr(module, "masked_delta_"):
-        return module.masked_delta_
-    if name == "torch":
-        return masked_delta_reference.masked_delta_
-    return importlib.import_module("cnl_ext.ops.triton_masked_delta").masked_delta_
+    """The backend's masked_delta_."""
+    return backend_module(name).masked_delta_
 
 
 def _native_cpu_skip_reason():

@@ -152,7 +152,7 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="already masks"):
         cnl_ext.CNL(cnl_ext.FusedCNLAdamW(model.parameters()))
     with pytest.raises(ValueError, match="backend"):
-        cnl_ext.CNL(torch.optim.SGD(model.parameters(), lr=0.1), backend="cuda")
+        cnl_ext.CNL(torch.optim.SGD(model.parameters(), lr=0.1), backend="tritn")
 
     class NoLr(torch.optim.Optimizer):
         def __init__(self, params):
