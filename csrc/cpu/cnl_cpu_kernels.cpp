@@ -403,9 +403,9 @@ struct AdamStep {
       Vec gj = s.maximize ? g[j].neg() : g[j];
       if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
       // Moments are updated for every element; the mask touches only the parameter.
-      // Operation order of m.mul_(beta1).add_(g, alpha=1-beta1) and v.mul_(beta2).addcmul_(g, g, value=1-beta2).
+      // Operation order of the torch backend (cnl_ext/ops/torch_backend.py): m·β1 + (1−β1)·g, v·β2 + (1−β2)·(g·g).
       m[j] = beta1 * m[j] + one_minus_beta1 * gj;
-      v[j] = beta2 * v[j] + one_minus_beta2 * gj * gj;
+      v[j] = beta2 * v[j] + one_minus_beta2 * (gj * gj);
       Vec second = v[j];
       if (s.amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
       const Vec denom = second.sqrt() / bias_correction2_sqrt + eps;
