@@ -16,8 +16,11 @@ import torch.distributed as dist
 
 from . import distributed_worker as worker
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with the gloo backend")
+# every torchrun job of the suite on one xdist worker (pytest.ini: --dist loadgroup): two gloo jobs
+# at once have aborted a rank here
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="needs torch.distributed with the gloo backend"),
+              pytest.mark.xdist_group("torchrun")]
 
 TORCHRUN_TIMEOUT_S = 300
 REPO = pathlib.Path(__file__).resolve().parent.parent
