@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnl_ext import reference_format
+from cnl_ext import functional, reference_format
 from cnl_ext.ops import native_backend, triton_step
 
 from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
@@ -47,27 +47,13 @@ FORMATS = [None, *reference_format.FORMATS]
 LR = 0.1
 
 
-def _first_module(*names):
-    """The first importable of ``names`` (backend modules are being renamed: new name first)."""
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    raise ModuleNotFoundError(names[0])
-
-
 def torch_backend():
-    return _first_module("cnl_ext.ops.torch_backend", "cnl_ext.reference")
+    return functional.load_backend("torch")
 
 
 def backend_module(name):
-    if name == "torch":
-        return torch_backend()
-    if name == "triton":
-        return _first_module("cnl_ext.ops.triton_backend", "cnl_ext.ops.triton_step")
-    return native_backend
+    """The backend's module; native's even where it cannot run (its tests skip with the reason)."""
+    return native_backend if name == "native" else functional.load_backend(name)
 
 
 def masked_delta_op(name):
