@@ -94,15 +94,32 @@ def run(out_path: str) -> None:
     for wrapping in WRAPPINGS:
         for name, make_opt in OPTIMIZERS.items():
             try:
-                model = _wrap(make_model(), wrapping)
-                opt = make_opt(list(model.parameters()))
-                history = train(model, opt, mastered, inputs, part)
-                results[(wrapping, name)] = ([_full(p) for p in model.parameters()], history)
+                results[(wrapping, name)] = _train_scenario(wrapping, make_opt, mastered, inputs, part)
             except Exception:  # both ranks fail alike (same code, same data): report, go on
                 results[(wrapping, name)] = traceback.format_exc(limit=-4)
                 dist.barrier()
     if rank == 0:
         torch.save(results, out_path)
+    shutdown()
+
+
+def _train_scenario(wrapping, make_opt, mastered, inputs, part):
+    """(full parameters after training, history); the wrapped model dies on return (see shutdown)."""
+    model = _wrap(make_model(), wrapping)
+    history = train(model, make_opt(list(model.parameters())), mastered, inputs, part)
+    return [_full(p) for p in model.parameters()], history
+
+
+def shutdown() -> None:
+    """Destroy the process group once nothing holds it. A DDP/FSDP module still alive keeps gloo's
+    threads running into interpreter shutdown, where they abort the rank now and then ("terminate
+    called without an active exception") after all the work is done."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -15,6 +15,8 @@ import torch
 
 import cnl_ext
 
+from tests.distributed_worker import shutdown  # torchrun's PYTHONPATH holds the repository root
+
 WORLD_SIZE = 2
 REFERENCE_KEY = "cnl_reference"
 
@@ -64,29 +66,33 @@ def run(out_path: str) -> None:
     results = {}
     for name, make_opt in OPTIMIZERS.items():
         try:
-            model = torch.nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
-            params = list(model.parameters())
-            opt = make_opt(params)
-            with opt.capture_reference() as ref:
-                for x in mastered:
-                    ref.backward(loss_fn(model, part(x)))
-            captured = [r.detach().clone() for r in _stored_references(opt)]
-            opt.zero_grad()
-            loss_fn(model, part(train)).backward()  # DDP fills its bucket (the .grad views) again
-            live = _stored_references(opt)
-            grad_storages = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
-            aliases = [r.untyped_storage().data_ptr() in grad_storages for r in live]
-            mine = (captured, [r.detach().clone() for r in live], aliases)
             gathered = [None] * WORLD_SIZE
-            dist.all_gather_object(gathered, mine)
+            dist.all_gather_object(gathered, _capture_scenario(make_opt, mastered, part, part(train)))
             results[name] = gathered
         except Exception:  # both ranks fail alike (same code, same data): report, go on
             results[name] = traceback.format_exc(limit=-4)
             dist.barrier()
     if rank == 0:
         torch.save(results, out_path)
-    dist.destroy_process_group()
+    shutdown()
 
+
+def _capture_scenario(make_opt, mastered, part, train_batch):
+    """(reference right after the capture, the reference after the next backward, whether each
+    reference shares storage with a .grad); the DDP module dies on return (see shutdown)."""
+    model = torch.nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
+    params = list(model.parameters())
+    opt = make_opt(params)
+    with opt.capture_reference() as ref:
+        for x in mastered:
+            ref.backward(loss_fn(model, part(x)))
+    captured = [r.detach().clone() for r in _stored_references(opt)]
+    opt.zero_grad()
+    loss_fn(model, train_batch).backward()  # DDP fills its bucket (the .grad views) again
+    live = _stored_references(opt)
+    grad_storages = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+    aliases = [r.untyped_storage().data_ptr() in grad_storages for r in live]
+    return captured, [r.detach().clone() for r in live], aliases
 
 if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/reliability_ddp_worker.py OUT.pt
     import sys

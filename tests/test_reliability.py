@@ -345,8 +345,7 @@ def test_defect09_auto_never_reruns_a_step_that_failed_at_run_time(monkeypatch, 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with the gloo backend")
-@pytest.mark.skipif(os.environ.get("PYTEST_XDIST_WORKER") is not None,
-                    reason="failed under the full parallel suite only (cause not found yet); .ci/run runs it serially")
+@pytest.mark.xdist_group("torchrun")  # never beside another torchrun job (see tests/test_distributed.py)
 def test_defect10_capture_under_ddp_gradient_as_bucket_view(tmp_path):
     """Defect 10: under DDP(gradient_as_bucket_view=True), 2 ranks, gloo: the captured reference is
     the mean gradient of the whole mastered batches, the same on every rank, and no view of DDP's
