@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from cnl_ext.experiments import continual  # noqa: E402
-from cnl_ext.experiments.continual import (METHODS, ContinualConfig, ImportanceTracker, continual_metrics,  # noqa: E402
+from cnl_ext.experiments.continual import (METHODS, ContinualConfig, continual_metrics,  # noqa: E402
                                            load_tasks, make_optimizer, select_memory)
+from cnl_ext import CNLOptimizer  # noqa: E402
 from cnl_ext.experiments.data import MCQuestion, write_jsonl  # noqa: E402
 from cnl_ext.experiments.demo import make_demo_questions  # noqa: E402
 
@@ -124,37 +125,36 @@ def test_command_line_options_map_to_the_config(task_files):
 
 # ---------------------------------------------------------------------------------- importance adapter
 
-def test_tracker_fallback_equals_the_optimizer_path_formula():
+def test_run_optimizer_keeps_kif_importance_by_the_formula():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
-    config = ContinualConfig(backend="torch")
-    optimizer, tracker = make_optimizer(params, lr=1e-2, config=config, importance="first")
+    optimizer = make_optimizer(params, lr=1e-2, config=ContinualConfig(backend="torch"), importance="first")
     s = [torch.zeros_like(p) for p in params]
     u = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer.step()
-        tracker.after_step()
         with torch.no_grad():  # by hand, from the post-update weights (spec §1.2)
             for p, si, ui in zip(params, s, u):
                 imp = (p * p.grad).abs()
                 si.mul_(0.85).add_(imp * 0.15)
                 ui.mul_(0.85).add_((imp - si).abs() * 0.15)
-    for got, si, ui in zip(tracker.scores(), s, u):
+    for got, si, ui in zip(optimizer.importance_scores(), s, u):
         torch.testing.assert_close(got, si * ui)
 
 
-def test_tracker_slots_are_separate():
+def test_recurrent_kif_slots_are_separate():
+    """Recurrent-KIF's inner and outer learners keep their EMAs in the optimizer's two slots."""
     params = [torch.nn.Parameter(torch.ones(3))]
-    optimizer, tracker = make_optimizer(params, lr=0.0, config=ContinualConfig(backend="torch"), importance="first",
-                                        slots=("in", "out"))
+    optimizer = make_optimizer(params, lr=0.0, config=ContinualConfig(backend="torch"), importance="first")
+    optimizer.importance_slot = "outer"
     params[0].grad = torch.ones(3)
     optimizer.step()
-    tracker.after_step("out")
-    assert not tracker.states["in"][0][0].any() and tracker.states["out"][0][0].all()
-    tracker.reset("out")
-    assert not tracker.states["out"][0][0].any()
+    inner, outer = optimizer.importance_state("inner"), optimizer.importance_state("outer")
+    assert not inner[0][0].any() and outer[0][0].all()
+    optimizer.reset_importance("outer")
+    assert not optimizer.importance_state("outer")[0][0].any()
 
 
 # ---------------------------------------------------------------------------------- §7.12 R-KIF schedule
@@ -167,9 +167,9 @@ def test_recurrent_kif_schedule(task_files, tmp_path, tokenizer, monkeypatch):
     events = []
     real_step, real_fuse = continual._Trainer.step, continual.kif.recurrent_fuse_
 
-    def step(self, optimizer, batch, tracker=None, slot="main"):
-        events.append(("step", slot, len(batch)))
-        return real_step(self, optimizer, batch, tracker, slot)
+    def step(self, optimizer, batch):
+        events.append(("step", optimizer.importance_slot if optimizer.importance else "plain", len(batch)))
+        return real_step(self, optimizer, batch)
 
     def fuse(params, anchors, inner_ends, inner, outer, *args, **kwargs):
         assert any(t.any() for t in inner[0]) and any(t.any() for t in outer[0])
@@ -179,24 +179,25 @@ def test_recurrent_kif_schedule(task_files, tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(continual._Trainer, "step", step)
     monkeypatch.setattr(continual.kif, "recurrent_fuse_", fuse)
     resets = []
-    real_reset = ImportanceTracker.reset
+    real_reset = CNLOptimizer.reset_importance
 
-    def reset(self, slot):
+    def reset(self, slot=None):
         resets.append(slot)
         real_reset(self, slot)
-        assert not any(t.any() for t in self.states[slot][0])
+        assert not any(t.any() for t in self.importance_state(slot)[0])
 
-    monkeypatch.setattr(ImportanceTracker, "reset", reset)
+    monkeypatch.setattr(CNLOptimizer, "reset_importance", reset)
     model = tiny_model(len(tokenizer))
     continual.run(config, model=model, tokenizer=tokenizer)
     # task 1: 6 training questions / batch 2 = 3 plain steps, no fusion
-    assert [e[1] for e in events[:3]] == ["main"] * 3
+    assert [e[1] for e in events[:3]] == ["plain"] * 3
     rest = events[3:]
     # tasks 2 and 3: 3 inner steps each; one cycle after the 2nd inner step: 2 outer steps, then fusion
-    pattern = [("step", "in"), ("step", "in"), ("step", "out"), ("step", "out"), ("fuse",), ("step", "in")]
+    pattern = [("step", "inner"), ("step", "inner"), ("step", "outer"), ("step", "outer"), ("fuse",),
+               ("step", "inner")]
     assert [e[:2] if e[0] == "step" else e[:1] for e in rest] == pattern * 2
     fused = [e for e in rest if e[0] == "fuse"]
-    assert resets == ["in", "in"]  # after each fusion, only the inner slot
+    assert resets == ["inner", "inner"]  # after each fusion, only the inner slot
     assert all(any(t.any() for t in e[2][0]) for e in fused)  # the outer slot keeps its values
 
 
@@ -277,10 +278,10 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     def train_recurrent(trainer, params, train, memory, **kwargs):
         real_step = trainer.step
 
-        def step(optimizer, batch, tracker=None, slot="main"):
-            if slot == "out":
+        def step(optimizer, batch):
+            if optimizer.importance_slot == "outer":
                 outer_batches.append({q.prompt for q in batch})
-            return real_step(optimizer, batch, tracker, slot)
+            return real_step(optimizer, batch)
 
         trainer.step = step
         try:

@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 import cnl_ext
 
 from .. import kif
-from ..ops.importance import check_importance_options, importance_update_
+from ..ops.importance import check_importance_options
 from .data import LETTERS, DataError, read_jsonl, sample_n
+from .progress import bar, note
 from .model import MCQEncoder, backward_mean_loss, load_model, predict, select_trainable
 from .protocol import InjectConfig, _lora, compute_reference, restore, snapshot
 from .report import write_json
@@ -266,55 +265,13 @@ def continual_metrics(matrix, base=None) -> dict:
 
 # ---------------------------------------------------------------------------------- importance
 
-class ImportanceTracker:
-    """KIF's Ī, Ū per parameter, in named slots (Recurrent-KIF: "in" and "out").
-
-    With an optimizer made with ``importance=...`` (it has ``importance_scores()``), the one-slot case
-    reads the optimizer's own fused EMAs. Otherwise the EMAs are kept here and updated after each
-    ``optimizer.step()`` with :func:`cnl_ext.ops.importance.importance_update_`, from the same
-    post-update weights and gradients, hence the same numbers.
-    """
-
-    def __init__(self, optimizer, params, *, kind: str, betas, slots=("main",)):
-        self.optimizer, self.params, self.kind, self.betas = optimizer, list(params), kind, tuple(betas)
-        self.native = len(slots) == 1 and hasattr(optimizer, "importance_scores")
-        self.states = {} if self.native else {slot: self._zeros() for slot in slots}
-
-    def _zeros(self):
-        return ([torch.zeros_like(p, dtype=torch.float32) for p in self.params],
-                [torch.zeros_like(p, dtype=torch.float32) for p in self.params])
-
-    def after_step(self, slot: str = "main") -> None:
-        if self.native:
-            return
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        s, u = self.states[slot]
-        importance_update_([self.params[i].detach() for i in with_grad], [self.params[i].grad for i in with_grad],
-                           [s[i] for i in with_grad], [u[i] for i in with_grad], kind=self.kind, betas=self.betas)
-
-    def scores(self, slot: str = "main") -> list:
-        """Ī·Ū per parameter, in parameter order."""
-        if self.native:
-            return list(self.optimizer.importance_scores())
-        return kif.importance_scores(*self.states[slot])
-
-    def reset(self, slot: str) -> None:
-        for t in (*self.states[slot][0], *self.states[slot][1]):
-            t.zero_()
-
-
-def make_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None, slots=("main",)):
-    """``(FusedCNLAdamW, ImportanceTracker or None)``; the optimizer tracks importance itself when it can."""
+def make_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None):
+    """FusedCNLAdamW with the run's settings; with ``importance`` ("first" / "param_mix") it keeps KIF's
+    EMAs itself, inside the step (``importance_scores()``, ``importance_state(slot)``)."""
     kwargs = dict(lr=lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay, backend=config.backend)
-    native = (importance is not None and len(slots) == 1
-              and "importance" in inspect.signature(cnl_ext.FusedCNLAdamW.__init__).parameters)
-    if native:
-        kwargs.update(importance=importance, importance_betas=config.importance_betas)
-    optimizer = cnl_ext.FusedCNLAdamW(params, **kwargs)
-    tracker = None
     if importance is not None:
-        tracker = ImportanceTracker(optimizer, params, kind=importance, betas=config.importance_betas, slots=slots)
-    return optimizer, tracker
+        kwargs.update(importance=importance, importance_betas=config.importance_betas)
+    return cnl_ext.FusedCNLAdamW(params, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -378,7 +335,7 @@ class _Trainer:
     def __init__(self, model, encoder, params, config, extra_loss=None):
         self.model, self.encoder, self.params, self.config, self.extra_loss = model, encoder, params, config, extra_loss
 
-    def step(self, optimizer, batch, tracker=None, slot="main") -> float:
+    def step(self, optimizer, batch) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = backward_mean_loss(self.model, self.encoder, batch, batch_size=len(batch))
         if self.extra_loss is not None:
@@ -386,8 +343,6 @@ class _Trainer:
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         optimizer.step()
-        if tracker is not None:
-            tracker.after_step(slot)
         return loss
 
     def batches(self, questions, seed_text):
@@ -430,10 +385,10 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
         trainer = _Trainer(trained, encoder, params, config, extra_loss)
         for k, task in enumerate(tasks):
             memory = [q for m in memories[:k] for q in m]
-            note, loss = _train_task(trained, encoder, trainer, params, task, memory, k=k, method=method,
-                                     lr=lr, config=config, seed=seed, merger=merger)
+            summary, loss = _train_task(trained, encoder, trainer, params, task, memory, k=k, method=method,
+                                        lr=lr, config=config, seed=seed, merger=merger)
             losses.append(loss)
-            notes.append(note)
+            notes.append(summary)
             row, heldout_row = _evaluate(trained, encoder, tasks, config.eval_batch_size)
             matrix.append(row)
             heldout_matrix.append(heldout_row)
@@ -454,54 +409,61 @@ def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr,
     if method == "recurrent-kif" and memory:
         return _train_task_recurrent_kif(trainer, params, train, memory, lr=lr, config=config, seed_text=seed_text)
     importance = {"kif": "first", "kif-lora": "param_mix"}.get(method)
-    optimizer, tracker = make_optimizer(params, lr=lr, config=config, importance=importance)
+    optimizer = make_optimizer(params, lr=lr, config=config, importance=importance)
     anchors = [p.detach().to(torch.float32, copy=True) for p in params] if merger is not None else None
     epoch_loss = None
     for epoch in range(1, config.epochs + 1):
         if method == "cnl" and memory:
             compute_reference(optimizer, model, encoder, memory, batch_size=config.reference_batch_size)
-        losses = [trainer.step(optimizer, batch, tracker)
-                  for batch in tqdm(trainer.batches(train, f"{seed_text}:{epoch}"), desc=f"{method} {task.name} "
-                                    f"epoch {epoch}", unit="step", leave=False)]
+        started = time.perf_counter()
+        losses = [trainer.step(optimizer, batch)
+                  for batch in bar(trainer.batches(train, f"{seed_text}:{epoch}"),
+                                   desc=f"{method} {task.name} epoch {epoch}", unit="step")]
         epoch_loss = sum(losses) / len(losses)
-    note = ""
+        note(f"{method} {task.name} epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}, "
+             f"{time.perf_counter() - started:.0f} s")
+    summary = ""
     if merger is not None:
-        coefficients = merger.finish_task(params, anchors, tracker.scores())
+        coefficients = merger.finish_task(params, anchors, optimizer.importance_scores())
         if coefficients is not None:
-            note = (f"fusion: mean share of the new task vector {coefficients.mean().item():.3f} over "
-                    f"{coefficients.numel()} units")
-    return note, epoch_loss
+            summary = (f"fusion: mean share of the new task vector {coefficients.mean().item():.3f} over "
+                       f"{coefficients.numel()} units")
+    return summary, epoch_loss
 
 
 def _train_task_recurrent_kif(trainer, params, train, memory, *, lr, config, seed_text):
     """Recurrent-KIF on a task with memory (spec §2.5): Q inner steps, R memory steps, masked fusion."""
-    optimizer, tracker = make_optimizer(params, lr=lr, config=config, importance="first", slots=("in", "out"))
+    optimizer = make_optimizer(params, lr=lr, config=config, importance="first")  # slots "inner" and "outer"
     anchors = [p.detach().to(torch.float32, copy=True) for p in params]
     rng = random.Random(f"outer:{seed_text}")
     inner_steps, cycles, kept = 0, 0, []
     epoch_loss = None
     for epoch in range(1, config.epochs + 1):
-        losses = []
-        for batch in tqdm(trainer.batches(train, f"{seed_text}:{epoch}"), desc=f"recurrent-kif epoch {epoch}",
-                          unit="step", leave=False):
-            losses.append(trainer.step(optimizer, batch, tracker, "in"))
+        started, losses = time.perf_counter(), []
+        for batch in bar(trainer.batches(train, f"{seed_text}:{epoch}"), desc=f"recurrent-kif epoch {epoch}",
+                         unit="step"):
+            optimizer.importance_slot = "inner"
+            losses.append(trainer.step(optimizer, batch))
             inner_steps += 1
             if inner_steps % config.rkif_inner_steps:
                 continue
             inner_ends = [p.detach().to(torch.float32, copy=True) for p in params]
+            optimizer.importance_slot = "outer"
             for _ in range(config.rkif_outer_steps):
-                trainer.step(optimizer, rng.sample(memory, min(config.batch_size, len(memory))), tracker, "out")
-            inner, outer = tracker.states["in"], tracker.states["out"]
+                trainer.step(optimizer, rng.sample(memory, min(config.batch_size, len(memory))))
+            inner, outer = optimizer.importance_state("inner"), optimizer.importance_state("outer")
             delta_in = kif.score_quantile(*inner, config.rkif_quantile)
             delta_out = kif.score_quantile(*outer, config.rkif_quantile)
             kept.append(sum(int((s * u > delta_in).sum()) for s, u in zip(*inner)) / sum(p.numel() for p in params))
             kif.recurrent_fuse_(params, anchors, inner_ends, inner, outer, delta_in, delta_out,
                                 rule=config.rkif_rule, backend=_fusion_backend(config))
-            tracker.reset("in")
+            optimizer.reset_importance("inner")
             cycles += 1
         epoch_loss = sum(losses) / len(losses)
-    note = f"{cycles} fusion cycles" + (f", inner mask share {statistics.mean(kept):.3f}" if kept else "")
-    return note, epoch_loss
+        note(f"recurrent-kif epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}, {cycles} fusion cycles so far, "
+             f"{time.perf_counter() - started:.0f} s")
+    summary = f"{cycles} fusion cycles" + (f", inner mask share {statistics.mean(kept):.3f}" if kept else "")
+    return summary, epoch_loss
 
 
 # ---------------------------------------------------------------------------------- all runs
@@ -656,7 +618,7 @@ def write_outputs(out_dir, records, *, config: ContinualConfig, task_sets: dict)
              f"(seeds × task orders).", "", summary_table(records), "## Accuracy matrices", ""]
     for r in records:
         parts += [f"### {r.method}, seed {r.seed}, order {' > '.join(r.order)}", "", matrix_table(r)]
-        parts += [f"- {r.order[k]}: {note}" for k, note in enumerate(r.notes) if note] + [""]
+        parts += [f"- {r.order[k]}: {text}" for k, text in enumerate(r.notes) if text] + [""]
     (out_dir / "tables.md").write_text("\n".join(parts), encoding="utf-8")
     plot_heatmaps(out_dir, records)
     plot_comparison(out_dir / "comparison.png", records)

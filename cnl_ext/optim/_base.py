@@ -154,19 +154,19 @@ class CNLOptimizer(torch.optim.Optimizer):
         return dict(importance=tuple([state[key] for state in states] for key in keys),
                     importance_kind=self.importance, importance_betas=self.importance_betas)
 
+    def importance_state(self, slot=None):
+        """``(sensitivities, uncertainties)``: KIF's float32 EMAs ``Ī`` and ``Ū`` that steps with
+        ``importance=`` set keep in ``slot`` (default: :attr:`importance_slot`), two lists in parameter
+        order (zeros for a parameter not stepped yet). The live states: read them, do not write."""
+        keys = self._importance_keys(slot)
+        state_of = [self.state.get(p, {}) for p in self._parameters()]
+        return tuple([state[key] if key in state else torch.zeros_like(p, dtype=torch.float32)
+                      for p, state in zip(self._parameters(), state_of)] for key in keys)
+
     def importance_scores(self, slot=None):
-        """KIF's element importance ``Ī·Ū`` per parameter (a list in parameter order, float32), from the
-        EMAs that steps with ``importance=`` set keep in ``slot`` (default: :attr:`importance_slot`).
-        A parameter not stepped yet scores 0 everywhere."""
-        sensitivity, uncertainty = self._importance_keys(slot)
-        scores = []
-        for p in self._parameters():
-            state = self.state.get(p, {})
-            if sensitivity in state:
-                scores.append(state[sensitivity] * state[uncertainty])
-            else:
-                scores.append(torch.zeros_like(p, dtype=torch.float32))
-        return scores
+        """KIF's element importance ``Ī·Ū`` per parameter (a list in parameter order, float32) of
+        ``slot`` (:meth:`importance_state`). A parameter not stepped yet scores 0 everywhere."""
+        return [s * u for s, u in zip(*self.importance_state(slot))]
 
     def reset_importance(self, slot=None) -> None:
         """Forget the EMAs of ``slot`` (default: :attr:`importance_slot`): they start again from 0."""
