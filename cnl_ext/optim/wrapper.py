@@ -29,9 +29,10 @@ class CNL(CNLOptimizer):
     with ``optimizer``, so LR schedulers, ``GradScaler`` and checkpoints see one optimizer;
     ``state_dict()`` is the wrapped optimizer's (plus the reference when ``save_reference``).
 
-    Cost: before each step, a copy of the parameters that have a reference; after it, one fused
-    pass (:func:`cnl_ext.functional.cnl_masked_delta`) that reads θ_after, θ_before and the
-    reference and writes θ.
+    Cost: before each step, a copy of the parameters that have a reference, into buffers kept
+    between steps (memory: one copy of those parameters; a fresh copy each step would fault its
+    pages in again on a CPU); after it, one fused pass (:func:`cnl_ext.functional.cnl_masked_delta`)
+    that reads θ_after, θ_before and the reference and writes θ.
 
     Arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``), ``reference_dtype``
     (``"float32" | "bfloat16" | "int8" | "sign2"``), ``track_stats`` (statistics with
@@ -54,6 +55,7 @@ class CNL(CNLOptimizer):
                          reference_dtype=reference_dtype, track_stats=track_stats)
         self._share_inner_state()
         self.save_reference = bool(save_reference)
+        self._befores = {}  # parameter -> its θ_before buffer (see _copy_before_step)
 
     def _share_inner_state(self):
         # Optimizer.__init__ gave this object its own list around the inner group dicts, and an
@@ -80,6 +82,18 @@ class CNL(CNLOptimizer):
         if references is not None:
             self._reference.load(references)
 
+    def _copy_before_step(self, params):
+        """θ_before of ``params``: their local data copied into contiguous buffers kept between steps."""
+        befores = self.__dict__.setdefault("_befores", {})  # also after unpickling an older CNL
+        datas = [local_tensor(p) for p in params]
+        for p, data in zip(params, datas):
+            before = befores.get(p)
+            if before is None or (before.shape, before.dtype, before.device) != (data.shape, data.dtype, data.device):
+                befores[p] = torch.empty_like(data, memory_format=torch.contiguous_format)
+        copies = [befores[p] for p in params]
+        torch._foreach_copy_(copies, datas)
+        return copies
+
     @torch.no_grad()
     def step(self, closure=None):
         masked = []  # (group, params with a reference, copies of their local data before the step)
@@ -89,8 +103,7 @@ class CNL(CNLOptimizer):
             for group in self.param_groups:
                 params = [p for p in group["params"] if p in self._reference]
                 if params:
-                    befores = [local_tensor(p).clone(memory_format=torch.contiguous_format) for p in params]
-                    masked.append((group, params, befores))
+                    masked.append((group, params, self._copy_before_step(params)))
         loss = self.optimizer.step(closure)
         per_group = []
         try:
