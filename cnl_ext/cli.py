@@ -650,11 +650,13 @@ def _jsonable_config(config) -> dict:
 def cmd_continual(ctx: Context) -> None:
     from .experiments import continual
     from .experiments.outputs import UsageError
+    from .experiments.progress import quiet_library_bars
 
     try:
         config = continual.ContinualConfig.from_arguments(ctx.args)
     except ValueError as error:
         raise UsageError(str(error)) from error
+    quiet_library_bars()
     continual.run(config)
     print(f"results in {config.out_dir} (summary.md, accuracy matrices, heat maps, comparison chart)")
 

@@ -300,3 +300,12 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     # CNL: one reference per epoch of tasks 2 and 3, over exactly the earlier tasks' memory
     assert references == [expected[1], expected[2]]
     assert outer_batches and all(batch <= set(expected[2]) for batch in outer_batches)
+
+
+def test_overwrite_empties_the_out_dir_first(task_files, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"an earlier run's chart")
+    config = tiny_config(task_files, out, methods=["ft"], questions_per_task=8, overwrite=True)
+    continual.run(config, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
+    assert not (out / "stale.png").exists() and list((out / "runs").iterdir())

@@ -427,3 +427,15 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_continual_refuses_a_non_empty_out_dir_before_loading_the_model(workspace, capsys):
+    out = workspace / "continual-busy"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier run's file")
+    task = f"a={workspace / 'questions.jsonl'}"
+    assert main(["continual", "--task", task, "--model", workspace / "no-such-model", "--out-dir", out]) == 2
+    assert "is not empty: pass --resume" in capsys.readouterr().err
+    assert (out / "earlier.txt").exists()
+    assert main(["continual", "--task", task, "--out-dir", out, "--resume", "--overwrite"]) == 2
+    assert "pass one" in capsys.readouterr().err

@@ -34,6 +34,7 @@ import inspect
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class ContinualConfig:
                        factory=list)
     out_dir: str = _opt("folder for the results (runs/ holds one file per finished run)", "continual-results")
     resume: bool = _opt("skip the runs already saved in OUT_DIR/runs (their settings must match)", False)
+    overwrite: bool = _opt("delete what a non-empty OUT_DIR holds, then run (else it is refused)", False)
     model: str = _opt("hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M)", "smollm2")
     gguf_file: str | None = _opt("GGUF file name inside MODEL's folder", None, type=str)
     dtype: str = _opt("float32 or bfloat16 weights", "float32")
@@ -184,7 +186,7 @@ class ContinualConfig:
 
     def run_settings(self) -> dict:
         """The settings a saved run must share to be resumed (all but where and which runs)."""
-        skip = {"out_dir", "resume", "methods", "orders", "seeds", "device", "eval_batch_size"}
+        skip = {"out_dir", "resume", "overwrite", "methods", "orders", "seeds", "device", "eval_batch_size"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -480,6 +482,22 @@ def _orders(config, names):
     return orders
 
 
+def _claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path:
+    """``out_dir``, refused when it holds anything unless ``resume`` (keep its runs) or ``overwrite``
+    (empty it first), so that one folder never mixes two runs' results."""
+    if resume and overwrite:
+        raise ValueError("--resume keeps OUT_DIR's runs and --overwrite deletes them: pass one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file: name a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise ValueError(f"--out-dir {out_dir} is not empty: pass --resume to continue its runs, --overwrite "
+                             f"to replace them, or name another folder")
+        for entry in out_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return out_dir
+
+
 def _run_path(out_dir, seed, order_index, method):
     return Path(out_dir) / "runs" / f"seed{seed}_order{order_index}_{method}.json"
 
@@ -494,7 +512,7 @@ def run(config: ContinualConfig, *, model=None, tokenizer=None) -> list:
     names = [parse_task(spec)[0] for spec in config.tasks]
     orders = _orders(config, names)
     task_sets = {seed: load_tasks(config, seed) for seed in config.seeds}  # reads and checks every file first
-    out_dir = Path(config.out_dir)
+    out_dir = _claim_out_dir(Path(config.out_dir), resume=config.resume, overwrite=config.overwrite)
     settings = json.loads(json.dumps(config.run_settings()))
     if model is None:
         model, tokenizer = load_model(config.model, gguf_file=config.gguf_file, dtype=config.dtype, device=config.device)
