@@ -440,7 +440,8 @@ torch.save(out, sys.argv[1])
 
 def test_instruction_set_variants_are_bit_identical(tmp_path):
     """DEFAULT and AVX2 builds (CNL_EXT_CPU_CAPABILITY) give the AVX512 build's results bit for bit,
-    statistics and KIF's fusion passes included: every variant this CPU can run, each in its own process (one per process)."""
+    statistics and KIF's fusion passes included: every variant this CPU can run, each in its own
+    process (one per process)."""
     _require_native_cpu()
     best = native_backend.cpu_capability()
     order = ("AVX512", "AVX2", "DEFAULT")

@@ -212,7 +212,8 @@ void task_vector_fuse_cpu(TensorList params, TensorList anchors, const Tensor& c
               " mods");
   for (size_t i = 0; i < n; ++i) {
     if (numels[i] == 0) continue;
-    TORCH_CHECK(unit_divs[i] >= 1 && unit_mods[i] >= 1 && unit_offsets[i] >= 0 && unit_offsets[i] + unit_mods[i] <= units,
+    TORCH_CHECK(unit_divs[i] >= 1 && unit_mods[i] >= 1 && unit_offsets[i] >= 0 &&
+                    unit_offsets[i] + unit_mods[i] <= units,
                 op, ": the units of params[", i, "] (offset ", unit_offsets[i], ", div ", unit_divs[i], ", mod ",
                 unit_mods[i], ") do not lie within the ", units, " coefficients");
   }
