@@ -1,6 +1,7 @@
 """KIF / Recurrent-KIF passes against their bytes-moved roofline (issue 15), on real model shapes.
 
     python bench/importance_fusion.py                                  # CPU, SmolLM2-135M shapes, torch backend
+    python bench/importance_fusion.py --backend native                 # the native C++ CPU kernels
     python bench/importance_fusion.py --threads 1                      # one core (steady on a shared machine)
     python bench/importance_fusion.py --device cuda --backend triton   # the Triton kernels on a GPU
     python bench/importance_fusion.py --params tiny --iters 1 --warmup 0 --copy-mib 4 --out /tmp/bench   # smoke
@@ -98,8 +99,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--params", default="smollm2-135m", help="parameter set of bench/shapes.py")
-    parser.add_argument("--backend", default=None, help="fusion backend: torch (default on the CPU) or triton "
-                                                        "(default on a GPU)")
+    parser.add_argument("--backend", default=None, choices=("torch", "native", "triton"),
+                        help="fusion backend: torch (default on the CPU), native (the C++ CPU kernels) or triton "
+                             "(default on a GPU)")
     parser.add_argument("--cases", nargs="+", choices=list(BYTES_PER_ELEMENT), default=list(BYTES_PER_ELEMENT))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -151,8 +153,10 @@ def main(argv=None) -> dict:
     if backend == "torch":
         lines.append("The `torch` backend is the definition of the results (one rounding per operation, as the "
                      "kernels): a few passes per chunk of 2^18 elements with the temporaries in cache. The 1.2× target "
-                     "is for one-pass kernels (`--backend triton` on a GPU; a native CPU kernel for these passes does "
-                     "not exist yet).")
+                     "is for one-pass kernels (`--backend native` on the CPU, `--backend triton` on a GPU).")
+    if backend == "native":
+        lines.append(f"The `native` backend: the C++ CPU kernels ({env['native_build_info']['cpu_capability']}), one "
+                     "pass per element, the torch backend's results bit for bit.")
     result = {"setup": dict(env, params=args.params, tensors=len(shapes), numel=numel, backend=backend,
                             copy_bandwidth_bytes_per_s=bandwidth, threads=torch.get_num_threads()),
               "rows": rows}

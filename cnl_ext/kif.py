@@ -18,20 +18,21 @@ KIF, at the end of task k (spec §1.3-1.5)::
     d_in = score_quantile(S_in, U_in, 0.8); d_out = score_quantile(S_out, U_out, 0.8)
     recurrent_fuse_(params, anchors, inner_ends, (S_in, U_in), (S_out, U_out), d_in, d_out, rule="code")
 
-The elementwise passes run on the ``"torch"`` backend (:mod:`cnl_ext.ops.kif_fusion_torch`, any device,
-the oracle) or ``"triton"`` (:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1);
-``"auto"`` takes Triton for CUDA tensors when it imports, else torch. The global quantile is exact
-for any number of elements (``torch.quantile`` refuses more than 2**24).
+The elementwise passes are ops of the backends of :mod:`cnl_ext.functional`'s registry, chosen by its
+:func:`~cnl_ext.functional.resolve`: ``"torch"`` (:mod:`cnl_ext.ops.kif_fusion_torch`, any device, the
+oracle), ``"triton"`` (:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1) or
+``"native"`` (the C++ CPU kernels, ``csrc/cpu/cnl_cpu_kif.cpp``); ``"auto"`` takes Triton for CUDA
+tensors and the native kernels for CPU tensors where they load, else torch. The global quantile is
+exact for any number of elements (``torch.quantile`` refuses more than 2**24).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .ops import kif_fusion_torch
+from . import functional
 from .ops.kif_fusion_torch import FUSION_RULES
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
     "static_coefficients", "adaptive_coefficients", "fuse_task_vector_", "global_quantile", "score_quantile",
     "recurrent_fuse_", "orthogonality_loss", "unique_parameters", "KIFMerger",
 ]
-
-_BACKENDS = ("auto", "torch", "triton")
 
 
 # ---------------------------------------------------------------------------------- units
@@ -308,26 +307,9 @@ def score_quantile(sensitivities, uncertainties, q: float = 0.8) -> torch.Tensor
 
 # ---------------------------------------------------------------------------------- fusion passes
 
-def _backend_module(backend: str, device: torch.device):
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return kif_fusion_torch
-    if backend == "triton" or device.type == "cuda":
-        try:
-            from .ops import kif_fusion_triton
-        except ImportError as error:
-            if backend == "triton":
-                raise ImportError(f"backend='triton' needs triton: {error}") from error
-            return kif_fusion_torch
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend='triton' runs {device.type} tensors only under TRITON_INTERPRET=1")
-        return kif_fusion_triton
-    return kif_fusion_torch
-
-
 def _check_lists(params, named_lists, *, float32=()):
-    """Same length, shapes and device as ``params``; the ``float32`` names must be float32."""
+    """Same length, shapes and device as ``params``, float32, bfloat16 or float16 (what every backend
+    takes); the ``float32`` names must be float32."""
     if not params:
         raise ValueError("no parameters to fuse")
     device = params[0].device
@@ -341,13 +323,13 @@ def _check_lists(params, named_lists, *, float32=()):
                 raise ValueError(f"{name}[{i}] is on {t.device}, the params on {device}")
             if name in float32 and t.dtype != torch.float32:
                 raise ValueError(f"{name}[{i}] must be float32, got {t.dtype}")
-            if not t.is_floating_point():
-                raise ValueError(f"{name}[{i}] must be a floating-point tensor, got {t.dtype}")
+            if t.dtype not in functional.SUPPORTED_PARAM_DTYPES:
+                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16, got {t.dtype}")
     for i, p in enumerate(params):
         if p.device != device:
             raise ValueError(f"param {i} is on {p.device}, param 0 on {device}")
-        if not p.is_floating_point():
-            raise ValueError(f"param {i} must be a floating-point tensor, got {p.dtype}")
+        if p.dtype not in functional.SUPPORTED_PARAM_DTYPES:
+            raise ValueError(f"param {i} must be float32, bfloat16 or float16, got {p.dtype}")
 
 
 def _run_bucketed(module, lists, key_lists, call):
@@ -369,8 +351,8 @@ def _run_bucketed(module, lists, key_lists, call):
 def fuse_task_vector_(params, anchors, coefficients: torch.Tensor, units: Units, *, backend: str = "auto") -> None:
     """KIF fusion in place: ``θ <- anchor + c_u · (θ − anchor)`` with ``c_u = coefficients[unit]``.
 
-    ``anchors``: the weights the task started from (any float dtype; float32 keeps small task
-    vectors exact). ``coefficients``: one value per unit of ``units``.
+    ``anchors``: the weights the task started from (float32, bfloat16 or float16; float32 keeps small
+    task vectors exact). ``coefficients``: one value per unit of ``units``.
     """
     params, anchors = list(params), list(anchors)
     _check_lists(params, {"anchors": anchors})
@@ -380,11 +362,11 @@ def fuse_task_vector_(params, anchors, coefficients: torch.Tensor, units: Units,
         raise ValueError(f"{coefficients.numel()} coefficients for {units.count} units")
     if bool(torch.isnan(coefficients).any()):
         raise ValueError("fusion coefficients contain NaN")
-    module = _backend_module(backend, params[0].device)
+    module = functional.resolve(backend, params[0].device, "kif_task_vector_fuse_")
     with torch.no_grad():
         _run_bucketed(module, [params, anchors], [params, anchors],
-                      lambda mod, indices, p, a: mod.task_vector_fuse_(p, a, coefficients,
-                                                                       [units.maps[i] for i in indices]))
+                      lambda mod, indices, p, a: mod.kif_task_vector_fuse_(p, a, coefficients,
+                                                                           [units.maps[i] for i in indices]))
 
 
 def recurrent_fuse_(params, anchors, inner_ends, inner_importance, outer_importance, delta_in, delta_out, *,
@@ -411,11 +393,12 @@ def recurrent_fuse_(params, anchors, inner_ends, inner_importance, outer_importa
     delta_in, delta_out = (float(torch.as_tensor(d, dtype=torch.float32)) for d in (delta_in, delta_out))
     if math.isnan(delta_in) or math.isnan(delta_out):
         raise ValueError("a fusion threshold is NaN")
-    module = _backend_module(backend, params[0].device)
+    module = functional.resolve(backend, params[0].device, "kif_recurrent_fuse_")
     with torch.no_grad():
         _run_bucketed(module, [params, anchors, inner_ends, s_in, u_in, s_out, u_out], [params, anchors],
-                      lambda mod, indices, *lists: mod.recurrent_fuse_(*lists, delta_in=delta_in, delta_out=delta_out,
-                                                              rule=rule, update_anchors=update_anchors))
+                      lambda mod, indices, *lists: mod.kif_recurrent_fuse_(*lists, delta_in=delta_in,
+                                                                           delta_out=delta_out, rule=rule,
+                                                                           update_anchors=update_anchors))
 
 
 # ---------------------------------------------------------------------------------- KIFLoRA

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import importance_fusion
+from cnl_ext.ops import native_backend
 
 
 def test_importance_fusion_bench_smoke(tmp_path):
@@ -22,3 +25,15 @@ def test_importance_fusion_bench_smoke(tmp_path):
     saved = json.loads(saved_file.read_text())
     assert saved["setup"]["backend"] == "torch" and len(saved["rows"]) == len(rows)
     assert "| `rkif_fuse_code` | 36 |" in saved_file.with_suffix(".md").read_text()
+
+
+def test_importance_fusion_bench_runs_the_native_kernels(tmp_path):
+    reason = native_backend.unavailable_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+    result = importance_fusion.main(["--params", "tiny", "--backend", "native", "--cases", *importance_fusion.TARGETED,
+                                     "--warmup", "0", "--iters", "1", "--copy-mib", "1", "--out", str(tmp_path)])
+    assert result["setup"]["backend"] == "native"
+    assert [row["case"] for row in result["rows"]] == list(importance_fusion.TARGETED)
+    [saved_file] = tmp_path.glob("importance_fusion-cpu*.md")
+    assert "The `native` backend: the C++ CPU kernels" in saved_file.read_text()

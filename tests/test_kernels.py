@@ -401,6 +401,7 @@ def test_native_equals_torch_backend_bit_for_bit():
 _ISA_WORKLOAD = r"""
 import sys, torch
 from cnl_ext import reference_format
+from cnl_ext.kif import Units
 from cnl_ext.ops import native_backend
 torch.manual_seed(0)
 shapes = [(), (1,), (31,), (33,), (1025,), (3, 5), (2 * 32768 + 37,)]
@@ -424,13 +425,23 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             native_backend.masked_delta_(after, before, refs, stats, reference_format=fmt, inv_lr=10.0)
             params += after
         out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats)
+    units = Units.per_row(shapes)  # KIF's fusion passes, anchors in float32
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    anchors, ends = ([p.float() + 0.01 * torch.randn(p.shape) for p in params] for _ in range(2))
+    native_backend.kif_task_vector_fuse_(params, anchors, torch.rand(units.count), units.maps)
+    for rule in ("code", "paper"):
+        scores = [[torch.rand(s) for s in shapes] for _ in range(4)]
+        native_backend.kif_recurrent_fuse_(params, anchors, ends, *scores, delta_in=0.25, delta_out=0.5, rule=rule,
+                                           update_anchors=True)
+    out[f"{dtype}-kif"] = (params, anchors)
 torch.save(out, sys.argv[1])
 """
 
 
 def test_instruction_set_variants_are_bit_identical(tmp_path):
     """DEFAULT and AVX2 builds (CNL_EXT_CPU_CAPABILITY) give the AVX512 build's results bit for bit,
-    statistics included: every variant this CPU can run, each in its own process (one per process)."""
+    statistics and KIF's fusion passes included: every variant this CPU can run, each in its own
+    process (one per process)."""
     _require_native_cpu()
     best = native_backend.cpu_capability()
     order = ("AVX512", "AVX2", "DEFAULT")

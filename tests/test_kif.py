@@ -1,15 +1,31 @@
-"""KIF / Recurrent-KIF fusion ops (cnl_ext.kif): spec §7 tests 5-11 and 14, Triton against torch."""
+"""KIF / Recurrent-KIF fusion ops (cnl_ext.kif): spec §7 tests 5-11 and 14; the Triton and native
+kernels against the torch backend, bit for bit."""
 import numpy as np
 import pytest
 import torch
 
-from cnl_ext import kif
+from cnl_ext import functional, kif
 from cnl_ext.kif import (KIFMerger, Units, accumulate_importance, adaptive_coefficients, fuse_task_vector_,
                          global_quantile, minmax, orthogonality_loss, percentile, recurrent_fuse_, score_quantile,
                          static_coefficients, unique_parameters, unit_scores)
-from cnl_ext.ops import kif_fusion_torch
+from cnl_ext.ops import kif_fusion_torch, native_backend
 
-from .conftest import BACKEND_DEVICES
+from .conftest import BACKEND_DEVICES, requires_cuda
+
+# Every backend that runs the fusion passes, and those tested against the torch backend (the oracle).
+FUSION_BACKENDS = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu")]
+KERNEL_BACKENDS = [p for p in FUSION_BACKENDS if p.values[0] != "torch"]
+NATIVE_ITEM = 32768  # cnl::cpu::kItemSize: the native kernels' work items
+
+
+@pytest.fixture(autouse=True)
+def _native_ready(request):
+    """Skip a native case whose kernels cannot load or build here (an error under CNL_EXT_REQUIRE_NATIVE=1)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "native":
+        reason = native_backend.unavailable_reason()
+        if reason:
+            pytest.skip(f"native backend unavailable: {reason}")
 
 
 def dyadic(*shape, low=-8, high=8):
@@ -81,7 +97,7 @@ def test_static_coefficients_by_case():
     assert c.tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend, device", FUSION_BACKENDS)
 def test_static_fusion_cases_on_weights(backend, device):
     # 5 tensors = 5 units; prev/cur scores make unit 0 P∧C, 1 P∧¬C, 2 ¬P∧C, 3 neither, 4 neither
     prev = torch.tensor([1.0, 0.95, 0.0, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0])
@@ -112,7 +128,7 @@ def test_adaptive_coefficients():
     torch.testing.assert_close(adaptive_coefficients(prev, cur) + adaptive_coefficients(cur, prev), torch.ones(20))
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend, device", FUSION_BACKENDS)
 def test_rank1_factors_get_the_same_coefficient(backend, device):
     a, b = dyadic(3, 6).to(device), dyadic(4, 3).to(device)  # A [r=3, in=6], B [out=4, r=3]
     anchors = [torch.zeros_like(a), torch.zeros_like(b)]
@@ -193,7 +209,7 @@ def _masks(shapes, value, device):
     return [torch.full(s, float(value), device=device) for s in shapes], [torch.ones(s, device=device) for s in shapes]
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend, device", FUSION_BACKENDS)
 def test_recurrent_fusion_rules(backend, device):
     shapes = ((3, 5), (7,))
     theta_b, theta_q, theta = _rkif_case(device, shapes)
@@ -216,7 +232,7 @@ def test_recurrent_fusion_rules(backend, device):
         torch.testing.assert_close(p, (b + t) / 2)
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend, device", FUSION_BACKENDS)
 def test_recurrent_mask_is_strict(backend, device):
     theta_b, theta_q, theta = [torch.zeros(2, device=device)], [torch.ones(2, device=device)], [torch.ones(2, device=device)]
     s_in = [torch.tensor([0.5, 0.75], device=device)]
@@ -227,17 +243,20 @@ def test_recurrent_mask_is_strict(backend, device):
     assert params[0].tolist() == [0.0, 1.0]  # S = δ does not fire; above it does
 
 
-# ---------------------------------------------------------------------------------- Triton = torch
+# ---------------------------------------------------------------------------------- kernels = torch
 
 SHAPES = [(1,), (1023,), (1024,), (1025,), (3, 700), (65536 + 5,), (2, 3, 4, 5), (0,), (17, 1)]
+# native only (the Triton interpreter is slow): rows that cross work items, several items per row
+LARGE_SHAPES = {"native": [(3, NATIVE_ITEM + 999), (5, 13109)]}
 
 
-@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("param_dtype, anchor_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                                       (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
+                                                       (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                       (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("unit", ["tensor", "row", "lora"])
 def test_task_vector_kernel_equals_torch(backend, device, param_dtype, anchor_dtype, unit):
-    shapes = SHAPES + [(4, 9), (6, 4)]
+    shapes = SHAPES + LARGE_SHAPES.get(backend, []) + [(4, 9), (6, 4)]
     if unit == "lora":
         units = Units.build(shapes, lora_pairs=[(len(shapes) - 2, len(shapes) - 1)])
     else:
@@ -252,25 +271,31 @@ def test_task_vector_kernel_equals_torch(backend, device, param_dtype, anchor_dt
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("param_dtype, anchor_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                                       (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+                                                       (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("rule", ["code", "paper"])
-def test_recurrent_kernel_equals_torch(backend, device, param_dtype, anchor_dtype, rule):
-    params = [torch.randn(s, device=device).to(param_dtype) for s in SHAPES]
+@pytest.mark.parametrize("update_anchors", [True, False])
+def test_recurrent_kernel_equals_torch(backend, device, param_dtype, anchor_dtype, rule, update_anchors):
+    shapes = SHAPES + LARGE_SHAPES.get(backend, [])
+    params = [torch.randn(s, device=device).to(param_dtype) for s in shapes]
     anchors = [(p.float() + 0.01 * torch.randn(p.shape, device=device)).to(anchor_dtype) for p in params]
     ends = [(p.float() + 0.01 * torch.randn(p.shape, device=device)).to(anchor_dtype) for p in params]
-    inner = ([torch.rand(s, device=device) for s in SHAPES], [torch.rand(s, device=device) for s in SHAPES])
-    outer = ([torch.rand(s, device=device) for s in SHAPES], [torch.rand(s, device=device) for s in SHAPES])
+    inner = ([torch.rand(s, device=device) for s in shapes], [torch.rand(s, device=device) for s in shapes])
+    outer = ([torch.rand(s, device=device) for s in shapes], [torch.rand(s, device=device) for s in shapes])
     d_in, d_out = score_quantile(*inner), score_quantile(*outer)
+    inner[0][0][0] = float("nan")  # a NaN score fires no mask
     expected_p, expected_a = [p.clone() for p in params], [a.clone() for a in anchors]
-    recurrent_fuse_(expected_p, expected_a, ends, inner, outer, d_in, d_out, rule=rule, backend="torch")
-    recurrent_fuse_(params, anchors, ends, inner, outer, d_in, d_out, rule=rule, backend=backend)
+    recurrent_fuse_(expected_p, expected_a, ends, inner, outer, d_in, d_out, rule=rule, update_anchors=update_anchors,
+                    backend="torch")
+    recurrent_fuse_(params, anchors, ends, inner, outer, d_in, d_out, rule=rule, update_anchors=update_anchors,
+                    backend=backend)
     for got, want in zip(params + anchors, expected_p + expected_a):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
 def test_kernels_handle_non_contiguous_params(backend, device):
     weight = torch.randn(6, 5, device=device).t()  # non-contiguous [5, 6]
     anchor = torch.randn(5, 6, device=device)
@@ -282,6 +307,68 @@ def test_kernels_handle_non_contiguous_params(backend, device):
     assert torch.equal(weight, expected)
     assert not torch.equal(weight, original)
     torch.testing.assert_close(weight, anchor + c.to(device)[:, None] * (original - anchor))
+
+
+def test_auto_takes_the_native_kernels_on_cpu():
+    reason = native_backend.unavailable_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+    for op in ("kif_task_vector_fuse_", "kif_recurrent_fuse_"):
+        assert functional.resolve("auto", torch.device("cpu"), op) is native_backend
+        assert not native_backend.supports(torch.device("cuda"), op)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_native_fusion_refuses_cuda_tensors():
+    params = [torch.ones(3, device="cuda")]
+    with pytest.raises(RuntimeError, match="does not support kif_task_vector_fuse_ on cuda"):
+        fuse_task_vector_(params, [torch.zeros(3, device="cuda")], torch.ones(1), Units.per_tensor([(3,)]),
+                          backend="native")
+
+
+def test_native_fusion_ops_refuse_bad_input():
+    """The C++ bindings re-check what cnl_ext.kif guarantees (a wrong pointer would corrupt memory),
+    with messages that name the list and the tensor, and write nothing."""
+    reason = native_backend.unavailable_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+    params, anchors = [torch.ones(3), torch.ones(2, 4)], [torch.zeros(3), torch.zeros(2, 4)]
+    maps = [(0, 3, 1), (1, 4, 2)]
+    bad_task_vector = [
+        (dict(anchors=[torch.zeros(3), torch.zeros(7)]), r"anchors\[1\] has 7 elements, expected 8"),
+        (dict(anchors=[torch.zeros(3), torch.zeros(4, 2).t()]), r"anchors\[1\] must be contiguous"),
+        (dict(anchors=[torch.zeros(3), torch.zeros(2, 4, dtype=torch.bfloat16)]), r"anchors\[1\] has dtype BFloat16"),
+        (dict(anchors=[torch.zeros(3, dtype=torch.float64)] * 2), "anchors must be float32, bfloat16 or float16"),
+        (dict(coefficients=torch.ones(2)), r"units of params\[1\] .* do not lie within the 2 coefficients"),
+        (dict(coefficients=torch.ones(3, 1)), "coefficients must be a contiguous 1-D float32 CPU tensor"),
+        (dict(unit_maps=maps[:1]), "got 2 params but 1 unit offsets"),
+        (dict(unit_maps=[(0, 0, 1), (1, 4, 2)]), r"units of params\[0\] \(offset 0, div 0, mod 1\)"),
+    ]
+    for change, message in bad_task_vector:
+        call = dict(params=params, anchors=anchors, coefficients=torch.ones(3), unit_maps=maps) | change
+        with pytest.raises(RuntimeError, match=message):
+            native_backend.kif_task_vector_fuse_(**call)
+    with pytest.raises(RuntimeError, match="params must be float32, bfloat16 or float16, got Double"):
+        native_backend.kif_task_vector_fuse_([torch.ones(3, dtype=torch.float64)], [torch.zeros(3)], torch.ones(1),
+                                             [(0, 3, 1)])
+    scores = [torch.ones(3), torch.ones(2, 4)]
+    recurrent = dict(params=params, anchors=anchors, inner_ends=anchors, inner_sensitivities=scores,
+                     inner_uncertainties=scores, outer_sensitivities=scores, outer_uncertainties=scores,
+                     delta_in=0.5, delta_out=0.5, rule="code", update_anchors=True)
+    bad_recurrent = [
+        (dict(rule="soft"), "rule must be 'code' or 'paper', got 'soft'"),
+        (dict(delta_out=float("nan")), "a fusion threshold is NaN"),
+        (dict(inner_ends=[torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16)]),
+         r"inner_ends\[0\] has dtype BFloat16, expected Float"),
+        (dict(outer_uncertainties=[torch.ones(3), torch.ones(2, 4, dtype=torch.float64)]),
+         r"outer_uncertainties\[1\] has dtype Double, expected Float"),
+        (dict(inner_sensitivities=scores[:1]), "got 2 params but 1 inner_sensitivities"),
+    ]
+    for change, message in bad_recurrent:
+        with pytest.raises(RuntimeError, match=message):
+            native_backend.kif_recurrent_fuse_(**(recurrent | change))
+    assert all(bool((p == 1).all()) for p in params) and all(bool((a == 0).all()) for a in anchors)
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -299,7 +386,9 @@ def test_fusion_validates_before_writing():
         recurrent_fuse_(params, [torch.zeros(3)], [torch.zeros(3)], ([torch.ones(3, dtype=torch.float64)], [torch.ones(3)]),
                         ([torch.ones(3)], [torch.ones(3)]), 0.0, 0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
-        fuse_task_vector_(params, [torch.zeros(3)], torch.ones(1), Units.per_tensor([(3,)]), backend="cuda")
+        fuse_task_vector_(params, [torch.zeros(3)], torch.ones(1), Units.per_tensor([(3,)]), backend="tritn")
+    with pytest.raises(ValueError, match=r"anchors\[0\] must be float32, bfloat16 or float16, got torch.float64"):
+        fuse_task_vector_(params, [torch.zeros(3, dtype=torch.float64)], torch.ones(1), Units.per_tensor([(3,)]))
     assert params[0].tolist() == [1.0, 1.0, 1.0]
 
 

@@ -22,9 +22,10 @@ name       module                         what
 
 Each backend module exposes ``NAME``, ``unavailable_reason() -> str`` (``""`` when it can run in
 this process; else why: not installed, not built, failed to build), ``supports(device, op) ->
-bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"`` and ``"capturable"``,
-and the ops. Only an import or build failure, which happens before anything is written, may move
-``backend="auto"`` to the next backend; an error inside an op propagates and is never retried.
+bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"`` and
+the KIF fusion passes, and the ops. Only an import or build failure, which happens before anything
+is written, may move ``backend="auto"`` to the next backend; an error inside an op propagates and is
+never retried.
 
 Ops (in place)
 --------------
@@ -36,6 +37,15 @@ Ops (in place)
                reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                amsgrad, maximize, bias_correction1=None, bias_correction2=None, device_steps=None)
     masked_delta_(params, befores, references, stats, *, reference_format, inv_lr)
+
+KIF's fusion passes (:mod:`cnl_ext.kif` validates, buckets by (param dtype, anchor dtype) and
+dispatches them through :func:`cnl_ext.functional.resolve`; math, rounding and arguments:
+:mod:`.kif_fusion_torch`, the oracle)::
+
+    kif_task_vector_fuse_(params, anchors, coefficients, unit_maps)
+    kif_recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_uncertainties,
+                        outer_sensitivities, outer_uncertainties, *, delta_in, delta_out, rule,
+                        update_anchors)
 
 ``masked_delta_`` is the write-back of :class:`cnl_ext.CNL`: ``params`` hold θ after any optimizer's
 step and ``befores`` θ before it; where ``u = −(θ_after − θ_before)`` conflicts with the reference,

@@ -1,6 +1,7 @@
 """The ``"native"`` backend: the compiled C++ extension (CPU kernels in ``csrc/cpu/``, CUDA kernels in
 ``csrc/*.cu``), as the PyTorch operators ``torch.ops.cnl_ext.sgd_step_``, ``adam_step_`` and
-``masked_delta_`` (so they also work inside ``torch.compile``).
+``masked_delta_`` (so they also work inside ``torch.compile``), and KIF's fusion passes
+``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_`` (CPU only).
 
 Two libraries serve these ops:
 
@@ -34,7 +35,7 @@ import torch
 from . import native_build
 
 NAME = "native"
-OPS = ("sgd_step_", "adam_step_", "masked_delta_")
+OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 _CUDA_OPS = ("sgd_step_", "adam_step_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
 
@@ -188,8 +189,8 @@ def cuda_unavailable_reason() -> str:
 
 
 def supports(device, op: str) -> bool:
-    """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``)
-    run for tensors on ``device``: every op on CPU; the steps on CUDA with ``cnl_ext._C``."""
+    """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``, the KIF
+    fusion passes) run for tensors on ``device``: every op on CPU; the steps on CUDA with ``cnl_ext._C``."""
     device = torch.device(device)
     if device.type == "cpu":
         return op in OPS or op == "capturable"
@@ -287,3 +288,21 @@ def masked_delta_(params, befores, references, stats, *, reference_format: str, 
         return
     torch.ops.cnl_ext.masked_delta_(params, befores, references, stats, reference_format=reference_format,
                                     inv_lr=float(inv_lr))
+
+
+def kif_task_vector_fuse_(params, anchors, coefficients, unit_maps) -> None:
+    """KIF's fusion pass (math and contract: :func:`cnl_ext.ops.kif_fusion_torch.task_vector_fuse_`)."""
+    _check()
+    offsets, divs, mods = (list(column) for column in zip(*unit_maps)) if unit_maps else ([], [], [])
+    torch.ops.cnl_ext.kif_task_vector_fuse_(params, anchors, coefficients.to(dtype=torch.float32).contiguous(),
+                                            offsets, divs, mods)
+
+
+def kif_recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_uncertainties, outer_sensitivities,
+                        outer_uncertainties, *, delta_in: float, delta_out: float, rule: str,
+                        update_anchors: bool) -> None:
+    """Recurrent-KIF's fusion pass (math and contract: :func:`cnl_ext.ops.kif_fusion_torch.recurrent_fuse_`)."""
+    _check()
+    torch.ops.cnl_ext.kif_recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_uncertainties,
+                                          outer_sensitivities, outer_uncertainties, delta_in=float(delta_in),
+                                          delta_out=float(delta_out), rule=rule, update_anchors=bool(update_anchors))

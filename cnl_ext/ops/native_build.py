@@ -29,8 +29,9 @@ ISA_FLAGS = {
 # headers and runs on one thread without it
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-g0", "-fopenmp"]
 
-CPU_SOURCES = ("cpu/cnl_cpu_ops.cpp", "cpu/cnl_cpu_kernels.cpp")  # relative to the csrc directory
-CPU_HEADERS = ("cnl_types.h", "cnl_binding.h", "cpu/cnl_cpu_kernels.h")
+# relative to the csrc directory
+CPU_SOURCES = ("cpu/cnl_cpu_ops.cpp", "cpu/cnl_cpu_kernels.cpp", "cpu/cnl_cpu_kif.cpp")
+CPU_HEADERS = ("cnl_types.h", "cnl_binding.h", "cpu/cnl_cpu_kernels.h", "cpu/cnl_cpu_vec.h")
 ENV_CAPABILITY = "CNL_EXT_CPU_CAPABILITY"  # DEFAULT | AVX2 | AVX512: use a lower variant than the CPU allows
 
 

@@ -20,10 +20,13 @@ import torch
 
 from .. import reference_format as rf
 from .importance import importance_update_
+from .kif_fusion_torch import recurrent_fuse_ as kif_recurrent_fuse_
+from .kif_fusion_torch import task_vector_fuse_ as kif_task_vector_fuse_
 
 NAME = "torch"
 
-__all__ = ["NAME", "unavailable_reason", "supports", "conflicting", "sgd_step_", "adam_step_", "masked_delta_"]
+__all__ = ["NAME", "unavailable_reason", "supports", "conflicting", "sgd_step_", "adam_step_", "masked_delta_",
+           "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
 
 def unavailable_reason() -> str:
@@ -33,7 +36,8 @@ def unavailable_reason() -> str:
 
 def supports(device: torch.device, op: str) -> bool:
     """Every op, on every device."""
-    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance")
+    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "kif_task_vector_fuse_",
+                  "kif_recurrent_fuse_")
 
 
 def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

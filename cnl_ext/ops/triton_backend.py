@@ -1,4 +1,5 @@
-"""The ``"triton"`` backend: multi-tensor Triton kernels (:mod:`.triton_step`, :mod:`.triton_masked_delta`).
+"""The ``"triton"`` backend: multi-tensor Triton kernels (:mod:`.triton_step`, :mod:`.triton_masked_delta`,
+KIF's fusion passes in :mod:`.kif_fusion_triton`).
 
 Triton runs CUDA tensors, and CPU tensors only under its interpreter (``TRITON_INTERPRET=1``, set
 before triton is imported), which the tests use to check the kernels without a GPU. Importing this
@@ -11,15 +12,18 @@ import os
 import torch
 
 from . import triton_step
+from .kif_fusion_triton import recurrent_fuse_ as kif_recurrent_fuse_
+from .kif_fusion_triton import task_vector_fuse_ as kif_task_vector_fuse_
 from .triton_masked_delta import masked_delta_
 from .triton_step import adam_step_, sgd_step_
 
 NAME = "triton"
 
 __all__ = ["NAME", "unavailable_reason", "supports", "unsupported_reason", "prepare", "sgd_step_", "adam_step_",
-           "masked_delta_"]
+           "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
-_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance")
+_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "kif_task_vector_fuse_",
+        "kif_recurrent_fuse_")
 
 
 def unavailable_reason() -> str:

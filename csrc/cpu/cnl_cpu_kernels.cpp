@@ -8,10 +8,6 @@
 // too: the float32 round trip is exact for every parameter dtype.
 #include "cnl_cpu_kernels.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -19,42 +15,20 @@
 #include <cstring>
 #include <vector>
 
+#include "cnl_cpu_vec.h"
+
 #define CNL_STRINGIFY_(x) #x
 #define CNL_STRINGIFY(x) CNL_STRINGIFY_(x)
 
 namespace cnl::cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
 using IVec = at::vec::Vectorized<int32_t>;
 
-constexpr int64_t kW = Vec::size();
-constexpr int64_t kVecs = kBlock / kW;  // float vectors per block
-static_assert(kBlock % (2 * kW) == 0, "a block holds whole pairs of float vectors (one 16-bit vector)");
 static_assert(IVec::size() == kW, "int32 and float vectors have the same lanes");
 static_assert(kItemSize % kBlock == 0, "items start on block boundaries (and on sign2 byte boundaries)");
 
-// ---------------------------------------------------------------------------- loads and stores
-
-// kBlock elements of T as float32 vectors.
-template <typename T>
-C10_ALWAYS_INLINE void load_block(const T* p, Vec (&out)[kVecs]) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t j = 0; j < kVecs; ++j) out[j] = Vec::loadu(p + j * kW);
-  } else {
-    for (int64_t j = 0; j < kVecs; j += 2) at::vec::load_to_float<T>(p + j * kW, out[j], out[j + 1]);
-  }
-}
-
-// kBlock elements rounded to T (round to nearest even).
-template <typename T>
-C10_ALWAYS_INLINE void store_block(T* p, const Vec (&in)[kVecs]) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t j = 0; j < kVecs; ++j) in[j].store(p + j * kW);
-  } else {
-    for (int64_t j = 0; j < kVecs; j += 2) at::vec::convert_from_float<T>(in[j], in[j + 1]).store(p + j * kW);
-  }
-}
+// ---------------------------------------------------------------------------- loads
 
 // int32 lanes to float32 (exact for the small values used here).
 C10_ALWAYS_INLINE Vec int32_to_float(const IVec& v) {
@@ -270,29 +244,13 @@ void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&el
 // then per tensor the item statistics summed in item order (and scaled by `stats_scale`).
 template <class RunItem>
 void for_all_items(const TensorLists& lists, RunItem&& run, double stats_scale = 1.0) {
-  struct Item {
-    int64_t tensor, start, end;
-  };
-  std::vector<Item> items;
-  int64_t total = 0;
-  for (int64_t t = 0; t < lists.count; ++t) {
-    const int64_t n = lists.numels[t];
-    for (int64_t start = 0; start < n; start += kItemSize) items.push_back({t, start, std::min(n, start + kItemSize)});
-    total += n;
-  }
+  const std::vector<WorkItem> items = work_items(lists.count, lists.numels);
   const bool stats = lists.stats != nullptr && lists.ref_format != RefFormat::kNone;
   std::vector<double> partials(stats ? 3 * items.size() : 0, 0.0);
-  const auto work = [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      run(items[k].tensor, items[k].start, items[k].end, stats ? partials.data() + 3 * k : nullptr);
-    }
-  };
+  run_items(items, [&](int64_t k) {
+    run(items[k].tensor, items[k].start, items[k].end, stats ? partials.data() + 3 * k : nullptr);
+  });
   const int64_t count = static_cast<int64_t>(items.size());
-  if (total <= 2 * kItemSize) {
-    work(0, count);  // not worth waking the thread pool
-  } else {
-    at::parallel_for(0, count, 1, work);
-  }
   if (stats) {
     std::vector<double> rows(3 * lists.count, 0.0);
     for (int64_t k = 0; k < count; ++k) {

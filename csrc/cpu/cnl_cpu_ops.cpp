@@ -1,6 +1,6 @@
 // The CPU library of the cnl_ext ops: it defines the operator schemas (TORCH_LIBRARY), registers
 // the CPU kernels (cnl_cpu_kernels.cpp) and the Meta kernels, and is a Python module carrying its
-// build information.
+// build information. The KIF fusion ops (cnl_cpu_kif.cpp) add their schemas and kernels to it.
 //
 // Compiled once per instruction set (DEFAULT, AVX2, AVX512) into its own library;
 // cnl_ext.ops.native_backend loads exactly one per process (the one torch's CPU capability
@@ -110,7 +110,7 @@ TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
 
 PyMODINIT_FUNC CNL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, CNL_STRINGIFY(TORCH_EXTENSION_NAME),
-                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_ and masked_delta_.",
+                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_, masked_delta_ and the KIF fusion ops.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;

@@ -1,0 +1,302 @@
+// KIF's and Recurrent-KIF's fusion passes on the CPU: the ops torch.ops.cnl_ext.kif_task_vector_fuse_
+// and kif_recurrent_fuse_ (schemas, CPU and Meta kernels). One pass per element, vectorized with
+// ATen's Vectorized<float>, parallel over the work items of all tensors of the call.
+//
+// Math and rounding of cnl_ext/ops/kif_fusion_torch.py (the oracle): float32 operations in its
+// order, each rounded on its own (-ffp-contract=off, no fmadd), the new parameter rounded once to
+// its dtype (nearest even) on store. cnl_ext.kif validates and buckets the tensors; the bindings
+// re-check what a wrong pointer would turn into memory corruption.
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "cnl_binding.h"
+#include "cnl_cpu_vec.h"
+
+namespace cnl::cpu {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+static_assert(kItemSize % kBlock == 0, "items start on block boundaries");
+
+// Runs block(ptrs, offset, element) over the elements [start, end) of one tensor: whole blocks in
+// place (offset = element), then the partial last block on zero-padded copies of the streams
+// (offset 0; `element` still says where it lies, for the units). `bytes`: element size of each
+// stream; the `written` ones are copied back.
+template <size_t kStreams, class Block>
+void run_blocks(Block& block, void* const (&ptrs)[kStreams], const size_t (&bytes)[kStreams],
+                const bool (&written)[kStreams], int64_t start, int64_t end) {
+  int64_t i = start;
+  for (; i + kBlock <= end; i += kBlock) block(ptrs, i, i);
+  if (i == end) return;
+  const int64_t valid = end - i;
+  alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(float)];
+  void* local[kStreams];
+  for (size_t k = 0; k < kStreams; ++k) {
+    std::memset(buffers[k], 0, sizeof(buffers[k]));
+    std::memcpy(buffers[k], static_cast<const unsigned char*>(ptrs[k]) + bytes[k] * i, bytes[k] * valid);
+    local[k] = buffers[k];
+  }
+  block(local, 0, i);
+  for (size_t k = 0; k < kStreams; ++k) {
+    if (written[k]) std::memcpy(static_cast<unsigned char*>(ptrs[k]) + bytes[k] * i, buffers[k], bytes[k] * valid);
+  }
+}
+
+// ---------------------------------------------------------------------------- KIF
+
+// θ <- a + c·(θ − a), with the torch backend's roundings: ((θ − a)·c) + a. Element f of the tensor
+// takes coefficients[(f / div) % mod] (`coefficients` already offset to the tensor's first unit).
+// Streams: param (T), anchor (A). One object per work item, whose blocks come in increasing order:
+// it keeps the run of elements of one unit that the last block lay in (no division per block).
+template <typename T, typename A>
+struct TaskVectorBlock {
+  const float* coefficients;
+  int64_t div, mod;
+  int64_t run_end = 0;  // the end of the run of `coefficient`'s unit that the last block began in
+  float coefficient = 0.0f;
+
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[2], int64_t offset, int64_t element) {
+    T* param = static_cast<T*>(ptrs[0]) + offset;
+    const A* anchor = static_cast<const A*>(ptrs[1]) + offset;
+    Vec c[kVecs];
+    if (element >= run_end) {
+      const int64_t run = element / div;
+      run_end = (run + 1) * div;
+      coefficient = coefficients[run % mod];
+    }
+    if (element + kBlock <= run_end) {  // the block lies in one run
+      for (int64_t j = 0; j < kVecs; ++j) c[j] = Vec(coefficient);
+    } else {
+      alignas(64) float per_element[kBlock];
+      for (int64_t k = 0; k < kBlock; ++k) per_element[k] = coefficients[(element + k) / div % mod];
+      for (int64_t j = 0; j < kVecs; ++j) c[j] = Vec::loadu(per_element + j * kW);
+    }
+    for (int64_t j = 0; j < kVecs; j += 2) {
+      Vec p0, p1, a0, a1;
+      load_pair(param + j * kW, p0, p1);
+      load_pair(anchor + j * kW, a0, a1);
+      store_pair(param + j * kW, (p0 - a0) * c[j] + a0, (p1 - a1) * c[j + 1] + a1);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- Recurrent-KIF
+
+// θ <- θ_b + w_in·(θ_Q − θ_b) + w_out·(θ − θ_Q), with the torch backend's roundings:
+// ((θ − θ_Q)·w_out) + (((θ_Q − θ_b)·w_in) + θ_b); then θ_b <- θ as stored with update_anchors.
+// Streams: param (T), anchor θ_b (A), inner end θ_Q (A), S_in, U_in, S_out, U_out (float32).
+template <typename T, typename A>
+struct RecurrentBlock {
+  float delta_in, delta_out;
+  bool paper_rule, update_anchors;
+
+  // (w_in, w_out) of the masks (all-ones lanes where S·U > δ, strictly; a NaN score does not fire).
+  C10_ALWAYS_INLINE void weights(const Vec& m_in, const Vec& m_out, Vec& w_in, Vec& w_out) const {
+    const Vec zero(0.0f), half(0.5f), one(1.0f);
+    if (paper_rule) {  // the binary masks of Eq 9
+      w_in = Vec::blendv(zero, one, m_in);
+      w_out = Vec::blendv(zero, one, m_out);
+    } else {  // the authors' code: (0.4, 0.6) both, (1, 0) inner only, (0, 1) outer only, (0.5, 0.5) neither
+      w_in = Vec::blendv(Vec::blendv(half, zero, m_out), Vec::blendv(one, Vec(0.4f), m_out), m_in);
+      w_out = Vec::blendv(Vec::blendv(half, one, m_out), Vec::blendv(zero, Vec(0.6f), m_out), m_in);
+    }
+  }
+
+  C10_ALWAYS_INLINE Vec fuse(const Vec& theta, const Vec& theta_b, const Vec& theta_q, const Vec& s_in,
+                             const Vec& u_in, const Vec& s_out, const Vec& u_out) const {
+    Vec w_in, w_out;
+    weights(s_in * u_in > Vec(delta_in), s_out * u_out > Vec(delta_out), w_in, w_out);
+    const Vec inner = (theta_q - theta_b) * w_in + theta_b;
+    return (theta - theta_q) * w_out + inner;
+  }
+
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[7], int64_t offset, int64_t) const {
+    T* param = static_cast<T*>(ptrs[0]) + offset;
+    A* anchor = static_cast<A*>(ptrs[1]) + offset;
+    const A* end = static_cast<const A*>(ptrs[2]) + offset;
+    const float* scores[4];
+    for (int k = 0; k < 4; ++k) scores[k] = static_cast<const float*>(ptrs[3 + k]) + offset;
+    for (int64_t j = 0; j < kVecs; j += 2) {
+      Vec p[2], b[2], q[2];
+      load_pair(param + j * kW, p[0], p[1]);
+      load_pair(anchor + j * kW, b[0], b[1]);
+      load_pair(end + j * kW, q[0], q[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = (j + h) * kW;
+        p[h] = fuse(p[h], b[h], q[h], Vec::loadu(scores[0] + at), Vec::loadu(scores[1] + at),
+                    Vec::loadu(scores[2] + at), Vec::loadu(scores[3] + at));
+      }
+      store_pair(param + j * kW, p[0], p[1]);
+      if (update_anchors) {
+        if constexpr (!std::is_same_v<T, A>) load_pair(param + j * kW, p[0], p[1]);  // the value as stored
+        store_pair(anchor + j * kW, p[0], p[1]);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- dispatch and checks
+
+// f(T{}, A{}) for the parameter and anchor dtypes (both checked by fusion_dtype).
+template <class F>
+void dispatch(at::ScalarType param, at::ScalarType anchor, const F& f) {
+  const auto with_anchor = [&](auto param_tag) {
+    switch (anchor) {
+      case at::kFloat: return f(param_tag, float{});
+      case at::kBFloat16: return f(param_tag, c10::BFloat16{});
+      default: return f(param_tag, c10::Half{});
+    }
+  };
+  switch (param) {
+    case at::kFloat: return with_anchor(float{});
+    case at::kBFloat16: return with_anchor(c10::BFloat16{});
+    default: return with_anchor(c10::Half{});
+  }
+}
+
+at::ScalarType fusion_dtype(const Tensor& t, const char* op, const char* name) {
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+  return dtype;
+}
+
+// Checks that `params` are contiguous CPU tensors of one fusion dtype; returns their element counts.
+std::vector<int64_t> check_params(TensorList params, const char* op) {
+  TORCH_CHECK(!params.empty(), op, ": params is empty");
+  const Tensor& first = params[0];
+  TORCH_CHECK(first.defined() && first.device().is_cpu(), op, ": params must be CPU tensors here, params[0] is ",
+              first.defined() ? first.device().str() : std::string("undefined"),
+              " (other devices: backend 'triton' or 'torch')");
+  fusion_dtype(first, op, "params");
+  std::vector<int64_t> numels(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    binding::check_tensor(params[i], op, "params", i, first, first.scalar_type(), params[i].numel());
+    numels[i] = params[i].numel();
+  }
+  return numels;
+}
+
+// Checks `list` against the params (one tensor each, as many elements, contiguous, on the CPU) with
+// `dtype`, or with the dtype of its first tensor (a fusion dtype) when `dtype` is Undefined.
+std::vector<void*> check_list(TensorList list, const char* op, const char* name, TensorList params,
+                              at::ScalarType dtype = at::ScalarType::Undefined) {
+  TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
+  if (dtype == at::ScalarType::Undefined) {
+    TORCH_CHECK(list[0].defined(), op, ": ", name, "[0] is undefined");
+    dtype = fusion_dtype(list[0], op, name);
+  }
+  return binding::pointers_of(list, op, name, params, dtype);
+}
+
+void task_vector_fuse_cpu(TensorList params, TensorList anchors, const Tensor& coefficients,
+                          at::IntArrayRef unit_offsets, at::IntArrayRef unit_divs, at::IntArrayRef unit_mods) {
+  constexpr const char* op = "cnl_ext.kif_task_vector_fuse_";
+  const std::vector<int64_t> numels = check_params(params, op);
+  const std::vector<void*> anchor_ptrs = check_list(anchors, op, "anchors", params);
+  TORCH_CHECK(coefficients.defined() && coefficients.device().is_cpu() && coefficients.scalar_type() == at::kFloat &&
+                  coefficients.dim() == 1 && coefficients.is_contiguous(),
+              op, ": coefficients must be a contiguous 1-D float32 CPU tensor");
+  const int64_t units = coefficients.numel();
+  const size_t n = params.size();
+  TORCH_CHECK(unit_offsets.size() == n && unit_divs.size() == n && unit_mods.size() == n, op, ": got ", n,
+              " params but ", unit_offsets.size(), " unit offsets, ", unit_divs.size(), " divs, ", unit_mods.size(),
+              " mods");
+  for (size_t i = 0; i < n; ++i) {
+    if (numels[i] == 0) continue;
+    TORCH_CHECK(unit_divs[i] >= 1 && unit_mods[i] >= 1 && unit_offsets[i] >= 0 &&
+                    unit_offsets[i] + unit_mods[i] <= units,
+                op, ": the units of params[", i, "] (offset ", unit_offsets[i], ", div ", unit_divs[i], ", mod ",
+                unit_mods[i], ") do not lie within the ", units, " coefficients");
+  }
+  const float* c = coefficients.data_ptr<float>();
+  const std::vector<WorkItem> items = work_items(static_cast<int64_t>(n), numels.data());
+  dispatch(params[0].scalar_type(), anchors[0].scalar_type(), [&](auto param_tag, auto anchor_tag) {
+    using T = decltype(param_tag);
+    using A = decltype(anchor_tag);
+    const size_t bytes[2] = {sizeof(T), sizeof(A)};
+    const bool written[2] = {true, false};
+    run_items(items, [&](int64_t k) {
+      const int64_t t = items[k].tensor;
+      TaskVectorBlock<T, A> block{c + unit_offsets[t], unit_divs[t], unit_mods[t]};
+      void* const ptrs[2] = {params[t].data_ptr(), anchor_ptrs[t]};
+      run_blocks(block, ptrs, bytes, written, items[k].start, items[k].end);
+    });
+  });
+}
+
+void recurrent_fuse_cpu(TensorList params, TensorList anchors, TensorList inner_ends, TensorList inner_sensitivities,
+                        TensorList inner_uncertainties, TensorList outer_sensitivities,
+                        TensorList outer_uncertainties, double delta_in, double delta_out, c10::string_view rule,
+                        bool update_anchors) {
+  constexpr const char* op = "cnl_ext.kif_recurrent_fuse_";
+  TORCH_CHECK(rule == "code" || rule == "paper", op, ": rule must be 'code' or 'paper', got '", std::string(rule),
+              "'");
+  TORCH_CHECK(!std::isnan(delta_in) && !std::isnan(delta_out), op, ": a fusion threshold is NaN");
+  const std::vector<int64_t> numels = check_params(params, op);
+  const std::vector<void*> anchor_ptrs = check_list(anchors, op, "anchors", params);
+  const at::ScalarType anchor_dtype = anchors[0].scalar_type();
+  const std::vector<void*> columns[5] = {
+      check_list(inner_ends, op, "inner_ends", params, anchor_dtype),
+      check_list(inner_sensitivities, op, "inner_sensitivities", params, at::kFloat),
+      check_list(inner_uncertainties, op, "inner_uncertainties", params, at::kFloat),
+      check_list(outer_sensitivities, op, "outer_sensitivities", params, at::kFloat),
+      check_list(outer_uncertainties, op, "outer_uncertainties", params, at::kFloat)};
+  const std::vector<WorkItem> items = work_items(static_cast<int64_t>(params.size()), numels.data());
+  dispatch(params[0].scalar_type(), anchor_dtype, [&](auto param_tag, auto anchor_tag) {
+    using T = decltype(param_tag);
+    using A = decltype(anchor_tag);
+    // the thresholds rounded to float32, as the torch backend's threshold tensors
+    const RecurrentBlock<T, A> block{static_cast<float>(delta_in), static_cast<float>(delta_out), rule == "paper",
+                                     update_anchors};
+    const size_t bytes[7] = {sizeof(T), sizeof(A), sizeof(A), 4, 4, 4, 4};
+    const bool written[7] = {true, update_anchors, false, false, false, false, false};
+    run_items(items, [&](int64_t k) {
+      const int64_t t = items[k].tensor;
+      void* const ptrs[7] = {params[t].data_ptr(), anchor_ptrs[t], columns[0][t], columns[1][t],
+                             columns[2][t],        columns[3][t],  columns[4][t]};
+      run_blocks(block, ptrs, bytes, written, items[k].start, items[k].end);
+    });
+  });
+}
+
+// Meta / fake-tensor kernels: nothing to compute, no metadata changes, nothing returned.
+void task_vector_fuse_meta(TensorList, TensorList, const Tensor&, at::IntArrayRef, at::IntArrayRef,
+                           at::IntArrayRef) {}
+
+void recurrent_fuse_meta(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, double,
+                         double, c10::string_view, bool) {}
+
+}  // namespace
+}  // namespace cnl::cpu
+
+// The KIF ops are CPU-only (CUDA tensors take the Triton kernels of cnl_ext/ops/kif_fusion_triton.py).
+// Unit maps as cnl_ext/ops/kif_fusion_torch.py: element f of params[i] belongs to unit
+// unit_offsets[i] + (f // unit_divs[i]) % unit_mods[i].
+TORCH_LIBRARY_FRAGMENT(cnl_ext, m) {
+  m.def(
+      "kif_task_vector_fuse_(Tensor(a!)[] params, Tensor[] anchors, Tensor coefficients, int[] unit_offsets, "
+      "int[] unit_divs, int[] unit_mods) -> ()");
+  m.def(
+      "kif_recurrent_fuse_(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor[] inner_ends, "
+      "Tensor[] inner_sensitivities, Tensor[] inner_uncertainties, Tensor[] outer_sensitivities, "
+      "Tensor[] outer_uncertainties, *, float delta_in, float delta_out, str rule, bool update_anchors) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
+  m.impl("kif_task_vector_fuse_", &cnl::cpu::task_vector_fuse_cpu);
+  m.impl("kif_recurrent_fuse_", &cnl::cpu::recurrent_fuse_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
+  m.impl("kif_task_vector_fuse_", &cnl::cpu::task_vector_fuse_meta);
+  m.impl("kif_recurrent_fuse_", &cnl::cpu::recurrent_fuse_meta);
+}

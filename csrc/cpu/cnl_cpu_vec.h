@@ -1,0 +1,93 @@
+// What the CPU kernel files share (cnl_cpu_kernels.cpp: the CNL steps; cnl_cpu_kif.cpp: KIF's fusion
+// passes): loads and stores of float32 vectors from every parameter dtype, and the work items of one
+// call, run by one at::parallel_for.
+//
+// Compiled into each per-instruction-set library (the CPU_CAPABILITY macros pick Vectorized's
+// implementation), like the files that include it.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "cnl_cpu_kernels.h"
+
+namespace cnl::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kVecs = kBlock / kW;  // float vectors per block
+static_assert(kBlock % (2 * kW) == 0, "a block holds whole pairs of float vectors (one 16-bit vector)");
+
+// 2 * kW elements of T as two float32 vectors (a 16-bit vector widens into two).
+template <typename T>
+C10_ALWAYS_INLINE void load_pair(const T* p, Vec& low, Vec& high) {
+  if constexpr (std::is_same_v<T, float>) {
+    low = Vec::loadu(p);
+    high = Vec::loadu(p + kW);
+  } else {
+    at::vec::load_to_float<T>(p, low, high);
+  }
+}
+
+// 2 * kW elements rounded to T (round to nearest even).
+template <typename T>
+C10_ALWAYS_INLINE void store_pair(T* p, const Vec& low, const Vec& high) {
+  if constexpr (std::is_same_v<T, float>) {
+    low.store(p);
+    high.store(p + kW);
+  } else {
+    at::vec::convert_from_float<T>(low, high).store(p);
+  }
+}
+
+// kBlock elements of T as float32 vectors.
+template <typename T>
+C10_ALWAYS_INLINE void load_block(const T* p, Vec (&out)[kVecs]) {
+  for (int64_t j = 0; j < kVecs; j += 2) load_pair(p + j * kW, out[j], out[j + 1]);
+}
+
+// kBlock elements rounded to T (round to nearest even).
+template <typename T>
+C10_ALWAYS_INLINE void store_block(T* p, const Vec (&in)[kVecs]) {
+  for (int64_t j = 0; j < kVecs; j += 2) store_pair(p + j * kW, in[j], in[j + 1]);
+}
+
+// Elements [start, end) of tensor `tensor` of a call.
+struct WorkItem {
+  int64_t tensor, start, end;
+};
+
+// The work items of a call: each non-empty tensor cut into items of kItemSize elements (the last shorter).
+inline std::vector<WorkItem> work_items(int64_t count, const int64_t* numels) {
+  std::vector<WorkItem> items;
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t start = 0; start < numels[t]; start += kItemSize) {
+      items.push_back({t, start, std::min(numels[t], start + kItemSize)});
+    }
+  }
+  return items;
+}
+
+// run(k) for every item k, in parallel unless the call is too small to wake the thread pool.
+template <class Run>
+void run_items(const std::vector<WorkItem>& items, const Run& run) {
+  int64_t total = 0;
+  for (const WorkItem& item : items) total += item.end - item.start;
+  const int64_t count = static_cast<int64_t>(items.size());
+  const auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) run(k);
+  };
+  if (total <= 2 * kItemSize) {
+    work(0, count);
+  } else {
+    at::parallel_for(0, count, 1, work);
+  }
+}
+
+}  // namespace cnl::cpu
