@@ -483,11 +483,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         m, v, vmax = ([torch.rand(s) for s in shapes] for _ in range(3))
         refs = None if fmt is None else [reference_format.encode(torch.randn(s) * (torch.rand(s) > 0.1), fmt) for s in shapes]
         stats = torch.zeros(len(shapes), 3, dtype=torch.float64)
+        emas = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]  # KIF's importance
         for k in range(2):
             grads = [torch.randn(s).to(dtype) for s in shapes]
+            importance = dict(importance=emas, importance_kind=("first", "param_mix")[k], importance_betas=(0.8, 0.6))
             native_backend.adam_step_(params, grads, m, v, vmax, refs, stats, reference_format=fmt or "float32",
                 lr=0.1, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05, decoupled_weight_decay=k == 0,
-                amsgrad=True, maximize=k == 1, bias_correction1=0.2, bias_correction2=0.05)
+                amsgrad=True, maximize=k == 1, bias_correction1=0.2, bias_correction2=0.05, **importance)
             native_backend.sgd_step_(params, grads, m, refs, stats, reference_format=fmt or "float32", lr=0.1,
                 weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=k == 1, maximize=False, first_step=k == 0)
         if fmt is not None:
@@ -495,14 +497,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             after = [p + torch.randn(p.shape).to(dtype) for p in params]
             native_backend.masked_delta_(after, before, refs, stats, reference_format=fmt, inv_lr=10.0)
             params += after
-        out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats)
+        out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats, *emas)
 torch.save(out, sys.argv[1])
 """
 
 
 def test_instruction_set_variants_are_bit_identical(tmp_path):
     """DEFAULT and AVX2 builds (CNL_EXT_CPU_CAPABILITY) give the AVX512 build's results bit for bit,
-    statistics included: every variant this CPU can run, each in its own process (one per process)."""
+    statistics and importance EMAs included: every variant this CPU can run, each in its own process (one per process)."""
     _require_native_cpu()
     best = native_backend.cpu_capability()
     order = ("AVX512", "AVX2", "DEFAULT")
