@@ -538,6 +538,8 @@ def test_native_build_info():
     assert info["cpu_build"] in ("prebuilt", "jit")
     assert info["cpu_item_size"] == NATIVE_ITEM
     assert native_backend.supports("cpu", "masked_delta_") and not native_backend.supports("meta", "adam_step_")
+    # KIF's EMAs in the step: the CPU kernels only (functional runs them after a CUDA step)
+    assert native_backend.supports("cpu", "importance") and not native_backend.supports("cuda", "importance")
 
 
 def test_native_rejects_mismatched_inputs():
