@@ -344,6 +344,7 @@ void dispatch(ParamType param, RefFormat ref, F&& f) {
   }
 }
 
+// f(std::bool_constant<importance>): the kernels with or without the importance EMAs.
 template <class F>
 void dispatch_importance(bool importance, F&& f) {
   if (importance) {
@@ -369,7 +370,7 @@ C10_ALWAYS_INLINE void update_importance(const Importance& imp, float* sensitivi
     const Vec x = w[j] * g[j];
     const Vec importance = first ? x.abs() : (x - (x * x) * half).abs();
     s[j] = s[j] * beta1 + importance * one_minus_beta1;
-    u[j] = u[j] * beta2 + (importance - s[j]).abs() * one_minus_beta2;  // the new sensitivity
+    u[j] = u[j] * beta2 + (importance - s[j]).abs() * one_minus_beta2;  // |I - S| of the new S (Eq 11)
   }
   store_block(sensitivity, s);
   store_block(uncertainty, u);
