@@ -8,6 +8,7 @@ Roofline: an optimizer step is memory-bound, so its least possible time is the b
     states       SGD 0, Momentum 8 (read + write the fp32 buffer), RMSprop 8 (square average),
                  Adam/AdamW 16 (m and v)
     reference    its stored size: fp32 4, bf16 2, int8 1, sign2 0.25 (4 signs a byte)
+    importance   KIF's EMAs (``importance=``): 16 (read + write the fp32 sensitivity and uncertainty)
 
 so AdamW fp32 = 28 B (+ the reference), SGD 12, Momentum 20, RMSprop 20, bf16 parameters with fp32
 AdamW states 22. The authors' loop, torch's optimizers and ``CNL(torch.optim.X)`` are charged the
@@ -15,7 +16,8 @@ same bytes as the fused step that does the same work, so their "% of roofline" i
 speed against that floor.
 
 Targets carry the device they are stated for: issue 3's (and 4's) are GPU targets, issue 12's are
-CPU targets (SmolLM2-135M shapes on the project's 2-core machine).
+CPU targets (SmolLM2-135M shapes on the project's 2-core machine); issue 15's (importance tracking
+in the step) hold on either device.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ MOMENTUM = 0.9
 BASELINE = "torch_adamw_fused"  # the AdamW baseline; also the rate that can set the roofline
 
 STATE_BYTES = {"sgd": 0, "momentum": 8, "rmsprop": 8, "adam": 16, "adamw": 16}
+IMPORTANCE_BYTES = 16  # KIF's two fp32 EMAs, read and written
 # Bytes per stored element of each reference format (sign2 packs 4 elements in a uint8).
 REFERENCE_ITEMSIZE = {fmt: reference_format.encode(torch.zeros(4), fmt).element_size() for fmt in reference_format.FORMATS}
 # Implementations that run cnl_ext code, hence take a backend (and get NAME@BACKEND variants).
@@ -99,8 +102,9 @@ class Case:
     (``cnl_ext.CNL(torch.optim.X(...))``), ``"torch_fused"``, ``"torch_foreach"``,
     ``"torch_default"`` (torch's default implementation for the device) or ``"authors"``
     (tests/authors_oracle.py). reference: the reference format, ``None`` for no reference (a plain
-    optimizer step). backend: ``None`` takes the run's first ``--backend``. cuda_graph: the step
-    (``capturable=True``) is captured once in a CUDA graph and replayed, so no Python runs per
+    optimizer step). importance: the kind of KIF's importance EMAs the step also tracks (fused
+    optimizers), or ``None``. backend: ``None`` takes the run's first ``--backend``. cuda_graph: the
+    step (``capturable=True``) is captured once in a CUDA graph and replayed, so no Python runs per
     step (GPU only). baseline: the torch optimizer of the same family that the "×" column divides by.
     """
 
@@ -111,6 +115,7 @@ class Case:
     reference: str | None = None
     param_dtype: torch.dtype = torch.float32
     track_stats: bool = False
+    importance: str | None = None
     flat: bool = False
     backend: str | None = None
     cuda_graph: bool = False
@@ -147,6 +152,9 @@ CASES = (
                   _cpu("max_time_ratio", 1.5, "torch_adamw_foreach", backends=("torch",)))),
     Case("cnl_adamw_noref_stats", "FusedCNLAdamW, no reference, track_stats=True (nothing to count)", "adamw",
          "cnl", track_stats=True, targets=(_cpu("max_time_ratio", 1.05, "cnl_adamw_noref"),)),
+    Case("cnl_adamw_importance", 'FusedCNLAdamW(importance="first"), no reference: KIF\'s EMAs in the step',
+         "adamw", "cnl", importance="first",
+         targets=(Target("max_time_ratio", 1.70, "cnl_adamw_noref", issue=15),)),
     Case("cnl_adamw_fp32", "FusedCNLAdamW, fp32 reference", "adamw", "cnl", "float32",
          targets=(_gpu("max_time_ratio", 0.95, BASELINE), _gpu("min_speedup", 4.5, "authors_adamw"), ROOFLINE_90,
                   _gpu("max_time_ratio", 1.5, "cnl_adamw_fp32_flat", params=("many-small",)),
@@ -260,6 +268,8 @@ def roofline_bytes(case: Case, shapes) -> int:
     shapes = case_shapes(case, shapes)
     itemsize = torch.empty(0, dtype=case.param_dtype).element_size()
     total = total_numel(shapes) * (3 * itemsize + STATE_BYTES[case.optimizer])
+    if case.importance is not None:
+        total += total_numel(shapes) * IMPORTANCE_BYTES
     if case.reference is not None:
         total += REFERENCE_ITEMSIZE[case.reference] * sum(
             reference_format.storage_numel(math.prod(shape), case.reference) for _, shape in shapes)
@@ -335,6 +345,7 @@ def _cnl_optimizer(case: Case, params, backend: str):
     options = dict(backend=backend, reference_dtype=case.reference or "float32", track_stats=case.track_stats)
     if case.implementation == "cnl_wrapper":
         return cnl_ext.CNL(_torch_optimizer(case.optimizer, params), **options)
+    options["importance"] = case.importance
     if case.optimizer in ("adam", "adamw"):
         options["capturable"] = case.cuda_graph
     if case.optimizer == "adamw":

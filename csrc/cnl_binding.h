@@ -38,6 +38,22 @@ constexpr const char* kAdamSchema =
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
     "bool amsgrad, bool maximize, float? bias_correction1=None, float? bias_correction2=None, "
     "Tensor[]? device_steps=None, Tensor? lr_tensor=None) -> ()";
+// CPU only (cnl_ext._C does not implement them): sgd_step_ and adam_step_ that also update KIF's
+// importance EMAs (cnl_ext/ops/importance.py) in the same pass. Their arguments, with the EMA lists
+// (float32, shaped like the params) after `stats` and the importance options before `lr_tensor`.
+constexpr const char* kSgdImportanceSchema =
+    "sgd_step_importance_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, "
+    "Tensor[]? references, Tensor(c!)? stats, Tensor(d!)[] sensitivities, Tensor(e!)[] uncertainties, *, "
+    "str reference_format, float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
+    "bool maximize, bool first_step, str importance_kind, float importance_beta1, float importance_beta2, "
+    "Tensor? lr_tensor=None) -> ()";
+constexpr const char* kAdamImportanceSchema =
+    "adam_step_importance_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[]? max_exp_avg_sqs, Tensor[]? references, Tensor(e!)? stats, Tensor(f!)[] sensitivities, "
+    "Tensor(g!)[] uncertainties, *, str reference_format, float lr, float beta1, float beta2, float eps, "
+    "float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, float? bias_correction1=None, "
+    "float? bias_correction2=None, Tensor[]? device_steps=None, str importance_kind, float importance_beta1, "
+    "float importance_beta2, Tensor? lr_tensor=None) -> ()";
 constexpr const char* kMaskedDeltaSchema =
     "masked_delta_(Tensor(a!)[] params, Tensor[] befores, Tensor[] references, Tensor(b!)? stats, *, "
     "str reference_format, float inv_lr) -> ()";

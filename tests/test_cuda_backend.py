@@ -233,12 +233,13 @@ def test_schemas_parse_and_match_the_ops_contract():
         schema = torch._C.parse_schema(text)
         names = [a.name for a in schema.arguments]
         assert names[-1] == "lr_tensor"
-        # the contract's arguments; the importance extension is fused by the torch and Triton backends
-        # only (functional runs it as one more pass for the native one, which says so in supports())
+        # the contract's arguments; the importance extension has its own CPU-only ops (below): the
+        # CUDA kernels do not fuse it (functional runs it as one more pass there, as supports() says)
+        full_contract = list(inspect.signature(getattr(reference, name)).parameters)
+        assert list(inspect.signature(getattr(cuda_step, name)).parameters) == full_contract, name
         contract = {n: p for n, p in inspect.signature(getattr(reference, name)).parameters.items()
                     if not n.startswith("importance")}
         assert names[:-1] == list(contract), name
-        assert list(inspect.signature(getattr(cuda_step, name)).parameters) == list(contract), name
         keyword_only = [n for n, p in contract.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         assert [a.name for a in schema.arguments if a.kwarg_only] == keyword_only + ["lr_tensor"], name
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
@@ -257,6 +258,25 @@ def test_masked_delta_schema_matches_the_ops_contract():
     assert list(inspect.signature(native_backend.masked_delta_).parameters) == list(contract)
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert written == {"params", "stats"}
+
+
+def test_importance_schemas_extend_the_step_schemas():
+    """sgd_step_importance_ / adam_step_importance_ (CPU only, KIF's EMAs in the step): the step's
+    schema with the EMA lists (written) after ``stats`` and the importance options before ``lr_tensor``."""
+    def arguments(schema):
+        return [(a.name, str(a.type), a.kwarg_only, a.default_value, a.alias_info is not None and a.alias_info.is_write)
+                for a in schema.arguments]
+
+    extended = _schemas(("kSgdImportanceSchema", "kAdamImportanceSchema"))
+    for name, text in _schemas().items():
+        expected = arguments(torch._C.parse_schema(text))
+        stats = [a[0] for a in expected].index("stats")
+        expected[stats + 1:stats + 1] = [(n, "List[Tensor]", False, None, True) for n in ("sensitivities", "uncertainties")]
+        expected[-1:-1] = [("importance_kind", "str", True, None, False),
+                           *((f"importance_beta{i}", "float", True, None, False) for i in (1, 2))]
+        schema = torch._C.parse_schema(extended[name + "importance_"])
+        assert arguments(schema) == expected, name
+        assert len(schema.returns) == 0
 
 
 def _reference_with_lr_tensor(name):

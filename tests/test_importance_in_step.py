@@ -7,9 +7,14 @@ import pytest
 import torch
 
 import cnl_ext
+from cnl_ext import functional
+from cnl_ext.ops import native_backend
 from cnl_ext.ops.importance import importance_update_
 
 from .conftest import BACKEND_DEVICES
+
+# the native backend fuses the EMAs into its CPU steps (its CUDA kernels do not: functional then runs them after)
+FUSING_BACKEND_DEVICES = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu")]
 
 SHAPES = [(), (7,), (5, 9), (3, 4, 5), (2 * 1024 + 3,)]
 OPTIMIZERS = {
@@ -21,7 +26,13 @@ OPTIMIZERS = {
 }
 
 
+def _skip_unavailable(backend):
+    if backend == "native" and (reason := native_backend.unavailable_reason()):
+        pytest.skip(f"native backend unavailable: {reason}")
+
+
 def _run(name, backend, device, dtype, *, importance=None, with_reference=False, steps=3):
+    _skip_unavailable(backend)
     torch.manual_seed(0)
     params = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in SHAPES]
     opt = OPTIMIZERS[name](params, backend=backend, importance=importance)
@@ -42,7 +53,7 @@ def _moments(opt, params):
     return [opt.state[p][k] for p in params for k in keys if k in opt.state[p]]
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", FUSING_BACKEND_DEVICES)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_reference", [False, True], ids=["plain", "cnl"])
@@ -101,6 +112,22 @@ def test_a_gradscaler_skipped_step_leaves_the_importance_untouched():
     opt.step()
     del opt.found_inf, opt.grad_scale
     assert all(torch.equal(a, b) for a, b in zip(opt.importance_scores(), before))
+
+
+@pytest.mark.parametrize("backend,device", FUSING_BACKEND_DEVICES)
+@pytest.mark.parametrize("name", ["adamw", "momentum"])
+def test_a_fusing_backend_takes_no_extra_pass(backend, device, name, monkeypatch):
+    """Where the backend supports "importance", functional hands the EMAs to its step and runs no
+    importance_update_ after it."""
+    _skip_unavailable(backend)
+    assert functional.load_backend(backend).supports(torch.device(device), "importance")
+
+    def extra_pass(*args, **kwargs):
+        raise AssertionError("functional ran importance_update_ after a fusing backend's step")
+
+    monkeypatch.setattr(functional, "importance_update_", extra_pass)
+    opt, _, _ = _run(name, backend, device, torch.float32, importance="param_mix", steps=1)
+    assert any(score.abs().sum() > 0 for score in opt.importance_scores())
 
 
 def test_a_backend_without_fused_importance_gets_one_more_pass(monkeypatch):

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from cnl_ext import functional, reference_format
+from cnl_ext.ops import importance as importance_module
 from cnl_ext.ops import native_backend, triton_step
 
 from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
@@ -45,6 +46,7 @@ PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = [None, *reference_format.FORMATS]
 # lr is large so that a wrongly masked element moves far beyond the bf16/fp16 tolerance.
 LR = 0.1
+IMPORTANCE_BETAS = (0.8, 0.6)  # KIF's EMAs (a step's importance= extension), not the defaults: 1 - beta is not exact
 
 
 def torch_backend():
@@ -163,19 +165,31 @@ def _assert_stats_close(got, want, shapes):
     assert got[:, 0].sum() > 0  # some elements were collaborative and counted
 
 
-def _run_both(backend, step_name, params, grads, states, refs, fmt, stats, steps, kwargs):
-    """Run the backend's op and the oracle's ``steps`` times on copies; return both results. Also
-    checks that the backend wrote neither the grads nor the references."""
+def _importance_kwargs(importance, emas):
+    """The op's keywords of the importance extension: ``importance`` is None or (kind, sensitivities,
+    uncertainties); ``emas`` the two lists the op is to update."""
+    if importance is None:
+        return {}
+    return dict(importance=tuple(emas), importance_kind=importance[0], importance_betas=IMPORTANCE_BETAS)
+
+
+def _run_both(backend, step_name, params, grads, states, refs, fmt, stats, steps, kwargs, importance=None):
+    """Run the backend's op and the oracle's ``steps`` times on copies; return both results
+    (params, states, stats, importance EMAs). ``importance``: None, or (kind, sensitivities,
+    uncertainties), KIF's EMAs that each step updates. Also checks that the backend wrote neither the
+    grads nor the references."""
     results = []
     grads_before = [[g.clone() for g in gs] for gs in grads]
     refs_before = None if refs is None else [r.clone() for r in refs]
     for name in (backend, "torch"):
         module = backend_module(name)
         p, s, st = _clone(params), [_clone(x) for x in states], None if stats is None else stats.clone()
+        emas = None if importance is None else [_clone(x) for x in importance[1:]]
         with _oracle_rounding() if name == "torch" else contextlib.nullcontext():
             for k in range(steps):
-                getattr(module, step_name)(p, grads[k], *s, refs, st, reference_format=fmt or "float32", **kwargs(k))
-        results.append((p, s, st))
+                getattr(module, step_name)(p, grads[k], *s, refs, st, reference_format=fmt or "float32", **kwargs(k),
+                                           **_importance_kwargs(importance, emas))
+        results.append((p, s, st, emas))
         if name == backend:
             for gs, gs_before in zip(grads, grads_before):
                 assert all(torch.equal(a, b) for a, b in zip(gs, gs_before)), "the op wrote a gradient"
@@ -186,6 +200,30 @@ def _run_both(backend, step_name, params, grads, states, refs, fmt, stats, steps
 
 def _exact(backend, device):
     return EXACT and backend == "native" and device == "cpu"
+
+
+def _importance_inputs(kind, shapes, device):
+    """(kind, sensitivities, uncertainties) for _run_both: EMAs some steps old (positive, float32)."""
+    return None if kind is None else (kind, *([torch.rand(s, device=device) for s in shapes] for _ in range(2)))
+
+
+def _check_importance(backend, step_name, params, grads, states, refs, fmt, steps, kwargs, importance, got, want,
+                      dtype, exact):
+    """The importance EMAs of the backend's steps (``got``: its _run_both result): as close to the
+    oracle's (``want``) as the parameters they read, and bit for bit an observer: the backend's step
+    without them leaves the same parameters and states, and
+    :func:`cnl_ext.ops.importance.importance_update_` after it gives the same EMAs."""
+    p_t, s_t, _, ema_t = got
+    for a, b in zip(ema_t, want[3]):
+        _assert_same(a, b, dtype, exact)
+    module = backend_module(backend)
+    p, s, emas = _clone(params), [_clone(x) for x in states], [_clone(x) for x in importance[1:]]
+    for k in range(steps):
+        getattr(module, step_name)(p, grads[k], *s, refs, None, reference_format=fmt or "float32", **kwargs(k))
+        importance_module.importance_update_(p, grads[k], *emas, kind=importance[0], betas=IMPORTANCE_BETAS)
+    for got_list, want_list in zip([p_t, *s_t, *ema_t], [p, *s, *emas]):
+        if got_list is not None:
+            _assert_same(got_list, want_list, dtype, exact=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -202,10 +240,11 @@ def test_adam_kernel_matches_reference(backend, device, dtype, fmt, amsgrad, dec
 
 
 def _check_adam_against_reference(backend, device, dtype, fmt, amsgrad, decoupled, weight_decay, maximize,
-                                  unaligned=False, capturable=False):
+                                  unaligned=False, capturable=False, importance=None):
     """Three Adam steps of the backend and the oracle on the same inputs; ``unaligned`` places every
     tensor at an odd address (a flat buffer's slices), where kernels take their unaligned path;
-    ``capturable`` passes lr as a tensor and step counts instead of bias corrections."""
+    ``capturable`` passes lr as a tensor and step counts instead of bias corrections; ``importance``
+    (a kind) has the steps update KIF's EMAs too (:func:`_check_importance`)."""
     shapes = _shapes(backend)
     params, states, refs = _setup(shapes, dtype, fmt, device, n_state=3)
     steps = 3
@@ -229,14 +268,18 @@ def _check_adam_against_reference(backend, device, dtype, fmt, amsgrad, decouple
                         device_steps=[torch.tensor(float(t), device=device) for _ in shapes])
         return dict(options, bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t)
 
-    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both(backend, "adam_step_", params, grads, states, refs, fmt, stats,
-                                                   steps, kwargs)
+    importance = _importance_inputs(importance, shapes, device)
+    got, want = _run_both(backend, "adam_step_", params, grads, states, refs, fmt, stats, steps, kwargs, importance)
+    (p_t, s_t, st_t, _), (p_r, s_r, st_r, _) = got, want
     exact = _exact(backend, device) and not capturable  # step counts: bias corrections rounded differently
     _assert_same(p_t, p_r, dtype, exact)
     for a, b in zip(s_t, s_r):
         _assert_same(a, b, torch.float32, exact)
     if stats is not None:
         _assert_stats_close(st_t, st_r, shapes)
+    if importance is not None:
+        _check_importance(backend, "adam_step_", params, grads, states, refs, fmt, steps, kwargs, importance, got,
+                          want, dtype, exact)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -253,7 +296,7 @@ def test_sgd_kernel_matches_reference(backend, device, dtype, fmt, momentum, dam
 
 
 def _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampening, nesterov, weight_decay, maximize,
-                                 capturable=False):
+                                 capturable=False, importance=None):
     shapes = _shapes(backend)
     params, states, refs = _setup(shapes, dtype, fmt, device, n_state=1 if momentum else 0)
     steps = 3
@@ -267,14 +310,43 @@ def _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampenin
         return dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                     nesterov=nesterov, maximize=maximize, first_step=(k == 0))
 
-    (p_t, s_t, st_t), (p_r, s_r, st_r) = _run_both(backend, "sgd_step_", params, grads, states, refs, fmt, stats,
-                                                   steps, kwargs)
+    importance = _importance_inputs(importance, shapes, device)
+    got, want = _run_both(backend, "sgd_step_", params, grads, states, refs, fmt, stats, steps, kwargs, importance)
+    (p_t, s_t, st_t, _), (p_r, s_r, st_r, _) = got, want
     exact = _exact(backend, device)
     _assert_same(p_t, p_r, dtype, exact)
     if momentum:
         _assert_same(s_t[0], s_r[0], torch.float32, exact)
     if stats is not None:
         _assert_stats_close(st_t, st_r, shapes)
+    if importance is not None:
+        _check_importance(backend, "sgd_step_", params, grads, states, refs, fmt, steps, kwargs, importance, got,
+                          want, dtype, exact)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [None, "float32"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
+@pytest.mark.parametrize("kind", importance_module.IMPORTANCE_KINDS)
+def test_importance_in_the_step_matches_reference(backend, device, dtype, fmt, optimizer, kind, monkeypatch):
+    """KIF's EMAs updated inside the step (issue 15): against the oracle, and an observer whose EMAs
+    are importance_update_'s after the step bit for bit (:func:`_check_importance`). Momentum and
+    Adam maximize: the EMAs read the gradient as passed."""
+    if not backend_module(backend).supports(torch.device(device), "importance"):
+        pytest.skip(f"the {backend} backend updates no importance EMAs on {device} (functional does, after the step)")
+    # the oracle's EMAs of the larger tensors go through importance_update_'s chunked path, last chunk partial
+    monkeypatch.setattr(importance_module, "CHUNK", 1000)
+    if optimizer == "sgd":
+        _check_sgd_against_reference(backend, device, dtype, fmt, 0.0, 0.0, False, 0.0, False, importance=kind)
+    elif optimizer == "momentum":
+        _check_sgd_against_reference(backend, device, dtype, fmt, 0.9, 0.0, True, 0.01, True, importance=kind)
+    elif optimizer == "adam":
+        _check_adam_against_reference(backend, device, dtype, fmt, amsgrad=True, decoupled=False, weight_decay=0.05,
+                                      maximize=True, importance=kind)
+    else:
+        _check_adam_against_reference(backend, device, dtype, fmt, amsgrad=False, decoupled=True, weight_decay=0.1,
+                                      maximize=False, importance=kind)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -390,7 +462,7 @@ def test_native_equals_torch_backend_bit_for_bit():
     _require_native_cpu()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-         "-k", "native-cpu and (adam_kernel or sgd_kernel or write_back)"],
+         "-k", "native-cpu and (adam_kernel or sgd_kernel or write_back or importance_in_the_step)"],
         cwd=ROOT, env=_subprocess_env(ATEN_CPU_CAPABILITY="default", CNL_TEST_EXACT="1"),
         capture_output=True, text=True, timeout=900,
     )
@@ -412,11 +484,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         m, v, vmax = ([torch.rand(s) for s in shapes] for _ in range(3))
         refs = None if fmt is None else [reference_format.encode(torch.randn(s) * (torch.rand(s) > 0.1), fmt) for s in shapes]
         stats = torch.zeros(len(shapes), 3, dtype=torch.float64)
+        emas = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]  # KIF's importance
         for k in range(2):
             grads = [torch.randn(s).to(dtype) for s in shapes]
+            importance = dict(importance=emas, importance_kind=("first", "param_mix")[k], importance_betas=(0.8, 0.6))
             native_backend.adam_step_(params, grads, m, v, vmax, refs, stats, reference_format=fmt or "float32",
                 lr=0.1, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05, decoupled_weight_decay=k == 0,
-                amsgrad=True, maximize=k == 1, bias_correction1=0.2, bias_correction2=0.05)
+                amsgrad=True, maximize=k == 1, bias_correction1=0.2, bias_correction2=0.05, **importance)
             native_backend.sgd_step_(params, grads, m, refs, stats, reference_format=fmt or "float32", lr=0.1,
                 weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=k == 1, maximize=False, first_step=k == 0)
         if fmt is not None:
@@ -424,7 +498,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             after = [p + torch.randn(p.shape).to(dtype) for p in params]
             native_backend.masked_delta_(after, before, refs, stats, reference_format=fmt, inv_lr=10.0)
             params += after
-        out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats)
+        out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats, *emas)
     units = Units.per_row(shapes)  # KIF's fusion passes, anchors in float32
     params = [torch.randn(s).to(dtype) for s in shapes]
     anchors, ends = ([p.float() + 0.01 * torch.randn(p.shape) for p in params] for _ in range(2))
@@ -440,8 +514,8 @@ torch.save(out, sys.argv[1])
 
 def test_instruction_set_variants_are_bit_identical(tmp_path):
     """DEFAULT and AVX2 builds (CNL_EXT_CPU_CAPABILITY) give the AVX512 build's results bit for bit,
-    statistics and KIF's fusion passes included: every variant this CPU can run, each in its own
-    process (one per process)."""
+    statistics, importance EMAs and KIF's fusion passes included: every variant this CPU can run, each
+    in its own process (one per process)."""
     _require_native_cpu()
     best = native_backend.cpu_capability()
     order = ("AVX512", "AVX2", "DEFAULT")
@@ -475,6 +549,8 @@ def test_native_build_info():
     assert info["cpu_build"] in ("prebuilt", "jit")
     assert info["cpu_item_size"] == NATIVE_ITEM
     assert native_backend.supports("cpu", "masked_delta_") and not native_backend.supports("meta", "adam_step_")
+    # KIF's EMAs in the step: the CPU kernels only (functional runs them after a CUDA step)
+    assert native_backend.supports("cpu", "importance") and not native_backend.supports("cuda", "importance")
 
 
 def test_native_rejects_mismatched_inputs():
@@ -495,6 +571,68 @@ def test_native_rejects_mismatched_inputs():
         native_backend.masked_delta_(p, g, [torch.zeros(8)], torch.zeros(2, 3, dtype=torch.float64),
                                      reference_format="float32", inv_lr=1.0)
     assert torch.equal(p[0], torch.zeros(8))  # nothing written by a rejected call
+
+
+def test_native_importance_rejects_mismatched_inputs():
+    _require_native_cpu()
+    p, g, m, v = [torch.zeros(2, 4)], [torch.zeros(2, 4)], [torch.zeros(2, 4)], [torch.zeros(2, 4)]
+    adam = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
+                maximize=False, bias_correction1=0.1, bias_correction2=0.01, reference_format="float32")
+
+    def step(sensitivities, uncertainties, kind="first", betas=(0.85, 0.85)):
+        native_backend.adam_step_(p, g, m, v, None, None, None, importance=(sensitivities, uncertainties),
+                                  importance_kind=kind, importance_betas=betas, **adam)
+
+    ok = [torch.zeros(2, 4)]
+    with pytest.raises(RuntimeError, match=r"sensitivities\[0\] has dtype BFloat16, expected Float"):
+        step([torch.zeros(2, 4, dtype=torch.bfloat16)], ok)
+    with pytest.raises(RuntimeError, match=r"uncertainties\[0\] has 4 elements, expected 8"):
+        step(ok, [torch.zeros(4)])
+    with pytest.raises(RuntimeError, match=r"sensitivities\[0\] has shape \[4, 2\] but params\[0\] has shape \[2, 4\]"):
+        step([torch.zeros(4, 2)], ok)
+    with pytest.raises(RuntimeError, match=r"uncertainties\[0\] must be contiguous"):
+        step(ok, [torch.zeros(4, 2).t()])
+    with pytest.raises(RuntimeError, match=r"got 1 params but 2 sensitivities"):
+        step(ok * 2, ok)
+    with pytest.raises(RuntimeError, match="importance_kind must be 'first' or 'param_mix'"):
+        step(ok, ok, kind="second")
+    with pytest.raises(RuntimeError, match=r"importance betas must lie in \[0, 1\)"):
+        step(ok, ok, betas=(0.9, 1.0))
+    assert all(torch.equal(t[0], torch.zeros(2, 4)) for t in (p, m, v, ok))  # nothing written by a rejected call
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        native_backend.sgd_step_([torch.zeros(1, device="meta")], [torch.zeros(1, device="meta")], None, None, None,
+                                 reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                                 nesterov=False, maximize=False, first_step=True, importance=([], []))
+
+
+def test_native_importance_step_under_torch_compile():
+    """The importance ops' schemas declare the EMAs written: a compiled step (functionalized) updates them."""
+    _require_native_cpu()
+    native_backend.unavailable_reason()  # loads the library: torch.ops.cnl_ext exists
+
+    def step(p, g, m, v, s, u):
+        torch.ops.cnl_ext.adam_step_importance_(
+            p, g, m, v, None, None, None, s, u, reference_format="float32", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+            weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False, bias_correction1=0.1,
+            bias_correction2=0.01, importance_kind="param_mix", importance_beta1=0.8, importance_beta2=0.6)
+        torch.ops.cnl_ext.sgd_step_importance_(
+            p, g, m, None, None, s, u, reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.9,
+            dampening=0.0, nesterov=False, maximize=False, first_step=False, importance_kind="first",
+            importance_beta1=0.8, importance_beta2=0.6)
+
+    def inputs():
+        torch.manual_seed(1)
+        shapes = ((3,), (2, 5))
+        return [[fill(s) for s in shapes] for fill in (torch.randn, torch.randn, torch.rand, torch.rand, torch.rand,
+                                                         torch.rand)]  # p, g, m, v, S, U
+
+    eager, compiled = inputs(), inputs()
+    step(*eager)
+    torch._dynamo.reset()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    for a, b in zip(eager, compiled):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(compiled[4][0], inputs()[4][0])  # the EMAs were written
 
 
 _BROKEN_BUILD = r"""

@@ -23,20 +23,30 @@ name       module                         what
 Each backend module exposes ``NAME``, ``unavailable_reason() -> str`` (``""`` when it can run in
 this process; else why: not installed, not built, failed to build), ``supports(device, op) ->
 bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"`` and
-the KIF fusion passes, and the ops. Only an import or build failure, which happens before anything
-is written, may move ``backend="auto"`` to the next backend; an error inside an op propagates and is
-never retried.
+``"importance"`` (the steps take the importance keywords below), the KIF fusion passes, and the
+ops. Only an import or build failure, which happens before anything is written, may move
+``backend="auto"`` to the next backend; an error inside an op propagates and is never retried.
 
 Ops (in place)
 --------------
 ::
 
     sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format, lr,
-              weight_decay, momentum, dampening, nesterov, maximize, first_step)
+              weight_decay, momentum, dampening, nesterov, maximize, first_step,
+              importance=None, importance_kind="first", importance_betas=(0.85, 0.85))
     adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-               amsgrad, maximize, bias_correction1=None, bias_correction2=None, device_steps=None)
+               amsgrad, maximize, bias_correction1=None, bias_correction2=None, device_steps=None,
+               importance=None, importance_kind="first", importance_betas=(0.85, 0.85))
     masked_delta_(params, befores, references, stats, *, reference_format, inv_lr)
+
+Importance (KIF's EMAs, issue 15): a step given ``importance=(sensitivities, uncertainties)``
+(contiguous float32 tensors shaped like the params) also updates them in the same pass, from the new
+parameter as stored and the gradient as passed, with ``importance_kind`` (``"first"`` or
+``"param_mix"``) and ``importance_betas``, exactly as :func:`.importance.importance_update_` after the
+step (its docstring defines the rounding). Only a backend whose ``supports(device, "importance")`` is
+True gets these keywords; for the others :mod:`cnl_ext.functional` runs ``importance_update_`` after the
+step. Params, states and statistics are the same bits with or without importance.
 
 KIF's fusion passes (:mod:`cnl_ext.kif` validates, buckets by (param dtype, anchor dtype) and
 dispatches them through :func:`cnl_ext.functional.resolve`; math, rounding and arguments:
@@ -72,5 +82,6 @@ binding does, since a wrong pointer there corrupts memory):
   ``adam_step_`` may get ``device_steps`` (one 0-d float32 device tensor per param, already
   incremented) instead of the bias corrections; ``supports(device, "capturable")`` says whether a
   backend can.
-- An op writes ``params``, the state lists and ``stats``, never ``grads``, ``references`` or ``befores``.
+- An op writes ``params``, the state lists, ``stats`` and the importance EMAs, never ``grads``,
+  ``references`` or ``befores``.
 """

@@ -1,7 +1,10 @@
 """The ``"native"`` backend: the compiled C++ extension (CPU kernels in ``csrc/cpu/``, CUDA kernels in
 ``csrc/*.cu``), as the PyTorch operators ``torch.ops.cnl_ext.sgd_step_``, ``adam_step_`` and
 ``masked_delta_`` (so they also work inside ``torch.compile``), and KIF's fusion passes
-``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_`` (CPU only).
+``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_`` (CPU only). A step given ``importance`` (KIF's EMAs)
+runs ``torch.ops.cnl_ext.sgd_step_importance_`` / ``adam_step_importance_`` instead, which update them
+in the same pass: CPU kernels only (``supports("cuda", "importance")`` is False, and functional updates
+the EMAs after a CUDA step).
 
 Two libraries serve these ops:
 
@@ -36,6 +39,7 @@ from . import native_build
 
 NAME = "native"
 OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
+_IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs: CPU only
 _CUDA_OPS = ("sgd_step_", "adam_step_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
 
@@ -161,7 +165,7 @@ def _load() -> dict:
             cpu, build, reason = _load_cpu()
             _state.update(cpu=cpu, build=build, cpu_reason=reason, cuda=None, cuda_reason=reason)
             if cpu is not None:
-                missing = [op for op in OPS if not hasattr(torch.ops.cnl_ext, op)]
+                missing = [op for op in OPS + _IMPORTANCE_OPS if not hasattr(torch.ops.cnl_ext, op)]
                 if missing:
                     _state.update(cpu=None, cpu_reason=f"the CPU library does not register torch.ops.cnl_ext.{missing[0]}")
                 else:
@@ -189,11 +193,12 @@ def cuda_unavailable_reason() -> str:
 
 
 def supports(device, op: str) -> bool:
-    """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``, the KIF
-    fusion passes) run for tensors on ``device``: every op on CPU; the steps on CUDA with ``cnl_ext._C``."""
+    """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
+    ``"importance"``, the KIF fusion passes) run for tensors on ``device``: every op on CPU; the steps
+    on CUDA with ``cnl_ext._C``, without importance."""
     device = torch.device(device)
     if device.type == "cpu":
-        return op in OPS or op == "capturable"
+        return op in OPS or op in ("capturable", "importance")
     if device.type == "cuda":
         return (op in _CUDA_OPS or op == "capturable") and importlib.util.find_spec("cnl_ext._C") is not None
     return False
@@ -239,45 +244,68 @@ def _split_lr(lr):
     return float(lr), None
 
 
+def _importance_op(op: str, params, importance, importance_kind, importance_betas):
+    """(op, extra positional lists, extra keywords): ``op`` itself without importance, else its
+    ``*_importance_`` variant (CPU only) with the EMA lists and options."""
+    if importance is None:
+        return getattr(torch.ops.cnl_ext, op), (), {}
+    if params[0].device.type != "cpu":
+        raise ValueError(f"cnl_ext native backend: {op} updates importance EMAs on CPU tensors only, params are on "
+                         f"{params[0].device} (functional updates them after the step there)")
+    sensitivities, uncertainties = importance
+    beta1, beta2 = (float(b) for b in importance_betas)
+    return (getattr(torch.ops.cnl_ext, op + "importance_"), (sensitivities, uncertainties),
+            dict(importance_kind=importance_kind, importance_beta1=beta1, importance_beta2=beta2))
+
+
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-              first_step: bool) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math."""
+              first_step: bool, importance=None, importance_kind: str = "first",
+              importance_betas=(0.85, 0.85)) -> None:
+    """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math; ``importance``:
+    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass (CPU)."""
     _check()
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
     lr, lr_tensor = _split_lr(lr)
-    torch.ops.cnl_ext.sgd_step_(
-        params, grads, momentum_buffers, references, stats,
+    op, importance_lists, importance_options = _importance_op("sgd_step_", params, importance, importance_kind,
+                                                              importance_betas)
+    op(
+        params, grads, momentum_buffers, references, stats, *importance_lists,
         reference_format=reference_format, lr=lr, weight_decay=float(weight_decay),
         momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
-        maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor,
+        maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor, **importance_options,
     )
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
-               bias_correction1: float = None, bias_correction2: float = None, device_steps=None) -> None:
+               bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
     """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math.
 
     Capturable: ``lr`` may be a 0-d float32 tensor on the params' device and ``device_steps`` (one
     0-d float32 tensor per param there, already incremented) replaces the bias corrections.
+    ``importance``: as for :func:`sgd_step_`.
     """
     _check()
     if len(params) == 0:
         return
     lr, lr_tensor = _split_lr(lr)
     on_device = device_steps is not None
-    torch.ops.cnl_ext.adam_step_(
+    op, importance_lists, importance_options = _importance_op("adam_step_", params, importance, importance_kind,
+                                                              importance_betas)
+    op(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, stats,
+        *importance_lists,
         reference_format=reference_format, lr=lr, beta1=float(beta1), beta2=float(beta2),
         eps=float(eps), weight_decay=float(weight_decay),
         decoupled_weight_decay=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
         maximize=bool(maximize),
         bias_correction1=None if on_device else float(bias_correction1),
         bias_correction2=None if on_device else float(bias_correction2),
-        device_steps=device_steps, lr_tensor=lr_tensor,
+        device_steps=device_steps, lr_tensor=lr_tensor, **importance_options,
     )
 
 

@@ -13,6 +13,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cnl_cpu_vec.h"
@@ -29,6 +31,21 @@ static_assert(IVec::size() == kW, "int32 and float vectors have the same lanes")
 static_assert(kItemSize % kBlock == 0, "items start on block boundaries (and on sign2 byte boundaries)");
 
 // ---------------------------------------------------------------------------- loads
+
+// kBlock elements rounded to T (round to nearest even), as store_block; `in` then holds the values
+// as stored (float32), which the importance EMAs read.
+template <typename T>
+C10_ALWAYS_INLINE void store_block_as_stored(T* p, Vec (&in)[kVecs]) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_block(p, in);
+  } else {
+    for (int64_t j = 0; j < kVecs; j += 2) {
+      const auto rounded = at::vec::convert_from_float<T>(in[j], in[j + 1]);
+      rounded.store(p + j * kW);
+      std::tie(in[j], in[j + 1]) = at::vec::convert_to_float<T>(rounded);
+    }
+  }
+}
 
 // int32 lanes to float32 (exact for the small values used here).
 C10_ALWAYS_INLINE Vec int32_to_float(const IVec& v) {
@@ -285,15 +302,61 @@ void dispatch(ParamType param, RefFormat ref, F&& f) {
   }
 }
 
+// f(std::bool_constant<importance>): the kernels with or without the importance EMAs.
+template <class F>
+void dispatch_importance(bool importance, F&& f) {
+  if (importance) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// ---------------------------------------------------------------------------- importance
+
+// KIF's EMAs of kBlock elements, in the order of operations of cnl_ext/ops/importance.py (each
+// operation rounded on its own): `w` the new parameters as stored, `g` the gradients as passed.
+C10_ALWAYS_INLINE void update_importance(const Importance& imp, float* sensitivity, float* uncertainty,
+                                         const Vec (&w)[kVecs], const Vec (&g)[kVecs]) {
+  Vec s[kVecs], u[kVecs];
+  load_block(sensitivity, s);
+  load_block(uncertainty, u);
+  const Vec beta1(imp.beta1), one_minus_beta1(imp.one_minus_beta1), beta2(imp.beta2),
+      one_minus_beta2(imp.one_minus_beta2), half(0.5f);
+  const bool first = imp.kind == ImportanceKind::kFirst;
+  for (int64_t j = 0; j < kVecs; ++j) {
+    const Vec x = w[j] * g[j];
+    const Vec importance = first ? x.abs() : (x - (x * x) * half).abs();
+    s[j] = s[j] * beta1 + importance * one_minus_beta1;
+    u[j] = u[j] * beta2 + (importance - s[j]).abs() * one_minus_beta2;  // |I - S| of the new S (Eq 11)
+  }
+  store_block(sensitivity, s);
+  store_block(uncertainty, u);
+}
+
+// The step's parameter store: with kImportance, also the EMAs of streams kS and kS + 1 from the
+// stored parameters `p` and the gradients as passed `g`.
+template <bool kImportance, size_t kS, typename T, size_t kStreams>
+C10_ALWAYS_INLINE void store_params(T* param, Vec (&p)[kVecs], const Vec (&g)[kVecs], const Importance* imp,
+                                    void* const (&ptrs)[kStreams], int64_t i) {
+  if constexpr (kImportance) {
+    store_block_as_stored(param, p);
+    update_importance(*imp, static_cast<float*>(ptrs[kS]) + i, static_cast<float*>(ptrs[kS + 1]) + i, p, g);
+  } else {
+    store_block(param, p);
+  }
+}
+
 // ---------------------------------------------------------------------------- SGD
 
-// Streams: param, grad, momentum buffer, reference.
-template <typename T, RefFormat kRef>
+// Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance).
+template <typename T, RefFormat kRef, bool kImportance>
 struct SgdStep {
   const SgdScalars& s;
+  const Importance* importance;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[4], int64_t i, int64_t valid, const BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     float* buf = ptrs[2] == nullptr ? nullptr : static_cast<float*>(ptrs[2]) + i;
@@ -319,11 +382,11 @@ struct SgdStep {
         p[j] = cnl_select(p[j], p_new, u, r[j], stats, acc, j, valid);
       }
     }
-    store_block(param, p);
+    store_params<kImportance, 4>(param, p, g, importance, ptrs, i);
     if (s.has_momentum) store_block(buf, b);
   }
 
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[4], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
 };
 
 // ---------------------------------------------------------------------------- Adam
@@ -333,14 +396,16 @@ struct AdamTensorScalars {
   float bias_correction1, bias_correction2_sqrt;
 };
 
-// Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference.
-template <typename T, RefFormat kRef>
+// Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, sensitivity, uncertainty
+// (the last two with kImportance).
+template <typename T, RefFormat kRef, bool kImportance>
 struct AdamStep {
   const AdamScalars& s;
   AdamTensorScalars t;
+  const Importance* importance;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[8], int64_t i, int64_t valid, const BlockStats& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     float* exp_avg = static_cast<float*>(ptrs[2]) + i;
@@ -383,13 +448,13 @@ struct AdamStep {
         p[j] = cnl_select(p[j], p_new, u, r[j], stats, acc, j, valid);
       }
     }
-    store_block(param, p);
+    store_params<kImportance, 6>(param, p, g, importance, ptrs, i);
     store_block(exp_avg, m);
     store_block(exp_avg_sq, v);
     if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
   }
 
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[8], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
 };
 
 // ---------------------------------------------------------------------------- masked write-back
@@ -421,26 +486,31 @@ struct MaskedDeltaStep {
 
 const char* capability() { return CNL_STRINGIFY(CPU_CAPABILITY); }
 
-void sgd_step(const TensorLists& lists, const SgdScalars& scalars) {
+void sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance) {
   SgdScalars s = scalars;
   if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate tensor (on the CPU)
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   const bool stats = has_ref && lists.stats != nullptr;
   dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
-    using T = decltype(type_tag);
-    constexpr RefFormat kRef = decltype(ref_tag)::value;
-    const SgdStep<T, kRef> step{s, stats};
-    const size_t bytes[4] = {sizeof(T), sizeof(T), sizeof(float), 0};
-    const bool written[4] = {true, false, true, false};
-    for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-      void* const ptrs[4] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
-                             has_ref ? lists.references[t] : nullptr};
-      run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+    dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+      using T = decltype(type_tag);
+      constexpr RefFormat kRef = decltype(ref_tag)::value;
+      constexpr bool kImportance = decltype(importance_tag)::value;
+      const SgdStep<T, kRef, kImportance> step{s, importance, stats};
+      const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(float), 0, sizeof(float), sizeof(float)};
+      const bool written[6] = {true, false, true, false, true, true};
+      for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+        void* const ptrs[6] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
+                               has_ref ? lists.references[t] : nullptr,
+                               kImportance ? importance->sensitivities[t] : nullptr,
+                               kImportance ? importance->uncertainties[t] : nullptr};
+        run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+      });
     });
   });
 }
 
-void adam_step(const TensorLists& lists, const AdamScalars& scalars) {
+void adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance) {
   AdamScalars s = scalars;
   if (s.lr_ptr != nullptr) {
     // Capturable: lr from its tensor, the decay factor then in float32 (as the PyTorch backend
@@ -461,16 +531,22 @@ void adam_step(const TensorLists& lists, const AdamScalars& scalars) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   const bool stats = has_ref && lists.stats != nullptr;
   dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
-    using T = decltype(type_tag);
-    constexpr RefFormat kRef = decltype(ref_tag)::value;
-    const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(float), sizeof(float), sizeof(float), 0};
-    const bool written[6] = {true, false, true, true, true, false};
-    for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-      const AdamStep<T, kRef> step{s, per_tensor[t], stats};
-      void* const ptrs[6] = {lists.params[t],    lists.grads[t],
-                             lists.states[0][t], lists.states[1][t],
-                             s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr};
-      run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+    dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+      using T = decltype(type_tag);
+      constexpr RefFormat kRef = decltype(ref_tag)::value;
+      constexpr bool kImportance = decltype(importance_tag)::value;
+      const size_t bytes[8] = {sizeof(T), sizeof(T), sizeof(float), sizeof(float), sizeof(float), 0,
+                               sizeof(float), sizeof(float)};
+      const bool written[8] = {true, false, true, true, true, false, true, true};
+      for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+        const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats};
+        void* const ptrs[8] = {lists.params[t],    lists.grads[t],
+                               lists.states[0][t], lists.states[1][t],
+                               s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
+                               kImportance ? importance->sensitivities[t] : nullptr,
+                               kImportance ? importance->uncertainties[t] : nullptr};
+        run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+      });
     });
   });
 }

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "cnl_binding.h"
 #include "cnl_cpu_kernels.h"
@@ -23,12 +25,56 @@ using cnl::binding::Collected;
 
 constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
 
-void sgd_step_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
-                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                  c10::string_view reference_format, double lr, double weight_decay, double momentum,
-                  double dampening, bool nesterov, bool maximize, bool first_step,
-                  const std::optional<Tensor>& lr_tensor) {
-  constexpr const char* op = "cnl_ext.sgd_step_";
+// The importance arguments of the *_importance_ ops: KIF's EMAs and their options.
+struct ImportanceArgs {
+  TensorList sensitivities, uncertainties;
+  c10::string_view kind;
+  double beta1, beta2;
+};
+
+// ImportanceArgs validated (contiguous float32 tensors shaped like the params, on their device) as
+// the kernels take them; the vectors own the pointer arrays for the duration of the op call.
+struct CollectedImportance {
+  std::vector<void*> sensitivities, uncertainties;
+  cnl::cpu::Importance importance;
+};
+
+std::vector<void*> importance_pointers(TensorList list, const char* op, const char* name, TensorList params) {
+  std::vector<void*> out = cnl::binding::pointers_of(list, op, name, params, at::kFloat);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(list[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", list[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+  }
+  return out;
+}
+
+// After cnl::binding::collect has checked the params.
+void collect_importance(CollectedImportance& c, const char* op, TensorList params, const ImportanceArgs& args) {
+  c.sensitivities = importance_pointers(args.sensitivities, op, "sensitivities", params);
+  c.uncertainties = importance_pointers(args.uncertainties, op, "uncertainties", params);
+  if (args.kind == "first") {
+    c.importance.kind = cnl::cpu::ImportanceKind::kFirst;
+  } else if (args.kind == "param_mix") {
+    c.importance.kind = cnl::cpu::ImportanceKind::kParamMix;
+  } else {
+    TORCH_CHECK(false, op, ": importance_kind must be 'first' or 'param_mix', got '", std::string(args.kind), "'");
+  }
+  TORCH_CHECK(0.0 <= args.beta1 && args.beta1 < 1.0 && 0.0 <= args.beta2 && args.beta2 < 1.0, op,
+              ": importance betas must lie in [0, 1), got (", args.beta1, ", ", args.beta2, ")");
+  c.importance.sensitivities = c.sensitivities.data();
+  c.importance.uncertainties = c.uncertainties.data();
+  c.importance.beta1 = static_cast<float>(args.beta1);
+  c.importance.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
+  c.importance.beta2 = static_cast<float>(args.beta2);
+  c.importance.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
+}
+
+// sgd_step_, and sgd_step_importance_ with `importance`.
+void sgd_step_impl(const char* op, TensorList params, TensorList grads,
+                   const std::optional<TensorList>& momentum_buffers, const std::optional<TensorList>& references,
+                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr,
+                   double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                   bool first_step, const std::optional<Tensor>& lr_tensor, const ImportanceArgs* importance) {
   Collected c;
   cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
                         reference_format);
@@ -36,7 +82,52 @@ void sgd_step_cpu(TensorList params, TensorList grads, const std::optional<Tenso
   const cnl::SgdScalars s = cnl::binding::sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening,
                                                       nesterov, maximize, first_step,
                                                       cnl::binding::lr_pointer(lr_tensor, op, params[0]));
-  cnl::cpu::sgd_step(c.lists, s);
+  CollectedImportance imp;
+  if (importance != nullptr) collect_importance(imp, op, params, *importance);
+  cnl::cpu::sgd_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
+}
+
+void sgd_step_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                  c10::string_view reference_format, double lr, double weight_decay, double momentum,
+                  double dampening, bool nesterov, bool maximize, bool first_step,
+                  const std::optional<Tensor>& lr_tensor) {
+  sgd_step_impl("cnl_ext.sgd_step_", params, grads, momentum_buffers, references, stats, reference_format, lr,
+                weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor, nullptr);
+}
+
+void sgd_step_importance_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                             const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                             TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
+                             double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+                             bool maximize, bool first_step, c10::string_view importance_kind,
+                             double importance_beta1, double importance_beta2,
+                             const std::optional<Tensor>& lr_tensor) {
+  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+  sgd_step_impl("cnl_ext.sgd_step_importance_", params, grads, momentum_buffers, references, stats,
+                reference_format, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor,
+                &importance);
+}
+
+// adam_step_, and adam_step_importance_ with `importance`.
+void adam_step_impl(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, const std::optional<TensorList>& max_exp_avg_sqs,
+                    const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                    c10::string_view reference_format, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                    std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                    const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
+                    const ImportanceArgs* importance) {
+  Collected c;
+  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
+                        reference_format);
+  const cnl::AdamScalars s = cnl::binding::adam_setup(
+      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
+      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
+  CollectedImportance imp;
+  if (importance != nullptr) collect_importance(imp, op, params, *importance);
+  cnl::cpu::adam_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
 }
 
 void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -45,15 +136,25 @@ void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Ten
                    double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
                    bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
                    const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
-  constexpr const char* op = "cnl_ext.adam_step_";
-  Collected c;
-  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
-                        reference_format);
-  const cnl::AdamScalars s = cnl::binding::adam_setup(
-      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
-      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
-  cnl::cpu::adam_step(c.lists, s);
+  adam_step_impl("cnl_ext.adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
+                 reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                 bias_correction1, bias_correction2, device_steps, lr_tensor, nullptr);
+}
+
+void adam_step_importance_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                              const std::optional<TensorList>& max_exp_avg_sqs,
+                              const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                              TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
+                              double lr, double beta1, double beta2, double eps, double weight_decay,
+                              bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                              std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                              const std::optional<TensorList>& device_steps, c10::string_view importance_kind,
+                              double importance_beta1, double importance_beta2,
+                              const std::optional<Tensor>& lr_tensor) {
+  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+  adam_step_impl("cnl_ext.adam_step_importance_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
+                 stats, reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                 maximize, bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
 }
 
 void masked_delta_cpu(TensorList params, TensorList befores, TensorList references,
@@ -75,6 +176,17 @@ void adam_step_meta(TensorList, TensorList, TensorList, TensorList, const std::o
                     double, double, double, bool, bool, bool, std::optional<double>, std::optional<double>,
                     const std::optional<TensorList>&, const std::optional<Tensor>&) {}
 
+void sgd_step_importance_meta(TensorList, TensorList, const std::optional<TensorList>&,
+                              const std::optional<TensorList>&, const std::optional<Tensor>&, TensorList, TensorList,
+                              c10::string_view, double, double, double, double, bool, bool, bool, c10::string_view,
+                              double, double, const std::optional<Tensor>&) {}
+
+void adam_step_importance_meta(TensorList, TensorList, TensorList, TensorList, const std::optional<TensorList>&,
+                               const std::optional<TensorList>&, const std::optional<Tensor>&, TensorList, TensorList,
+                               c10::string_view, double, double, double, double, double, bool, bool, bool,
+                               std::optional<double>, std::optional<double>, const std::optional<TensorList>&,
+                               c10::string_view, double, double, const std::optional<Tensor>&) {}
+
 void masked_delta_meta(TensorList, TensorList, TensorList, const std::optional<Tensor>&, c10::string_view,
                        double) {}
 
@@ -84,18 +196,24 @@ TORCH_LIBRARY(cnl_ext, m) {
   m.def(cnl::binding::kSgdSchema);
   m.def(cnl::binding::kAdamSchema);
   m.def(cnl::binding::kMaskedDeltaSchema);
+  m.def(cnl::binding::kSgdImportanceSchema);
+  m.def(cnl::binding::kAdamImportanceSchema);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
   m.impl("masked_delta_", &masked_delta_cpu);
+  m.impl("sgd_step_importance_", &sgd_step_importance_cpu);
+  m.impl("adam_step_importance_", &adam_step_importance_cpu);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
   m.impl("sgd_step_", &sgd_step_meta);
   m.impl("adam_step_", &adam_step_meta);
   m.impl("masked_delta_", &masked_delta_meta);
+  m.impl("sgd_step_importance_", &sgd_step_importance_meta);
+  m.impl("adam_step_importance_", &adam_step_importance_meta);
 }
 
 // The module name: cnl_ext._cpu_<isa> when setup.py builds it, the JIT name when
@@ -110,7 +228,8 @@ TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
 
 PyMODINIT_FUNC CNL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, CNL_STRINGIFY(TORCH_EXTENSION_NAME),
-                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_, masked_delta_ and the KIF fusion ops.",
+                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_, masked_delta_, "
+                               "sgd_step_importance_, adam_step_importance_ and the KIF fusion ops.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
