@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_step import (_TL_DTYPES, BLOCK, CHUNK, LAUNCH_OPTIONS, _block_offsets, _chunk_bounds, _chunk_table,
-                          _load, _pointer, _pointer_table, _round_to)
+from . import triton_step
+from .triton_step import (_TL_DTYPES, BLOCK, LAUNCH_OPTIONS, _block_offsets, _chunk_bounds, _chunk_table, _load,
+                          _pointer, _pointer_table, _round_to)
 
 __all__ = ["task_vector_fuse_", "recurrent_fuse_"]
 
@@ -117,7 +118,7 @@ def task_vector_fuse_(params, anchors, coefficients, unit_maps) -> None:
         pointer_table, tensor_of_chunk, chunk_start, numel_table, unit_table,
         coefficients.to(device=device, dtype=torch.float32).contiguous(),
         P_DTYPE=_TL_DTYPES[params[0].dtype], A_DTYPE=_TL_DTYPES[anchors[0].dtype], ALIGNED=aligned,
-        CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+        CHUNK=triton_step.CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS)  # CHUNK read at the call, as _chunk_table does
 
 
 def recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_uncertainties, outer_sensitivities,
@@ -133,4 +134,4 @@ def recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_unce
         pointer_table, tensor_of_chunk, chunk_start, numel_table, float(delta_in), float(delta_out),
         P_DTYPE=_TL_DTYPES[params[0].dtype], A_DTYPE=_TL_DTYPES[anchors[0].dtype],
         RULE=_RULE_PAPER if rule == "paper" else _RULE_CODE, UPDATE_ANCHORS=update_anchors, ALIGNED=aligned,
-        CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+        CHUNK=triton_step.CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS)  # CHUNK read at the call, as _chunk_table does
