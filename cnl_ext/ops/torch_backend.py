@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference_format as rf
 from .chunking import chunks
 from .importance import importance_update_
 
