@@ -80,6 +80,17 @@ def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
     return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
 
 
+def stored_slice(stored: torch.Tensor, fmt: str, start: int, end: int) -> torch.Tensor:
+    """The stored values of elements ``start:end`` of a reference (flattened); for ``sign2``, whose
+    bytes hold 4 elements each, ``start`` must be a multiple of 4."""
+    flat = stored.view(-1)
+    if fmt != "sign2":
+        return flat[start:end]
+    if start % 4:
+        raise ValueError(f"a slice of a sign2 reference must start at a multiple of 4, got {start}")
+    return flat[start // 4:(end + 3) // 4]
+
+
 def decode(stored: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
     """Float32 values of a stored reference (signs as ``-1, 0, +1`` for the sign formats)."""
     if fmt != "sign2":

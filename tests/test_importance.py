@@ -85,17 +85,17 @@ def test_list_lengths_must_match():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["first", "param_mix"])
-def test_chunked_large_tensors_equal_the_foreach_path(monkeypatch, dtype, kind):
-    from cnl_ext.ops import importance
+def test_chunk_size_changes_nothing(monkeypatch, dtype, kind):
+    from cnl_ext.ops import chunking
 
     shapes = [(3,), (50, 7), (1000,), (33,)]
     w = [torch.randn(s).to(dtype) for s in shapes]
     g = [torch.randn(s).to(dtype) for s in shapes]
     states = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]
-    by_foreach = [t.clone() for t in states[0]], [t.clone() for t in states[1]]
-    monkeypatch.setattr(importance, "CHUNK", 1 << 30)
-    importance_update_(w, g, *by_foreach, kind=kind, betas=(0.8, 0.6))
-    monkeypatch.setattr(importance, "CHUNK", 32)  # all but the first tensor go through in chunks
+    in_one_chunk = [t.clone() for t in states[0]], [t.clone() for t in states[1]]
+    monkeypatch.setattr(chunking, "CPU_CHUNK", 1 << 30)
+    importance_update_(w, g, *in_one_chunk, kind=kind, betas=(0.8, 0.6))
+    monkeypatch.setattr(chunking, "CPU_CHUNK", 32)  # tensors cut at chunk boundaries, small ones packed
     importance_update_(w, g, *states, kind=kind, betas=(0.8, 0.6))
-    for got, want in zip(states[0] + states[1], by_foreach[0] + by_foreach[1]):
+    for got, want in zip(states[0] + states[1], in_one_chunk[0] + in_one_chunk[1]):
         assert torch.equal(got, want)

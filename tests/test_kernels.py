@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from cnl_ext import functional, reference_format
+from cnl_ext.ops import chunking, native_backend, triton_step
 from cnl_ext.ops import importance as importance_module
-from cnl_ext.ops import native_backend, triton_step
 
 from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
 
@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXACT = os.environ.get("CNL_TEST_EXACT") == "1"
 
 # Chunks are shrunk for Triton (fixture below) so that a small tensor spans several of them; the
-# native CPU kernels cut tensors into work items of a fixed size.
+# native CPU kernels cut tensors into work items of a fixed size. The oracle's chunks are shrunk too,
+# so that its chunk boundaries and packed small tensors are part of every comparison.
 TEST_CHUNK = 4 * triton_step.BLOCK
+ORACLE_CHUNK = {"CPU_CHUNK": 256, "DEVICE_CHUNK": 4096}
 NATIVE_ITEM = 32768  # cnl::cpu::kItemSize (csrc/cpu/cnl_cpu_kernels.h); checked by test_native_build_info
 SHAPES = [(), (0,), (1,), (7,), (31,), (33,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7)]
 LARGE_SHAPE = {"triton": (2 * TEST_CHUNK + 3,), "native": (2 * NATIVE_ITEM + 37,)}
@@ -81,8 +83,10 @@ BACKENDS = [
 
 @pytest.fixture(autouse=True)
 def _backend_ready(request, monkeypatch):
-    """Small Triton chunks; skip (or fail, see above) a native case whose kernels are unavailable."""
+    """Small Triton and oracle chunks; skip (or fail, see above) a native case whose kernels are unavailable."""
     monkeypatch.setattr(triton_step, "CHUNK", TEST_CHUNK)
+    for name, size in ORACLE_CHUNK.items():
+        monkeypatch.setattr(chunking, name, size)
     callspec = getattr(request.node, "callspec", None)
     if callspec is None or callspec.params.get("backend") != "native":
         return
@@ -101,16 +105,16 @@ def _oracle_rounding():
         yield
         return
 
-    def exact_sqrt(t):
-        return torch.sqrt(t.double()).to(t.dtype)  # sqrt in double, rounded once: correctly rounded
+    sqrt = torch.sqrt
 
-    original = torch.Tensor.sqrt, torch._foreach_sqrt
-    torch.Tensor.sqrt = exact_sqrt
-    torch._foreach_sqrt = lambda tensors: [exact_sqrt(t) for t in tensors]
+    def exact_sqrt(t, *, out):
+        return out.copy_(sqrt(t.double()))  # sqrt in double, rounded once: correctly rounded
+
+    torch.sqrt = exact_sqrt  # the oracle's one sqrt per element (torch.sqrt(second, out=denom))
     try:
         yield
     finally:
-        torch.Tensor.sqrt, torch._foreach_sqrt = original
+        torch.sqrt = sqrt
 
 
 def _shapes(backend):
@@ -329,14 +333,12 @@ def _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampenin
 @pytest.mark.parametrize("fmt", [None, "float32"])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
 @pytest.mark.parametrize("kind", importance_module.IMPORTANCE_KINDS)
-def test_importance_in_the_step_matches_reference(backend, device, dtype, fmt, optimizer, kind, monkeypatch):
+def test_importance_in_the_step_matches_reference(backend, device, dtype, fmt, optimizer, kind):
     """KIF's EMAs updated inside the step (issue 15): against the oracle, and an observer whose EMAs
     are importance_update_'s after the step bit for bit (:func:`_check_importance`). Momentum and
     Adam maximize: the EMAs read the gradient as passed."""
     if not backend_module(backend).supports(torch.device(device), "importance"):
         pytest.skip(f"the {backend} backend updates no importance EMAs on {device} (functional does, after the step)")
-    # the oracle's EMAs of the larger tensors go through importance_update_'s chunked path, last chunk partial
-    monkeypatch.setattr(importance_module, "CHUNK", 1000)
     if optimizer == "sgd":
         _check_sgd_against_reference(backend, device, dtype, fmt, 0.0, 0.0, False, 0.0, False, importance=kind)
     elif optimizer == "momentum":
@@ -421,6 +423,33 @@ def test_mask_is_never_stored_and_frozen_elements_are_bitwise_unchanged(backend,
     assert torch.equal(p[conflict], before[conflict])
     moved = (before.float() - LR * g.float()).to(torch.bfloat16)  # rounded to nearest even, like torch
     assert torch.equal(p[~conflict], moved[~conflict])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_oracle_does_not_depend_on_its_chunk_size(monkeypatch, dtype, fmt):
+    """The oracle runs chunk by chunk (cnl_ext.ops.chunking): small chunks (tensors cut at chunk
+    boundaries, small tensors packed together) and whole tensors give the same bits; the float64
+    sums of the statistics only add up in another order."""
+    shapes = _shapes("native") + [(4099,)]
+    params, states, refs = _setup(shapes, dtype, fmt, "cpu", n_state=3)
+    grads = [torch.randn(s).to(dtype) for s in shapes]
+    results = []
+    for size in (64, 1 << 20):
+        monkeypatch.setattr(chunking, "CPU_CHUNK", size)
+        p, s = _clone(params), [_clone(x) for x in states]
+        stats = None if fmt is None else torch.zeros(len(shapes), 3, dtype=torch.float64)
+        torch_backend().adam_step_(p, grads, *s, refs, stats, reference_format=fmt or "float32", lr=LR, beta1=0.8,
+                                   beta2=0.95, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                                   amsgrad=True, maximize=False, bias_correction1=0.2, bias_correction2=0.05)
+        if refs is not None:
+            torch_backend().masked_delta_(p, params, refs, stats, reference_format=fmt, inv_lr=1 / LR)
+        results.append((p, s, stats))
+    (p_small, s_small, stats_small), (p_whole, s_whole, stats_whole) = results
+    _assert_same(p_small + sum(s_small, []), p_whole + sum(s_whole, []), dtype, exact=True)
+    if stats_small is not None:
+        assert torch.equal(stats_small[:, 0], stats_whole[:, 0])
+        torch.testing.assert_close(stats_small, stats_whole, rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.cuda

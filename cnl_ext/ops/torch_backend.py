@@ -3,9 +3,10 @@
 It is the oracle every kernel is tested against and the definition of rounding: float32 arithmetic
 in the order written here, the new parameter rounded once to its dtype. Read it next to the spec
 (the update rule and the per-optimizer table). It follows the ops contract of :mod:`cnl_ext.ops`
-and runs each step as ``torch._foreach_*`` calls over the whole bucket, with no more temporaries
-than the math needs (a float32 parameter is updated in place; only bf16/fp16 ones take a float32
-copy).
+and runs each step chunk by chunk (:mod:`.chunking`: the whole sequence of operations on a few
+hundred KiB at a time, in cache, with reused buffers), each operation on a float32 1-D tensor of the
+chunk: a view of a float32 tensor itself, or a float32 copy (bf16/fp16 parameters, packed small
+tensors) stored back once, rounded.
 
 For every element, with ``u`` the optimizer's update direction (``θ ← θ − lr·u``) and ``r`` the
 reference gradient::
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference_format as rf
+from .chunking import chunks
 from .importance import importance_update_
 from .kif_fusion_torch import recurrent_fuse_ as kif_recurrent_fuse_
 from .kif_fusion_torch import task_vector_fuse_ as kif_task_vector_fuse_
@@ -43,47 +44,36 @@ def supports(device: torch.device, op: str) -> bool:
 def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the elements whose update disagrees in sign with the reference.
 
-    Defined by signs (spec), so an element whose reference or update is exactly 0 is collaborative.
+    Defined by signs (spec), so an element whose reference or update is exactly 0 (or NaN) is
+    collaborative; ``r·u`` itself could underflow to 0.
     """
-    return ((reference > 0) & (update < 0)) | ((reference < 0) & (update > 0))
+    return torch.sign(reference) * torch.sign(update) < 0
 
 
-def _float32(tensors):
-    """The tensors as float32: themselves when they already are (no copy), else float32 copies."""
-    return [t if t.dtype == torch.float32 else t.to(torch.float32) for t in tensors]
+def _where(condition, a, b, out):
+    """``torch.where(condition, a, b)`` of float32 tensors, into ``out``, bit for bit: as
+    ``b ^ ((a ^ b)·condition)`` on their bits (torch.where's CPU kernel branches per element, ~9×
+    slower on a mask of random signs)."""
+    a_bits, b_bits, out_bits = (t.view(torch.int32) for t in (a, b, out))
+    torch.bitwise_xor(a_bits, b_bits, out=out_bits).mul_(condition).bitwise_xor_(b_bits)
+    return out
 
 
-def _subtract(params32, step, *, in_place):
-    """``params32 − step``: written into ``params32`` when nothing needs their old values (no mask)."""
-    if in_place:
-        torch._foreach_sub_(params32, step)
-        return params32
-    return torch._foreach_sub(params32, step)
-
-
-def _write_masked(params, params32, new32, updates, references, fmt, stats):
-    """Write ``new32`` into ``params`` where collaborative (everywhere without a reference).
-
-    ``params32`` may be ``params`` themselves (float32), so the masked value is taken from it before
-    ``params`` is written. With ``stats``, row ``i`` gets (collaborative count, Σs collaborative,
-    Σs conflicting), ``s = r·u``.
+def _write_masked(chunk, params, old, new, update, references, fmt, stats):
+    """Store ``new`` into this chunk of ``params`` where collaborative (everywhere without a
+    reference), ``old`` where conflicting (without a reference, ``new`` may be ``old`` updated in
+    place). With ``stats``, row ``i`` gets (collaborative count, Σs collaborative, Σs conflicting), ``s = r·u``.
     """
     if references is None:
-        if new32[0] is not params[0]:  # computed in a float32 copy (bf16/fp16 params, or the write-back)
-            torch._foreach_copy_(params, new32)
+        chunk.write(params, new)
         return
-    for i, (p, p32, new, u, stored) in enumerate(zip(params, params32, new32, updates, references)):
-        r = rf.decode(stored, fmt, p.shape)
-        conflict = conflicting(r, u)
-        if stats is not None:
-            s = r * u
-            collaborative = ~conflict
-            stats[i] += torch.stack([
-                collaborative.sum(dtype=torch.float64),
-                torch.where(collaborative, s, 0.0).sum(dtype=torch.float64),
-                torch.where(conflict, s, 0.0).sum(dtype=torch.float64),
-            ])
-        p.copy_(torch.where(conflict, p32, new))
+    r = chunk.read_reference(references, fmt)
+    conflict = conflicting(r, update)
+    if stats is not None:
+        s = torch.mul(r, update, out=chunk.scratch())
+        collaborative = ~conflict
+        chunk.add_sums(stats, [collaborative, torch.where(collaborative, s, 0.0), torch.where(conflict, s, 0.0)])
+    chunk.write(params, _where(conflict, old, new, out=chunk.scratch()))
 
 
 @torch.no_grad()
@@ -95,24 +85,27 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
 
     ``importance``: ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated after the step
     from the new parameters and ``grads`` (:func:`cnl_ext.ops.importance.importance_update_`)."""
-    params32 = _float32(params)
-    g = _float32(grads)
-    if maximize:
-        g = torch._foreach_neg(g)
-    if weight_decay != 0:
-        g = torch._foreach_add(g, torch._foreach_mul(params32, weight_decay))
-    if momentum_buffers is None:
-        u = g
-    else:
-        if first_step:  # torch.optim.SGD starts the buffer at the first gradient, undamped
-            torch._foreach_copy_(momentum_buffers, g)
+    for chunk in chunks(params):
+        p = chunk.read(params)
+        g = chunk.read(grads, copy=maximize or weight_decay != 0)  # a copy where it is changed
+        t = chunk.scratch()
+        if maximize:
+            g.neg_()
+        if weight_decay != 0:
+            g.add_(torch.mul(p, weight_decay, out=t))
+        if momentum_buffers is None:
+            u = g
         else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, torch._foreach_mul(g, 1 - dampening))
-        u = torch._foreach_add(g, torch._foreach_mul(momentum_buffers, momentum)) if nesterov else momentum_buffers
-    step = torch._foreach_mul(u, lr)
-    new = _subtract(params32, step, in_place=references is None)
-    _write_masked(params, params32, new, u, references, reference_format, stats)
+            b = chunk.read(momentum_buffers)
+            if first_step:  # torch.optim.SGD starts the buffer at the first gradient, undamped
+                b.copy_(g)
+            else:
+                b.mul_(momentum).add_(torch.mul(g, 1 - dampening, out=t))
+            chunk.write(momentum_buffers, b)
+            u = torch.add(g, torch.mul(b, momentum, out=t), out=t) if nesterov else b
+        step = torch.mul(u, lr, out=chunk.scratch())
+        new = p.sub_(step) if references is None else torch.sub(p, step, out=step)
+        _write_masked(chunk, params, p, new, u, references, reference_format, stats)
     if importance is not None:
         importance_update_(params, grads, *importance, kind=importance_kind, betas=importance_betas)
 
@@ -129,57 +122,50 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     With ``device_steps`` (capturable), the bias corrections come from each tensor's step count on
     the device, and ``lr`` may be a device scalar: nothing here reads a value back to the host.
     """
-    params32 = _float32(params)
-    g = _float32(grads)
-    if maximize:
-        g = torch._foreach_neg(g)
-    if weight_decay != 0 and not decoupled_weight_decay:
-        g = torch._foreach_add(g, torch._foreach_mul(params32, weight_decay))
-    # m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g², each product rounded before the sum
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, torch._foreach_mul(g, 1 - beta1))
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    g_squared = torch._foreach_mul(g, g)
-    torch._foreach_mul_(g_squared, 1 - beta2)
-    torch._foreach_add_(exp_avg_sqs, g_squared)
-    del g_squared
-    second = exp_avg_sqs
-    if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        second = max_exp_avg_sqs
-    # adam = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε), computed in place in one temporary list
-    denom = torch._foreach_sqrt(second)
-    if device_steps is None:
-        torch._foreach_div_(denom, bias_correction2**0.5)
-        torch._foreach_add_(denom, eps)
-        adam = torch._foreach_div(exp_avgs, bias_correction1)
-    else:
+    if device_steps is not None:  # per tensor: 1 − β1^t and sqrt(1 − β2^t), as device scalars
         bias_correction1s = torch._foreach_pow(beta1, device_steps)
         torch._foreach_neg_(bias_correction1s)
         torch._foreach_add_(bias_correction1s, 1)
-        bias_correction2s = torch._foreach_pow(beta2, device_steps)
-        torch._foreach_neg_(bias_correction2s)
-        torch._foreach_add_(bias_correction2s, 1)
-        torch._foreach_sqrt_(bias_correction2s)
-        torch._foreach_div_(denom, bias_correction2s)
-        torch._foreach_add_(denom, eps)
-        adam = torch._foreach_div(exp_avgs, bias_correction1s)
-    torch._foreach_div_(adam, denom)
-    del denom
-    step = torch._foreach_mul(adam, lr)
-    if decoupled_weight_decay and weight_decay != 0:
-        # torch.optim.AdamW's order: θ·(1 − lr·λ) − lr·adam; u = adam + λ·θ
-        u = None if references is None else torch._foreach_add(adam, torch._foreach_mul(params32, weight_decay))
-        if references is None:
-            torch._foreach_mul_(params32, 1 - lr * weight_decay)
-            new = _subtract(params32, step, in_place=True)
+        bias_correction2_sqrts = torch._foreach_pow(beta2, device_steps)
+        torch._foreach_neg_(bias_correction2_sqrts)
+        torch._foreach_add_(bias_correction2_sqrts, 1)
+        torch._foreach_sqrt_(bias_correction2_sqrts)
+    for chunk in chunks(params, pack=device_steps is None):  # per-tensor scalars: one tensor per chunk
+        if device_steps is None:
+            bc1, bc2_sqrt = bias_correction1, bias_correction2**0.5
         else:
-            new = _subtract(torch._foreach_mul(params32, 1 - lr * weight_decay), step, in_place=True)
-    else:
-        new = _subtract(params32, step, in_place=references is None)
-        u = adam
-    del step
-    _write_masked(params, params32, new, u, references, reference_format, stats)
+            bc1, bc2_sqrt = bias_correction1s[chunk.tensor], bias_correction2_sqrts[chunk.tensor]
+        p = chunk.read(params)
+        g = chunk.read(grads, copy=maximize or (weight_decay != 0 and not decoupled_weight_decay))
+        m, v = chunk.read(exp_avgs), chunk.read(exp_avg_sqs)
+        t, denom, adam = chunk.scratch(), chunk.scratch(), chunk.scratch()
+        if maximize:
+            g.neg_()
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g.add_(torch.mul(p, weight_decay, out=t))
+        # m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g², each product rounded before the sum
+        m.mul_(beta1).add_(torch.mul(g, 1 - beta1, out=t))
+        v.mul_(beta2).add_(torch.mul(g, g, out=t).mul_(1 - beta2))
+        chunk.write(exp_avgs, m)
+        chunk.write(exp_avg_sqs, v)
+        second = v
+        if amsgrad:
+            second = chunk.read(max_exp_avg_sqs)
+            torch.maximum(second, v, out=second)
+            chunk.write(max_exp_avg_sqs, second)
+        # adam = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε)
+        torch.sqrt(second, out=denom).div_(bc2_sqrt).add_(eps)
+        torch.div(m, bc1, out=adam).div_(denom)
+        step = torch.mul(adam, lr, out=t)
+        if decoupled_weight_decay and weight_decay != 0:
+            # torch.optim.AdamW's order: θ·(1 − lr·λ) − lr·adam; u = adam + λ·θ
+            u = None if references is None else torch.add(adam, torch.mul(p, weight_decay, out=denom), out=denom)
+            new = p if references is None else chunk.scratch()
+            torch.mul(p, 1 - lr * weight_decay, out=new).sub_(step)
+        else:
+            new = p.sub_(step) if references is None else torch.sub(p, step, out=step)
+            u = adam
+        _write_masked(chunk, params, p, new, u, references, reference_format, stats)
     if importance is not None:  # see sgd_step_
         importance_update_(params, grads, *importance, kind=importance_kind, betas=importance_betas)
 
@@ -192,12 +178,13 @@ def masked_delta_(params, befores, references, stats, *, reference_format: str, 
     ``params`` hold θ_after and are written in place; ``befores`` are contiguous copies of
     θ_before. ``stats`` rows get the sums of ``s = r·u`` with ``u = −Δ·inv_lr``.
     """
-    before32, after32 = _float32(befores), _float32(params)
-    # The mask takes its signs from −Δ itself (exact in float32), not from −Δ·inv_lr, which could
-    # underflow to 0; the sums of s are scaled by 1/lr once, after.
-    minus_delta = torch._foreach_sub(before32, after32)
     rows = None if stats is None else torch.zeros_like(stats)
-    _write_masked(params, before32, after32, minus_delta, references, reference_format, rows)
+    for chunk in chunks(params):
+        before, after = chunk.read(befores), chunk.read(params)
+        # The mask takes its signs from −Δ itself (exact in float32), not from −Δ·inv_lr, which could
+        # underflow to 0; the sums of s are scaled by 1/lr once, after.
+        minus_delta = torch.sub(before, after, out=chunk.scratch())
+        _write_masked(chunk, params, before, after, minus_delta, references, reference_format, rows)
     if rows is not None:
         rows[:, 1:] *= inv_lr
         stats += rows
