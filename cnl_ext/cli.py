@@ -658,7 +658,8 @@ def cmd_continual(ctx: Context) -> None:
         raise UsageError(str(error)) from error
     quiet_library_bars()
     continual.run(config)
-    print(f"results in {config.out_dir} (summary.md, accuracy matrices, heat maps, comparison chart)")
+    print(f"results in {config.out_dir} (tables.md, summary.csv, matrices.csv, results.json, heat maps, "
+          f"comparison chart)")
 
 
 def _continual_arguments():

@@ -29,7 +29,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def _torchrun(script, *args, timeout=TORCHRUN_TIMEOUT_S):
     """``torchrun --nproc_per_node 2 script args`` on CPU (gloo); the completed process."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # PYTHONFAULTHANDLER: a rank that aborts shows where (the Python stacks of its threads)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     # --standalone: torchrun picks and holds a free port itself (no race with other test processes)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(worker.WORLD_SIZE), str(script), *map(str, args)]
