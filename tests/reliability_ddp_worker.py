@@ -15,9 +15,9 @@ import torch
 
 import cnl_ext
 
-from tests.distributed_worker import shutdown  # torchrun's PYTHONPATH holds the repository root
+# torchrun's PYTHONPATH holds the repository root; the model, loss and world size are the DDP tests' own
+from tests.distributed_worker import WORLD_SIZE, loss_fn, make_model, shutdown
 
-WORLD_SIZE = 2
 REFERENCE_KEY = "cnl_reference"
 
 OPTIMIZERS = {
@@ -27,20 +27,11 @@ OPTIMIZERS = {
 }
 
 
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-
-
 def make_data():
     """(mastered batches, one training batch), whole: each rank takes its half of every batch."""
     generator = torch.Generator().manual_seed(1)
     mastered = [torch.randn(WORLD_SIZE * 3, 6, generator=generator) for _ in range(3)]
     return mastered, torch.randn(WORLD_SIZE * 4, 6, generator=generator)
-
-
-def loss_fn(model, x):
-    return (model(x) - 0.1).pow(2).mean()
 
 
 def expected_reference():

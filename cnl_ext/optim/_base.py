@@ -158,10 +158,9 @@ class CNLOptimizer(torch.optim.Optimizer):
         """``(sensitivities, uncertainties)``: KIF's float32 EMAs ``Ī`` and ``Ū`` that steps with
         ``importance=`` set keep in ``slot`` (default: :attr:`importance_slot`), two lists in parameter
         order (zeros for a parameter not stepped yet). The live states: read them, do not write."""
-        keys = self._importance_keys(slot)
-        state_of = [self.state.get(p, {}) for p in self._parameters()]
-        return tuple([state[key] if key in state else torch.zeros_like(p, dtype=torch.float32)
-                      for p, state in zip(self._parameters(), state_of)] for key in keys)
+        params = self._parameters()
+        return tuple([self.state[p][key] if key in self.state.get(p, {}) else torch.zeros_like(p, dtype=torch.float32)
+                      for p in params] for key in self._importance_keys(slot))
 
     def importance_scores(self, slot=None):
         """KIF's element importance ``Ī·Ū`` per parameter (a list in parameter order, float32) of
