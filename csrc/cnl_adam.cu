@@ -5,11 +5,17 @@
 namespace cnl {
 namespace {
 
-// table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable)
-constexpr int kAdamDepth = 7;
+// table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable),
+// then with importance: sensitivity, uncertainty
+template <bool kImportance>
+constexpr int kAdamDepth = kImportance ? 9 : 7;
 // CUDA kernel arguments are limited to 4 KiB (without relying on CUDA 12.1's larger limit, so
 // that the same code builds and runs with any 11.8+/12.x toolkit and driver).
-static_assert(sizeof(TensorTable<kAdamDepth>) + sizeof(AdamScalars) + sizeof(double*) <= 4096,
+static_assert(sizeof(TensorTable<kAdamDepth<true>>) + sizeof(AdamScalars) + sizeof(ImportanceScalars) +
+                      sizeof(double*) <= 4096,
+              "tensor table too large for the kernel argument space");
+static_assert(sizeof(TensorTable<kAdamDepth<false>>) + sizeof(AdamScalars) + sizeof(ImportanceScalars) +
+                      sizeof(double*) <= 4096,
               "tensor table too large for the kernel argument space");
 
 template <typename T>
@@ -20,19 +26,24 @@ struct AdamPtrs {
   float* __restrict__ exp_avg_sq;
   float* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
   const void* __restrict__ ref;
+  float* __restrict__ sensitivity;  // nullptr without importance
+  float* __restrict__ uncertainty;
+  ImportanceScalars importance;
 };
 
-template <typename T, RefFormat kRef, bool kStats>
+template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct AdamStep {
   template <int N>
   static __device__ __forceinline__ void run(const AdamPtrs<T>& a, int64_t i, const AdamScalars& s, StatAcc& acc) {
     float p[N], g[N], m[N], v[N], vmax[N] = {}, r[N];
+    ImportanceBlock<kImportance, N> importance;
     load<N>(p, a.param, i);
     load<N>(g, a.grad, i);
     load<N>(m, a.exp_avg, i);
     load<N>(v, a.exp_avg_sq, i);
     if (s.amsgrad) load<N>(vmax, a.max_exp_avg_sq, i);
     load_reference<N, kRef>(r, a.ref, i);
+    importance.load_from(a.sensitivity, a.uncertainty, i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float gk = s.maximize ? -g[k] : g[k];
@@ -59,13 +70,14 @@ struct AdamStep {
     store<N>(a.exp_avg, i, m);
     store<N>(a.exp_avg_sq, i, v);
     if (s.amsgrad) store<N>(a.max_exp_avg_sq, i, vmax);
+    importance.template update_and_store<T>(a.importance, p, g, a.sensitivity, a.uncertainty, i);
   }
 };
 
-template <typename T, RefFormat kRef, bool kStats>
+template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth> table, AdamScalars s,
-                double* __restrict__ partials) {
+    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth<kImportance>> table, AdamScalars s,
+                ImportanceScalars importance, double* __restrict__ partials) {
   const int t = find_tensor(table, blockIdx.x);
   // Capturable: hyper-parameters that change every step are read on the device (uniform per block),
   // in float32 as the reference computes them from device tensors.
@@ -81,38 +93,54 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
   const int64_t end = min(start + kChunkSize, table.numel[t]);
-  const AdamPtrs<T> a{static_cast<T*>(table.ptr[0][t]),     static_cast<const T*>(table.ptr[1][t]),
-                      static_cast<float*>(table.ptr[2][t]), static_cast<float*>(table.ptr[3][t]),
-                      static_cast<float*>(table.ptr[4][t]), table.ptr[5][t]};
+  AdamPtrs<T> a{static_cast<T*>(table.ptr[0][t]),     static_cast<const T*>(table.ptr[1][t]),
+                static_cast<float*>(table.ptr[2][t]), static_cast<float*>(table.ptr[3][t]),
+                static_cast<float*>(table.ptr[4][t]), table.ptr[5][t],
+                nullptr,                              nullptr,
+                importance};
+  if constexpr (kImportance) {
+    a.sensitivity = static_cast<float*>(table.ptr[7][t]);
+    a.uncertainty = static_cast<float*>(table.ptr[8][t]);
+  }
   const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
                             aligned_to(a.exp_avg, 16) && aligned_to(a.exp_avg_sq, 16) &&
-                            aligned_to(a.max_exp_avg_sq, 16) && aligned_to(a.ref, reference_alignment<kRef>());
+                            aligned_to(a.max_exp_avg_sq, 16) && aligned_to(a.ref, reference_alignment<kRef>()) &&
+                            aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
   StatAcc acc;
-  chunk_loop<AdamStep<T, kRef, kStats>>(a, vectorizable, start, end, s, acc);
+  chunk_loop<AdamStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
   if constexpr (kStats) write_partials(acc, partials + 3 * (table.partial_base + blockIdx.x));
 }
 
 }  // namespace
 
-cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, cudaStream_t stream) {
+cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance,
+                             cudaStream_t stream) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   if (lists.states[0] == nullptr || lists.states[1] == nullptr) return cudaErrorInvalidValue;
   if (scalars.amsgrad && lists.states[2] == nullptr) return cudaErrorInvalidValue;
   if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
+  if (importance != nullptr && (importance->sensitivities == nullptr || importance->uncertainties == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const bool stats = has_ref && lists.stats != nullptr;
   if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
-  void* const* const columns[kAdamDepth] = {lists.params,    lists.grads,
-                                            lists.states[0], lists.states[1],
-                                            scalars.amsgrad ? lists.states[2] : nullptr,
-                                            has_ref ? lists.references : nullptr,
-                                            lists.steps};
-  return dispatch(lists.param_type, lists.ref_format, stats, [&](auto tag) {
+  void* const* const columns[kAdamDepth<true>] = {lists.params,
+                                                  lists.grads,
+                                                  lists.states[0],
+                                                  lists.states[1],
+                                                  scalars.amsgrad ? lists.states[2] : nullptr,
+                                                  has_ref ? lists.references : nullptr,
+                                                  lists.steps,
+                                                  importance ? importance->sensitivities : nullptr,
+                                                  importance ? importance->uncertainties : nullptr};
+  const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
+  return dispatch(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
     using Tag = decltype(tag);
-    return for_each_table<kAdamDepth>(lists, columns, stats, stream,
-                                      [&](const TensorTable<kAdamDepth>& table, unsigned blocks) {
-                                        adam_kernel<typename Tag::param_t, Tag::ref, Tag::stats>
-                                            <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, lists.partials);
-                                      });
+    constexpr int kDepth = kAdamDepth<Tag::importance>;  // the first kDepth columns
+    return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
+      adam_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
+          <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance_scalars, lists.partials);
+    });
   });
 }
 

@@ -38,9 +38,9 @@ constexpr const char* kAdamSchema =
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
     "bool amsgrad, bool maximize, float? bias_correction1=None, float? bias_correction2=None, "
     "Tensor[]? device_steps=None, Tensor? lr_tensor=None) -> ()";
-// CPU only (cnl_ext._C does not implement them): sgd_step_ and adam_step_ that also update KIF's
-// importance EMAs (cnl_ext/ops/importance.py) in the same pass. Their arguments, with the EMA lists
-// (float32, shaped like the params) after `stats` and the importance options before `lr_tensor`.
+// sgd_step_ and adam_step_ that also update KIF's importance EMAs (cnl_ext/ops/importance.py) in the
+// same pass. Their arguments, with the EMA lists (float32, shaped like the params) after `stats` and
+// the importance options before `lr_tensor`.
 constexpr const char* kSgdImportanceSchema =
     "sgd_step_importance_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, "
     "Tensor[]? references, Tensor(c!)? stats, Tensor(d!)[] sensitivities, Tensor(e!)[] uncertainties, *, "
@@ -256,6 +256,51 @@ inline AdamScalars adam_setup(Collected& c, const char* op, TensorList params, T
   s.amsgrad = amsgrad;
   s.maximize = maximize;
   return s;
+}
+
+// The importance arguments of the *_importance_ ops: KIF's EMAs and their options.
+struct ImportanceArgs {
+  TensorList sensitivities, uncertainties;
+  c10::string_view kind;
+  double beta1, beta2;
+};
+
+// ImportanceArgs validated (contiguous float32 tensors shaped like the params, on their device) as
+// the kernels take them; the vectors own the pointer arrays for the duration of the op call.
+struct CollectedImportance {
+  std::vector<void*> sensitivities, uncertainties;
+  Importance importance;
+};
+
+inline std::vector<void*> importance_pointers(TensorList list, const char* op, const char* name, TensorList params) {
+  std::vector<void*> out = pointers_of(list, op, name, params, at::kFloat);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(list[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", list[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+  }
+  return out;
+}
+
+// After collect() has checked the params.
+inline void collect_importance(CollectedImportance& c, const char* op, TensorList params, const ImportanceArgs& args) {
+  c.sensitivities = importance_pointers(args.sensitivities, op, "sensitivities", params);
+  c.uncertainties = importance_pointers(args.uncertainties, op, "uncertainties", params);
+  ImportanceScalars& s = c.importance.scalars;
+  if (args.kind == "first") {
+    s.kind = ImportanceKind::kFirst;
+  } else if (args.kind == "param_mix") {
+    s.kind = ImportanceKind::kParamMix;
+  } else {
+    TORCH_CHECK(false, op, ": importance_kind must be 'first' or 'param_mix', got '", std::string(args.kind), "'");
+  }
+  TORCH_CHECK(0.0 <= args.beta1 && args.beta1 < 1.0 && 0.0 <= args.beta2 && args.beta2 < 1.0, op,
+              ": importance betas must lie in [0, 1), got (", args.beta1, ", ", args.beta2, ")");
+  c.importance.sensitivities = c.sensitivities.data();
+  c.importance.uncertainties = c.uncertainties.data();
+  s.beta1 = static_cast<float>(args.beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
+  s.beta2 = static_cast<float>(args.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
 }
 
 }  // namespace cnl::binding

@@ -30,8 +30,11 @@ inline int64_t num_chunks(const int64_t* numels, int64_t count) {
 }
 
 // Enqueue the step on `stream`. No host synchronization, no allocation. Returns the first CUDA
-// error (launch configuration, invalid arguments), cudaSuccess otherwise.
-cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, cudaStream_t stream);
-cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, cudaStream_t stream);
+// error (launch configuration, invalid arguments), cudaSuccess otherwise. `importance`: nullptr, or
+// KIF's EMAs, which the step then updates in the same pass.
+cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance,
+                            cudaStream_t stream);
+cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance,
+                             cudaStream_t stream);
 
 }  // namespace cnl

@@ -1,13 +1,14 @@
 // Multi-tensor machinery shared by the SGD and Adam kernels: the per-launch tensor table, vector
-// loads and stores, the CNL mask, the statistics reduction and the host loop that cuts a tensor
-// list into launches.
+// loads and stores, the CNL mask, KIF's importance EMAs, the statistics reduction and the host loop
+// that cuts a tensor list into launches.
 //
 // Layout (Apex's multi_tensor_apply): the table travels as a kernel argument, so a launch needs no
 // host-to-device copy, no allocation and no synchronization, and it can be captured in a CUDA
 // graph. Each block handles one chunk of kChunkSize elements; instead of one table row per chunk
 // (Apex) the table holds one row per tensor with the prefix sum of chunk counts, and a block finds
 // its tensor by binary search. That fits 54 (Adam) to 82 (SGD) tensors in the 4 KiB argument space
-// whatever their sizes, so a 338-tensor model takes 7 Adam launches. Offsets are 64-bit throughout.
+// whatever their sizes (44 and 61 with the two importance columns), so a 338-tensor model takes 7
+// Adam launches. Offsets are 64-bit throughout.
 #pragma once
 
 #include <cstdint>
@@ -200,6 +201,51 @@ __device__ __forceinline__ float cnl_select(float p, float p_new, float u, float
   }
 }
 
+// ---------------------------------------------------------------------------- importance
+
+// The value an element has once stored as T, in float32: what the importance EMAs read.
+template <typename T>
+__device__ __forceinline__ float as_stored(float x) {
+  return to_float(from_float<T>(x));
+}
+
+// KIF's EMAs of one element, in the order of operations of cnl_ext/ops/importance.py (each
+// operation rounded on its own): `w` the new parameter as stored, `g` the gradient as passed.
+__device__ __forceinline__ void update_importance(const ImportanceScalars& s, float w, float g, float& sensitivity,
+                                                  float& uncertainty) {
+  const float x = mul(w, g);
+  const float importance = s.kind == ImportanceKind::kFirst ? fabsf(x) : fabsf(sub(x, mul(mul(x, x), 0.5f)));
+  sensitivity = add(mul(sensitivity, s.beta1), mul(importance, s.one_minus_beta1));
+  // |I - S| of the new S (Eq 11)
+  uncertainty = add(mul(uncertainty, s.beta2), mul(fabsf(sub(importance, sensitivity)), s.one_minus_beta2));
+}
+
+// With kImportance, loads the EMAs of [i, i + N) of the tensor's `sensitivity` / `uncertainty`;
+// update_importance_of then updates and stores them from the stored params `p` and the grads `g`.
+template <bool kImportance, int N>
+struct ImportanceBlock {
+  float sensitivity[N], uncertainty[N];
+
+  __device__ __forceinline__ void load_from(const float* __restrict__ s, const float* __restrict__ u, int64_t i) {
+    if constexpr (kImportance) {
+      load<N>(sensitivity, s, i);
+      load<N>(uncertainty, u, i);
+    }
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void update_and_store(const ImportanceScalars& scalars, const float (&p)[N],
+                                                   const float (&g)[N], float* __restrict__ s, float* __restrict__ u,
+                                                   int64_t i) {
+    if constexpr (kImportance) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) update_importance(scalars, as_stored<T>(p[k]), g[k], sensitivity[k], uncertainty[k]);
+      store<N>(s, i, sensitivity);
+      store<N>(u, i, uncertainty);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------- the chunk loop
 
 // Runs Step::run<N>(ptrs, i, scalars, acc) over [start, end): vectors of kVec elements when every
@@ -291,12 +337,12 @@ __global__ void __launch_bounds__(256) reduce_partials_kernel(const __grid_const
 
 // ---------------------------------------------------------------------------- host side
 
-// Fills tables of up to kMaxTensors non-empty tensors (columns[c][i] is tensor i's pointer for
-// column c, a nullptr column gives nullptr entries) and calls launch(table, num_blocks) for each,
+// Fills tables of up to kMaxTensors non-empty tensors (columns[c][i], c < kDepth, is tensor i's
+// pointer for column c, a nullptr column gives nullptr entries) and calls launch(table, num_blocks) for each,
 // then the statistics reduction when `stats` is set. Empty tensors take no block and no row.
 template <int kDepth, class Launch>
-cudaError_t for_each_table(const TensorLists& lists, void* const* const (&columns)[kDepth], bool stats,
-                           cudaStream_t stream, Launch&& launch) {
+cudaError_t for_each_table(const TensorLists& lists, void* const* const* columns, bool stats, cudaStream_t stream,
+                           Launch&& launch) {
   using Table = TensorTable<kDepth>;
   Table table;
   table.partial_base = 0;
@@ -339,41 +385,51 @@ cudaError_t for_each_table(const TensorLists& lists, void* const* const (&column
   return flush();
 }
 
-// Calls f(Kernel<T, kRef, kStats>-selecting tag) for the runtime parameter type, reference format
-// and statistics flag, so each kernel is compiled for exactly the combinations the op can take.
-template <typename T, RefFormat kRef, bool kStats>
+// Calls f(tag) with the KernelTag of the runtime parameter type, reference format, statistics and
+// importance flags, so each kernel is compiled for exactly the combinations the op can take.
+template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct KernelTag {
   using param_t = T;
   static constexpr RefFormat ref = kRef;
   static constexpr bool stats = kStats;
+  static constexpr bool importance = kImportance;
 };
 
-template <typename T, class F>
+template <typename T, bool kImportance, class F>
 cudaError_t dispatch_reference(RefFormat ref, bool stats, F&& f) {
   switch (ref) {
     case RefFormat::kNone:
-      return f(KernelTag<T, RefFormat::kNone, false>{});
+      return f(KernelTag<T, RefFormat::kNone, false, kImportance>{});
     case RefFormat::kFloat32:
-      return stats ? f(KernelTag<T, RefFormat::kFloat32, true>{}) : f(KernelTag<T, RefFormat::kFloat32, false>{});
+      return stats ? f(KernelTag<T, RefFormat::kFloat32, true, kImportance>{})
+                   : f(KernelTag<T, RefFormat::kFloat32, false, kImportance>{});
     case RefFormat::kBFloat16:
-      return stats ? f(KernelTag<T, RefFormat::kBFloat16, true>{}) : f(KernelTag<T, RefFormat::kBFloat16, false>{});
+      return stats ? f(KernelTag<T, RefFormat::kBFloat16, true, kImportance>{})
+                   : f(KernelTag<T, RefFormat::kBFloat16, false, kImportance>{});
     case RefFormat::kInt8:
-      return stats ? f(KernelTag<T, RefFormat::kInt8, true>{}) : f(KernelTag<T, RefFormat::kInt8, false>{});
+      return stats ? f(KernelTag<T, RefFormat::kInt8, true, kImportance>{})
+                   : f(KernelTag<T, RefFormat::kInt8, false, kImportance>{});
     case RefFormat::kSign2:
-      return stats ? f(KernelTag<T, RefFormat::kSign2, true>{}) : f(KernelTag<T, RefFormat::kSign2, false>{});
+      return stats ? f(KernelTag<T, RefFormat::kSign2, true, kImportance>{})
+                   : f(KernelTag<T, RefFormat::kSign2, false, kImportance>{});
   }
   return cudaErrorInvalidValue;
 }
 
+template <typename T, class F>
+cudaError_t dispatch_importance(RefFormat ref, bool stats, bool importance, F&& f) {
+  return importance ? dispatch_reference<T, true>(ref, stats, f) : dispatch_reference<T, false>(ref, stats, f);
+}
+
 template <class F>
-cudaError_t dispatch(ParamType param, RefFormat ref, bool stats, F&& f) {
+cudaError_t dispatch(ParamType param, RefFormat ref, bool stats, bool importance, F&& f) {
   switch (param) {
     case ParamType::kFloat32:
-      return dispatch_reference<float>(ref, stats, f);
+      return dispatch_importance<float>(ref, stats, importance, f);
     case ParamType::kBFloat16:
-      return dispatch_reference<__nv_bfloat16>(ref, stats, f);
+      return dispatch_importance<__nv_bfloat16>(ref, stats, importance, f);
     case ParamType::kFloat16:
-      return dispatch_reference<__half>(ref, stats, f);
+      return dispatch_importance<__half>(ref, stats, importance, f);
   }
   return cudaErrorInvalidValue;
 }

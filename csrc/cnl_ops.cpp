@@ -1,5 +1,5 @@
-// PyTorch bindings of the CUDA CNL steps: the CUDA kernels of torch.ops.cnl_ext.sgd_step_ and
-// torch.ops.cnl_ext.adam_step_.
+// PyTorch bindings of the CUDA CNL steps: the CUDA kernels of torch.ops.cnl_ext.sgd_step_,
+// adam_step_ and their *_importance_ variants (KIF's EMAs updated in the same pass).
 //
 // The schemas, the CPU and the Meta kernels are registered by the CPU library (csrc/cpu/, one
 // variant per instruction set), which cnl_ext.ops.native_backend loads before this one: a process
@@ -22,6 +22,8 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using cnl::binding::Collected;
+using cnl::binding::CollectedImportance;
+using cnl::binding::ImportanceArgs;
 
 constexpr const char* kOtherBackends = "CPU tensors run the CPU kernels of the same ops";
 
@@ -37,12 +39,12 @@ void allocate_partials(Collected& c, const Tensor& param) {
   c.lists.partials = c.partials.data_ptr<double>();
 }
 
-void sgd_step_cuda(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
-                   const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                   c10::string_view reference_format, double lr, double weight_decay, double momentum,
-                   double dampening, bool nesterov, bool maximize, bool first_step,
-                   const std::optional<Tensor>& lr_tensor) {
-  constexpr const char* op = "cnl_ext.sgd_step_";
+// sgd_step_, and sgd_step_importance_ with `importance`.
+void sgd_step_impl(const char* op, TensorList params, TensorList grads,
+                   const std::optional<TensorList>& momentum_buffers, const std::optional<TensorList>& references,
+                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr,
+                   double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                   bool first_step, const std::optional<Tensor>& lr_tensor, const ImportanceArgs* importance) {
   Collected c;
   cnl::binding::collect(c, op, c10::DeviceType::CUDA, kOtherBackends, params, grads, "grads", references, stats,
                         reference_format);
@@ -50,9 +52,60 @@ void sgd_step_cuda(TensorList params, TensorList grads, const std::optional<Tens
   const cnl::SgdScalars s = cnl::binding::sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening,
                                                       nesterov, maximize, first_step,
                                                       cnl::binding::lr_pointer(lr_tensor, op, params[0]));
+  CollectedImportance imp;
+  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
   allocate_partials(c, params[0]);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  check_launch(cnl::launch_sgd_step(c.lists, s, c10::cuda::getCurrentCUDAStream().stream()), op);
+  check_launch(cnl::launch_sgd_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr,
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+}
+
+void sgd_step_cuda(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                   const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                   c10::string_view reference_format, double lr, double weight_decay, double momentum,
+                   double dampening, bool nesterov, bool maximize, bool first_step,
+                   const std::optional<Tensor>& lr_tensor) {
+  sgd_step_impl("cnl_ext.sgd_step_", params, grads, momentum_buffers, references, stats, reference_format, lr,
+                weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor, nullptr);
+}
+
+void sgd_step_importance_cuda(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                              const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                              TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
+                              double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+                              bool maximize, bool first_step, c10::string_view importance_kind,
+                              double importance_beta1, double importance_beta2,
+                              const std::optional<Tensor>& lr_tensor) {
+  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+  sgd_step_impl("cnl_ext.sgd_step_importance_", params, grads, momentum_buffers, references, stats,
+                reference_format, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor,
+                &importance);
+}
+
+// adam_step_, and adam_step_importance_ with `importance`.
+void adam_step_impl(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, const std::optional<TensorList>& max_exp_avg_sqs,
+                    const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                    c10::string_view reference_format, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                    std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                    const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
+                    const ImportanceArgs* importance) {
+  Collected c;
+  cnl::binding::collect(c, op, c10::DeviceType::CUDA, kOtherBackends, params, grads, "grads", references, stats,
+                        reference_format);
+  const cnl::AdamScalars s = cnl::binding::adam_setup(
+      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
+      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
+  CollectedImportance imp;
+  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
+  allocate_partials(c, params[0]);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_launch(cnl::launch_adam_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr,
+                                     c10::cuda::getCurrentCUDAStream().stream()),
+               op);
 }
 
 void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -61,17 +114,25 @@ void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
                     double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
                     bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
                     const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
-  constexpr const char* op = "cnl_ext.adam_step_";
-  Collected c;
-  cnl::binding::collect(c, op, c10::DeviceType::CUDA, kOtherBackends, params, grads, "grads", references, stats,
-                        reference_format);
-  const cnl::AdamScalars s = cnl::binding::adam_setup(
-      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
-      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
-  allocate_partials(c, params[0]);
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  check_launch(cnl::launch_adam_step(c.lists, s, c10::cuda::getCurrentCUDAStream().stream()), op);
+  adam_step_impl("cnl_ext.adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
+                 reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                 bias_correction1, bias_correction2, device_steps, lr_tensor, nullptr);
+}
+
+void adam_step_importance_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                               const std::optional<TensorList>& max_exp_avg_sqs,
+                               const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                               TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
+                               double lr, double beta1, double beta2, double eps, double weight_decay,
+                               bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                               std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                               const std::optional<TensorList>& device_steps, c10::string_view importance_kind,
+                               double importance_beta1, double importance_beta2,
+                               const std::optional<Tensor>& lr_tensor) {
+  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+  adam_step_impl("cnl_ext.adam_step_importance_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
+                 stats, reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                 maximize, bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
 }
 
 }  // namespace
@@ -79,6 +140,8 @@ void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
 TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("adam_step_", &adam_step_cuda);
+  m.impl("sgd_step_importance_", &sgd_step_importance_cuda);
+  m.impl("adam_step_importance_", &adam_step_importance_cuda);
 }
 
 // `import cnl_ext._C` loads this library, which runs the registrations above. The module itself
@@ -92,7 +155,7 @@ TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "cnl_ext CUDA kernels of torch.ops.cnl_ext.sgd_step_ and adam_step_.",
+                               "cnl_ext CUDA kernels of torch.ops.cnl_ext.sgd_step_, adam_step_ and their *_importance_ variants.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;

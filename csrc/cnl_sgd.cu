@@ -5,10 +5,16 @@
 namespace cnl {
 namespace {
 
-constexpr int kSgdDepth = 4;  // table columns: param, grad, momentum buffer, reference
+// table columns: param, grad, momentum buffer, reference, then with importance: sensitivity, uncertainty
+template <bool kImportance>
+constexpr int kSgdDepth = kImportance ? 6 : 4;
 // CUDA kernel arguments are limited to 4 KiB (without relying on CUDA 12.1's larger limit, so
 // that the same code builds and runs with any 11.8+/12.x toolkit and driver).
-static_assert(sizeof(TensorTable<kSgdDepth>) + sizeof(SgdScalars) + sizeof(double*) <= 4096,
+static_assert(sizeof(TensorTable<kSgdDepth<true>>) + sizeof(SgdScalars) + sizeof(ImportanceScalars) +
+                      sizeof(double*) <= 4096,
+              "tensor table too large for the kernel argument space");
+static_assert(sizeof(TensorTable<kSgdDepth<false>>) + sizeof(SgdScalars) + sizeof(ImportanceScalars) +
+                      sizeof(double*) <= 4096,
               "tensor table too large for the kernel argument space");
 
 template <typename T>
@@ -17,17 +23,22 @@ struct SgdPtrs {
   const T* __restrict__ grad;
   float* __restrict__ buf;  // nullptr without momentum
   const void* __restrict__ ref;
+  float* __restrict__ sensitivity;  // nullptr without importance
+  float* __restrict__ uncertainty;
+  ImportanceScalars importance;
 };
 
-template <typename T, RefFormat kRef, bool kStats>
+template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct SgdStep {
   template <int N>
   static __device__ __forceinline__ void run(const SgdPtrs<T>& a, int64_t i, const SgdScalars& s, StatAcc& acc) {
     float p[N], g[N], b[N] = {}, r[N];
+    ImportanceBlock<kImportance, N> importance;
     load<N>(p, a.param, i);
     load<N>(g, a.grad, i);
     if (s.has_momentum && !s.first_step) load<N>(b, a.buf, i);
     load_reference<N, kRef>(r, a.ref, i);
+    importance.load_from(a.sensitivity, a.uncertainty, i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float gk = s.maximize ? -g[k] : g[k];
@@ -44,46 +55,60 @@ struct SgdStep {
     // and uniform full-vector stores beat per-element predication on a memory-bound kernel.
     store<N>(a.param, i, p);
     if (s.has_momentum) store<N>(a.buf, i, b);
+    importance.template update_and_store<T>(a.importance, p, g, a.sensitivity, a.uncertainty, i);
   }
 };
 
-template <typename T, RefFormat kRef, bool kStats>
+template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth> table, SgdScalars s,
-               double* __restrict__ partials) {
+    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth<kImportance>> table, SgdScalars s,
+               ImportanceScalars importance, double* __restrict__ partials) {
   if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate lives on the device
   const int t = find_tensor(table, blockIdx.x);
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
   const int64_t end = min(start + kChunkSize, table.numel[t]);
-  const SgdPtrs<T> a{static_cast<T*>(table.ptr[0][t]), static_cast<const T*>(table.ptr[1][t]),
-                     static_cast<float*>(table.ptr[2][t]), table.ptr[3][t]};
+  SgdPtrs<T> a{static_cast<T*>(table.ptr[0][t]), static_cast<const T*>(table.ptr[1][t]),
+               static_cast<float*>(table.ptr[2][t]), table.ptr[3][t], nullptr, nullptr, importance};
+  if constexpr (kImportance) {
+    a.sensitivity = static_cast<float*>(table.ptr[4][t]);
+    a.uncertainty = static_cast<float*>(table.ptr[5][t]);
+  }
   // Vector accesses need every stream of this tensor aligned to its vector size (chunk starts are
   // multiples of kVec, so the tensor's base pointers decide). nullptr columns pass.
   const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
-                            aligned_to(a.buf, 16) && aligned_to(a.ref, reference_alignment<kRef>());
+                            aligned_to(a.buf, 16) && aligned_to(a.ref, reference_alignment<kRef>()) &&
+                            aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
   StatAcc acc;
-  chunk_loop<SgdStep<T, kRef, kStats>>(a, vectorizable, start, end, s, acc);
+  chunk_loop<SgdStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
   if constexpr (kStats) write_partials(acc, partials + 3 * (table.partial_base + blockIdx.x));
 }
 
 }  // namespace
 
-cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, cudaStream_t stream) {
+cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance,
+                            cudaStream_t stream) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   if (scalars.has_momentum && lists.states[0] == nullptr) return cudaErrorInvalidValue;
   if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
+  if (importance != nullptr && (importance->sensitivities == nullptr || importance->uncertainties == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const bool stats = has_ref && lists.stats != nullptr;
   if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
-  void* const* const columns[kSgdDepth] = {lists.params, lists.grads,
-                                           scalars.has_momentum ? lists.states[0] : nullptr,
-                                           has_ref ? lists.references : nullptr};
-  return dispatch(lists.param_type, lists.ref_format, stats, [&](auto tag) {
+  void* const* const columns[kSgdDepth<true>] = {lists.params,
+                                                 lists.grads,
+                                                 scalars.has_momentum ? lists.states[0] : nullptr,
+                                                 has_ref ? lists.references : nullptr,
+                                                 importance ? importance->sensitivities : nullptr,
+                                                 importance ? importance->uncertainties : nullptr};
+  const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
+  return dispatch(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
     using Tag = decltype(tag);
-    return for_each_table<kSgdDepth>(lists, columns, stats, stream,
-                                     [&](const TensorTable<kSgdDepth>& table, unsigned blocks) {
-                                       sgd_kernel<typename Tag::param_t, Tag::ref, Tag::stats>
-                                           <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, lists.partials);
-                                     });
+    constexpr int kDepth = kSgdDepth<Tag::importance>;  // the first kDepth columns
+    return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
+      sgd_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
+          <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance_scalars, lists.partials);
+    });
   });
 }
 

@@ -70,4 +70,21 @@ struct AdamScalars {
   bool maximize;
 };
 
+// KIF's per-element importance EMAs (cnl_ext/ops/importance.py defines them), which a step updates in
+// the same pass from the new parameter as stored and the gradient as passed: one sensitivity and one
+// uncertainty tensor per param (contiguous float32, as the bindings check).
+enum class ImportanceKind : int { kFirst = 1, kParamMix = 2 };  // |w*g|, |w*g - (w*g)^2 / 2|
+
+struct ImportanceScalars {
+  ImportanceKind kind = ImportanceKind::kFirst;
+  // 1 - beta computed on the host in double and rounded once, as the torch backend's Python floats.
+  float beta1 = 0.0f, one_minus_beta1 = 1.0f, beta2 = 0.0f, one_minus_beta2 = 1.0f;
+};
+
+struct Importance {
+  void* const* sensitivities = nullptr;  // host arrays of pointers, one entry per tensor
+  void* const* uncertainties = nullptr;
+  ImportanceScalars scalars;
+};
+
 }  // namespace cnl

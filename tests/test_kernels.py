@@ -578,8 +578,9 @@ def test_native_build_info():
     assert info["cpu_build"] in ("prebuilt", "jit")
     assert info["cpu_item_size"] == NATIVE_ITEM
     assert native_backend.supports("cpu", "masked_delta_") and not native_backend.supports("meta", "adam_step_")
-    # KIF's EMAs in the step: the CPU kernels only (functional runs them after a CUDA step)
-    assert native_backend.supports("cpu", "importance") and not native_backend.supports("cuda", "importance")
+    # KIF's EMAs in the step: the CPU kernels, and the CUDA ones where cnl_ext._C is built
+    assert native_backend.supports("cpu", "importance")
+    assert native_backend.supports("cuda", "importance") == native_backend.supports("cuda", "adam_step_")
 
 
 def test_native_rejects_mismatched_inputs():
@@ -628,10 +629,6 @@ def test_native_importance_rejects_mismatched_inputs():
     with pytest.raises(RuntimeError, match=r"importance betas must lie in \[0, 1\)"):
         step(ok, ok, betas=(0.9, 1.0))
     assert all(torch.equal(t[0], torch.zeros(2, 4)) for t in (p, m, v, ok))  # nothing written by a rejected call
-    with pytest.raises(ValueError, match="CPU tensors only"):
-        native_backend.sgd_step_([torch.zeros(1, device="meta")], [torch.zeros(1, device="meta")], None, None, None,
-                                 reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
-                                 nesterov=False, maximize=False, first_step=True, importance=([], []))
 
 
 def test_native_importance_step_under_torch_compile():

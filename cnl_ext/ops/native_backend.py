@@ -3,8 +3,7 @@
 ``masked_delta_`` (so they also work inside ``torch.compile``), and KIF's fusion passes
 ``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_`` (CPU only). A step given ``importance`` (KIF's EMAs)
 runs ``torch.ops.cnl_ext.sgd_step_importance_`` / ``adam_step_importance_`` instead, which update them
-in the same pass: CPU kernels only (``supports("cuda", "importance")`` is False, and functional updates
-the EMAs after a CUDA step).
+in the same pass (CPU and CUDA kernels).
 
 Two libraries serve these ops:
 
@@ -39,7 +38,7 @@ from . import native_build
 
 NAME = "native"
 OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
-_IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs: CPU only
+_IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs
 _CUDA_OPS = ("sgd_step_", "adam_step_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
 
@@ -194,13 +193,13 @@ def cuda_unavailable_reason() -> str:
 
 def supports(device, op: str) -> bool:
     """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
-    ``"importance"``, the KIF fusion passes) run for tensors on ``device``: every op on CPU; the steps
-    on CUDA with ``cnl_ext._C``, without importance."""
+    ``"importance"``, the KIF fusion passes) run for tensors on ``device``: every op on CPU; the steps,
+    with or without importance, on CUDA with ``cnl_ext._C``."""
     device = torch.device(device)
     if device.type == "cpu":
         return op in OPS or op in ("capturable", "importance")
     if device.type == "cuda":
-        return (op in _CUDA_OPS or op == "capturable") and importlib.util.find_spec("cnl_ext._C") is not None
+        return (op in _CUDA_OPS or op in ("capturable", "importance")) and importlib.util.find_spec("cnl_ext._C") is not None
     return False
 
 
@@ -244,14 +243,11 @@ def _split_lr(lr):
     return float(lr), None
 
 
-def _importance_op(op: str, params, importance, importance_kind, importance_betas):
+def _importance_op(op: str, importance, importance_kind, importance_betas):
     """(op, extra positional lists, extra keywords): ``op`` itself without importance, else its
-    ``*_importance_`` variant (CPU only) with the EMA lists and options."""
+    ``*_importance_`` variant with the EMA lists and options."""
     if importance is None:
         return getattr(torch.ops.cnl_ext, op), (), {}
-    if params[0].device.type != "cpu":
-        raise ValueError(f"cnl_ext native backend: {op} updates importance EMAs on CPU tensors only, params are on "
-                         f"{params[0].device} (functional updates them after the step there)")
     sensitivities, uncertainties = importance
     beta1, beta2 = (float(b) for b in importance_betas)
     return (getattr(torch.ops.cnl_ext, op + "importance_"), (sensitivities, uncertainties),
@@ -263,12 +259,12 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
               first_step: bool, importance=None, importance_kind: str = "first",
               importance_betas=(0.85, 0.85)) -> None:
     """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math; ``importance``:
-    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass (CPU)."""
+    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass."""
     _check()
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
     lr, lr_tensor = _split_lr(lr)
-    op, importance_lists, importance_options = _importance_op("sgd_step_", params, importance, importance_kind,
+    op, importance_lists, importance_options = _importance_op("sgd_step_", importance, importance_kind,
                                                               importance_betas)
     op(
         params, grads, momentum_buffers, references, stats, *importance_lists,
@@ -294,7 +290,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         return
     lr, lr_tensor = _split_lr(lr)
     on_device = device_steps is not None
-    op, importance_lists, importance_options = _importance_op("adam_step_", params, importance, importance_kind,
+    op, importance_lists, importance_options = _importance_op("adam_step_", importance, importance_kind,
                                                               importance_betas)
     op(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, stats,

@@ -316,7 +316,7 @@ void dispatch_importance(bool importance, F&& f) {
 
 // KIF's EMAs of kBlock elements, in the order of operations of cnl_ext/ops/importance.py (each
 // operation rounded on its own): `w` the new parameters as stored, `g` the gradients as passed.
-C10_ALWAYS_INLINE void update_importance(const Importance& imp, float* sensitivity, float* uncertainty,
+C10_ALWAYS_INLINE void update_importance(const ImportanceScalars& imp, float* sensitivity, float* uncertainty,
                                          const Vec (&w)[kVecs], const Vec (&g)[kVecs]) {
   Vec s[kVecs], u[kVecs];
   load_block(sensitivity, s);
@@ -341,7 +341,7 @@ C10_ALWAYS_INLINE void store_params(T* param, Vec (&p)[kVecs], const Vec (&g)[kV
                                     void* const (&ptrs)[kStreams], int64_t i) {
   if constexpr (kImportance) {
     store_block_as_stored(param, p);
-    update_importance(*imp, static_cast<float*>(ptrs[kS]) + i, static_cast<float*>(ptrs[kS + 1]) + i, p, g);
+    update_importance(imp->scalars, static_cast<float*>(ptrs[kS]) + i, static_cast<float*>(ptrs[kS + 1]) + i, p, g);
   } else {
     store_block(param, p);
   }

@@ -17,19 +17,6 @@ constexpr int64_t kItemSize = 32768;
 // bit-identical across instruction sets.
 constexpr int64_t kBlock = 32;
 
-// KIF's per-element importance EMAs (cnl_ext/ops/importance.py defines them), updated by a step in
-// the same pass from the new parameter as stored and the gradient as passed: one sensitivity and one
-// uncertainty tensor per param (contiguous float32, as the binding checks).
-enum class ImportanceKind : int { kFirst = 1, kParamMix = 2 };  // |w*g|, |w*g - (w*g)^2 / 2|
-
-struct Importance {
-  void* const* sensitivities = nullptr;
-  void* const* uncertainties = nullptr;
-  ImportanceKind kind = ImportanceKind::kFirst;
-  // 1 - beta computed on the host in double and rounded once, as the torch backend's Python floats.
-  float beta1 = 0.0f, one_minus_beta1 = 1.0f, beta2 = 0.0f, one_minus_beta2 = 1.0f;
-};
-
 // The instruction set this library was compiled for ("DEFAULT", "AVX2", "AVX512").
 const char* capability();
 

@@ -22,52 +22,10 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using cnl::binding::Collected;
+using cnl::binding::CollectedImportance;
+using cnl::binding::ImportanceArgs;
 
 constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
-
-// The importance arguments of the *_importance_ ops: KIF's EMAs and their options.
-struct ImportanceArgs {
-  TensorList sensitivities, uncertainties;
-  c10::string_view kind;
-  double beta1, beta2;
-};
-
-// ImportanceArgs validated (contiguous float32 tensors shaped like the params, on their device) as
-// the kernels take them; the vectors own the pointer arrays for the duration of the op call.
-struct CollectedImportance {
-  std::vector<void*> sensitivities, uncertainties;
-  cnl::cpu::Importance importance;
-};
-
-std::vector<void*> importance_pointers(TensorList list, const char* op, const char* name, TensorList params) {
-  std::vector<void*> out = cnl::binding::pointers_of(list, op, name, params, at::kFloat);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(list[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", list[i].sizes(),
-                " but params[", i, "] has shape ", params[i].sizes());
-  }
-  return out;
-}
-
-// After cnl::binding::collect has checked the params.
-void collect_importance(CollectedImportance& c, const char* op, TensorList params, const ImportanceArgs& args) {
-  c.sensitivities = importance_pointers(args.sensitivities, op, "sensitivities", params);
-  c.uncertainties = importance_pointers(args.uncertainties, op, "uncertainties", params);
-  if (args.kind == "first") {
-    c.importance.kind = cnl::cpu::ImportanceKind::kFirst;
-  } else if (args.kind == "param_mix") {
-    c.importance.kind = cnl::cpu::ImportanceKind::kParamMix;
-  } else {
-    TORCH_CHECK(false, op, ": importance_kind must be 'first' or 'param_mix', got '", std::string(args.kind), "'");
-  }
-  TORCH_CHECK(0.0 <= args.beta1 && args.beta1 < 1.0 && 0.0 <= args.beta2 && args.beta2 < 1.0, op,
-              ": importance betas must lie in [0, 1), got (", args.beta1, ", ", args.beta2, ")");
-  c.importance.sensitivities = c.sensitivities.data();
-  c.importance.uncertainties = c.uncertainties.data();
-  c.importance.beta1 = static_cast<float>(args.beta1);
-  c.importance.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
-  c.importance.beta2 = static_cast<float>(args.beta2);
-  c.importance.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
-}
 
 // sgd_step_, and sgd_step_importance_ with `importance`.
 void sgd_step_impl(const char* op, TensorList params, TensorList grads,
@@ -83,7 +41,7 @@ void sgd_step_impl(const char* op, TensorList params, TensorList grads,
                                                       nesterov, maximize, first_step,
                                                       cnl::binding::lr_pointer(lr_tensor, op, params[0]));
   CollectedImportance imp;
-  if (importance != nullptr) collect_importance(imp, op, params, *importance);
+  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
   cnl::cpu::sgd_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
 }
 
@@ -126,7 +84,7 @@ void adam_step_impl(const char* op, TensorList params, TensorList grads, TensorL
       decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
       cnl::binding::lr_pointer(lr_tensor, op, params[0]));
   CollectedImportance imp;
-  if (importance != nullptr) collect_importance(imp, op, params, *importance);
+  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
   cnl::cpu::adam_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
 }
 
