@@ -40,8 +40,8 @@ from setuptools.command.build_py import build_py
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 CSRC = "csrc"
-SOURCES = [f"{CSRC}/cnl_ops.cpp", f"{CSRC}/cnl_sgd.cu", f"{CSRC}/cnl_adam.cu"]
-HEADERS = [f"{CSRC}/cnl_common.h", f"{CSRC}/cnl_multi_tensor.cuh"]
+SOURCES = [f"{CSRC}/cnl_ops.cpp", f"{CSRC}/cnl_sgd.cu", f"{CSRC}/cnl_adam.cu", f"{CSRC}/cnl_kif.cu"]
+HEADERS = [f"{CSRC}/cnl_common.h", f"{CSRC}/cnl_multi_tensor.cuh", f"{CSRC}/cnl_types.h", f"{CSRC}/cnl_binding.h"]
 
 _said = set()
 

@@ -303,4 +303,78 @@ inline void collect_importance(CollectedImportance& c, const char* op, TensorLis
   s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
 }
 
+// ---------------------------------------------------------------------------- KIF's fusion ops
+
+// The schemas of KIF's fusion passes (cnl_ext/ops/kif_fusion_torch.py defines them). Unit maps: element
+// f of params[i] belongs to unit unit_offsets[i] + (f // unit_divs[i]) % unit_mods[i].
+constexpr const char* kTaskVectorFuseSchema =
+    "kif_task_vector_fuse_(Tensor(a!)[] params, Tensor[] anchors, Tensor coefficients, int[] unit_offsets, "
+    "int[] unit_divs, int[] unit_mods) -> ()";
+constexpr const char* kRecurrentFuseSchema =
+    "kif_recurrent_fuse_(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor[] inner_ends, "
+    "Tensor[] inner_sensitivities, Tensor[] inner_uncertainties, Tensor[] outer_sensitivities, "
+    "Tensor[] outer_uncertainties, *, float delta_in, float delta_out, str rule, bool update_anchors) -> ()";
+
+inline at::ScalarType fusion_dtype(const Tensor& t, const char* op, const char* name) {
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+  return dtype;
+}
+
+// Checks that `params` are contiguous tensors of one fusion dtype on a `device_type` device; returns
+// their element counts. `other_backends` completes the error for tensors elsewhere.
+inline std::vector<int64_t> fusion_params(TensorList params, const char* op, c10::DeviceType device_type,
+                                          const char* other_backends) {
+  TORCH_CHECK(!params.empty(), op, ": params is empty");
+  const Tensor& first = params[0];
+  TORCH_CHECK(first.defined() && first.device().type() == device_type, op, ": params must be ",
+              c10::DeviceTypeName(device_type), " tensors here, params[0] is ",
+              first.defined() ? first.device().str() : std::string("undefined"), " (", other_backends, ")");
+  fusion_dtype(first, op, "params");
+  std::vector<int64_t> numels(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_tensor(params[i], op, "params", i, first, first.scalar_type(), params[i].numel());
+    numels[i] = params[i].numel();
+  }
+  return numels;
+}
+
+// Checks `list` against the params (one tensor each, as many elements, contiguous, on their device)
+// with `dtype`, or with the dtype of its first tensor (a fusion dtype) when `dtype` is Undefined.
+inline std::vector<void*> fusion_list(TensorList list, const char* op, const char* name, TensorList params,
+                                      at::ScalarType dtype = at::ScalarType::Undefined) {
+  TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
+  if (dtype == at::ScalarType::Undefined) {
+    TORCH_CHECK(list[0].defined(), op, ": ", name, "[0] is undefined");
+    dtype = fusion_dtype(list[0], op, name);
+  }
+  return pointers_of(list, op, name, params, dtype);
+}
+
+// The checks of kif_task_vector_fuse_'s coefficients (contiguous 1-D float32 on the params' device)
+// and unit maps (every tensor's units within the coefficients).
+inline void check_units(const Tensor& coefficients, const std::vector<int64_t>& numels, at::IntArrayRef offsets,
+                        at::IntArrayRef divs, at::IntArrayRef mods, const char* op, const Tensor& param) {
+  TORCH_CHECK(coefficients.defined() && coefficients.device() == param.device() &&
+                  coefficients.scalar_type() == at::kFloat && coefficients.dim() == 1 && coefficients.is_contiguous(),
+              op, ": coefficients must be a contiguous 1-D float32 tensor on the params' device ", param.device());
+  const int64_t units = coefficients.numel();
+  const size_t n = numels.size();
+  TORCH_CHECK(offsets.size() == n && divs.size() == n && mods.size() == n, op, ": got ", n, " params but ",
+              offsets.size(), " unit offsets, ", divs.size(), " divs, ", mods.size(), " mods");
+  for (size_t i = 0; i < n; ++i) {
+    if (numels[i] == 0) continue;
+    TORCH_CHECK(divs[i] >= 1 && mods[i] >= 1 && offsets[i] >= 0 && offsets[i] + mods[i] <= units, op,
+                ": the units of params[", i, "] (offset ", offsets[i], ", div ", divs[i], ", mod ", mods[i],
+                ") do not lie within the ", units, " coefficients");
+  }
+}
+
+inline void check_recurrent_options(c10::string_view rule, double delta_in, double delta_out, const char* op) {
+  TORCH_CHECK(rule == "code" || rule == "paper", op, ": rule must be 'code' or 'paper', got '", std::string(rule),
+              "'");
+  TORCH_CHECK(!std::isnan(delta_in) && !std::isnan(delta_out), op, ": a fusion threshold is NaN");
+}
+
 }  // namespace cnl::binding

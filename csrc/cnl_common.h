@@ -37,4 +37,22 @@ cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars,
 cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance,
                              cudaStream_t stream);
 
+// KIF's fusion passes (cnl_ext/ops/kif_fusion_torch.py): `lists` gives count, numels, params and
+// param_type (nothing else is read); `anchor_type` is the dtype of the anchors (and inner ends).
+// Task vector: `units` is a device array of (offset, div, mod) per tensor of the op's lists: element f
+// of tensor i takes coefficients[offset + (f / div) % mod] (device float32).
+cudaError_t launch_task_vector_fuse(const TensorLists& lists, ParamType anchor_type, void* const* anchors,
+                                    const float* coefficients, const int64_t* units, cudaStream_t stream);
+
+// Recurrent-KIF: `columns` holds anchors, inner ends, then the float32 S_in, U_in, S_out, U_out.
+struct RecurrentScalars {
+  float delta_in, delta_out;  // the thresholds, rounded to float32 (as the torch backend's tensors)
+  bool paper_rule;            // the binary masks of Eq 9, else the authors' weights
+  bool update_anchors;        // then anchors <- params as stored
+};
+constexpr int kRecurrentColumns = 6;
+cudaError_t launch_recurrent_fuse(const TensorLists& lists, ParamType anchor_type,
+                                  void* const* const (&columns)[kRecurrentColumns], const RecurrentScalars& scalars,
+                                  cudaStream_t stream);
+
 }  // namespace cnl

@@ -1,5 +1,6 @@
-// PyTorch bindings of the CUDA CNL steps: the CUDA kernels of torch.ops.cnl_ext.sgd_step_,
-// adam_step_ and their *_importance_ variants (KIF's EMAs updated in the same pass).
+// PyTorch bindings of the CUDA kernels: torch.ops.cnl_ext.sgd_step_, adam_step_ and their
+// *_importance_ variants (KIF's EMAs updated in the same pass), and KIF's fusion passes
+// kif_task_vector_fuse_ and kif_recurrent_fuse_.
 //
 // The schemas, the CPU and the Meta kernels are registered by the CPU library (csrc/cpu/, one
 // variant per instruction set), which cnl_ext.ops.native_backend loads before this one: a process
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "cnl_binding.h"
 #include "cnl_common.h"
@@ -135,6 +138,71 @@ void adam_step_importance_cuda(TensorList params, TensorList grads, TensorList e
                  maximize, bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
 }
 
+// The params' pointers, count and type as the KIF launches read them from TensorLists.
+struct FusionLists {
+  std::vector<int64_t> numels;
+  std::vector<void*> params;
+  cnl::TensorLists lists;
+
+  FusionLists(TensorList tensors, std::vector<int64_t> counts, const char* op)
+      : numels(std::move(counts)), params(tensors.size()) {
+    for (size_t i = 0; i < tensors.size(); ++i) params[i] = tensors[i].data_ptr();
+    lists.count = static_cast<int64_t>(tensors.size());
+    lists.numels = numels.data();
+    lists.params = params.data();
+    lists.param_type = cnl::binding::param_type(tensors[0].scalar_type(), op);
+  }
+};
+
+void task_vector_fuse_cuda(TensorList params, TensorList anchors, const Tensor& coefficients,
+                           at::IntArrayRef unit_offsets, at::IntArrayRef unit_divs, at::IntArrayRef unit_mods) {
+  constexpr const char* op = "cnl_ext.kif_task_vector_fuse_";
+  FusionLists f(params, cnl::binding::fusion_params(params, op, c10::DeviceType::CUDA, kOtherBackends), op);
+  const std::vector<void*> anchor_ptrs = cnl::binding::fusion_list(anchors, op, "anchors", params);
+  cnl::binding::check_units(coefficients, f.numels, unit_offsets, unit_divs, unit_mods, op, params[0]);
+  std::vector<int64_t> rows(3 * params.size());  // (offset, div, mod) per tensor, read by the kernels
+  for (size_t i = 0; i < params.size(); ++i) {
+    rows[3 * i] = unit_offsets[i];
+    rows[3 * i + 1] = unit_divs[i];
+    rows[3 * i + 2] = unit_mods[i];
+  }
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // stream-ordered on the current stream, as the kernels: the allocator reuses it only after them
+  const Tensor units = at::tensor(rows, at::kLong).to(params[0].device());
+  check_launch(cnl::launch_task_vector_fuse(f.lists, cnl::binding::param_type(anchors[0].scalar_type(), op),
+                                            anchor_ptrs.data(), coefficients.const_data_ptr<float>(),
+                                            units.const_data_ptr<int64_t>(),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+}
+
+void recurrent_fuse_cuda(TensorList params, TensorList anchors, TensorList inner_ends,
+                         TensorList inner_sensitivities, TensorList inner_uncertainties,
+                         TensorList outer_sensitivities, TensorList outer_uncertainties, double delta_in,
+                         double delta_out, c10::string_view rule, bool update_anchors) {
+  constexpr const char* op = "cnl_ext.kif_recurrent_fuse_";
+  cnl::binding::check_recurrent_options(rule, delta_in, delta_out, op);
+  FusionLists f(params, cnl::binding::fusion_params(params, op, c10::DeviceType::CUDA, kOtherBackends), op);
+  const std::vector<void*> anchor_ptrs = cnl::binding::fusion_list(anchors, op, "anchors", params);
+  const at::ScalarType anchor_dtype = anchors[0].scalar_type();
+  const std::vector<void*> lists[cnl::kRecurrentColumns] = {
+      anchor_ptrs,
+      cnl::binding::fusion_list(inner_ends, op, "inner_ends", params, anchor_dtype),
+      cnl::binding::fusion_list(inner_sensitivities, op, "inner_sensitivities", params, at::kFloat),
+      cnl::binding::fusion_list(inner_uncertainties, op, "inner_uncertainties", params, at::kFloat),
+      cnl::binding::fusion_list(outer_sensitivities, op, "outer_sensitivities", params, at::kFloat),
+      cnl::binding::fusion_list(outer_uncertainties, op, "outer_uncertainties", params, at::kFloat)};
+  void* const* columns[cnl::kRecurrentColumns];
+  for (int c = 0; c < cnl::kRecurrentColumns; ++c) columns[c] = lists[c].data();
+  // the thresholds rounded to float32, as the torch backend's threshold tensors
+  const cnl::RecurrentScalars s{static_cast<float>(delta_in), static_cast<float>(delta_out), rule == "paper",
+                                update_anchors};
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_launch(cnl::launch_recurrent_fuse(f.lists, cnl::binding::param_type(anchor_dtype, op), columns, s,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
@@ -142,6 +210,8 @@ TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
   m.impl("adam_step_", &adam_step_cuda);
   m.impl("sgd_step_importance_", &sgd_step_importance_cuda);
   m.impl("adam_step_importance_", &adam_step_importance_cuda);
+  m.impl("kif_task_vector_fuse_", &task_vector_fuse_cuda);
+  m.impl("kif_recurrent_fuse_", &recurrent_fuse_cuda);
 }
 
 // `import cnl_ext._C` loads this library, which runs the registrations above. The module itself
@@ -155,7 +225,7 @@ TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "cnl_ext CUDA kernels of torch.ops.cnl_ext.sgd_step_, adam_step_ and their *_importance_ variants.",
+                               "cnl_ext CUDA kernels of torch.ops.cnl_ext: the CNL steps and KIF's fusion passes.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;

@@ -13,8 +13,10 @@ from cnl_ext.ops import kif_fusion_torch, native_backend
 from .conftest import BACKEND_DEVICES, requires_cuda
 
 # Every backend that runs the fusion passes, and those tested against the torch backend (the oracle).
-FUSION_BACKENDS = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu")]
+FUSION_BACKENDS = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu"),
+                   pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda])]
 KERNEL_BACKENDS = [p for p in FUSION_BACKENDS if p.values[0] != "torch"]
+NATIVE_BACKENDS = [p for p in FUSION_BACKENDS if p.values[0] == "native"]
 NATIVE_ITEM = 32768  # cnl::cpu::kItemSize: the native kernels' work items
 
 
@@ -24,6 +26,8 @@ def _native_ready(request):
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "native":
         reason = native_backend.unavailable_reason()
+        if not reason and callspec.params.get("device") == "cuda":
+            reason = native_backend.cuda_unavailable_reason()
         if reason:
             pytest.skip(f"native backend unavailable: {reason}")
 
@@ -246,7 +250,8 @@ def test_recurrent_mask_is_strict(backend, device):
 # ---------------------------------------------------------------------------------- kernels = torch
 
 SHAPES = [(1,), (1023,), (1024,), (1025,), (3, 700), (65536 + 5,), (2, 3, 4, 5), (0,), (17, 1)]
-# native only (the Triton interpreter is slow): rows that cross work items, several items per row
+# native only (the Triton interpreter is slow): rows that cross work items (and CUDA chunks of 65536
+# elements), several items per row
 LARGE_SHAPES = {"native": [(3, NATIVE_ITEM + 999), (5, 13109)]}
 
 
@@ -315,24 +320,19 @@ def test_auto_takes_the_native_kernels_on_cpu():
         pytest.skip(f"native backend unavailable: {reason}")
     for op in ("kif_task_vector_fuse_", "kif_recurrent_fuse_"):
         assert functional.resolve("auto", torch.device("cpu"), op) is native_backend
-        assert not native_backend.supports(torch.device("cuda"), op)
+        # on CUDA with cnl_ext._C, as the steps
+        assert native_backend.supports(torch.device("cuda"), op) == native_backend.supports("cuda", "adam_step_")
 
 
-@pytest.mark.cuda
-@requires_cuda
-def test_native_fusion_refuses_cuda_tensors():
-    params = [torch.ones(3, device="cuda")]
-    with pytest.raises(RuntimeError, match="does not support kif_task_vector_fuse_ on cuda"):
-        fuse_task_vector_(params, [torch.zeros(3, device="cuda")], torch.ones(1), Units.per_tensor([(3,)]),
-                          backend="native")
-
-
-def test_native_fusion_ops_refuse_bad_input():
+@pytest.mark.parametrize("backend, device", NATIVE_BACKENDS)
+def test_native_fusion_ops_refuse_bad_input(backend, device):
     """The C++ bindings re-check what cnl_ext.kif guarantees (a wrong pointer would corrupt memory),
     with messages that name the list and the tensor, and write nothing."""
-    reason = native_backend.unavailable_reason()
-    if reason:
-        pytest.skip(f"native backend unavailable: {reason}")
+    with torch.device(device):
+        _check_native_fusion_errors(device)
+
+
+def _check_native_fusion_errors(device):
     params, anchors = [torch.ones(3), torch.ones(2, 4)], [torch.zeros(3), torch.zeros(2, 4)]
     maps = [(0, 3, 1), (1, 4, 2)]
     bad_task_vector = [
@@ -341,7 +341,7 @@ def test_native_fusion_ops_refuse_bad_input():
         (dict(anchors=[torch.zeros(3), torch.zeros(2, 4, dtype=torch.bfloat16)]), r"anchors\[1\] has dtype BFloat16"),
         (dict(anchors=[torch.zeros(3, dtype=torch.float64)] * 2), "anchors must be float32, bfloat16 or float16"),
         (dict(coefficients=torch.ones(2)), r"units of params\[1\] .* do not lie within the 2 coefficients"),
-        (dict(coefficients=torch.ones(3, 1)), "coefficients must be a contiguous 1-D float32 CPU tensor"),
+        (dict(coefficients=torch.ones(3, 1)), f"coefficients must be a contiguous 1-D float32 tensor on the params. device {device}"),
         (dict(unit_maps=maps[:1]), "got 2 params but 1 unit offsets"),
         (dict(unit_maps=[(0, 0, 1), (1, 4, 2)]), r"units of params\[0\] \(offset 0, div 0, mod 1\)"),
     ]

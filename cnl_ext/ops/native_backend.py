@@ -1,7 +1,7 @@
 """The ``"native"`` backend: the compiled C++ extension (CPU kernels in ``csrc/cpu/``, CUDA kernels in
 ``csrc/*.cu``), as the PyTorch operators ``torch.ops.cnl_ext.sgd_step_``, ``adam_step_`` and
-``masked_delta_`` (so they also work inside ``torch.compile``), and KIF's fusion passes
-``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_`` (CPU only). A step given ``importance`` (KIF's EMAs)
+``masked_delta_`` (so they also work inside ``torch.compile``; ``masked_delta_`` on the CPU only), and
+KIF's fusion passes ``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_``. A step given ``importance`` (KIF's EMAs)
 runs ``torch.ops.cnl_ext.sgd_step_importance_`` / ``adam_step_importance_`` instead, which update them
 in the same pass (CPU and CUDA kernels).
 
@@ -39,7 +39,7 @@ from . import native_build
 NAME = "native"
 OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 _IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs
-_CUDA_OPS = ("sgd_step_", "adam_step_")
+_CUDA_OPS = ("sgd_step_", "adam_step_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
 
 
@@ -193,8 +193,8 @@ def cuda_unavailable_reason() -> str:
 
 def supports(device, op: str) -> bool:
     """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
-    ``"importance"``, the KIF fusion passes) run for tensors on ``device``: every op on CPU; the steps,
-    with or without importance, on CUDA with ``cnl_ext._C``."""
+    ``"importance"``, the KIF fusion passes) run for tensors on ``device``: every op on CPU; all but
+    ``masked_delta_`` on CUDA with ``cnl_ext._C``."""
     device = torch.device(device)
     if device.type == "cpu":
         return op in OPS or op in ("capturable", "importance")
@@ -318,8 +318,8 @@ def kif_task_vector_fuse_(params, anchors, coefficients, unit_maps) -> None:
     """KIF's fusion pass (math and contract: :func:`cnl_ext.ops.kif_fusion_torch.task_vector_fuse_`)."""
     _check()
     offsets, divs, mods = (list(column) for column in zip(*unit_maps)) if unit_maps else ([], [], [])
-    torch.ops.cnl_ext.kif_task_vector_fuse_(params, anchors, coefficients.to(dtype=torch.float32).contiguous(),
-                                            offsets, divs, mods)
+    coefficients = coefficients.to(device=params[0].device, dtype=torch.float32).contiguous()
+    torch.ops.cnl_ext.kif_task_vector_fuse_(params, anchors, coefficients, offsets, divs, mods)
 
 
 def kif_recurrent_fuse_(params, anchors, inner_ends, inner_sensitivities, inner_uncertainties, outer_sensitivities,

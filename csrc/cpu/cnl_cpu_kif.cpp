@@ -11,9 +11,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstring>
-#include <string>
 
 #include "cnl_binding.h"
 #include "cnl_cpu_vec.h"
@@ -145,7 +143,7 @@ struct RecurrentBlock {
 
 // ---------------------------------------------------------------------------- dispatch and checks
 
-// f(T{}, A{}) for the parameter and anchor dtypes (both checked by fusion_dtype).
+// f(T{}, A{}) for the parameter and anchor dtypes (both checked by binding::fusion_dtype).
 template <class F>
 void dispatch(at::ScalarType param, at::ScalarType anchor, const F& f) {
   const auto with_anchor = [&](auto param_tag) {
@@ -162,63 +160,16 @@ void dispatch(at::ScalarType param, at::ScalarType anchor, const F& f) {
   }
 }
 
-at::ScalarType fusion_dtype(const Tensor& t, const char* op, const char* name) {
-  const at::ScalarType dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", dtype);
-  return dtype;
-}
-
-// Checks that `params` are contiguous CPU tensors of one fusion dtype; returns their element counts.
-std::vector<int64_t> check_params(TensorList params, const char* op) {
-  TORCH_CHECK(!params.empty(), op, ": params is empty");
-  const Tensor& first = params[0];
-  TORCH_CHECK(first.defined() && first.device().is_cpu(), op, ": params must be CPU tensors here, params[0] is ",
-              first.defined() ? first.device().str() : std::string("undefined"),
-              " (other devices: backend 'triton' or 'torch')");
-  fusion_dtype(first, op, "params");
-  std::vector<int64_t> numels(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    binding::check_tensor(params[i], op, "params", i, first, first.scalar_type(), params[i].numel());
-    numels[i] = params[i].numel();
-  }
-  return numels;
-}
-
-// Checks `list` against the params (one tensor each, as many elements, contiguous, on the CPU) with
-// `dtype`, or with the dtype of its first tensor (a fusion dtype) when `dtype` is Undefined.
-std::vector<void*> check_list(TensorList list, const char* op, const char* name, TensorList params,
-                              at::ScalarType dtype = at::ScalarType::Undefined) {
-  TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
-  if (dtype == at::ScalarType::Undefined) {
-    TORCH_CHECK(list[0].defined(), op, ": ", name, "[0] is undefined");
-    dtype = fusion_dtype(list[0], op, name);
-  }
-  return binding::pointers_of(list, op, name, params, dtype);
-}
+constexpr const char* kOtherBackends = "other devices: backend 'triton' or 'torch', or cnl_ext._C on CUDA";
 
 void task_vector_fuse_cpu(TensorList params, TensorList anchors, const Tensor& coefficients,
                           at::IntArrayRef unit_offsets, at::IntArrayRef unit_divs, at::IntArrayRef unit_mods) {
   constexpr const char* op = "cnl_ext.kif_task_vector_fuse_";
-  const std::vector<int64_t> numels = check_params(params, op);
-  const std::vector<void*> anchor_ptrs = check_list(anchors, op, "anchors", params);
-  TORCH_CHECK(coefficients.defined() && coefficients.device().is_cpu() && coefficients.scalar_type() == at::kFloat &&
-                  coefficients.dim() == 1 && coefficients.is_contiguous(),
-              op, ": coefficients must be a contiguous 1-D float32 CPU tensor");
-  const int64_t units = coefficients.numel();
-  const size_t n = params.size();
-  TORCH_CHECK(unit_offsets.size() == n && unit_divs.size() == n && unit_mods.size() == n, op, ": got ", n,
-              " params but ", unit_offsets.size(), " unit offsets, ", unit_divs.size(), " divs, ", unit_mods.size(),
-              " mods");
-  for (size_t i = 0; i < n; ++i) {
-    if (numels[i] == 0) continue;
-    TORCH_CHECK(unit_divs[i] >= 1 && unit_mods[i] >= 1 && unit_offsets[i] >= 0 &&
-                    unit_offsets[i] + unit_mods[i] <= units,
-                op, ": the units of params[", i, "] (offset ", unit_offsets[i], ", div ", unit_divs[i], ", mod ",
-                unit_mods[i], ") do not lie within the ", units, " coefficients");
-  }
+  const std::vector<int64_t> numels = binding::fusion_params(params, op, c10::DeviceType::CPU, kOtherBackends);
+  const std::vector<void*> anchor_ptrs = binding::fusion_list(anchors, op, "anchors", params);
+  binding::check_units(coefficients, numels, unit_offsets, unit_divs, unit_mods, op, params[0]);
   const float* c = coefficients.data_ptr<float>();
-  const std::vector<WorkItem> items = work_items(static_cast<int64_t>(n), numels.data());
+  const std::vector<WorkItem> items = work_items(static_cast<int64_t>(params.size()), numels.data());
   dispatch(params[0].scalar_type(), anchors[0].scalar_type(), [&](auto param_tag, auto anchor_tag) {
     using T = decltype(param_tag);
     using A = decltype(anchor_tag);
@@ -238,18 +189,16 @@ void recurrent_fuse_cpu(TensorList params, TensorList anchors, TensorList inner_
                         TensorList outer_uncertainties, double delta_in, double delta_out, c10::string_view rule,
                         bool update_anchors) {
   constexpr const char* op = "cnl_ext.kif_recurrent_fuse_";
-  TORCH_CHECK(rule == "code" || rule == "paper", op, ": rule must be 'code' or 'paper', got '", std::string(rule),
-              "'");
-  TORCH_CHECK(!std::isnan(delta_in) && !std::isnan(delta_out), op, ": a fusion threshold is NaN");
-  const std::vector<int64_t> numels = check_params(params, op);
-  const std::vector<void*> anchor_ptrs = check_list(anchors, op, "anchors", params);
+  binding::check_recurrent_options(rule, delta_in, delta_out, op);
+  const std::vector<int64_t> numels = binding::fusion_params(params, op, c10::DeviceType::CPU, kOtherBackends);
+  const std::vector<void*> anchor_ptrs = binding::fusion_list(anchors, op, "anchors", params);
   const at::ScalarType anchor_dtype = anchors[0].scalar_type();
   const std::vector<void*> columns[5] = {
-      check_list(inner_ends, op, "inner_ends", params, anchor_dtype),
-      check_list(inner_sensitivities, op, "inner_sensitivities", params, at::kFloat),
-      check_list(inner_uncertainties, op, "inner_uncertainties", params, at::kFloat),
-      check_list(outer_sensitivities, op, "outer_sensitivities", params, at::kFloat),
-      check_list(outer_uncertainties, op, "outer_uncertainties", params, at::kFloat)};
+      binding::fusion_list(inner_ends, op, "inner_ends", params, anchor_dtype),
+      binding::fusion_list(inner_sensitivities, op, "inner_sensitivities", params, at::kFloat),
+      binding::fusion_list(inner_uncertainties, op, "inner_uncertainties", params, at::kFloat),
+      binding::fusion_list(outer_sensitivities, op, "outer_sensitivities", params, at::kFloat),
+      binding::fusion_list(outer_uncertainties, op, "outer_uncertainties", params, at::kFloat)};
   const std::vector<WorkItem> items = work_items(static_cast<int64_t>(params.size()), numels.data());
   dispatch(params[0].scalar_type(), anchor_dtype, [&](auto param_tag, auto anchor_tag) {
     using T = decltype(param_tag);
@@ -278,17 +227,10 @@ void recurrent_fuse_meta(TensorList, TensorList, TensorList, TensorList, TensorL
 }  // namespace
 }  // namespace cnl::cpu
 
-// The KIF ops are CPU-only (CUDA tensors take the Triton kernels of cnl_ext/ops/kif_fusion_triton.py).
-// Unit maps as cnl_ext/ops/kif_fusion_torch.py: element f of params[i] belongs to unit
-// unit_offsets[i] + (f // unit_divs[i]) % unit_mods[i].
+// The schemas (cnl_binding.h) are defined here, with the CPU library; cnl_ext._C adds CUDA kernels.
 TORCH_LIBRARY_FRAGMENT(cnl_ext, m) {
-  m.def(
-      "kif_task_vector_fuse_(Tensor(a!)[] params, Tensor[] anchors, Tensor coefficients, int[] unit_offsets, "
-      "int[] unit_divs, int[] unit_mods) -> ()");
-  m.def(
-      "kif_recurrent_fuse_(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor[] inner_ends, "
-      "Tensor[] inner_sensitivities, Tensor[] inner_uncertainties, Tensor[] outer_sensitivities, "
-      "Tensor[] outer_uncertainties, *, float delta_in, float delta_out, str rule, bool update_anchors) -> ()");
+  m.def(cnl::binding::kTaskVectorFuseSchema);
+  m.def(cnl::binding::kRecurrentFuseSchema);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
