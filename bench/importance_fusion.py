@@ -4,6 +4,7 @@
     python bench/importance_fusion.py --backend native                 # the native C++ CPU kernels
     python bench/importance_fusion.py --threads 1                      # one core (its own, lower, bandwidth)
     python bench/importance_fusion.py --device cuda --backend triton   # the Triton kernels on a GPU
+    python bench/importance_fusion.py --device cuda --backend native   # the CUDA kernels of cnl_ext._C
     python bench/importance_fusion.py --params tiny --iters 1 --warmup 0 --copy-mib 4 --out /tmp/bench   # smoke
 
 Each pass is memory-bound: its floor is the bytes it must move (float32 parameters, anchors and
@@ -101,8 +102,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--params", default="smollm2-135m", help="parameter set of bench/shapes.py")
     parser.add_argument("--backend", default=None, choices=("torch", "native", "triton"),
-                        help="fusion backend: torch (default on the CPU), native (the C++ CPU kernels) or triton "
-                             "(default on a GPU)")
+                        help="fusion backend: torch (default on the CPU), native (the C++ CPU or CUDA kernels) or "
+                             "triton (default on a GPU)")
     parser.add_argument("--cases", nargs="+", choices=list(BYTES_PER_ELEMENT), default=list(BYTES_PER_ELEMENT))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -165,8 +166,10 @@ def main(argv=None) -> dict:
                      "kernels): a few passes per chunk of 2^18 elements with the temporaries in cache. The 1.2× target "
                      "is for one-pass kernels (`--backend native` on the CPU, `--backend triton` on a GPU).")
     if backend == "native":
-        lines.append(f"The `native` backend: the C++ CPU kernels ({env['native_build_info']['cpu_capability']}), one "
-                     "pass per element, the torch backend's results bit for bit.")
+        kernels = ("the CUDA kernels of `cnl_ext._C`" if device.type == "cuda"
+                   else f"the C++ CPU kernels ({env['native_build_info']['cpu_capability']})")
+        lines.append(f"The `native` backend: {kernels}, one pass per element, the torch backend's results bit for "
+                     "bit.")
     result = {"setup": dict(env, params=args.params, tensors=len(shapes), numel=numel, backend=backend,
                             threads=torch.get_num_threads()),
               "rows": rows}

@@ -74,9 +74,12 @@ phase_tests() {  # the whole suite: on a GPU its CUDA tests run the compiled Tri
   run "$PY" -m pytest -n 8 -q -rfEs -p no:cacheprovider --junitxml="$1/junit.xml"
 }
 
-phase_bench() {  # issue 3: step times against torch's fused AdamW and the roofline, with the _C cases
+phase_bench() {  # issues 3 and 15: step times against torch's fused AdamW and the roofline, with the _C cases
   run "$PY" bench/optimizer_step.py --out "$1"
   run "$PY" bench/optimizer_step.py --params smollm2-135m --sweep-sizes --out "$1/smollm2-135m"
+  # issue 15: KIF's fusion passes against the copy bandwidth, Triton and the native CUDA kernels
+  run "$PY" bench/importance_fusion.py --device cuda --backend triton --out "$1/fusion-triton"
+  run "$PY" bench/importance_fusion.py --device cuda --backend native --out "$1/fusion-native"
 }
 
 phase_e2e() {  # issue 3: a training step and a CNL epoch, Qwen2.5-1.5B architecture, random weights
