@@ -377,4 +377,97 @@ inline void check_recurrent_options(c10::string_view rule, double delta_in, doub
   TORCH_CHECK(!std::isnan(delta_in) && !std::isnan(delta_out), op, ": a fusion threshold is NaN");
 }
 
+// ---------------------------------------------------------------------------- the step ops
+
+// The step ops of the schemas above, for one library's kernels: validate everything, then call
+// Kernels::sgd / Kernels::adam (c, scalars, importance or nullptr, op, params[0]). `Kernels` also
+// gives kDevice (the device type of its tensors) and kOtherBackends (completes the error for others).
+template <class Kernels>
+struct StepOps {
+  static void sgd_step(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
+                       const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                       c10::string_view reference_format, double lr, double weight_decay, double momentum,
+                       double dampening, bool nesterov, bool maximize, bool first_step,
+                       const std::optional<Tensor>& lr_tensor) {
+    sgd("cnl_ext.sgd_step_", params, grads, momentum_buffers, references, stats, reference_format, lr, weight_decay,
+        momentum, dampening, nesterov, maximize, first_step, lr_tensor, nullptr);
+  }
+
+  static void sgd_step_importance(TensorList params, TensorList grads,
+                                  const std::optional<TensorList>& momentum_buffers,
+                                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                                  TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
+                                  double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+                                  bool maximize, bool first_step, c10::string_view importance_kind,
+                                  double importance_beta1, double importance_beta2,
+                                  const std::optional<Tensor>& lr_tensor) {
+    const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+    sgd("cnl_ext.sgd_step_importance_", params, grads, momentum_buffers, references, stats, reference_format, lr,
+        weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor, &importance);
+  }
+
+  static void adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                        const std::optional<TensorList>& max_exp_avg_sqs, const std::optional<TensorList>& references,
+                        const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                        bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                        const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
+    adam("cnl_ext.adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
+         reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+         bias_correction1, bias_correction2, device_steps, lr_tensor, nullptr);
+  }
+
+  static void adam_step_importance(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                                   const std::optional<TensorList>& max_exp_avg_sqs,
+                                   const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
+                                   TensorList sensitivities, TensorList uncertainties,
+                                   c10::string_view reference_format, double lr, double beta1, double beta2,
+                                   double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                                   bool maximize, std::optional<double> bias_correction1,
+                                   std::optional<double> bias_correction2,
+                                   const std::optional<TensorList>& device_steps, c10::string_view importance_kind,
+                                   double importance_beta1, double importance_beta2,
+                                   const std::optional<Tensor>& lr_tensor) {
+    const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
+    adam("cnl_ext.adam_step_importance_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
+         reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+         bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
+  }
+
+ private:
+  static void sgd(const char* op, TensorList params, TensorList grads,
+                  const std::optional<TensorList>& momentum_buffers, const std::optional<TensorList>& references,
+                  const std::optional<Tensor>& stats, c10::string_view reference_format, double lr,
+                  double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                  bool first_step, const std::optional<Tensor>& lr_tensor, const ImportanceArgs* importance) {
+    Collected c;
+    collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
+            reference_format);
+    set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
+    const SgdScalars s = sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize,
+                                     first_step, lr_pointer(lr_tensor, op, params[0]));
+    CollectedImportance imp;
+    if (importance != nullptr) collect_importance(imp, op, params, *importance);
+    Kernels::sgd(c, s, importance != nullptr ? &imp.importance : nullptr, op, params[0]);
+  }
+
+  static void adam(const char* op, TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   const std::optional<TensorList>& max_exp_avg_sqs, const std::optional<TensorList>& references,
+                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                   bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                   const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
+                   const ImportanceArgs* importance) {
+    Collected c;
+    collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
+            reference_format);
+    const AdamScalars s = adam_setup(c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+                                     weight_decay, decoupled_weight_decay, amsgrad, maximize, bias_correction1,
+                                     bias_correction2, device_steps, lr_pointer(lr_tensor, op, params[0]));
+    CollectedImportance imp;
+    if (importance != nullptr) collect_importance(imp, op, params, *importance);
+    Kernels::adam(c, s, importance != nullptr ? &imp.importance : nullptr, op, params[0]);
+  }
+};
+
 }  // namespace cnl::binding

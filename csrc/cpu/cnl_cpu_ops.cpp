@@ -22,104 +22,27 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using cnl::binding::Collected;
-using cnl::binding::CollectedImportance;
-using cnl::binding::ImportanceArgs;
 
-constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
-
-// sgd_step_, and sgd_step_importance_ with `importance`.
-void sgd_step_impl(const char* op, TensorList params, TensorList grads,
-                   const std::optional<TensorList>& momentum_buffers, const std::optional<TensorList>& references,
-                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr,
-                   double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
-                   bool first_step, const std::optional<Tensor>& lr_tensor, const ImportanceArgs* importance) {
-  Collected c;
-  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
-                        reference_format);
-  cnl::binding::set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
-  const cnl::SgdScalars s = cnl::binding::sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening,
-                                                      nesterov, maximize, first_step,
-                                                      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
-  CollectedImportance imp;
-  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
-  cnl::cpu::sgd_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
-}
-
-void sgd_step_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
-                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                  c10::string_view reference_format, double lr, double weight_decay, double momentum,
-                  double dampening, bool nesterov, bool maximize, bool first_step,
-                  const std::optional<Tensor>& lr_tensor) {
-  sgd_step_impl("cnl_ext.sgd_step_", params, grads, momentum_buffers, references, stats, reference_format, lr,
-                weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor, nullptr);
-}
-
-void sgd_step_importance_cpu(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
-                             const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                             TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
-                             double lr, double weight_decay, double momentum, double dampening, bool nesterov,
-                             bool maximize, bool first_step, c10::string_view importance_kind,
-                             double importance_beta1, double importance_beta2,
-                             const std::optional<Tensor>& lr_tensor) {
-  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
-  sgd_step_impl("cnl_ext.sgd_step_importance_", params, grads, momentum_buffers, references, stats,
-                reference_format, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor,
-                &importance);
-}
-
-// adam_step_, and adam_step_importance_ with `importance`.
-void adam_step_impl(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                    TensorList exp_avg_sqs, const std::optional<TensorList>& max_exp_avg_sqs,
-                    const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                    c10::string_view reference_format, double lr, double beta1, double beta2, double eps,
-                    double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                    std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                    const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
-                    const ImportanceArgs* importance) {
-  Collected c;
-  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, grads, "grads", references, stats,
-                        reference_format);
-  const cnl::AdamScalars s = cnl::binding::adam_setup(
-      c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay, amsgrad, maximize, bias_correction1, bias_correction2, device_steps,
-      cnl::binding::lr_pointer(lr_tensor, op, params[0]));
-  CollectedImportance imp;
-  if (importance != nullptr) cnl::binding::collect_importance(imp, op, params, *importance);
-  cnl::cpu::adam_step(c.lists, s, importance != nullptr ? &imp.importance : nullptr);
-}
-
-void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                   const std::optional<TensorList>& max_exp_avg_sqs, const std::optional<TensorList>& references,
-                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
-                   double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-                   bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                   const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
-  adam_step_impl("cnl_ext.adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
-                 reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                 bias_correction1, bias_correction2, device_steps, lr_tensor, nullptr);
-}
-
-void adam_step_importance_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                              const std::optional<TensorList>& max_exp_avg_sqs,
-                              const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                              TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
-                              double lr, double beta1, double beta2, double eps, double weight_decay,
-                              bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                              std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                              const std::optional<TensorList>& device_steps, c10::string_view importance_kind,
-                              double importance_beta1, double importance_beta2,
-                              const std::optional<Tensor>& lr_tensor) {
-  const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
-  adam_step_impl("cnl_ext.adam_step_importance_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
-                 stats, reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                 maximize, bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
-}
+// The CPU kernels of the step ops (cnl_binding.h's StepOps validates their inputs).
+struct CpuSteps {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
+  static void sgd(Collected& c, const cnl::SgdScalars& s, const cnl::Importance* importance, const char*,
+                  const Tensor&) {
+    cnl::cpu::sgd_step(c.lists, s, importance);
+  }
+  static void adam(Collected& c, const cnl::AdamScalars& s, const cnl::Importance* importance, const char*,
+                   const Tensor&) {
+    cnl::cpu::adam_step(c.lists, s, importance);
+  }
+};
+using Steps = cnl::binding::StepOps<CpuSteps>;
 
 void masked_delta_cpu(TensorList params, TensorList befores, TensorList references,
                       const std::optional<Tensor>& stats, c10::string_view reference_format, double inv_lr) {
   constexpr const char* op = "cnl_ext.masked_delta_";
   Collected c;
-  cnl::binding::collect(c, op, c10::DeviceType::CPU, kOtherBackends, params, befores, "befores",
+  cnl::binding::collect(c, op, CpuSteps::kDevice, CpuSteps::kOtherBackends, params, befores, "befores",
                         std::optional<TensorList>(references), stats, reference_format);
   cnl::cpu::masked_delta(c.lists, inv_lr);
 }
@@ -159,11 +82,11 @@ TORCH_LIBRARY(cnl_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
-  m.impl("sgd_step_", &sgd_step_cpu);
-  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("sgd_step_", &Steps::sgd_step);
+  m.impl("adam_step_", &Steps::adam_step);
   m.impl("masked_delta_", &masked_delta_cpu);
-  m.impl("sgd_step_importance_", &sgd_step_importance_cpu);
-  m.impl("adam_step_importance_", &adam_step_importance_cpu);
+  m.impl("sgd_step_importance_", &Steps::sgd_step_importance);
+  m.impl("adam_step_importance_", &Steps::adam_step_importance);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
