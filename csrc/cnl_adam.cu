@@ -9,13 +9,8 @@ namespace {
 // then with importance: sensitivity, uncertainty
 template <bool kImportance>
 constexpr int kAdamDepth = kImportance ? 9 : 7;
-// CUDA kernel arguments are limited to 4 KiB (without relying on CUDA 12.1's larger limit, so
-// that the same code builds and runs with any 11.8+/12.x toolkit and driver).
-static_assert(sizeof(TensorTable<kAdamDepth<true>>) + sizeof(AdamScalars) + sizeof(ImportanceScalars) +
-                      sizeof(double*) <= 4096,
-              "tensor table too large for the kernel argument space");
-static_assert(sizeof(TensorTable<kAdamDepth<false>>) + sizeof(AdamScalars) + sizeof(ImportanceScalars) +
-                      sizeof(double*) <= 4096,
+static_assert(kFitsKernelArguments<kAdamDepth<true>, AdamScalars, ImportanceScalars, double*> &&
+                  kFitsKernelArguments<kAdamDepth<false>, AdamScalars, ImportanceScalars, double*>,
               "tensor table too large for the kernel argument space");
 
 template <typename T>

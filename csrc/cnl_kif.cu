@@ -9,7 +9,8 @@ namespace {
 
 constexpr int kTaskVectorDepth = 2;  // table columns: param, anchor
 constexpr int kRecurrentDepth = 1 + kRecurrentColumns;  // param, θ_b, θ_Q, S_in, U_in, S_out, U_out
-static_assert(sizeof(TensorTable<kRecurrentDepth>) + sizeof(RecurrentScalars) <= 4096,
+static_assert(kFitsKernelArguments<kRecurrentDepth, RecurrentScalars> &&
+                  kFitsKernelArguments<kTaskVectorDepth, float*, int64_t*>,
               "tensor table too large for the kernel argument space");
 
 struct NoScalars {};

@@ -38,6 +38,12 @@ struct TensorTable {
   int32_t num_tensors;
 };
 
+// Whether a kernel taking a TensorTable<kDepth> and `Args` fits the 4 KiB of kernel arguments (not
+// relying on CUDA 12.1's larger limit, so that the same code builds and runs with any 11.8+/12.x
+// toolkit and driver).
+template <int kDepth, class... Args>
+constexpr bool kFitsKernelArguments = sizeof(TensorTable<kDepth>) + (sizeof(Args) + ... + 0) <= 4096;
+
 template <int kDepth>
 __device__ __forceinline__ int find_tensor(const TensorTable<kDepth>& table, int block) {
   // Last t with block_start[t] <= block. Uniform across the block: every thread reads the same

@@ -8,13 +8,8 @@ namespace {
 // table columns: param, grad, momentum buffer, reference, then with importance: sensitivity, uncertainty
 template <bool kImportance>
 constexpr int kSgdDepth = kImportance ? 6 : 4;
-// CUDA kernel arguments are limited to 4 KiB (without relying on CUDA 12.1's larger limit, so
-// that the same code builds and runs with any 11.8+/12.x toolkit and driver).
-static_assert(sizeof(TensorTable<kSgdDepth<true>>) + sizeof(SgdScalars) + sizeof(ImportanceScalars) +
-                      sizeof(double*) <= 4096,
-              "tensor table too large for the kernel argument space");
-static_assert(sizeof(TensorTable<kSgdDepth<false>>) + sizeof(SgdScalars) + sizeof(ImportanceScalars) +
-                      sizeof(double*) <= 4096,
+static_assert(kFitsKernelArguments<kSgdDepth<true>, SgdScalars, ImportanceScalars, double*> &&
+                  kFitsKernelArguments<kSgdDepth<false>, SgdScalars, ImportanceScalars, double*>,
               "tensor table too large for the kernel argument space");
 
 template <typename T>
