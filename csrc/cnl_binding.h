@@ -1,5 +1,6 @@
-// What the PyTorch bindings of the CPU (csrc/cpu/cnl_cpu_ops.cpp) and CUDA (csrc/cnl_ops.cpp)
-// kernels share: the operator schemas and the validation of op inputs into cnl::TensorLists.
+// What the PyTorch bindings of the CPU (csrc/cpu/cnl_cpu_ops.cpp, cnl_cpu_kif.cpp) and CUDA
+// (csrc/cnl_ops.cpp) kernels share: the operator schemas, the validation of op inputs into
+// cnl::TensorLists, and the step ops themselves (StepOps, over each library's launches).
 //
 // The ops follow the contract of cnl_ext/ops/__init__.py. Their schemas declare every list they
 // write (Tensor(a!)[]), so torch.compile functionalizes them correctly. Unlike the Python backends,

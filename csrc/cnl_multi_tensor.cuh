@@ -1,4 +1,4 @@
-// Multi-tensor machinery shared by the SGD and Adam kernels: the per-launch tensor table, vector
+// Multi-tensor machinery shared by the SGD, Adam and KIF kernels: the per-launch tensor table, vector
 // loads and stores, the CNL mask, KIF's importance EMAs, the statistics reduction and the host loop
 // that cuts a tensor list into launches.
 //
@@ -227,7 +227,7 @@ __device__ __forceinline__ void update_importance(const ImportanceScalars& s, fl
 }
 
 // With kImportance, loads the EMAs of [i, i + N) of the tensor's `sensitivity` / `uncertainty`;
-// update_importance_of then updates and stores them from the stored params `p` and the grads `g`.
+// update_and_store then updates and stores them from the stored params `p` and the grads `g`.
 template <bool kImportance, int N>
 struct ImportanceBlock {
   float sensitivity[N], uncertainty[N];
@@ -344,8 +344,8 @@ __global__ void __launch_bounds__(256) reduce_partials_kernel(const __grid_const
 // ---------------------------------------------------------------------------- host side
 
 // Fills tables of up to kMaxTensors non-empty tensors (columns[c][i], c < kDepth, is tensor i's
-// pointer for column c, a nullptr column gives nullptr entries) and calls launch(table, num_blocks) for each,
-// then the statistics reduction when `stats` is set. Empty tensors take no block and no row.
+// pointer for column c, a nullptr column gives nullptr entries) and calls launch(table, num_blocks)
+// for each, then the statistics reduction when `stats` is set. Empty tensors take no block and no row.
 template <int kDepth, class Launch>
 cudaError_t for_each_table(const TensorLists& lists, void* const* const* columns, bool stats, cudaStream_t stream,
                            Launch&& launch) {
