@@ -3,8 +3,9 @@
 On a GPU with ``cnl_ext._C`` built (tests marked ``cuda``): the ops against the PyTorch reference
 (:mod:`cnl_ext.ops.torch_backend`) element by element, over many shapes (scalars, empty, odd sizes, 1-D to
 4-D, more than one chunk), parameter dtypes, reference formats, with and without statistics, for
-several steps; unaligned tensors (the scalar path), lists longer than one launch's table,
-input validation, ``torch.compile`` and CUDA-graph capture.
+several steps; KIF's importance EMAs in the step (the same checks also run here on the CPU kernels);
+unaligned tensors (the scalar path), lists longer than one launch's table, input validation,
+``torch.compile`` and CUDA-graph capture. (KIF's fusion passes on ``cnl_ext._C``: tests/test_kif.py.)
 
 Everywhere: the module imports and reports why it is unavailable, the operator schemas in
 ``csrc/cnl_binding.h`` parse, match the ops contract and work under ``torch.compile`` (checked with a
