@@ -1,12 +1,16 @@
-"""bench/stream_floor.c compiles and prints its table (a smoke test on small arrays; no speed asserted)."""
+"""bench/stream_floor.c and bench/fusion_vs_plain_c.py run and print what they promise (smoke tests on
+small arrays; no speed asserted)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from cnl_ext.ops import native_backend
 
 SOURCE = Path(__file__).resolve().parents[1] / "bench" / "stream_floor.c"
 
@@ -24,4 +28,16 @@ def test_stream_floor_compiles_and_reports_every_pass(tmp_path):
     assert [r[0].strip() for r in rows] == ["copy", "task vector (2 in, 1 out)", "nine streams (7 in, 2 out)",
                                             "Recurrent-KIF, authors' rule"]
     assert [int(r[1]) for r in rows] == [12, 12, 36, 36]
-    assert float(rows[0][4]) == 1.0 and all(float(r[2]) > 0 for r in rows)
+    assert float(rows[0][4]) == 1.0 and all(float(r[3]) > 0 for r in rows)  # GB/s (ms rounds to 0.0 here)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_fusion_vs_plain_c_prints_a_line_per_round():
+    reason = native_backend.unavailable_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
+    result = subprocess.run([sys.executable, str(SOURCE.parent / "fusion_vs_plain_c.py"), "--rounds", "2", "--numel",
+                             "4096", "--threads", "1"], check=True, capture_output=True, text=True, cwd=SOURCE.parents[1])
+    rounds = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2
+    assert all("native: rkif flat" in line and "kif flat" in line and "plain C: copy 1.00x" in line for line in rounds)
