@@ -36,8 +36,9 @@ def test_fusion_vs_plain_c_prints_a_line_per_round():
     reason = native_backend.unavailable_reason()
     if reason:
         pytest.skip(f"native backend unavailable: {reason}")
-    result = subprocess.run([sys.executable, str(SOURCE.parent / "fusion_vs_plain_c.py"), "--rounds", "2", "--numel",
-                             "4096", "--threads", "1"], check=True, capture_output=True, text=True, cwd=SOURCE.parents[1])
+    script = SOURCE.parent / "fusion_vs_plain_c.py"
+    result = subprocess.run([sys.executable, str(script), "--rounds", "2", "--numel", "4096", "--threads", "1"],
+                            check=True, capture_output=True, text=True, cwd=SOURCE.parents[1])
     rounds = [line for line in result.stdout.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2
     assert all("native: rkif flat" in line and "kif flat" in line and "plain C: copy 1.00x" in line for line in rounds)

@@ -341,7 +341,8 @@ def _check_native_fusion_errors(device):
         (dict(anchors=[torch.zeros(3), torch.zeros(2, 4, dtype=torch.bfloat16)]), r"anchors\[1\] has dtype BFloat16"),
         (dict(anchors=[torch.zeros(3, dtype=torch.float64)] * 2), "anchors must be float32, bfloat16 or float16"),
         (dict(coefficients=torch.ones(2)), r"units of params\[1\] .* do not lie within the 2 coefficients"),
-        (dict(coefficients=torch.ones(3, 1)), f"coefficients must be a contiguous 1-D float32 tensor on the params. device {device}"),
+        (dict(coefficients=torch.ones(3, 1)),
+         f"coefficients must be a contiguous 1-D float32 tensor on the params. device {device}"),
         (dict(unit_maps=maps[:1]), "got 2 params but 1 unit offsets"),
         (dict(unit_maps=[(0, 0, 1), (1, 4, 2)]), r"units of params\[0\] \(offset 0, div 0, mod 1\)"),
     ]

@@ -199,7 +199,8 @@ def supports(device, op: str) -> bool:
     if device.type == "cpu":
         return op in OPS or op in ("capturable", "importance")
     if device.type == "cuda":
-        return (op in _CUDA_OPS or op in ("capturable", "importance")) and importlib.util.find_spec("cnl_ext._C") is not None
+        built = importlib.util.find_spec("cnl_ext._C") is not None
+        return built and (op in _CUDA_OPS or op in ("capturable", "importance"))
     return False
 
 
