@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import random
@@ -41,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 import cnl_ext
 
 from .. import kif
 from ..ops.importance import check_importance_options
 from .data import LETTERS, DataError, read_jsonl, sample_n
-from .progress import bar, note
 from .model import MCQEncoder, backward_mean_loss, load_model, predict, select_trainable
+from .progress import bar, note
 from .protocol import InjectConfig, _lora, compute_reference, restore, snapshot
 from .report import write_json
 
