@@ -93,14 +93,18 @@ def _clone(tensors):
     return None if tensors is None else [t.clone() for t in tensors]
 
 
-def _run(module, step_name, params, grads, states, refs, fmt, stats, kwargs):
-    """Run ``module.<step_name>`` for every step on copies; return (params, states, stats)."""
+def _run(module, step_name, params, grads, states, refs, fmt, stats, kwargs, importance=None, importance_kind=None):
+    """Run ``module.<step_name>`` for every step on copies; return (params, states, stats, EMAs). With
+    ``importance`` (sensitivities, uncertainties), copies of KIF's EMAs are updated in the step too."""
     p = _clone(params)
     s = [_clone(x) for x in states]
     st = None if stats is None else stats.clone()
+    emas = None if importance is None else tuple(_clone(x) for x in importance)
+    extra = {} if emas is None else dict(importance=emas, importance_kind=importance_kind,
+                                         importance_betas=(0.85, 0.7))
     for k, g in enumerate(grads):
-        getattr(module, step_name)(p, g, *s, refs, st, reference_format=fmt or "float32", **kwargs(k))
-    return p, s, st
+        getattr(module, step_name)(p, g, *s, refs, st, reference_format=fmt or "float32", **kwargs(k), **extra)
+    return p, s, st, emas
 
 
 def _assert_same(got, want, dtype):
@@ -433,10 +437,10 @@ def test_statistics_are_deterministic():
     results = []
     for _ in range(2):
         stats = torch.zeros(len(shapes), 3, dtype=torch.float64, device="cuda")
-        _run(cuda_step, "adam_step_", params, grads, states, refs, "float32", stats,
-             _adam_kwargs(True, 0.1, False, False))
-        results.append(stats)
-    assert torch.equal(results[0], results[1])
+        # _run steps copies: its third result is the statistics the op wrote
+        results.append(_run(cuda_step, "adam_step_", params, grads, states, refs, "float32", stats,
+                            _adam_kwargs(True, 0.1, False, False))[2])
+    assert results[0][:, 0].sum() > 0 and torch.equal(results[0], results[1])
 
 
 @on_gpu
@@ -553,17 +557,6 @@ def _adam_call(params, grads, m, v, refs=None, stats=None, fmt="float32", vmax=N
                          maximize=False, bias_correction1=0.1, bias_correction2=0.01)
 
 
-def _run_with_importance(module, step_name, params, grads, states, refs, fmt, importance, kind, kwargs):
-    """``_run`` with KIF's EMAs updated in the step (``importance=None``: without them); returns
-    (params, states, (sensitivities, uncertainties))."""
-    p, s = _clone(params), [_clone(x) for x in states]
-    emas = None if importance is None else tuple(_clone(x) for x in importance)
-    extra = {} if emas is None else dict(importance=emas, importance_kind=kind, importance_betas=(0.85, 0.7))
-    for k, g in enumerate(grads):
-        getattr(module, step_name)(p, g, *s, refs, None, reference_format=fmt or "float32", **kwargs(k), **extra)
-    return p, s, emas
-
-
 IMPORTANCE_STEPS = [  # step, float32 states, kwargs
     pytest.param("adam_step_", 3, _adam_kwargs(True, 0.1, False, True), id="adamw-maximize"),
     pytest.param("adam_step_", 3, _adam_kwargs(False, 0.05, True, False), id="adam-l2-amsgrad"),
@@ -578,12 +571,12 @@ def check_importance(module, device, dtype, fmt, kind, unaligned, step_name, n_s
     params, grads, states, refs = _make_inputs(shapes, dtype, fmt, n_state + 2, 3, device, unaligned)
     importance = tuple(states[-2:])  # float32, contiguous, shaped like the params (unaligned when asked)
     states = states[:-2] if n_state else [None]
-    got = _run_with_importance(module, step_name, params, grads, states, refs, fmt, importance, kind, kwargs)
-    want = _run_with_importance(reference, step_name, params, grads, states, refs, fmt, importance, kind, kwargs)
+    got = _run(module, step_name, params, grads, states, refs, fmt, None, kwargs, importance, kind)
+    want = _run(reference, step_name, params, grads, states, refs, fmt, None, kwargs, importance, kind)
     _assert_same(got[0], want[0], dtype)
-    for got_ema, want_ema in zip(got[2], want[2]):  # float32, read from params that may differ by an ulp
+    for got_ema, want_ema in zip(got[3], want[3]):  # float32, read from params that may differ by an ulp
         _assert_same(got_ema, want_ema, dtype)
-    without = _run_with_importance(module, step_name, params, grads, states, refs, fmt, None, kind, kwargs)
+    without = _run(module, step_name, params, grads, states, refs, fmt, None, kwargs)
     for a, b in zip(got[0] + [t for x in got[1] if x is not None for t in x],
                     without[0] + [t for x in without[1] if x is not None for t in x]):
         assert torch.equal(a, b), "importance changed the step"
