@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <utility>
 #include <vector>
 
 #include "cnl_binding.h"
@@ -60,28 +59,25 @@ struct CudaSteps {
 };
 using Steps = cnl::binding::StepOps<CudaSteps>;
 
-// The params' pointers, count and type as the KIF launches read them from TensorLists.
-struct FusionLists {
-  std::vector<int64_t> numels;
-  std::vector<void*> params;
-  cnl::TensorLists lists;
-
-  FusionLists(TensorList tensors, std::vector<int64_t> counts, const char* op)
-      : numels(std::move(counts)), params(tensors.size()) {
-    for (size_t i = 0; i < tensors.size(); ++i) params[i] = tensors[i].data_ptr();
-    lists.count = static_cast<int64_t>(tensors.size());
-    lists.numels = numels.data();
-    lists.params = params.data();
-    lists.param_type = cnl::binding::param_type(tensors[0].scalar_type(), op);
-  }
-};
+// Checks the params of a KIF op (cnl::binding::fusion_params) and fills what its launch reads of
+// c.lists: count, numels, param pointers and type.
+void collect_fusion_params(Collected& c, TensorList params, const char* op) {
+  c.numels = cnl::binding::fusion_params(params, op, c10::DeviceType::CUDA, kOtherBackends);
+  c.params.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) c.params[i] = params[i].data_ptr();
+  c.lists.count = static_cast<int64_t>(params.size());
+  c.lists.numels = c.numels.data();
+  c.lists.params = c.params.data();
+  c.lists.param_type = cnl::binding::param_type(params[0].scalar_type(), op);
+}
 
 void task_vector_fuse_cuda(TensorList params, TensorList anchors, const Tensor& coefficients,
                            at::IntArrayRef unit_offsets, at::IntArrayRef unit_divs, at::IntArrayRef unit_mods) {
   constexpr const char* op = "cnl_ext.kif_task_vector_fuse_";
-  FusionLists f(params, cnl::binding::fusion_params(params, op, c10::DeviceType::CUDA, kOtherBackends), op);
+  Collected c;
+  collect_fusion_params(c, params, op);
   const std::vector<void*> anchor_ptrs = cnl::binding::fusion_list(anchors, op, "anchors", params);
-  cnl::binding::check_units(coefficients, f.numels, unit_offsets, unit_divs, unit_mods, op, params[0]);
+  cnl::binding::check_units(coefficients, c.numels, unit_offsets, unit_divs, unit_mods, op, params[0]);
   std::vector<int64_t> rows(3 * params.size());  // (offset, div, mod) per tensor, read by the kernels
   for (size_t i = 0; i < params.size(); ++i) {
     rows[3 * i] = unit_offsets[i];
@@ -91,7 +87,7 @@ void task_vector_fuse_cuda(TensorList params, TensorList anchors, const Tensor& 
   const c10::cuda::CUDAGuard guard(params[0].device());
   // stream-ordered on the current stream, as the kernels: the allocator reuses it only after them
   const Tensor units = at::tensor(rows, at::kLong).to(params[0].device());
-  check_launch(cnl::launch_task_vector_fuse(f.lists, cnl::binding::param_type(anchors[0].scalar_type(), op),
+  check_launch(cnl::launch_task_vector_fuse(c.lists, cnl::binding::param_type(anchors[0].scalar_type(), op),
                                             anchor_ptrs.data(), coefficients.const_data_ptr<float>(),
                                             units.const_data_ptr<int64_t>(),
                                             c10::cuda::getCurrentCUDAStream().stream()),
@@ -104,7 +100,8 @@ void recurrent_fuse_cuda(TensorList params, TensorList anchors, TensorList inner
                          double delta_out, c10::string_view rule, bool update_anchors) {
   constexpr const char* op = "cnl_ext.kif_recurrent_fuse_";
   cnl::binding::check_recurrent_options(rule, delta_in, delta_out, op);
-  FusionLists f(params, cnl::binding::fusion_params(params, op, c10::DeviceType::CUDA, kOtherBackends), op);
+  Collected c;
+  collect_fusion_params(c, params, op);
   const std::vector<void*> anchor_ptrs = cnl::binding::fusion_list(anchors, op, "anchors", params);
   const at::ScalarType anchor_dtype = anchors[0].scalar_type();
   const std::vector<void*> lists[cnl::kRecurrentColumns] = {
@@ -115,12 +112,12 @@ void recurrent_fuse_cuda(TensorList params, TensorList anchors, TensorList inner
       cnl::binding::fusion_list(outer_sensitivities, op, "outer_sensitivities", params, at::kFloat),
       cnl::binding::fusion_list(outer_uncertainties, op, "outer_uncertainties", params, at::kFloat)};
   void* const* columns[cnl::kRecurrentColumns];
-  for (int c = 0; c < cnl::kRecurrentColumns; ++c) columns[c] = lists[c].data();
+  for (int k = 0; k < cnl::kRecurrentColumns; ++k) columns[k] = lists[k].data();
   // the thresholds rounded to float32, as the torch backend's threshold tensors
   const cnl::RecurrentScalars s{static_cast<float>(delta_in), static_cast<float>(delta_out), rule == "paper",
                                 update_anchors};
   const c10::cuda::CUDAGuard guard(params[0].device());
-  check_launch(cnl::launch_recurrent_fuse(f.lists, cnl::binding::param_type(anchor_dtype, op), columns, s,
+  check_launch(cnl::launch_recurrent_fuse(c.lists, cnl::binding::param_type(anchor_dtype, op), columns, s,
                                           c10::cuda::getCurrentCUDAStream().stream()),
                op);
 }
