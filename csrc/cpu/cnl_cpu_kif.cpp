@@ -1,6 +1,7 @@
 // KIF's and Recurrent-KIF's fusion passes on the CPU: the ops torch.ops.cnl_ext.kif_task_vector_fuse_
-// and kif_recurrent_fuse_ (schemas, CPU and Meta kernels). One pass per element, vectorized with
-// ATen's Vectorized<float>, parallel over the work items of all tensors of the call.
+// and kif_recurrent_fuse_ (CPU and Meta kernels; the schemas are in cnl_binding.h). One pass per
+// element, vectorized with ATen's Vectorized<float> (float32 Recurrent-KIF: a plain loop the compiler
+// vectorizes), parallel over the work items of all tensors of the call.
 //
 // Math and rounding of cnl_ext/ops/kif_fusion_torch.py (the oracle): float32 operations in its
 // order, each rounded on its own (-ffp-contract=off, no fmadd), the new parameter rounded once to
