@@ -25,6 +25,20 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, requires_cuda]),
 ]
 TRITON_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] == "triton"]
+# The native backend where it runs: the C++ CPU kernels, and the CUDA ones of cnl_ext._C.
+NATIVE_DEVICES = [pytest.param("native", "cpu", id="native-cpu"),
+                  pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+
+def skip_unless_native_runs(device) -> None:
+    """Skip a native-backend case whose kernels cannot load, or build, on ``device`` here."""
+    from cnl_ext.ops import native_backend
+
+    reason = native_backend.unavailable_reason()
+    if not reason and torch.device(device).type == "cuda":
+        reason = native_backend.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"native backend unavailable: {reason}")
 
 
 def pytest_configure(config):

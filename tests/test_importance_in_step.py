@@ -8,13 +8,12 @@ import torch
 
 import cnl_ext
 from cnl_ext import functional
-from cnl_ext.ops import native_backend
 from cnl_ext.ops.importance import importance_update_
 
-from .conftest import BACKEND_DEVICES
+from .conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
 
-# the native backend fuses the EMAs into its CPU steps (its CUDA kernels do not: functional then runs them after)
-FUSING_BACKEND_DEVICES = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu")]
+# the native backend fuses the EMAs into its steps, CPU and CUDA (cnl_ext._C)
+FUSING_BACKEND_DEVICES = [*BACKEND_DEVICES, *NATIVE_DEVICES]
 
 SHAPES = [(), (7,), (5, 9), (3, 4, 5), (2 * 1024 + 3,)]
 OPTIMIZERS = {
@@ -26,13 +25,9 @@ OPTIMIZERS = {
 }
 
 
-def _skip_unavailable(backend):
-    if backend == "native" and (reason := native_backend.unavailable_reason()):
-        pytest.skip(f"native backend unavailable: {reason}")
-
-
 def _run(name, backend, device, dtype, *, importance=None, with_reference=False, steps=3):
-    _skip_unavailable(backend)
+    if backend == "native":
+        skip_unless_native_runs(device)
     torch.manual_seed(0)
     params = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in SHAPES]
     opt = OPTIMIZERS[name](params, backend=backend, importance=importance)
@@ -119,7 +114,8 @@ def test_a_gradscaler_skipped_step_leaves_the_importance_untouched():
 def test_a_fusing_backend_takes_no_extra_pass(backend, device, name, monkeypatch):
     """Where the backend supports "importance", functional hands the EMAs to its step and runs no
     importance_update_ after it."""
-    _skip_unavailable(backend)
+    if backend == "native":
+        skip_unless_native_runs(device)
     assert functional.load_backend(backend).supports(torch.device(device), "importance")
 
     def extra_pass(*args, **kwargs):

@@ -10,11 +10,10 @@ from cnl_ext.kif import (KIFMerger, Units, accumulate_importance, adaptive_coeff
                          static_coefficients, unique_parameters, unit_scores)
 from cnl_ext.ops import kif_fusion_torch, native_backend
 
-from .conftest import BACKEND_DEVICES, requires_cuda
+from .conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
 
 # Every backend that runs the fusion passes, and those tested against the torch backend (the oracle).
-FUSION_BACKENDS = [*BACKEND_DEVICES, pytest.param("native", "cpu", id="native-cpu"),
-                   pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda])]
+FUSION_BACKENDS = [*BACKEND_DEVICES, *NATIVE_DEVICES]
 KERNEL_BACKENDS = [p for p in FUSION_BACKENDS if p.values[0] != "torch"]
 NATIVE_BACKENDS = [p for p in FUSION_BACKENDS if p.values[0] == "native"]
 NATIVE_ITEM = 32768  # cnl::cpu::kItemSize: the native kernels' work items
@@ -25,11 +24,7 @@ def _native_ready(request):
     """Skip a native case whose kernels cannot load or build here (an error under CNL_EXT_REQUIRE_NATIVE=1)."""
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "native":
-        reason = native_backend.unavailable_reason()
-        if not reason and callspec.params.get("device") == "cuda":
-            reason = native_backend.cuda_unavailable_reason()
-        if reason:
-            pytest.skip(f"native backend unavailable: {reason}")
+        skip_unless_native_runs(callspec.params["device"])
 
 
 def dyadic(*shape, low=-8, high=8):
