@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``cnl_ext``
 
 import torch
 
+from bench import importance_fusion
 from bench.shapes import param_shapes
-from cnl_ext import kif
 
 
 def _median_seconds(fn, reps: int = 5) -> float:
@@ -43,18 +43,12 @@ def _median_seconds(fn, reps: int = 5) -> float:
 
 
 def _passes(shapes):
-    """``{"rkif": step, "kif": step}`` over fresh tensors of ``shapes``, and the tensors."""
-    params = [torch.randn(s) for s in shapes]
-    anchors, ends = [p.clone() for p in params], [p.clone() for p in params]
-    scores = [[torch.rand(s) * 1e-6 for s in shapes] for _ in range(4)]
-    units = kif.Units.per_tensor([p.shape for p in params])
-    ones = torch.ones(units.count)  # c = 1 leaves θ where it is, so repeated runs measure the same numbers
-    steps = {
-        "rkif": lambda: kif.recurrent_fuse_(params, anchors, ends, scores[:2], scores[2:], 2.5e-13, 2.5e-13,
-                                            backend="native"),
-        "kif": lambda: kif.fuse_task_vector_(params, anchors, ones, units, backend="native"),
-    }
-    return steps, (params, anchors, ends, scores)
+    """``{"rkif": step, "kif": step}``: the native passes of bench/importance_fusion.py over ``shapes``,
+    and the tensors they keep alive."""
+    cases = {"rkif": "rkif_fuse_code", "kif": "kif_fuse_tensor"}
+    built = {name: importance_fusion.make_case(case, shapes, torch.device("cpu"), "native")
+             for name, case in cases.items()}
+    return {name: step for name, (step, _) in built.items()}, built
 
 
 def _plain_c_ratios(binary: str, numel: int, threads: int) -> dict:
@@ -76,13 +70,13 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    model_shapes = [shape for _, shape in param_shapes("smollm2-135m")]
-    numel = args.numel or sum(torch.Size(s).numel() for s in model_shapes)
+    model_shapes = param_shapes("smollm2-135m")
+    numel = args.numel or sum(torch.Size(shape).numel() for _, shape in model_shapes)
     with tempfile.TemporaryDirectory() as tmp:
         binary = os.path.join(tmp, "stream_floor")
         subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", str(ROOT / "bench" / "stream_floor.c"), "-o",
                         binary], check=True)
-        flat, keep_flat = _passes([(numel,)])
+        flat, keep_flat = _passes([("flat", (numel,))])
         model, keep_model = _passes(model_shapes) if args.numel is None else ({}, None)
         src, dst = torch.randn(numel), torch.zeros(numel)
         copy = lambda: dst.copy_(src)  # noqa: E731
