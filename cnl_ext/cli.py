@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -146,8 +146,10 @@ class ResumeOptions:
                                  "uninterrupted run); rerun the same command with --resume")
     keep_checkpoints: bool = option(False, "keep the checkpoints of finished runs in OUT/checkpoints (about 2 GB "
                                            "per run for SmolLM2 with AdamW; deleted by default)")
-    checkpoints: bool = option(True, "save no checkpoints (no time spent writing them; an interrupted command "
-                                     "then starts again)")
+    checkpoints: bool = option(True, "resumable checkpoints: the starting weights once, and each run's weights, "
+                                     "optimizer state and reference at every epoch end (written over; about 0.5 + "
+                                     "2 GB for SmolLM2 with AdamW in float32); without them an interrupted "
+                                     "command starts again")
 
 
 @dataclass
@@ -202,7 +204,7 @@ class Subcommand:
     checkpoints: bool = False
     out_default: Path | None = None
     replaceable: Callable | None = None  # a non-empty --out that may be replaced without --overwrite
-    add_arguments: Callable | None = None  # a settings class with its own argparse options (continual)
+    resume_defaults: dict = field(default_factory=dict)  # this command's defaults of ResumeOptions
 
 
 def _models():
@@ -265,7 +267,10 @@ class Context:
             self.out.open(options)  # a failure before anything is saved removes it again (abandon)
             self._opened = True
             if not resume.checkpoints and (resume.resume or resume.keep_checkpoints):
-                raise UsageError("--no-checkpoints saves none: it goes with neither --resume nor --keep-checkpoints")
+                raise UsageError("--resume and --keep-checkpoints need checkpoints: "
+                                 + ("add --checkpoints (this command saves none by default)"
+                                    if self.command.resume_defaults.get("checkpoints") is False
+                                    else "drop --no-checkpoints"))
             if self.command.checkpoints and resume.checkpoints:
                 from .experiments.checkpoints import RunCheckpoints
 
@@ -285,7 +290,8 @@ class Context:
         import torch
 
         from .experiments.model import MCQEncoder, load_model
-        from .experiments.outputs import sha256_file, weight_files
+        from .experiments.model import weight_files
+        from .experiments.outputs import sha256_file
         from .experiments.progress import quiet_library_bars
 
         quiet_library_bars()
@@ -649,25 +655,17 @@ def _jsonable_config(config) -> dict:
 
 def cmd_continual(ctx: Context) -> None:
     from .experiments import continual
-    from .experiments.outputs import UsageError
     from .experiments.progress import quiet_library_bars
 
-    try:
-        config = continual.ContinualConfig.from_arguments(ctx.args)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    config = ctx[continual.ContinualConfig]
     quiet_library_bars()
     continual.run(config)
     print(f"results in {config.out_dir} (tables.md, summary.csv, matrices.csv, results.json, heat maps, "
           f"comparison chart)")
 
 
-def _continual_arguments():
-    from .experiments.continual import ContinualConfig
-    return ContinualConfig.add_arguments
-
-
 def _subcommands() -> list:
+    from .experiments.continual import ContinualConfig
     from .experiments.data import QuestionSource
     from .experiments.demo import DemoSettings
     from .experiments.model import ModelOptions
@@ -677,9 +675,10 @@ def _subcommands() -> list:
     no_lora_or_reference = ("optimizer", "lr", "reference_every", "reference_dtype", "lora_r", "lora_alpha")
     return [
         Subcommand("demo", cmd_demo, "FT vs CNL (AdamW) on generated questions and the embedded SmolLM2 "
-                   "(about 8 minutes on 2 CPU cores)",
+                   "(about 3 minutes on 2 CPU cores; writes under 1 MB, or about 2.5 GB more with --checkpoints)",
                    "python -m cnl_ext demo        # writes runs/demo; --epochs 1 --questions 16 for a quick look",
                    (ModelOptions, DemoSettings), checkpoints=True, out_default=DEFAULT_DEMO_OUT,
+                   resume_defaults=dict(checkpoints=False),  # a 3-minute run: a checkpoint costs more than a rerun
                    replaceable=_demo_folder_is_replaceable),
         Subcommand("prepare-data", cmd_prepare_data, "a benchmark (hub or local files) or JSONL files -> one "
                    "paper-format JSONL",
@@ -718,8 +717,8 @@ def _subcommands() -> list:
                    (*split_and_model, (InjectConfig, dict(only=("trainable", "reference_batch_size", "backend"))))),
         Subcommand("continual", cmd_continual, "a sequence of knowledge-injection tasks with every method (ft, "
                    "replay, lora, cnl, kif, kif-lora, recurrent-kif): accuracy matrices, AP, BWT, FWT",
-                   "python -m cnl_ext continual --task arc=a.jsonl --task csqa=c.jsonl --out-dir runs/continual",
-                   output=None, add_arguments=_continual_arguments()),
+                   "python -m cnl_ext continual --task arc=a.jsonl --task csqa=c.jsonl --out runs/continual",
+                   (ContinualConfig,), output=None),
         Subcommand("info", cmd_info, "versions, devices, the compiled extension and the usable backends (paste it "
                    "into a bug report)", "python -m cnl_ext info", output=None),
     ]
@@ -771,18 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
         for spec in command.options:
             cls, kwargs = spec if isinstance(spec, tuple) else (spec, {})
             add_options(command_parser, cls, **kwargs)
-        if command.add_arguments is not None:
-            command.add_arguments(command_parser)
-            for action in command_parser._actions:  # its help shows the default, as add_options' does
-                if action.help and action.default not in (None, argparse.SUPPRESS) and "(default" not in action.help:
-                    action.help += f" (default: {action.default})"
         if command.output == "folder":
             defaults = {"out": command.out_default} if command.out_default else None
             add_options(command_parser, FolderOutput, defaults=defaults)
         elif command.output == "file":
             add_options(command_parser, FileOutput)
         if command.checkpoints:
-            add_options(command_parser, ResumeOptions)
+            add_options(command_parser, ResumeOptions, defaults=command.resume_defaults)
         command_parser.add_argument("--debug", action="store_true",
                                     help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
         command_parser.set_defaults(_subcommand=command, _parser=command_parser)

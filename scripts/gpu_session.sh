@@ -141,7 +141,7 @@ phase_continual() {  # issue 15: the continual protocol at paper scale (three ta
     --task csqa=$d/csqa_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/csqa_wrong_Qwen2.5-1.5B-Instruct.jsonl \
     --task mmlu=$d/mmlu_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/mmlu_wrong_Qwen2.5-1.5B-Instruct.jsonl \
     --questions-per-task "${CONTINUAL_QUESTIONS:-200}" --epochs "${CONTINUAL_EPOCHS:-3}" \
-    --orders arc,csqa,mmlu mmlu,csqa,arc --out-dir "$1/continual"
+    --orders arc,csqa,mmlu mmlu,csqa,arc --out "$1/continual"
 }
 
 (($# > 0)) || { sed -n '2,16p' "$0"; exit 2; }

@@ -18,6 +18,7 @@ from cnl_ext.experiments.continual import (METHODS, ContinualConfig, continual_m
 from cnl_ext import CNLOptimizer  # noqa: E402
 from cnl_ext.experiments.data import MCQuestion, write_jsonl  # noqa: E402
 from cnl_ext.experiments.demo import make_demo_questions  # noqa: E402
+from cnl_ext.experiments.options import add_options, build  # noqa: E402
 
 from .test_experiments import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -108,18 +109,18 @@ def test_command_line_options_map_to_the_config(task_files):
     import argparse
 
     parser = argparse.ArgumentParser()
-    ContinualConfig.add_arguments(parser)
+    add_options(parser, ContinualConfig)
     args = parser.parse_args(["--task", task_files["alpha"], "--task", task_files["beta"], "--methods", "ft,kif",
                               "recurrent-kif", "--seeds", "0", "3", "--orders", "alpha,beta", "beta,alpha",
-                              "--questions-per-task", "32", "--importance-betas", "0.5", "0.6", "--no-use-chat-template",
+                              "--questions-per-task", "32", "--importance-betas", "0.5", "0.6", "--no-chat-template",
                               "--max-grad-norm", "1.0", "--rkif-rule", "paper", "--resume"])
-    config = ContinualConfig.from_arguments(args)
+    config = build(ContinualConfig, args, parser)
     assert config.tasks == [task_files["alpha"], task_files["beta"]]
     assert config.methods == ["ft", "kif", "recurrent-kif"] and config.seeds == [0, 3]
     assert config.orders == ["alpha,beta", "beta,alpha"] and config.questions_per_task == 32
     assert config.importance_betas == (0.5, 0.6) and config.use_chat_template is False
     assert config.max_grad_norm == 1.0 and config.rkif_rule == "paper" and config.resume is True
-    defaults = ContinualConfig.from_arguments(parser.parse_args([]))
+    defaults = build(ContinualConfig, parser.parse_args([]), parser)
     assert defaults == ContinualConfig()
 
 

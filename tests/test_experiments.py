@@ -87,7 +87,7 @@ def test_jsonl_round_trip(tmp_path, questions):
 
 
 @pytest.mark.parametrize("row, problem", [
-    ('{"question": "Question: x?"}', "missing label"),
+    ('{"question": "Question: x?"}', "missing label: each line needs a \"label\" field"),
     ('{"label": "E", "question": "Question: x?"}', "label 'E' is not one of A, B, C, D"),
     ('{"label": "A", "question": "   "}', "empty question"),
     ('{"label": "A"', "not valid JSON"),

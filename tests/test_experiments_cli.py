@@ -176,7 +176,8 @@ def _bad_inputs(workspace, tmp_path):
         (["inject", *split, *model, "--lr", "adamm=1e-4", *out], "no optimizer 'adamm'"),
         (["inject", *split, *model, "--out", full], f"--out {full} is not empty; pass --overwrite"),
         (["inject", *split, *model, "--resume", "--out", full], "holds a finished run, with nothing to resume"),
-        (["inject", *split, *model, "--no-checkpoints", "--resume", *out], "--no-checkpoints saves none"),
+        (["inject", *split, *model, "--no-checkpoints", "--resume", *out], "need checkpoints: drop --no-checkpoints"),
+        (["demo", *model, "--resume", *out], "need checkpoints: add --checkpoints"),
         (["table2", *split, *model, "--epochs", "3", *out], "table2 does not take --epochs 3"),
         (["table1", *split, *model, "--reference-dtype", "sign2", *out], "table1 does not take --reference-dtype"),
     ]
@@ -247,7 +248,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(workspace, tmp_path, capsys
 
 def test_demo_default_folder_is_replaced_only_when_it_holds_a_demo(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    demo = ["demo", *map(str, _model(workspace)), *DEMO, "--keep-checkpoints"]
+    demo = ["demo", *map(str, _model(workspace)), *DEMO, "--checkpoints", "--keep-checkpoints"]
     assert main(demo) == 0
     first = (tmp_path / "runs" / "demo" / "results.json").read_text()
     assert {p.name for p in (tmp_path / "runs" / "demo").iterdir()} >= {
@@ -268,6 +269,14 @@ def demo_one_thread(workspace):
     return out
 
 
+def test_demo_writes_no_checkpoints_unless_asked(demo_one_thread):
+    """A 3-minute run: the 2.5 GB of checkpoints cost more than a rerun, so the demo saves them only with
+    --checkpoints; what it writes by default is small."""
+    written = [p for p in demo_one_thread.rglob("*") if p.is_file()]
+    assert "checkpoints" not in {p.name for p in demo_one_thread.iterdir()}
+    assert 0 < sum(p.stat().st_size for p in written) < 5 * 2**20, [(p.name, p.stat().st_size) for p in written]
+
+
 def test_demo_is_the_same_with_one_or_two_threads(workspace, tmp_path):
     """A short demo (two threads on a busy 2-core machine are slow): the same summary.csv with 1 and 2 threads."""
     import torch
@@ -284,7 +293,8 @@ def test_demo_is_the_same_with_one_or_two_threads(workspace, tmp_path):
 
 
 def test_interrupted_demo_resumes_without_teaching_again(workspace, demo_one_thread, tmp_path, monkeypatch, capsys):
-    demo = ["demo", *map(str, _model(workspace)), *DEMO, "--threads", "1", "--out", str(tmp_path / "demo")]
+    demo = ["demo", *map(str, _model(workspace)), *DEMO, "--threads", "1", "--checkpoints",
+            "--out", str(tmp_path / "demo")]
     monkeypatch.setenv("CNL_EXT_INTERRUPT_AFTER_EPOCH", "1")
     assert main(demo) == 130
     assert "interrupted: saved adamw FT after epoch 1 of 2" in capsys.readouterr().err
@@ -434,8 +444,8 @@ def test_continual_refuses_a_non_empty_out_dir_before_loading_the_model(workspac
     out.mkdir()
     (out / "earlier.txt").write_text("an earlier run's file")
     task = f"a={workspace / 'questions.jsonl'}"
-    assert main(["continual", "--task", task, "--model", workspace / "no-such-model", "--out-dir", out]) == 2
+    assert main(["continual", "--task", task, "--model", workspace / "no-such-model", "--out", out]) == 2
     assert "is not empty: pass --resume" in capsys.readouterr().err
     assert (out / "earlier.txt").exists()
-    assert main(["continual", "--task", task, "--out-dir", out, "--resume", "--overwrite"]) == 2
+    assert main(["continual", "--task", task, "--out", out, "--resume", "--overwrite"]) == 2
     assert "pass one" in capsys.readouterr().err

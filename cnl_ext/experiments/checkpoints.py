@@ -82,11 +82,9 @@ class RunCheckpoints:
     # --------------------------------------------------------------------------- runs
 
     def finished(self, key: str):
-        """The finished run's :class:`~.protocol.RunResult`, or None."""
-        from .protocol import RunResult
-
+        """The finished run's records as saved (``RunResult.to_dict()``), or None."""
         path = self._path(f"done-{key}.json")
-        return RunResult.from_dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def latest(self, key: str):
         """The newest end-of-epoch state of an unfinished run, or None."""

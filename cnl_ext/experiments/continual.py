@@ -47,6 +47,7 @@ from .. import kif
 from ..ops.importance import check_importance_options
 from .data import LETTERS, DataError, read_jsonl, sample_n
 from .model import MCQEncoder, backward_mean_loss, load_model, predict, select_trainable
+from .options import option
 from .progress import bar, note
 from .protocol import InjectConfig, _lora, compute_reference, restore, snapshot
 from .report import write_json
@@ -59,66 +60,61 @@ LORA_METHODS = ("lora", "kif-lora")
 MIN_MEMORY_PER_TASK = 8
 
 
-def _opt(help_text: str, default=dataclasses.MISSING, *, factory=None, **extra):
-    """A dataclass field whose metadata carries the CLI help."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help_text, **extra})
-    return field(default=default, metadata={"help": help_text, **extra})
-
-
 @dataclass
 class ContinualConfig:
-    """Every option of the continual protocol (the CLI maps ``--name-with-dashes`` to these fields)."""
+    """The continual protocol: tasks, methods, their settings (each field is an option of `continual`)."""
 
-    tasks: list = _opt("tasks in order, each NAME=FILE[,FILE...] (paper-format JSONL; several files are joined)",
-                       factory=list)
-    out_dir: str = _opt("folder for the results (runs/ holds one file per finished run)", "continual-results")
-    resume: bool = _opt("skip the runs already saved in OUT_DIR/runs (their settings must match)", False)
-    overwrite: bool = _opt("delete what a non-empty OUT_DIR holds, then run (else it is refused)", False)
-    model: str = _opt("hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M)", "smollm2")
-    gguf_file: str | None = _opt("GGUF file name inside MODEL's folder", None, type=str)
-    dtype: str = _opt("float32 or bfloat16 weights", "float32")
-    device: str = _opt("auto, cpu, cuda, ...", "auto")
-    use_chat_template: bool = _opt("wrap prompts in the tokenizer's chat template", True)
-    methods: list = _opt(f"methods to compare, from {', '.join(METHODS)}", factory=lambda: list(METHODS))
-    orders: list = _opt("task orders, each a comma-separated permutation of the task names (default: as given)",
-                        factory=list)
-    seeds: list = _opt("seeds: each picks the questions, held-out share, memory and batch order", factory=lambda: [0],
-                       type=int)
-    questions_per_task: int | None = _opt("seeded sample of N questions per task (default: all)", None, type=int)
-    heldout_fraction: float = _opt("seeded share of each task kept out of training (reported beside)", 0.2)
-    memory_per_task: int = _opt(f"memory questions per finished task, balanced by answer letter "
-                                f"(at least {MIN_MEMORY_PER_TASK})", 16)
-    epochs: int = _opt("epochs per task", 3)
-    batch_size: int = _opt("questions per optimizer step (also the memory batch of recurrent-kif)", 4)
-    lr: float = _opt("AdamW learning rate of the full-parameter methods", 1e-5)
-    lora_lr: float = _opt("AdamW learning rate of the LoRA methods (P1/P2: 3e-4)", 3e-4)
-    weight_decay: float = _opt("AdamW weight decay", 0.0)
-    betas: tuple = _opt("AdamW betas", (0.9, 0.999))
-    eps: float = _opt("AdamW eps", 1e-8)
-    max_grad_norm: float | None = _opt("clip the gradient norm of every step (the authors: 1.0); default: no clip",
-                                       None, type=float)
-    trainable: str = _opt("full-parameter methods: 'all' or 'last:N' decoder layers", "all")
-    lora_r: int = _opt("LoRA rank", 16)
-    lora_alpha: int = _opt("LoRA alpha", 32)
-    backend: str = _opt("cnl_ext backend of the optimizer and the fusion passes", "auto")
-    eval_batch_size: int = _opt("batch size when answering", 16)
-    reference_batch_size: int = _opt("batch size of the CNL reference pass", 16)
-    importance_betas: tuple = _opt("KIF's sensitivity and uncertainty EMA factors (alpha1, alpha2)", (0.85, 0.85))
-    kif_unit: str = _opt("kif's skill unit: 'tensor' (the paper's) or 'row' (each output row)", "tensor")
-    kif_gamma: float = _opt("static fusion: share of the old weights where both tasks find a unit important", 0.7)
-    kif_beta: float = _opt("weight of the past in the accumulated unit importance (Eq 13)", 0.7)
-    kif_tau: float = _opt("adaptive fusion temperature of kif-lora (P1: 0.15; the authors' code: 0.25)", 0.15)
-    kif_quantile: float = _opt("a unit is important above this quantile of the unit scores", 0.8)
-    orth_weight: float = _opt("kif-lora's orthogonality loss weight", 0.1)
-    rkif_inner_steps: int = _opt("recurrent-kif: inner steps per fusion cycle (Q)", 8)
-    rkif_outer_steps: int = _opt("recurrent-kif: memory steps per cycle (R)", 4)
-    rkif_rule: str = _opt("recurrent-kif fusion rule: 'code' (the authors') or 'paper' (binary masks)", "code")
-    rkif_quantile: float = _opt("recurrent-kif: an element is important above this quantile", 0.8)
+    tasks: list[str] = option(None, "a task, NAME=FILE[,FILE...] (paper-format JSONL; several files are joined); "
+                                    "repeat --task for each, in order", flag="--task", append=True,
+                              metavar="NAME=FILE[,FILE...]")
+    out_dir: str = option("continual-results", "folder for the results (runs/ holds one file per finished run; "
+                                               "a few MB)", flag="--out", metavar="PATH")
+    resume: bool = option(False, "skip the runs already saved in OUT/runs (their settings must match)")
+    overwrite: bool = option(False, "delete what a non-empty OUT holds, then run (else it is refused)")
+    model: str = option("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M)")
+    gguf_file: str | None = option(None, "GGUF file name inside MODEL's folder")
+    dtype: str = option("float32", "float32 or bfloat16 weights", choices=("float32", "bfloat16"))
+    device: str = option("auto", "auto, cpu, cuda, ...")
+    use_chat_template: bool = option(True, "feed the bare prompt, without the tokenizer's chat template (base "
+                                           "models)", flag="--no-chat-template")
+    methods: list[str] = option(METHODS, f"methods to compare, from {', '.join(METHODS)}")
+    orders: list[str] = option((), "task orders, each a comma-separated permutation of the task names (default: "
+                                   "as given)")
+    seeds: list[int] = option((0,), "seeds: each picks the questions, held-out share, memory and batch order")
+    questions_per_task: int | None = option(None, "seeded sample of N questions per task (default: all)")
+    heldout_fraction: float = option(0.2, "seeded share of each task kept out of training (reported beside)")
+    memory_per_task: int = option(16, f"memory questions per finished task, balanced by answer letter "
+                                      f"(at least {MIN_MEMORY_PER_TASK})")
+    epochs: int = option(3, "epochs per task")
+    batch_size: int = option(4, "questions per optimizer step (also the memory batch of recurrent-kif)")
+    lr: float = option(1e-5, "AdamW learning rate of the full-parameter methods")
+    lora_lr: float = option(3e-4, "AdamW learning rate of the LoRA methods (P1/P2: 3e-4)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    eps: float = option(1e-8, "AdamW eps")
+    max_grad_norm: float | None = option(None, "clip the gradient norm of every step (the authors: 1.0); "
+                                               "default: no clip")
+    trainable: str = option("all", "full-parameter methods: 'all' or 'last:N' decoder layers")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    backend: str = option("auto", "cnl_ext backend of the optimizer and the fusion passes")
+    eval_batch_size: int = option(16, "batch size when answering")
+    reference_batch_size: int = option(16, "batch size of the CNL reference pass")
+    importance_betas: tuple[float, float] = option((0.85, 0.85), "KIF's sensitivity and uncertainty EMA factors (alpha1, alpha2)")
+    kif_unit: str = option("tensor", "kif's skill unit: 'tensor' (the paper's) or 'row' (each output row)")
+    kif_gamma: float = option(0.7, "static fusion: share of the old weights where both tasks find a unit important")
+    kif_beta: float = option(0.7, "weight of the past in the accumulated unit importance (Eq 13)")
+    kif_tau: float = option(0.15, "adaptive fusion temperature of kif-lora (P1: 0.15; the authors' code: 0.25)")
+    kif_quantile: float = option(0.8, "a unit is important above this quantile of the unit scores")
+    orth_weight: float = option(0.1, "kif-lora's orthogonality loss weight")
+    rkif_inner_steps: int = option(8, "recurrent-kif: inner steps per fusion cycle (Q)")
+    rkif_outer_steps: int = option(4, "recurrent-kif: memory steps per cycle (R)")
+    rkif_rule: str = option("code", "recurrent-kif fusion rule: 'code' (the authors') or 'paper' (binary masks)")
+    rkif_quantile: float = option(0.8, "recurrent-kif: an element is important above this quantile")
 
     def __post_init__(self):
         self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
-        self.orders, self.tasks = list(self.orders), list(self.tasks)
+        self.orders, self.tasks = list(self.orders), list(self.tasks or ())
         self.seeds = [int(s) for s in self.seeds]
         self.betas, self.importance_betas = tuple(self.betas), tuple(self.importance_betas)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -153,36 +149,6 @@ class ContinualConfig:
         check_importance_options("first", self.importance_betas)
         for spec in self.tasks:
             parse_task(spec)
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        """Add one command-line option per field to an argparse parser (``--task`` repeats; lists take
-        several values; booleans have a ``--no-`` form)."""
-        import argparse
-
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            options = dict(dest=f.name, help=f.metadata["help"], default=default)
-            if f.name == "tasks":
-                parser.add_argument("--task", action="append", metavar="NAME=FILE[,FILE...]",
-                                    **dict(options, default=None))
-                continue
-            if isinstance(default, bool):
-                options["action"] = argparse.BooleanOptionalAction
-            elif isinstance(default, tuple):
-                options.update(nargs=len(default), type=type(default[0]))
-            elif isinstance(default, list):
-                options.update(nargs="+", type=f.metadata.get("type", str))
-            else:
-                options["type"] = f.metadata.get("type", type(default))
-            parser.add_argument("--" + f.name.replace("_", "-"), **options)
-
-    @classmethod
-    def from_arguments(cls, namespace) -> "ContinualConfig":
-        """The config of parsed arguments (see :meth:`add_arguments`)."""
-        values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
-        values["tasks"] = values["tasks"] or []
-        return cls(**values)
 
     def run_settings(self) -> dict:
         """The settings a saved run must share to be resumed (all but where and which runs)."""
@@ -488,10 +454,10 @@ def _claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise ValueError("--resume keeps OUT_DIR's runs and --overwrite deletes them: pass one")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file: name a folder")
+        raise ValueError(f"--out {out_dir} is a file: name a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
         if not overwrite:
-            raise ValueError(f"--out-dir {out_dir} is not empty: pass --resume to continue its runs, --overwrite "
+            raise ValueError(f"--out {out_dir} is not empty: pass --resume to continue its runs, --overwrite "
                              f"to replace them, or name another folder")
         for entry in out_dir.iterdir():
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -552,7 +518,7 @@ def _load_run(path, settings, order) -> RunRecord:
         differ = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                         if settings.get(k) != saved.get("settings", {}).get(k))
         raise ValueError(f"--resume: {path} was made with other settings ({', '.join(differ)}); "
-                         f"use another out_dir or drop --resume")
+                         f"use another --out or drop --resume")
     run_dict = {k: v for k, v in saved["run"].items() if k != "metrics"}
     record = RunRecord(**run_dict)
     if record.order != list(order):

@@ -76,9 +76,11 @@ def read_jsonl(path) -> list[MCQuestion]:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if "label" not in row or row["label"] in (None, ""):
-            raise DataError(f"{where}: missing label")
+            raise DataError(f"{where}: missing label: each line needs a \"label\" field with the answer's letter "
+                            f"(A, B, C or D); this line has {sorted(row)}")
         if "question" not in row:
-            raise DataError(f"{where}: missing question")
+            raise DataError(f"{where}: missing question: each line needs a \"question\" field with the prompt; "
+                            f"this line has {sorted(row)}")
         questions.append(MCQuestion(row["question"], row["label"], where))
     if not questions:
         raise DataError(f"{path}: no questions")

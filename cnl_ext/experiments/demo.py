@@ -51,7 +51,7 @@ def make_demo_questions(n: int = 32, seed: int = 0) -> list:
 
 @dataclass
 class DemoSettings:
-    """The demo: what it generates, teaches and injects (the defaults take about 8 minutes on 2 CPU cores)."""
+    """The demo: what it generates, teaches and injects (the defaults take about 3 minutes on 2 CPU cores)."""
 
     questions: int = option(32, "how many questions to generate")
     teach_fraction: float = option(0.5, "fraction of the questions taught first")

@@ -22,6 +22,7 @@ from .progress import bar
 
 __all__ = [
     "EMBEDDED_MODEL", "EMBEDDED_GGUF", "ModelOptions", "embedded_model_dir", "load_model", "resolve_device",
+    "weight_files",
     "check_model_source", "check_device", "check_trainable", "select_trainable", "MCQEncoder", "Predictions", "predict", "per_question_losses", "backward_mean_loss",
 ]
 
@@ -155,6 +156,28 @@ class ModelOptions:
         """Everything that can be checked before the load (files, hub, device)."""
         check_device(self.device)
         check_model_source(self.model, self.gguf_file)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def weight_files(model: str, gguf_file: str | None = None) -> list[Path]:
+    """The files a model's weights were read from: a GGUF file, or a folder's (or the hub cache's) weight files."""
+    if model == EMBEDDED_MODEL:
+        return [embedded_model_dir() / EMBEDDED_GGUF]
+    path = Path(model)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():  # a hub id: its snapshot in the local cache (just downloaded by the load)
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - provenance must not fail a finished run
+            return []
+    if gguf_file:
+        return [path / gguf_file]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
 
 
 def load_model(model: str = EMBEDDED_MODEL, *, gguf_file: str | None = None, dtype: str = "float32",

@@ -27,25 +27,28 @@ _FIELDS_ATTRIBUTE = "_cnl_option_fields"  # on a parser: {dataclass: names of it
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, choices=None, flag: str | None = None,
-           metavar: str | None = None, default_factory=dataclasses.MISSING, cli: bool = True):
+           metavar: str | None = None, default_factory=dataclasses.MISSING, cli: bool = True, append: bool = False):
     """A dataclass field that is also a command-line option.
 
     ``choices``: a sequence, or a function returning one (called when the parser is built, so a
     list owned by another module is read at use). ``flag``: the option's name when not
     ``--field-name`` (a ``True``-default bool gets ``--no-field-name``). ``cli=False``: not an option.
+    ``append``: a list given one value per repeated flag (``--task a --task b``) instead of several after one.
     """
-    metadata = dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli)
+    metadata = dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli, append=append)
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def flag_of(field: dataclasses.Field) -> str:
+def flag_of(field: dataclasses.Field, default=dataclasses.MISSING) -> str:
+    """The option's name; a bool whose default (``default``, else the field's) is True is ``--no-...``."""
     flag = field.metadata.get("flag")
     if flag:
         return flag
     name = field.name.replace("_", "-")
-    return f"--no-{name}" if field.type in (bool, "bool") and field.default is True else f"--{name}"
+    default = field.default if default is dataclasses.MISSING else default
+    return f"--no-{name}" if field.type in (bool, "bool") and default is True else f"--{name}"
 
 
 def _unwrap_optional(hint):
@@ -66,7 +69,10 @@ def _argparse_kwargs(field, hint, default):
     if hint is bool:
         kwargs["action"] = "store_false" if default is True else "store_true"
         return kwargs, help_text
-    if origin in (tuple, list):
+    if origin in (tuple, list) and meta.get("append"):
+        args = typing.get_args(hint)
+        kwargs.update(action="append", type=args[0] if args else str)
+    elif origin in (tuple, list):
         args = typing.get_args(hint)
         fixed = origin is tuple and args and Ellipsis not in args  # tuple[float, float]: exactly two values
         kwargs["nargs"] = len(args) if fixed else "+"
@@ -117,7 +123,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, only=None, skip=(), def
                                else field.default_factory() if field.default_factory is not dataclasses.MISSING
                                else dataclasses.MISSING)
         kwargs, help_text = _argparse_kwargs(field, hints[field.name], default)
-        group.add_argument(flag_of(field), dest=field.name, help=help_text, **kwargs)
+        group.add_argument(flag_of(field, default), dest=field.name, help=help_text, **kwargs)
     unknown = (set(only or ()) | set(skip)) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise TypeError(f"add_options: {cls.__name__} has no option fields {sorted(unknown)}")

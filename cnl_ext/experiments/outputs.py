@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 __all__ = ["UsageError", "atomic_write", "write_text", "write_json", "OutputFolder", "check_output_file",
-           "provenance", "package_versions", "weight_files", "sha256_file"]
+           "provenance", "package_versions", "sha256_file"]
 
 STAGING_SUFFIX = ".partial"
 COMMAND_FILE = "command.json"  # in the staging folder: the options it was started with (checked on --resume)
@@ -76,30 +76,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
         while block := data.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-
-
-def weight_files(model: str, gguf_file: str | None = None) -> list[Path]:
-    """The files a model's weights were read from: a GGUF file, or a folder's (or the hub cache's) weight files."""
-    from .model import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_model_dir
-
-    if model == EMBEDDED_MODEL:
-        return [embedded_model_dir() / EMBEDDED_GGUF]
-    path = Path(model)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():  # a hub id: its snapshot in the local cache (just downloaded by the load)
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(model, local_files_only=True))
-        except Exception:  # noqa: BLE001 - provenance must not fail a finished run
-            return []
-    if gguf_file:
-        return [path / gguf_file]
-    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
 
 
 def package_versions() -> dict:

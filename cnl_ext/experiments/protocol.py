@@ -16,6 +16,7 @@ import torch
 
 import cnl_ext
 
+from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
 from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
 from .options import option
@@ -250,7 +251,6 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints`; the run is saved there at the end of
     every epoch and continues from its latest save (same numbers as without the interruption).
     """
-    from .checkpoints import restore_rng_states, rng_states
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -332,7 +332,8 @@ def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectCo
             run_config = replace(config, optimizer=optimizer, lr=(lrs or {}).get(optimizer, config.lr))
             for method in methods:
                 key = f"{optimizer}-{method}"
-                finished = checkpoints.finished(key) if checkpoints is not None else None
+                saved = checkpoints.finished(key) if checkpoints is not None else None
+                finished = RunResult.from_dict(saved) if saved is not None else None
                 if finished is not None:
                     note(f"{finished.label}: finished before the interruption, not run again")
                     results.append(finished)
