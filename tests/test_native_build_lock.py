@@ -44,14 +44,14 @@ print("STEPPED", cnl_ext.__file__, native_backend.build_info()["cpu_library"], p
 """
 
 AUTO_STEP = r"""
-import warnings, cnl_ext, torch
+import json, warnings, cnl_ext, torch
 p = torch.nn.Parameter(torch.ones(4)); p.grad = torch.ones(4)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(2):
         cnl_ext.FusedCNLAdamW([p], lr=0.1).step()  # backend="auto"
 print("STEPPED", p.detach().tolist())
-print("WARNINGS", [str(w.message) for w in caught if "native" in str(w.message)])
+print("WARNINGS", json.dumps([str(w.message) for w in caught if "native" in str(w.message)]))
 """
 
 
@@ -238,7 +238,7 @@ def test_a_waiter_past_the_bound_fails_with_what_to_do(tmp_path, monkeypatch):
     assert len(waiting) == 1 and holder in waiting[0] and f"in {folder} by " in waiting[0]
     assert "(at most 1 s, CNL_EXT_BUILD_TIMEOUT)" in waiting[0]
     assert _lines(auto.stdout, "STEPPED [0.")  # the PyTorch backend stepped
-    warnings = eval(_lines(auto.stdout, "WARNINGS ")[0][len("WARNINGS "):])
+    warnings = json.loads(_lines(auto.stdout, "WARNINGS ")[0][len("WARNINGS "):])
     assert len(warnings) == 1, warnings
     assert "waited 1 s for the build of the native CPU kernels" in warnings[0] and holder in warnings[0]
     assert "end that process if it hangs" in warnings[0] and "CNL_EXT_BUILD_TIMEOUT=SECONDS" in warnings[0]
