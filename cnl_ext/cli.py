@@ -441,6 +441,7 @@ def info_lines() -> list:
              "devices: cpu (" + f"{torch.get_num_threads()} threads)" + (
                  "; " + ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
                  if cuda else "; no CUDA device")]
+    lines.append(f"native CPU build folder: {_native_folder_line()}")  # before the load, which may wait for a build
     lines.append(f"compiled extension: {_native_build_line()}")
     lines.append("backends (backend=...):")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -469,6 +470,15 @@ def info_lines() -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
         lines.append("TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter (slow)")
     return lines
+
+
+def _native_folder_line() -> str:
+    """Where the native CPU kernels are built on first use, and whether a build runs there (and whose)."""
+    try:
+        from .ops import native_backend
+    except ImportError as error:
+        return f"unknown ({error})"
+    return native_backend.build_folder_status()
 
 
 def _native_build_line() -> str:

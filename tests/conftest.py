@@ -41,6 +41,16 @@ def skip_unless_native_runs(device) -> None:
         pytest.skip(f"native backend unavailable: {reason}")
 
 
+@pytest.fixture(scope="session")
+def native_built():
+    """The native CPU kernels built (or loaded) in this extension cache by the test process, before a
+    test starts subprocesses that would otherwise compile them inside their timeouts (a first-use build
+    takes minutes on a slow machine). Under pytest-xdist one worker builds; the others wait for it."""
+    from cnl_ext.ops import native_backend
+
+    native_backend.unavailable_reason()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -21,7 +21,8 @@ from . import distributed_worker as worker
 # non-Python thread, before any CNL kernel ran); one job at a time never has
 pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="needs torch.distributed with the gloo backend"),
-              pytest.mark.xdist_group("torchrun")]
+              pytest.mark.xdist_group("torchrun"),
+              pytest.mark.usefixtures("native_built")]  # every rank loads the CPU kernels, within the timeout
 
 TORCHRUN_TIMEOUT_S = 300
 REPO = pathlib.Path(__file__).resolve().parent.parent

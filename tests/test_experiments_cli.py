@@ -24,6 +24,8 @@ from cnl_ext.experiments import make_demo_questions, read_jsonl, write_jsonl  # 
 from .test_experiments import tiny_model, tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the subprocesses (cli(), quickstart) load the native CPU kernels, built before their timeouts start
+pytestmark = pytest.mark.usefixtures("native_built")
 CELL = r"\d+ \(\d+\.\d%\)"  # the paper's "count (percent)"
 FAST = ["--eval-batch-size", "8", "--threads", "1"]  # model options
 TRAIN = [*FAST, "--backend", "torch"]  # and the optimizer's

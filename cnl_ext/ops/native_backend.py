@@ -12,7 +12,9 @@ Two libraries serve these ops:
   (``torch.backends.cpu.get_cpu_capability()``, or lower with ``CNL_EXT_CPU_CAPABILITY``) comes
   prebuilt with wheels and ``pip install --no-build-isolation .`` (``cnl_ext._cpu_<isa>``), and is
   otherwise compiled on first use with ``torch.utils.cpp_extension.load`` into torch's extension
-  cache (one line says so, with its time). A process loads exactly one of them.
+  cache (one line says so, with its time): one process at a time per build folder, under the lock of
+  :mod:`cnl_ext.ops.build_lock`, from copies of the sources in a folder named by their hash. A
+  process loads exactly one of them.
 - ``cnl_ext._C``, the CUDA kernels, built by setup.py where a CUDA toolkit and a CUDA torch exist.
 
 Importing this module loads and compiles nothing; :func:`unavailable_reason` (or the first op) does.
@@ -23,24 +25,28 @@ ImportError, so that no fallback logic can swallow it.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import importlib.util
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
 import torch
 
-from . import native_build
+from . import build_lock, native_build
 
 NAME = "native"
 OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 _IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs
 _CUDA_OPS = ("sgd_step_", "adam_step_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
+_BUILD_LAYOUT = "copied-sources"  # in the build folder's name: no folder of an older layout is reused
 
 
 
@@ -81,42 +87,89 @@ def _extensions_root() -> str:
     return os.path.join(root, re.sub(r"[^0-9A-Za-z_.+-]", "_", tag))
 
 
-def _jit_build(capability: str):
-    """Compile (or load from torch's extension cache) the CPU variant; return the module."""
-    from torch.utils import cpp_extension
-
+def _build_plan(capability: str):
+    """(module name, flags, {relative path: contents} of the sources and headers, build folder) of the
+    first-use build of one CPU variant."""
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     csrc = native_build.csrc_dir(package_dir)
     if csrc is None:
         raise RuntimeError(f"the C++ sources (csrc/) are neither in {package_dir} nor next to it")
     name = native_build.jit_module(capability)
-    sources = [os.path.join(csrc, s) for s in native_build.CPU_SOURCES]
     flags = native_build.compile_flags(capability)
-    # One build directory per content of the sources and flags: a library found there is current,
-    # and a changed source never loads a stale build.
-    digest = hashlib.sha256("\0".join(flags).encode())
-    for path in sources + [os.path.join(csrc, h) for h in native_build.CPU_HEADERS]:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    build_dir = os.path.join(_extensions_root(), f"{name}-{digest.hexdigest()[:12]}")
-    os.makedirs(build_dir, exist_ok=True)
-    fresh = os.path.exists(os.path.join(build_dir, f"{name}.so"))
-    if not fresh:
-        print(f"cnl_ext: compiling the native CPU kernels ({capability}) into {build_dir} ...", end="",
-              file=sys.stderr, flush=True)
+    files = {}
+    for relative in native_build.CPU_SOURCES + native_build.CPU_HEADERS:
+        with open(os.path.join(csrc, relative), "rb") as f:
+            files[relative] = f.read()
+    # One build folder per content of the sources and flags, wherever they are: a library found there
+    # is current, a changed source never loads a stale build, and two checkouts of the same sources
+    # share one build.
+    digest = hashlib.sha256("\0".join([_BUILD_LAYOUT, *flags]).encode())
+    for relative, contents in files.items():
+        digest.update(f"\0{relative}\0".encode() + contents)
+    return name, flags, files, os.path.join(_extensions_root(), f"{name}-{digest.hexdigest()[:12]}")
+
+
+def build_folder_status() -> str:
+    """Where this CPU's variant is built on first use, and whether it is built or being built (for
+    ``python -m cnl_ext info``); loads nothing."""
+    try:
+        capability = cpu_capability()
+        name, _, _, folder = _build_plan(capability)
+    except (ValueError, RuntimeError, OSError) as exc:
+        return f"unknown ({exc})"
+    built = "built" if os.path.exists(os.path.join(folder, f"{name}.so")) else "not built yet"
+    return f"{folder} ({capability}, {built}; build lock: {build_lock.status(folder)})"
+
+
+def _compile(name: str, flags: list, files: dict, folder: str, capability: str):
+    """Build the variant in a folder of its own inside ``folder`` (under the build lock), from copies
+    of its sources in ``folder/src``; move the library to ``folder``; return the loaded module."""
+    from torch.utils import cpp_extension
+
+    print(f"cnl_ext: compiling the native CPU kernels ({capability}) into {folder} ...", end="",
+          file=sys.stderr, flush=True)
     start = time.perf_counter()
+    src = os.path.join(folder, "src")
+    for relative, contents in files.items():  # the same paths whatever the checkout
+        target = os.path.join(src, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target + ".tmp", "wb") as f:
+            f.write(contents)
+        os.replace(target + ".tmp", target)
+    for leftover in glob.glob(os.path.join(folder, "build-*")):  # of builds that ended inside (we hold the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
+    # A folder of its own: a compiler that outlives its killed parent writes nowhere the next build reads
+    work = tempfile.mkdtemp(prefix="build-", dir=folder)
     try:
         module = cpp_extension.load(
-            name=name, sources=sources, extra_cflags=flags,
-            extra_ldflags=["-fopenmp"], extra_include_paths=[csrc, os.path.join(csrc, "cpu")], build_directory=build_dir,
+            name=name, sources=[os.path.join(src, s) for s in native_build.CPU_SOURCES], extra_cflags=flags,
+            extra_ldflags=["-fopenmp"], extra_include_paths=[src, os.path.join(src, "cpu")], build_directory=work,
             is_python_module=True, verbose=False,
         )
+        library = os.path.join(folder, f"{name}.so")
+        os.replace(os.path.join(work, f"{name}.so"), library)  # whole, or not there
+        module.__file__ = library  # the file it was loaded from, moved
     except BaseException:
-        if not fresh:
-            print(" failed", file=sys.stderr, flush=True)
+        print(" failed", file=sys.stderr, flush=True)
         raise
-    if not fresh:
-        print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+def _jit_build(capability: str):
+    """Load the CPU variant from torch's extension cache, compiling it first if it is not there; the module."""
+    name, flags, files, folder = _build_plan(capability)
+    library = os.path.join(folder, f"{name}.so")
+    if not os.path.exists(library):
+        os.makedirs(folder, exist_ok=True)
+        with build_lock.hold(folder, f"the build of the native CPU kernels ({capability}) in {folder}"):
+            if not os.path.exists(library):  # or the process we waited for built it
+                return _compile(name, flags, files, folder, capability)
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
