@@ -277,7 +277,7 @@ def test_defect07_set_reference_refuses_nan_and_inf(backend, device, value, name
 
 # ============================================================================ defect 8
 
-LATER_KEYS = {  # param-group keys a torch release before 2.13 may lack (see tests/fixtures/torch_optim_formats.json)
+LATER_KEYS = {  # param-group keys a torch release before 2.13 may lack (see tests/fixtures/torch_optim_checkpoint_formats.json)
     "AdamW": ["decoupled_weight_decay", "fused", "capturable", "differentiable", "foreach", "maximize", "amsgrad"],
     "Adam": ["decoupled_weight_decay", "fused", "capturable", "differentiable", "foreach", "maximize", "amsgrad"],
     "SGD": ["fused", "differentiable", "foreach", "maximize", "nesterov"],

@@ -46,10 +46,10 @@ import cnl_ext
 from .. import kif
 from ..ops.importance import check_importance_options
 from .data import LETTERS, DataError, read_jsonl, sample_n
-from .model import MCQEncoder, backward_mean_loss, load_model, predict, select_trainable
+from .model import MCQEncoder, backward_mean_loss, load_model, lora_adapters, predict, select_trainable
 from .options import option
 from .progress import bar, note
-from .protocol import InjectConfig, _lora, compute_reference, restore, snapshot
+from .protocol import compute_reference, restore, snapshot
 from .report import write_json
 
 __all__ = ["METHODS", "ContinualConfig", "Task", "RunRecord", "continual_metrics", "parse_task", "load_tasks",
@@ -330,8 +330,9 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
     start_time = time.perf_counter()
     base, heldout_base = _evaluate(model, encoder, tasks, config.eval_batch_size)
     matrix, heldout_matrix, losses, notes = [], [], [], []
-    lora_config = InjectConfig(lora_r=config.lora_r, lora_alpha=config.lora_alpha)
-    with (_lora(model, lora_config) if method in LORA_METHODS else contextlib.nullcontext(model)) as trained:
+    adapters = (lora_adapters(model, r=config.lora_r, alpha=config.lora_alpha) if method in LORA_METHODS
+                else contextlib.nullcontext(model))
+    with adapters as trained:
         if method not in LORA_METHODS:
             select_trainable(model, config.trainable)
         named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]

@@ -8,6 +8,7 @@ a question scores the same alone or in any batch (padding is masked out of the l
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .progress import bar
 
 __all__ = [
     "EMBEDDED_MODEL", "EMBEDDED_GGUF", "ModelOptions", "embedded_model_dir", "load_model", "resolve_device",
-    "weight_files",
+    "weight_files", "lora_adapters", "LORA_TARGETS",
     "check_model_source", "check_device", "check_trainable", "select_trainable", "MCQEncoder", "Predictions", "predict", "per_question_losses", "backward_mean_loss",
 ]
 
@@ -178,6 +179,24 @@ def weight_files(model: str, gguf_file: str | None = None) -> list[Path]:
     if gguf_file:
         return [path / gguf_file]
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections (Llama/Qwen names)
+
+
+@contextlib.contextmanager
+def lora_adapters(model, *, r: int, alpha: int):
+    """The model wrapped with LoRA adapters (r, α on the attention projections), removed on exit."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in model.named_modules())]
+    if not targets:
+        raise ValueError(f"LoRA: no attention projections named {LORA_TARGETS} in {type(model).__name__}")
+    wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+    try:
+        yield wrapped
+    finally:
+        wrapped.unload()  # back to the plain model (the base weights were frozen)
 
 
 def load_model(model: str = EMBEDDED_MODEL, *, gguf_file: str | None = None, dtype: str = "float32",

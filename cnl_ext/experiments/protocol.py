@@ -18,7 +18,7 @@ import cnl_ext
 
 from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
-from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
+from .model import MCQEncoder, backward_mean_loss, check_trainable, lora_adapters, predict, select_trainable
 from .options import option
 from .progress import bar, epoch_line, note
 
@@ -32,7 +32,6 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 METHODS = ("ft", "cnl", "replay", "lora")
 # SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
 DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections (Llama/Qwen names)
 
 
 def backend_choices() -> tuple:
@@ -225,22 +224,6 @@ def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed
     return sum(losses) / len(losses), shares
 
 
-@contextlib.contextmanager
-def _lora(model, config: InjectConfig):
-    """The model wrapped with LoRA adapters (r, α on the attention projections), removed on exit."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in model.named_modules())]
-    if not targets:
-        raise ValueError(f"LoRA: no attention projections named {LORA_TARGETS} in {type(model).__name__}")
-    wrapped = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                               lora_dropout=0.0, target_modules=targets))
-    try:
-        yield wrapped
-    finally:
-        wrapped.unload()  # back to the plain model (the base weights were frozen)
-
-
 def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConfig, train, reference,
                   eval_injection, eval_mastered, checkpoints=None) -> RunResult:
     """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
@@ -261,7 +244,9 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         raise ValueError("CNL needs a non-empty mastered (reference) set")
     name = f"{config.optimizer} {method.upper()}"
     key = f"{config.optimizer}-{method}"
-    with (_lora(model, config) if method == "lora" else contextlib.nullcontext(model)) as trained_model:
+    adapters = (lora_adapters(model, r=config.lora_r, alpha=config.lora_alpha) if method == "lora"
+                else contextlib.nullcontext(model))
+    with adapters as trained_model:
         if method != "lora":
             select_trainable(model, config.trainable)
         named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
