@@ -329,14 +329,14 @@ def _check_lists(params, named_lists, *, float32=()):
             if name in float32 and t.dtype != torch.float32:
                 raise ValueError(f"{name}[{i}] must be float32, got {t.dtype}")
             if t.dtype not in FUSION_DTYPES:
-                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16 (KIF's fusion passes do not "
-                                 f"take float64), got {t.dtype}")
+                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16, got {t.dtype} (KIF's fusion "
+                                 f"passes take no float64)")
     for i, p in enumerate(params):
         if p.device != device:
             raise ValueError(f"param {i} is on {p.device}, param 0 on {device}")
         if p.dtype not in FUSION_DTYPES:
-            raise ValueError(f"param {i} must be float32, bfloat16 or float16 (KIF's fusion passes do not take "
-                             f"float64), got {p.dtype}")
+            raise ValueError(f"param {i} must be float32, bfloat16 or float16, got {p.dtype} (KIF's fusion passes "
+                             f"take no float64)")
 
 
 def _run_bucketed(module, lists, key_lists, call):
