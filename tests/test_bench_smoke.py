@@ -59,6 +59,8 @@ EXPECTED_BYTES_PER_ELEMENT = {
     "cnl_adamw_fp32_flat": 32, "cnl_adamw_fp32_graph": 32, "cnl_adamw_bf16": 30, "cnl_adamw_int8": 29,
     "cnl_adamw_sign2": 28.25, "cnl_adamw_sign2_stats": 28.25, "cnl_adamw_bf16_params": 22 + 2,
     "cnl_sgd": 12 + 4, "cnl_momentum_noref": 20, "cnl_momentum": 20 + 4, "cnl_adam": 32, "cnl_rmsprop_fp32": 20 + 4,
+    # float64 parameters and states: 24 + 32
+    "torch_adamw_fused_f64": 56, "cnl_adamw_noref_f64": 56, "cnl_adamw_fp32_f64": 56 + 4,
 }
 
 
