@@ -4,14 +4,14 @@ Roofline: an optimizer step is memory-bound, so its least possible time is the b
 (each operand read or written once) divided by the best streaming rate measured on the device
 (``harness.roofline``). Per element:
 
-    parameters   3 x itemsize   (read p and g, write p: 12 B in fp32, 6 B in bf16)
+    parameters   3 x itemsize   (read p and g, write p: 12 B in fp32, 6 B in bf16, 24 B in fp64)
     states       SGD 0, Momentum 8 (read + write the fp32 buffer), RMSprop 8 (square average),
-                 Adam/AdamW 16 (m and v)
+                 Adam/AdamW 16 (m and v); twice that for fp64 parameters (fp64 states)
     reference    its stored size: fp32 4, bf16 2, int8 1, sign2 0.25 (4 signs a byte)
     importance   KIF's EMAs (``importance=``): 16 (read + write the fp32 sensitivity and uncertainty)
 
 so AdamW fp32 = 28 B (+ the reference), SGD 12, Momentum 20, RMSprop 20, bf16 parameters with fp32
-AdamW states 22. The authors' loop, torch's optimizers and ``CNL(torch.optim.X)`` are charged the
+AdamW states 22, fp64 AdamW 56. The authors' loop, torch's optimizers and ``CNL(torch.optim.X)`` are charged the
 same bytes as the fused step that does the same work, so their "% of roofline" is their effective
 speed against that floor.
 
@@ -134,6 +134,7 @@ def _cpu(kind, value, against=None, **kw) -> Target:
 
 ROOFLINE_90 = _gpu("min_roofline", 0.90)
 SGD_BASELINE, MOMENTUM_BASELINE = "torch_sgd_fused", "torch_momentum_fused"
+F64_BASELINE = "torch_adamw_fused_f64"  # issue 20: float64 parameters
 ADAM_BASELINE, RMSPROP_BASELINE = "torch_adam_fused", "torch_rmsprop"
 
 CASES = (
@@ -145,6 +146,8 @@ CASES = (
          baseline=MOMENTUM_BASELINE),
     Case(RMSPROP_BASELINE, "torch.optim.RMSprop (torch's default implementation)", "rmsprop", "torch_default",
          baseline=RMSPROP_BASELINE),
+    Case(F64_BASELINE, "torch.optim.AdamW(fused=True), float64 parameters", "adamw", "torch_fused",
+         param_dtype=torch.float64, baseline=F64_BASELINE),
     Case("authors_adamw", "the authors' per-tensor CNL AdamW loop, fp32 reference", "adamw", "authors", "float32"),
     Case("cnl_adamw_noref", "FusedCNLAdamW, no reference (plain AdamW)", "adamw", "cnl",
          targets=(_gpu("max_time_ratio", 0.95, BASELINE), _cpu("max_time_ratio", 1.05, BASELINE),
@@ -177,6 +180,13 @@ CASES = (
          "sign2", track_stats=True, targets=(_cpu("max_time_ratio", 1.05, "cnl_adamw_sign2"),)),
     Case("cnl_adamw_bf16_params", "FusedCNLAdamW, bf16 parameters and gradients, fp32 states, bf16 reference",
          "adamw", "cnl", "bfloat16", param_dtype=torch.bfloat16, targets=(ROOFLINE_90,)),
+    # issue 20: float64 parameters are stepped in float64 with float64 states (the native CPU kernels and the
+    # PyTorch implementation; Triton and the CUDA kernels refuse them, so their variants are skipped)
+    Case("cnl_adamw_noref_f64", "FusedCNLAdamW, float64 parameters and states, no reference (plain AdamW)", "adamw",
+         "cnl", param_dtype=torch.float64, targets=(Target("max_time_ratio", 1.10, F64_BASELINE, device_type="cpu", backends=("native",), issue=20),),
+         baseline=F64_BASELINE),
+    Case("cnl_adamw_fp32_f64", "FusedCNLAdamW, float64 parameters and states, fp32 reference", "adamw", "cnl",
+         "float32", param_dtype=torch.float64, baseline=F64_BASELINE),
     Case("cnl_sgd", "FusedCNLSGD, fp32 reference", "sgd", "cnl", "float32", targets=(ROOFLINE_90,),
          baseline=SGD_BASELINE),
     Case("cnl_momentum_noref", "FusedCNLSGD(momentum=0.9), no reference (plain momentum SGD)", "momentum", "cnl",
@@ -267,7 +277,8 @@ def roofline_bytes(case: Case, shapes) -> int:
     """Bytes the step must move at least over ``shapes`` (module docstring)."""
     shapes = case_shapes(case, shapes)
     itemsize = torch.empty(0, dtype=case.param_dtype).element_size()
-    total = total_numel(shapes) * (3 * itemsize + STATE_BYTES[case.optimizer])
+    state_scale = 2 if case.param_dtype == torch.float64 else 1  # fp64 parameters keep fp64 states
+    total = total_numel(shapes) * (3 * itemsize + STATE_BYTES[case.optimizer] * state_scale)
     if case.importance is not None:
         total += total_numel(shapes) * IMPORTANCE_BYTES
     if case.reference is not None:

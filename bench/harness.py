@@ -190,9 +190,11 @@ def native_backend_name() -> str:
     return "native" if "native" in getattr(functional, "BACKENDS", ()) else "cuda"
 
 
-def backend_unavailable_reason(backend: str, device: torch.device, op: str = "adam_step_") -> str:
-    """``""`` when cnl_ext's ``backend`` can run ``op`` on ``device`` in this process, else why
-    (``"<backend> backend unavailable: ..."``), asked of cnl_ext's own dispatcher."""
+def backend_unavailable_reason(backend: str, device: torch.device, op: str = "adam_step_",
+                               dtype: torch.dtype | None = None) -> str:
+    """``""`` when cnl_ext's ``backend`` can run ``op`` on ``device`` in this process (for parameters
+    of ``dtype``: float64 ones need a backend that steps them), else why (``"<backend> backend
+    unavailable: ..."``), asked of cnl_ext's own dispatcher."""
     from cnl_ext import functional
 
     prefix = f"{backend} backend unavailable: "
@@ -200,7 +202,7 @@ def backend_unavailable_reason(backend: str, device: torch.device, op: str = "ad
     if backend not in known:
         return prefix + f"this cnl_ext has no backend {backend!r} (cnl_ext.functional.BACKENDS = {known})"
     try:
-        functional.resolve(backend, device, op)
+        functional.resolve(backend, device, op, *([dtype] if dtype == torch.float64 else []))
     except Exception as exc:  # noqa: BLE001 - an import or build failure, or a device the backend does not serve
         return prefix + f"{type(exc).__name__}: {exc}"
     return ""

@@ -79,7 +79,8 @@ def run_param_set(name: str, selected, device, backend: str, args, pool: cases.T
     skipped = {}
     for case in selected:
         case_backend = cases.case_backend(case, backend)
-        if case_backend and (reason := harness.backend_unavailable_reason(case_backend, device, cases.case_op(case))):
+        if case_backend and (reason := harness.backend_unavailable_reason(case_backend, device, cases.case_op(case),
+                                                                           case.param_dtype)):
             skipped[case.name] = reason
             print(f"{case.name}: skipped, {reason}", file=sys.stderr)
     active = [case for case in selected if case.name not in skipped]

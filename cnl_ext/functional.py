@@ -47,7 +47,7 @@ BACKENDS = ("auto", *BACKEND_MODULES)
 AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 # Set (as CI does) to make an unavailable native backend an error instead of a fallback to "torch".
 REQUIRE_NATIVE_ENV = "CNL_EXT_REQUIRE_NATIVE"
-SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _modules: dict = {}  # backend name -> module, or the reason it is unavailable (str)
 _auto_chosen: dict = {}  # (device type, op) -> module
@@ -99,15 +99,25 @@ def why_unsupported(module, device, op) -> str:
     return explain(device, op) if explain else f"backend {module.NAME!r} does not support {op} on {device}"
 
 
-def resolve(backend: str, device: torch.device, op: str):
-    """The backend module that runs ``op`` for tensors on ``device``; raises before anything is written."""
+def _needs(dtype) -> tuple:
+    """The capabilities (``supports`` ops) a step of parameters of ``dtype`` needs beyond the op itself:
+    ``"float64"`` for float64 parameters (computed in float64, with float64 states)."""
+    return ("float64",) if dtype == torch.float64 else ()
+
+
+def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = None):
+    """The backend module that runs ``op`` for tensors on ``device`` (of parameter dtype ``dtype``,
+    when given: float64 ones need a backend that ``supports(device, "float64")``); raises before
+    anything is written."""
     name = canonical_backend(backend)
+    needs = _needs(dtype)
     if name != "auto":
         module = load_backend(name)
-        if not module.supports(device, op):
-            raise RuntimeError(why_unsupported(module, device, op))
+        for capability in (op, *needs):
+            if not module.supports(device, capability):
+                raise RuntimeError(why_unsupported(module, device, capability))
         return module
-    key = (device.type, op)
+    key = (device.type, op, needs)
     if key not in _auto_chosen:
         passed_over = []
         for candidate in AUTO_ORDER.get(device.type, ("torch",)):
@@ -118,11 +128,11 @@ def resolve(backend: str, device: torch.device, op: str):
                     raise BackendUnavailable(f"{exc} ({REQUIRE_NATIVE_ENV}=1 makes this an error)") from None
                 passed_over.append(str(exc))
                 continue
-            if module.supports(device, op):
+            if all(module.supports(device, capability) for capability in (op, *needs)):
                 _auto_chosen[key] = module
                 break
         else:
-            raise RuntimeError(f"no backend runs {op} on {device}")
+            raise RuntimeError(f"no backend runs {op} on {device}" + (f" for {dtype} parameters" if needs else ""))
         message = (f"cnl_ext: backend='auto' uses {_auto_chosen[key].NAME!r} for {device.type} tensors because "
                    + "; ".join(passed_over))
         if passed_over and message not in _warned:
@@ -141,6 +151,12 @@ def local_tensor(t):
     return t.to_local() if is_dtensor(t) else t
 
 
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer states (momentum buffers, Adam's moments) of a parameter: float64 for
+    float64 parameters (as torch.optim keeps them), float32 for float32, bfloat16 and float16 ones."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
 def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
     """Raise a clear error for gradients no backend can take, before anything is written."""
     strided = torch.strided
@@ -154,7 +170,8 @@ def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
         if g.is_complex() or p.is_complex():
             raise RuntimeError(f"{owner} does not support complex parameters or gradients (parameter {i})")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
-            raise TypeError(f"{owner} supports float32, bfloat16 and float16 parameters; parameter {i} is {p.dtype}")
+            raise TypeError(f"{owner} supports float32, bfloat16, float16 and float64 parameters; "
+                            f"parameter {i} is {p.dtype}")
         raise RuntimeError(
             f"{owner}: the gradient of parameter {i} is {g.dtype} {tuple(g.shape)} on {g.device}, "
             f"but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}"
@@ -165,8 +182,8 @@ def check_step(op: str, backend: str, params, grads, *, capturable: bool = False
     """Everything a step can check before the optimizer writes anything (state included):
     the gradients, and a backend for ``op`` (and ``capturable``) on every device of ``params``."""
     check_gradients(params, grads, owner)
-    for device in {p.device for p in params}:
-        module = resolve(backend, device, op)
+    for device, dtype in {(p.device, torch.float64 if p.dtype == torch.float64 else None) for p in params}:
+        module = resolve(backend, device, op, dtype)
         if capturable and not module.supports(device, "capturable"):
             raise RuntimeError(f"{owner}: capturable=True is not supported by backend {module.NAME!r} on {device}")
 
@@ -237,7 +254,7 @@ def _plan(op, backend, indices, key: BucketKey, written, read, stats=None, impor
     in the op's argument order (written first); ``stats``: the caller's statistics rows (or None);
     ``importance``: None or (sensitivities, uncertainties, kind, betas) of the bucket (KIF's EMAs, in
     the step where the backend fuses them, else after it)."""
-    module = resolve(backend, key.device, op)
+    module = resolve(backend, key.device, op, key.dtype)
     bucket_stats = None
     if stats is not None and key.has_reference:
         bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=key.device)
@@ -316,7 +333,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
             importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
-    ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
+    ``momentum_buffer_list`` entries that are ``None`` are created here (:func:`state_dtype`), as torch's
     functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
     ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
     ``check=False`` skips :func:`check_step` when the caller has just run it. ``importance``: None, or
@@ -332,7 +349,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     if use_momentum:
         for i, buf in enumerate(momentum_buffer_list):
             if buf is None:  # created here, as torch's functional SGD does
-                momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
+                momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=state_dtype(params[i].dtype),
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
     launches = [

@@ -307,8 +307,13 @@ def score_quantile(sensitivities, uncertainties, q: float = 0.8) -> torch.Tensor
 
 # ---------------------------------------------------------------------------------- fusion passes
 
+# What every backend's fusion passes take (float64 parameters, which the optimizers step, are not
+# fused: no backend has float64 fusion kernels).
+FUSION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _check_lists(params, named_lists, *, float32=()):
-    """Same length, shapes and device as ``params``, float32, bfloat16 or float16 (what every backend
+    """Same length, shapes and device as ``params``, one of :data:`FUSION_DTYPES` (what every backend
     takes); the ``float32`` names must be float32."""
     if not params:
         raise ValueError("no parameters to fuse")
@@ -323,13 +328,15 @@ def _check_lists(params, named_lists, *, float32=()):
                 raise ValueError(f"{name}[{i}] is on {t.device}, the params on {device}")
             if name in float32 and t.dtype != torch.float32:
                 raise ValueError(f"{name}[{i}] must be float32, got {t.dtype}")
-            if t.dtype not in functional.SUPPORTED_PARAM_DTYPES:
-                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16, got {t.dtype}")
+            if t.dtype not in FUSION_DTYPES:
+                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16, got {t.dtype} (KIF's fusion "
+                                 f"passes take no float64)")
     for i, p in enumerate(params):
         if p.device != device:
             raise ValueError(f"param {i} is on {p.device}, param 0 on {device}")
-        if p.dtype not in functional.SUPPORTED_PARAM_DTYPES:
-            raise ValueError(f"param {i} must be float32, bfloat16 or float16, got {p.dtype}")
+        if p.dtype not in FUSION_DTYPES:
+            raise ValueError(f"param {i} must be float32, bfloat16 or float16, got {p.dtype} (KIF's fusion passes "
+                             f"take no float64)")
 
 
 def _run_bucketed(module, lists, key_lists, call):

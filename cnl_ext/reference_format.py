@@ -16,6 +16,13 @@ sign2       its sign packed 4 per byte   0.25 (code 0: zero, 1: positive, 2: neg
 The sign formats keep every sign exactly; bfloat16 keeps it too, since a nonzero value that would
 round to 0 (0 counts as collaborative) is stored as the smallest normal bfloat16 of its sign. So every format gives the same mask as float32. The statistics ``s = r*u`` use the stored value (``±1`` for the
 sign formats).
+
+float64 parameters use the same formats: the format names the storage, so ``"float32"`` stores a
+float64 mean gradient rounded to float32 (a nonzero value below float32's range as the smallest normal
+float32 of its sign, a finite value beyond it as the largest finite float32 of its sign, so that the
+sign is kept and the stored value stays finite). The kernels decode the stored value exactly into
+float64 and compute the mask and ``s = r*u`` (in float64) against the float64 update, so the mask of a
+float64 step is that of its float64 mean gradient in every format.
 """
 from __future__ import annotations
 
@@ -60,14 +67,11 @@ def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
     """Return a new contiguous tensor holding ``gradient`` in format ``fmt`` (flat for ``sign2``)."""
     dense = torch.contiguous_format
     if fmt == "float32":
-        return gradient.to(torch.float32, memory_format=dense, copy=True)
+        stored = gradient.to(torch.float32, memory_format=dense, copy=True)
+        # a float64 gradient may lie beyond float32's range (a float32 one always lies within it)
+        return _keep_signs(stored, gradient) if gradient.dtype == torch.float64 else stored
     if fmt == "bfloat16":
-        stored = gradient.to(torch.bfloat16, memory_format=dense, copy=True)
-        # keep the sign of values that round to 0: the smallest normal bfloat16 of that sign (a normal,
-        # not a subnormal, so that no flush-to-zero on the way to float32 can lose it either)
-        underflow = (stored == 0) & (gradient != 0)
-        tiny = torch.full((), torch.finfo(torch.bfloat16).smallest_normal, dtype=torch.float32, device=stored.device)
-        return torch.where(underflow, torch.copysign(tiny, gradient.to(torch.float32)).to(torch.bfloat16), stored)
+        return _keep_signs(gradient.to(torch.bfloat16, memory_format=dense, copy=True), gradient)
     if fmt == "int8":
         return torch.sign(gradient).to(torch.int8, memory_format=dense)
     # sign2: per element code (1 positive, 2 negative, 0 zero), four codes per byte.
@@ -78,6 +82,22 @@ def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
         codes = torch.cat([codes, codes.new_zeros(pad)])
     codes = codes.view(-1, 4)
     return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def _keep_signs(stored: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``stored`` (``gradient`` rounded to a narrower dtype) with the sign of every value kept and every
+    finite value finite: a nonzero value that rounded to 0 (0 counts as collaborative) becomes the
+    smallest normal of its sign (a normal, not a subnormal, so that no flush-to-zero on the way to
+    float32 can lose it either), a finite one that rounded to ±inf the largest finite of its sign."""
+    info = torch.finfo(stored.dtype)
+    wide = torch.float64 if gradient.dtype == torch.float64 else torch.float32
+    signs = gradient.to(wide)
+    underflow = (stored == 0) & (gradient != 0)
+    overflow = torch.isinf(stored) & torch.isfinite(gradient)
+    tiny = torch.full((), info.smallest_normal, dtype=wide, device=stored.device)
+    largest = torch.full((), info.max, dtype=wide, device=stored.device)
+    stored = torch.where(underflow, torch.copysign(tiny, signs).to(stored.dtype), stored)
+    return torch.where(overflow, torch.copysign(largest, signs).to(stored.dtype), stored)
 
 
 def stored_slice(stored: torch.Tensor, fmt: str, start: int, end: int) -> torch.Tensor:

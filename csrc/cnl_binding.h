@@ -83,9 +83,15 @@ inline ParamType param_type(at::ScalarType dtype, const char* op) {
     case at::kFloat: return ParamType::kFloat32;
     case at::kBFloat16: return ParamType::kBFloat16;
     case at::kHalf: return ParamType::kFloat16;
+    case at::kDouble: return ParamType::kFloat64;
     default:
-      TORCH_CHECK(false, op, ": parameters must be float32, bfloat16 or float16, got ", dtype);
+      TORCH_CHECK(false, op, ": parameters must be float32, bfloat16, float16 or float64, got ", dtype);
   }
+}
+
+// The dtype of the optimizer states: float64 for float64 parameters, float32 for the others.
+inline at::ScalarType state_dtype(ParamType param) {
+  return param == ParamType::kFloat64 ? at::kDouble : at::kFloat;
 }
 
 // Validated op inputs as the host arrays the kernels take. The vectors own the pointer arrays for
@@ -177,7 +183,7 @@ inline void collect(Collected& c, const char* op, c10::DeviceType device_type, c
 inline void set_states(Collected& c, int column, const std::optional<TensorList>& states, const char* op,
                        const char* name, TensorList params) {
   if (!states.has_value()) return;
-  c.states[column] = pointers_of(*states, op, name, params, at::kFloat);
+  c.states[column] = pointers_of(*states, op, name, params, state_dtype(c.lists.param_type));
   c.lists.states[column] = c.states[column].data();
 }
 
@@ -195,15 +201,17 @@ inline const float* lr_pointer(const std::optional<Tensor>& lr_tensor, const cha
   return device_scalar(*lr_tensor, op, "lr_tensor", param);
 }
 
-inline SgdScalars sgd_scalars(const std::optional<TensorList>& momentum_buffers, double lr,
-                              double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
-                              bool first_step, const float* lr_ptr) {
-  SgdScalars s;
-  s.lr = static_cast<float>(lr);
+// The step's scalars in its compute type C (float, or double for float64 parameters).
+template <typename C>
+SgdScalarsT<C> sgd_scalars(const std::optional<TensorList>& momentum_buffers, double lr, double weight_decay,
+                           double momentum, double dampening, bool nesterov, bool maximize, bool first_step,
+                           const float* lr_ptr) {
+  SgdScalarsT<C> s;
+  s.lr = static_cast<C>(lr);
   s.lr_ptr = lr_ptr;
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.momentum = static_cast<float>(momentum);
-  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  s.weight_decay = static_cast<C>(weight_decay);
+  s.momentum = static_cast<C>(momentum);
+  s.one_minus_dampening = static_cast<C>(1.0 - dampening);
   s.has_weight_decay = weight_decay != 0.0;
   s.has_momentum = momentum_buffers.has_value();  // the contract: buffers given iff momentum != 0
   s.first_step = first_step;
@@ -212,13 +220,11 @@ inline SgdScalars sgd_scalars(const std::optional<TensorList>& momentum_buffers,
   return s;
 }
 
-// Adam's states, step counts (capturable) and scalars; fills c.lists.states / steps.
-inline AdamScalars adam_setup(Collected& c, const char* op, TensorList params, TensorList exp_avgs,
-                              TensorList exp_avg_sqs, const std::optional<TensorList>& max_exp_avg_sqs, double lr,
-                              double beta1, double beta2, double eps, double weight_decay,
-                              bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                              std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                              const std::optional<TensorList>& device_steps, const float* lr_ptr) {
+// Adam's states and step counts (capturable); fills c.lists.states / steps.
+inline void adam_setup(Collected& c, const char* op, TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                       const std::optional<TensorList>& max_exp_avg_sqs, bool amsgrad,
+                       std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                       const std::optional<TensorList>& device_steps) {
   set_states(c, 0, exp_avgs, op, "exp_avgs", params);
   set_states(c, 1, exp_avg_sqs, op, "exp_avg_sqs", params);
   if (amsgrad) {
@@ -240,18 +246,26 @@ inline AdamScalars adam_setup(Collected& c, const char* op, TensorList params, T
     TORCH_CHECK(*bias_correction1 > 0.0 && *bias_correction2 > 0.0, op, ": bias corrections must be positive, got ",
                 *bias_correction1, " and ", *bias_correction2);
   }
-  AdamScalars s;
-  s.lr = static_cast<float>(lr);
+}
+
+// Adam's scalars in the step's compute type C (float, or double for float64 parameters).
+template <typename C>
+AdamScalarsT<C> adam_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
+                             bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                             std::optional<double> bias_correction1, std::optional<double> bias_correction2,
+                             const float* lr_ptr) {
+  AdamScalarsT<C> s;
+  s.lr = static_cast<C>(lr);
   s.lr_ptr = lr_ptr;
-  s.beta1 = static_cast<float>(beta1);
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.one_minus_lr_wd = static_cast<float>(1.0 - lr * weight_decay);
-  s.bias_correction1 = static_cast<float>(bias_correction1.value_or(1.0));
-  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2.value_or(1.0)));
+  s.beta1 = static_cast<C>(beta1);
+  s.beta2 = static_cast<C>(beta2);
+  s.one_minus_beta1 = static_cast<C>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<C>(1.0 - beta2);
+  s.eps = static_cast<C>(eps);
+  s.weight_decay = static_cast<C>(weight_decay);
+  s.one_minus_lr_wd = static_cast<C>(1.0 - lr * weight_decay);
+  s.bias_correction1 = static_cast<C>(bias_correction1.value_or(1.0));
+  s.bias_correction2_sqrt = static_cast<C>(std::sqrt(bias_correction2.value_or(1.0)));
   s.l2_weight_decay = weight_decay != 0.0 && !decoupled_weight_decay;
   s.decoupled_weight_decay = weight_decay != 0.0 && decoupled_weight_decay;
   s.amsgrad = amsgrad;
@@ -381,8 +395,10 @@ inline void check_recurrent_options(c10::string_view rule, double delta_in, doub
 // ---------------------------------------------------------------------------- the step ops
 
 // The step ops of the schemas above, for one library's kernels: validate everything, then call
-// Kernels::sgd / Kernels::adam (c, scalars, importance or nullptr, op, params[0]). `Kernels` also
-// gives kDevice (the device type of its tensors) and kOtherBackends (completes the error for others).
+// Kernels::sgd / Kernels::adam (c, scalars, importance or nullptr, op, params[0]), with the scalars
+// in the step's compute type (SgdScalarsT<double> / AdamScalarsT<double> for float64 parameters, else
+// <float>). `Kernels` also gives kDevice (the device type of its tensors) and kOtherBackends (completes
+// the error for others).
 template <class Kernels>
 struct StepOps {
   static void sgd_step(TensorList params, TensorList grads, const std::optional<TensorList>& momentum_buffers,
@@ -445,11 +461,17 @@ struct StepOps {
     collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
             reference_format);
     set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
-    const SgdScalars s = sgd_scalars(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize,
-                                     first_step, lr_pointer(lr_tensor, op, params[0]));
+    const float* lr_ptr = lr_pointer(lr_tensor, op, params[0]);
     CollectedImportance imp;
     if (importance != nullptr) collect_importance(imp, op, params, *importance);
-    Kernels::sgd(c, s, importance != nullptr ? &imp.importance : nullptr, op, params[0]);
+    const Importance* imp_ptr = importance != nullptr ? &imp.importance : nullptr;
+    if (c.lists.param_type == ParamType::kFloat64) {
+      Kernels::sgd(c, sgd_scalars<double>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+                                          maximize, first_step, lr_ptr), imp_ptr, op, params[0]);
+    } else {
+      Kernels::sgd(c, sgd_scalars<float>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+                                         maximize, first_step, lr_ptr), imp_ptr, op, params[0]);
+    }
   }
 
   static void adam(const char* op, TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -462,12 +484,21 @@ struct StepOps {
     Collected c;
     collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
             reference_format);
-    const AdamScalars s = adam_setup(c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-                                     weight_decay, decoupled_weight_decay, amsgrad, maximize, bias_correction1,
-                                     bias_correction2, device_steps, lr_pointer(lr_tensor, op, params[0]));
+    adam_setup(c, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, bias_correction1, bias_correction2,
+               device_steps);
+    const float* lr_ptr = lr_pointer(lr_tensor, op, params[0]);
     CollectedImportance imp;
     if (importance != nullptr) collect_importance(imp, op, params, *importance);
-    Kernels::adam(c, s, importance != nullptr ? &imp.importance : nullptr, op, params[0]);
+    const Importance* imp_ptr = importance != nullptr ? &imp.importance : nullptr;
+    if (c.lists.param_type == ParamType::kFloat64) {
+      Kernels::adam(c, adam_scalars<double>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                            maximize, bias_correction1, bias_correction2, lr_ptr),
+                    imp_ptr, op, params[0]);
+    } else {
+      Kernels::adam(c, adam_scalars<float>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                           maximize, bias_correction1, bias_correction2, lr_ptr),
+                    imp_ptr, op, params[0]);
+    }
   }
 };
 

@@ -136,6 +136,8 @@ cudaError_t dispatch_anchor(ParamType anchor, F&& f) {
       return f(FusionTypes<T, __nv_bfloat16>{});
     case ParamType::kFloat16:
       return f(FusionTypes<T, __half>{});
+    case ParamType::kFloat64:  // refused by binding::fusion_dtype
+      break;
   }
   return cudaErrorInvalidValue;
 }
@@ -150,6 +152,8 @@ cudaError_t dispatch_fusion(ParamType param, ParamType anchor, F&& f) {
       return dispatch_anchor<__nv_bfloat16>(anchor, f);
     case ParamType::kFloat16:
       return dispatch_anchor<__half>(anchor, f);
+    case ParamType::kFloat64:  // refused by binding::fusion_dtype
+      break;
   }
   return cudaErrorInvalidValue;
 }

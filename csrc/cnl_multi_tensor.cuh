@@ -436,6 +436,8 @@ cudaError_t dispatch(ParamType param, RefFormat ref, bool stats, bool importance
       return dispatch_importance<__nv_bfloat16>(ref, stats, importance, f);
     case ParamType::kFloat16:
       return dispatch_importance<__half>(ref, stats, importance, f);
+    case ParamType::kFloat64:  // the CPU kernels only: the CUDA bindings refuse float64 before any launch
+      break;
   }
   return cudaErrorInvalidValue;
 }

@@ -39,6 +39,13 @@ void allocate_partials(Collected& c, const Tensor& param) {
   c.lists.partials = c.partials.data_ptr<double>();
 }
 
+// float64 steps: the CUDA kernels compute in float32 only (StepOps passes double scalars for float64
+// parameters, which land here before anything is enqueued).
+[[noreturn]] void refuse_float64(const char* op) {
+  TORCH_CHECK(false, op, ": the CUDA kernels of the native backend do not step float64 parameters; use "
+              "backend='triton' or backend='torch' for them (the native CPU kernels do step float64)");
+}
+
 // The CUDA kernels of the step ops (cnl_binding.h's StepOps validates their inputs): enqueued on the
 // current stream of the params' device.
 struct CudaSteps {
@@ -55,6 +62,14 @@ struct CudaSteps {
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
     check_launch(cnl::launch_adam_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
+  }
+  static void sgd(Collected&, const cnl::SgdScalarsT<double>&, const cnl::Importance*, const char* op,
+                  const Tensor&) {
+    refuse_float64(op);
+  }
+  static void adam(Collected&, const cnl::AdamScalarsT<double>&, const cnl::Importance*, const char* op,
+                   const Tensor&) {
+    refuse_float64(op);
   }
 };
 using Steps = cnl::binding::StepOps<CudaSteps>;

@@ -10,7 +10,9 @@
 
 namespace cnl {
 
-enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// float64 parameters are stepped in float64 (with float64 states) by the CPU kernels only; the CUDA
+// kernels refuse them (the bindings say so).
+enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // Storage of the reference gradient (see cnl_ext/reference_format.py).
 enum class RefFormat : int { kNone = 0, kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kSign2 = 4 };
@@ -37,14 +39,17 @@ struct TensorLists {
   double* partials = nullptr;
 };
 
-// Kernel scalars. Derived constants (1 - dampening, 1 - lr*wd, sqrt(bias_correction2)) are
-// computed on the host in double and rounded once, as torch.optim does with Python floats.
-struct SgdScalars {
-  float lr;
+// Kernel scalars, in the compute type C of the step: float for float32, bfloat16 and float16
+// parameters, double for float64 ones. Derived constants (1 - dampening, 1 - lr*wd,
+// sqrt(bias_correction2)) are computed on the host in double and rounded once to C, as torch.optim
+// does with Python floats.
+template <typename C>
+struct SgdScalarsT {
+  C lr;
   const float* lr_ptr;  // capturable: lr read from this 0-d device tensor (nullptr: use `lr`)
-  float weight_decay;
-  float momentum;
-  float one_minus_dampening;
+  C weight_decay;
+  C momentum;
+  C one_minus_dampening;
   bool has_weight_decay;
   bool has_momentum;
   bool first_step;
@@ -52,23 +57,27 @@ struct SgdScalars {
   bool maximize;
 };
 
-struct AdamScalars {
-  float lr;
+template <typename C>
+struct AdamScalarsT {
+  C lr;
   const float* lr_ptr;  // capturable: lr read from this 0-d device tensor (nullptr: use `lr`)
-  float beta1;
-  float beta2;
-  float one_minus_beta1;
-  float one_minus_beta2;
-  float eps;
-  float weight_decay;
-  float one_minus_lr_wd;  // decoupled decay factor 1 - lr*wd (host lr only)
-  float bias_correction1;       // unused with TensorLists::steps
-  float bias_correction2_sqrt;  // unused with TensorLists::steps
+  C beta1;
+  C beta2;
+  C one_minus_beta1;
+  C one_minus_beta2;
+  C eps;
+  C weight_decay;
+  C one_minus_lr_wd;  // decoupled decay factor 1 - lr*wd (host lr only)
+  C bias_correction1;       // unused with TensorLists::steps
+  C bias_correction2_sqrt;  // unused with TensorLists::steps
   bool l2_weight_decay;         // weight_decay != 0 and not decoupled: g += wd*p
   bool decoupled_weight_decay;  // weight_decay != 0 and decoupled: u += wd*p, p *= 1 - lr*wd
   bool amsgrad;
   bool maximize;
 };
+
+using SgdScalars = SgdScalarsT<float>;
+using AdamScalars = AdamScalarsT<float>;
 
 // KIF's per-element importance EMAs (cnl_ext/ops/importance.py defines them), which a step updates in
 // the same pass from the new parameter as stored and the gradient as passed: one sensitivity and one

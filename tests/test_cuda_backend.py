@@ -698,3 +698,27 @@ def test_tensor_larger_than_2_pow_31_elements():
     assert p[-4].item() == -0.5 and p[0].item() == -0.5 and p[2**31 - 1].item() == -0.5
     assert bool((p == -0.5).sum() == n - 3)
 
+
+
+@on_gpu
+def test_float64_is_refused_before_anything_is_written():
+    """The CUDA kernels compute in float32: float64 parameters get an error naming the alternatives
+    (the same op steps them on CPU tensors), and nothing is written; functional's auto dispatch passes
+    the native and Triton backends over for them (the torch backend steps them on the GPU)."""
+    from cnl_ext import functional
+
+    p = torch.randn(1000, dtype=torch.float64, device="cuda")
+    g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match="do not step float64 parameters"):
+        cuda_step.adam_step_([p], [g], [m], [v], None, None, None, reference_format="float32", lr=0.1, beta1=0.9,
+                             beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
+                             maximize=False, bias_correction1=0.1, bias_correction2=0.001)
+    with pytest.raises(RuntimeError, match="do not step float64 parameters"):
+        cuda_step.sgd_step_([p], [g], [m], None, None, reference_format="float32", lr=0.1, weight_decay=0.0,
+                            momentum=0.9, dampening=0.0, nesterov=False, maximize=False, first_step=False)
+    assert torch.equal(p, before) and not m.any() and not v.any()
+    assert functional.resolve("auto", p.device, "adam_step_", torch.float64).NAME == "torch"
+    steps = [torch.zeros(())]
+    functional.cnl_adam([p], [g], [m], [v], [], steps, lr=0.1, backend="auto")
+    assert not torch.equal(p, before) and m.dtype == torch.float64 and float(steps[0]) == 1.0

@@ -6,9 +6,13 @@ sizes, 1-D to 4-D, larger than one chunk / work item) for several steps, on copi
 inputs, and compares parameters, optimizer states and statistics; and it checks that the op wrote
 neither grads nor references.
 
-Tolerance policy (:func:`_assert_same`): float32 within 1e-5 relative; bfloat16/float16 within
-about one ulp of the values' scale (a wrongly masked element moves by ~LR, far beyond either);
-statistics: counts within rounding-of-zero flips, sums within 1e-4 relative.
+Tolerance policy (:func:`_assert_same`): float32 within 1e-5 relative; float64 within 1e-12 relative
+(a step computed in float32 anywhere would be off by ~1e-7); bfloat16/float16 within about one ulp of
+the values' scale (a wrongly masked element moves by ~LR, far beyond either); statistics: counts
+within rounding-of-zero flips, sums within 1e-4 relative (1e-10 for float64 steps).
+
+float64 parameters run on the backends that ``supports(device, "float64")`` (torch, native CPU);
+the others skip them here, and :func:`test_float64_goes_to_a_backend_that_steps_it` checks their refusal.
 
 Exactness. The native CPU kernels round every operation separately, like the torch backend on
 paper. On CPU, torch itself does not: its AVX2/AVX512 kernels contract ``add(alpha=)`` and
@@ -24,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +49,7 @@ ORACLE_CHUNK = {"CPU_CHUNK": 256, "DEVICE_CHUNK": 4096}
 NATIVE_ITEM = 32768  # cnl::cpu::kItemSize (csrc/cpu/cnl_cpu_kernels.h); checked by test_native_build_info
 SHAPES = [(), (0,), (1,), (7,), (31,), (33,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7)]
 LARGE_SHAPE = {"triton": (2 * TEST_CHUNK + 3,), "native": (2 * NATIVE_ITEM + 37,)}
-PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 FORMATS = [None, *reference_format.FORMATS]
 # lr is large so that a wrongly masked element moves far beyond the bf16/fp16 tolerance.
 LR = 0.1
@@ -88,7 +93,12 @@ def _backend_ready(request, monkeypatch):
     for name, size in ORACLE_CHUNK.items():
         monkeypatch.setattr(chunking, name, size)
     callspec = getattr(request.node, "callspec", None)
-    if callspec is None or callspec.params.get("backend") != "native":
+    if callspec is None or callspec.params.get("backend") not in ("native", "triton"):
+        return
+    backend, device = callspec.params["backend"], torch.device(callspec.params.get("device", "cpu"))
+    if callspec.params.get("dtype") == torch.float64 and not backend_module(backend).supports(device, "float64"):
+        pytest.skip(f"backend {backend!r} does not step float64 parameters on {device}")
+    if backend != "native":
         return
     if callspec.params.get("device") == "cuda":
         reason = native_backend.cuda_unavailable_reason()
@@ -108,6 +118,8 @@ def _oracle_rounding():
     sqrt = torch.sqrt
 
     def exact_sqrt(t, *, out):
+        if t.dtype == torch.float64:  # numpy's sqrt is the instruction's, correctly rounded (torch's is MKL's)
+            return out.copy_(torch.from_numpy(np.sqrt(t.cpu().numpy())))
         return out.copy_(sqrt(t.double()))  # sqrt in double, rounded once: correctly rounded
 
     torch.sqrt = exact_sqrt  # the oracle's one sqrt per element (torch.sqrt(second, out=denom))
@@ -129,7 +141,8 @@ def _random_reference(shape, device):
 
 def _setup(shapes, dtype, fmt, device, n_state):
     params = [torch.randn(s, device=device).to(dtype) for s in shapes]
-    states = [[torch.randn(s, device=device).abs() for s in shapes] for _ in range(n_state)]
+    states = [[torch.randn(s, device=device, dtype=functional.state_dtype(dtype)).abs() for s in shapes]
+              for _ in range(n_state)]
     refs = None if fmt is None else [reference_format.encode(_random_reference(s, device), fmt) for s in shapes]
     return params, states, refs
 
@@ -154,18 +167,25 @@ def _assert_same(got, want, dtype, exact=False):
             assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} elements differ"
         elif dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        elif dtype == torch.float64:  # computed in float64 throughout: a float32 step would be ~1e-7 off
+            assert g.dtype == w.dtype == torch.float64
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
         else:  # rounded once per step: allow about an ulp at the values' scale (~1); a masking
             # error moves an element by ~LR, far beyond this
             eps = torch.finfo(dtype).eps
             torch.testing.assert_close(g.float(), w.float(), rtol=eps, atol=2 * eps)
 
 
-def _assert_stats_close(got, want, shapes):
+def _assert_stats_close(got, want, shapes, dtype=torch.float32):
     """Counts may differ where ``u`` is within rounding of 0 (its sign is then a coin flip in either
-    implementation): a few elements per tensor. The sums are continuous in such elements."""
+    implementation): a few elements per tensor. The sums are continuous in such elements; a float64
+    step sums float64 products."""
     numels = torch.tensor([float(torch.Size(s).numel()) for s in shapes], dtype=torch.float64, device=got.device)
     assert ((got[:, 0] - want[:, 0]).abs() <= 2 + 1e-3 * numels).all()
-    torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-3)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-10, atol=1e-9)
+    else:
+        torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-3)
     assert got[:, 0].sum() > 0  # some elements were collaborative and counted
 
 
@@ -218,8 +238,8 @@ def _check_importance(backend, step_name, params, grads, states, refs, fmt, step
     without them leaves the same parameters and states, and
     :func:`cnl_ext.ops.importance.importance_update_` after it gives the same EMAs."""
     p_t, s_t, _, ema_t = got
-    for a, b in zip(ema_t, want[3]):
-        _assert_same(a, b, dtype, exact)
+    for a, b in zip(ema_t, want[3]):  # float32 EMAs (of a float64 parameter rounded to float32)
+        _assert_same(a, b, torch.float32 if dtype == torch.float64 else dtype, exact)
     module = backend_module(backend)
     p, s, emas = _clone(params), [_clone(x) for x in states], [_clone(x) for x in importance[1:]]
     for k in range(steps):
@@ -227,7 +247,7 @@ def _check_importance(backend, step_name, params, grads, states, refs, fmt, step
         importance_module.importance_update_(p, grads[k], *emas, kind=importance[0], betas=IMPORTANCE_BETAS)
     for got_list, want_list in zip([p_t, *s_t, *ema_t], [p, *s, *emas]):
         if got_list is not None:
-            _assert_same(got_list, want_list, dtype, exact=True)
+            _assert_same(got_list, want_list, None, exact=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -278,9 +298,9 @@ def _check_adam_against_reference(backend, device, dtype, fmt, amsgrad, decouple
     exact = _exact(backend, device) and not capturable  # step counts: bias corrections rounded differently
     _assert_same(p_t, p_r, dtype, exact)
     for a, b in zip(s_t, s_r):
-        _assert_same(a, b, torch.float32, exact)
+        _assert_same(a, b, functional.state_dtype(dtype), exact)
     if stats is not None:
-        _assert_stats_close(st_t, st_r, shapes)
+        _assert_stats_close(st_t, st_r, shapes, dtype)
     if importance is not None:
         _check_importance(backend, "adam_step_", params, grads, states, refs, fmt, steps, kwargs, importance, got,
                           want, dtype, exact)
@@ -320,16 +340,16 @@ def _check_sgd_against_reference(backend, device, dtype, fmt, momentum, dampenin
     exact = _exact(backend, device)
     _assert_same(p_t, p_r, dtype, exact)
     if momentum:
-        _assert_same(s_t[0], s_r[0], torch.float32, exact)
+        _assert_same(s_t[0], s_r[0], functional.state_dtype(dtype), exact)
     if stats is not None:
-        _assert_stats_close(st_t, st_r, shapes)
+        _assert_stats_close(st_t, st_r, shapes, dtype)
     if importance is not None:
         _check_importance(backend, "sgd_step_", params, grads, states, refs, fmt, steps, kwargs, importance, got,
                           want, dtype, exact)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("fmt", [None, "float32"])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
 @pytest.mark.parametrize("kind", importance_module.IMPORTANCE_KINDS)
@@ -361,11 +381,12 @@ def test_unaligned_tensors_match_reference(backend, device, dtype, fmt):
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "native"])
 @pytest.mark.parametrize("fmt", [None, "sign2"])
-def test_capturable_arguments_match_reference(backend, device, fmt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_capturable_arguments_match_reference(backend, device, fmt, dtype):
     """lr as a 0-d tensor, step counts instead of bias corrections (CUDA graphs; trivial on CPU)."""
-    _check_adam_against_reference(backend, device, torch.float32, fmt, amsgrad=False, decoupled=True,
+    _check_adam_against_reference(backend, device, dtype, fmt, amsgrad=False, decoupled=True,
                                   weight_decay=0.1, maximize=False, capturable=True)
-    _check_sgd_against_reference(backend, device, torch.float32, fmt, 0.9, 0.0, False, 0.01, False, capturable=True)
+    _check_sgd_against_reference(backend, device, dtype, fmt, 0.9, 0.0, False, 0.01, False, capturable=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -400,10 +421,132 @@ def test_write_back_matches_reference(backend, device, fmt, dtype):
     torch.testing.assert_close(got_stats, ref_stats, rtol=1e-4, atol=1e-3)
     # and against the rule written out: restored exactly where conflicting, else the new value
     for a, b, r, p in zip(afters, befores, raw, got_params):
-        u = b.float() - a.float()
+        u = b.to(chunking.compute_dtype(dtype)) - a.to(chunking.compute_dtype(dtype))
         conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
         assert torch.equal(p, torch.where(conflict, b, a))
     assert int(got_stats[:, 0].sum()) < sum(a.numel() for a in afters)
+
+
+FLOAT64_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"),
+                    *(p for p in BACKENDS if p.values[0] == "native")]
+
+
+@pytest.mark.parametrize("backend,device", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
+def test_float64_steps_equal_torch_optim_in_float64(backend, device, optimizer):
+    """No reference: a float64 step is torch.optim's float64 step (foreach=False) to float64 precision,
+    with float64 states; a step that computed anything in float32 would be ~1e-7 off."""
+    if backend == "native" and device == "cuda":
+        pytest.skip("the native CUDA kernels do not step float64 (test_float64_goes_to_a_backend_that_steps_it)")
+    shapes = [(7,), (3, 5), (2 * NATIVE_ITEM + 37,)]
+    torch.manual_seed(0)
+    params = [torch.randn(s, dtype=torch.float64, device=device) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64, device=device) for s in shapes] for _ in range(3)]
+    options = {"sgd": dict(lr=0.1), "momentum": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+               "adam": dict(lr=0.01, weight_decay=0.05, amsgrad=True), "adamw": dict(lr=0.01, weight_decay=0.1)}[optimizer]
+    cls = {"sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "adam": torch.optim.Adam,
+           "adamw": torch.optim.AdamW}[optimizer]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = cls(theirs, foreach=False, **options)
+    ours = [p.clone() for p in params]
+    module = backend_module(backend)
+    buffers = [None] * len(ours)
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = ([torch.zeros_like(p) for p in ours] for _ in range(3))
+    for k, step_grads in enumerate(grads):
+        for p, g in zip(theirs, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        if cls is torch.optim.SGD:
+            momentum = options.get("momentum", 0.0)
+            if momentum and k == 0:
+                buffers = [torch.zeros_like(p) for p in ours]
+            module.sgd_step_(ours, step_grads, buffers if momentum else None, None, None, reference_format="float32",
+                             lr=options["lr"], weight_decay=options.get("weight_decay", 0.0), momentum=momentum,
+                             dampening=0.0, nesterov=options.get("nesterov", False), maximize=False,
+                             first_step=k == 0)
+        else:
+            t = k + 1
+            module.adam_step_(ours, step_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None, None,
+                              reference_format="float32", lr=options["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
+                              weight_decay=options["weight_decay"], decoupled_weight_decay=cls is torch.optim.AdamW,
+                              amsgrad=options.get("amsgrad", False), maximize=False,
+                              bias_correction1=1 - 0.9**t, bias_correction2=1 - 0.999**t)
+    for p, q in zip(ours, theirs):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, q.detach(), rtol=1e-13, atol=1e-15)
+    state = opt.state[theirs[-1]]
+    if cls is torch.optim.SGD and options.get("momentum"):
+        torch.testing.assert_close(buffers[-1], state["momentum_buffer"], rtol=1e-13, atol=1e-15)
+    elif cls is not torch.optim.SGD:
+        torch.testing.assert_close(exp_avgs[-1], state["exp_avg"], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(exp_avg_sqs[-1], state["exp_avg_sq"], rtol=1e-13, atol=1e-17)
+
+
+@pytest.mark.parametrize("backend,device", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("fmt", reference_format.FORMATS)
+def test_float64_mask_and_statistics_are_computed_in_float64(backend, device, fmt):
+    """Updates and reference values far below float32's range: in float64 their signs conflict
+    (the elements stay frozen) and s = r·u is a float64 product; computed in float32 both would be 0
+    (collaborative, the elements moved). The float64 reference is stored in ``fmt`` with its signs."""
+    if backend == "native" and device == "cuda":
+        pytest.skip("the native CUDA kernels do not step float64 (test_float64_goes_to_a_backend_that_steps_it)")
+    tiny = 1e-50
+    p = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64, device=device)
+    g = torch.tensor([-tiny, tiny, -1.0, tiny, 0.0], dtype=torch.float64, device=device)
+    r = torch.tensor([tiny, -tiny, 1.0, tiny, 1.0], dtype=torch.float64, device=device)  # mean gradient
+    stored = reference_format.encode(r, fmt)
+    stats = torch.zeros(1, 3, dtype=torch.float64, device=device)
+    params = [p.clone()]
+    backend_module(backend).sgd_step_(params, [g], None, [stored], stats, reference_format=fmt, lr=1e35,
+                                      weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                                      first_step=True)
+    frozen = torch.tensor([True, True, True, False, False], device=device)
+    assert torch.equal(params[0][frozen], p[frozen])
+    torch.testing.assert_close(params[0][~frozen], (p - 1e35 * g)[~frozen], rtol=1e-15, atol=0)
+    assert params[0][3] != p[3]  # 4 − 1e35·1e-50 = 4 − 1e-15: moved, though by far less than a float32 ulp
+    decoded = reference_format.decode(stored, fmt, r.shape).to(torch.float64)
+    s = decoded * g
+    assert stats[0, 0] == 2
+    torch.testing.assert_close(stats[0, 1], s[~frozen].sum(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(stats[0, 2], s[frozen].sum(), rtol=1e-14, atol=0)
+    assert stats[0, 1] > 0  # r·u of element 3, a product far below float32's range
+
+
+def test_float64_references_keep_their_signs_in_every_format():
+    """A float64 mean gradient beyond float32's range keeps its sign, and a stored value stays finite."""
+    r = torch.tensor([1e-50, -1e-50, 1e300, -1e300, 0.0, 1.5, -2.5e-39], dtype=torch.float64)
+    for fmt in reference_format.FORMATS:
+        values = reference_format.decode(reference_format.encode(r, fmt), fmt, r.shape)
+        assert torch.equal(torch.sign(values), torch.sign(r).float()), fmt
+        assert torch.isfinite(values).all(), fmt
+    stored = reference_format.encode(r, "float32")
+    assert stored.dtype == torch.float32 and stored[5] == 1.5 and stored[0] == torch.finfo(torch.float32).smallest_normal
+
+
+def test_float64_goes_to_a_backend_that_steps_it():
+    """The backends that compute in float32 only (Triton, the native CUDA kernels) refuse float64
+    parameters with an error naming the problem, before anything is written; ``auto`` passes them
+    over (on CPU: the native kernels)."""
+    cpu = torch.device("cpu")
+    assert functional.resolve("torch", cpu, "adam_step_", torch.float64).NAME == "torch"
+    assert not native_backend.supports("cuda", "float64")
+    assert "float64" in native_backend.unsupported_reason("cuda", "float64")
+    if not native_backend.unavailable_reason():
+        assert functional.resolve("auto", cpu, "adam_step_", torch.float64) is native_backend
+    if not TRITON_ON_CPU:
+        return
+    triton = functional.load_backend("triton")
+    assert triton.supports(cpu, "adam_step_") and not triton.supports(cpu, "float64")
+    p, g = torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    m, v = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    steps = [torch.zeros(())]
+    with pytest.raises(RuntimeError, match="Triton backend does not step float64"):
+        functional.cnl_adam([p], [g], [m], [v], [], steps, lr=0.1, backend="triton")
+    assert torch.equal(p, torch.ones(5, dtype=torch.float64)) and float(steps[0]) == 0.0 and not m.any()
+    with pytest.raises(TypeError, match="float64"):
+        triton.adam_step_([p], [g], [m], [v], None, None, None, reference_format="float32", lr=0.1, beta1=0.9,
+                          beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
+                          maximize=False, bias_correction1=0.1, bias_correction2=0.001)
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch-cpu"), *BACKENDS])
@@ -507,10 +650,10 @@ from cnl_ext.ops import native_backend
 torch.manual_seed(0)
 shapes = [(), (1,), (31,), (33,), (1025,), (3, 5), (2 * 32768 + 37,)]
 out = {"capability": native_backend.build_info()["cpu_capability"]}
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for fmt in (None, *reference_format.FORMATS):
         params = [torch.randn(s).to(dtype) for s in shapes]
-        m, v, vmax = ([torch.rand(s) for s in shapes] for _ in range(3))
+        m, v, vmax = ([torch.rand(s).to(torch.promote_types(dtype, torch.float32)) for s in shapes] for _ in range(3))
         refs = None if fmt is None else [reference_format.encode(torch.randn(s) * (torch.rand(s) > 0.1), fmt) for s in shapes]
         stats = torch.zeros(len(shapes), 3, dtype=torch.float64)
         emas = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]  # KIF's importance
@@ -528,6 +671,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             native_backend.masked_delta_(after, before, refs, stats, reference_format=fmt, inv_lr=10.0)
             params += after
         out[f"{dtype}-{fmt}"] = (params, m, v, vmax, stats, *emas)
+    if dtype == torch.float64:  # KIF's fusion passes take no float64
+        continue
     units = Units.per_row(shapes)  # KIF's fusion passes, anchors in float32
     params = [torch.randn(s).to(dtype) for s in shapes]
     anchors, ends = ([p.float() + 0.01 * torch.randn(p.shape) for p in params] for _ in range(2))

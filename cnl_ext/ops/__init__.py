@@ -22,9 +22,10 @@ name       module                         what
 
 Each backend module exposes ``NAME``, ``unavailable_reason() -> str`` (``""`` when it can run in
 this process; else why: not installed, not built, failed to build), ``supports(device, op) ->
-bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"`` and
-``"importance"`` (the steps take the importance keywords below), the KIF fusion passes, and the
-ops. Only an import or build failure, which happens before anything is written, may move
+bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
+``"importance"`` (the steps take the importance keywords below), ``"float64"`` (the ops take float64
+parameters: the torch backend, the native CPU kernels), the KIF fusion passes, and the ops;
+optionally ``unsupported_reason(device, op) -> str`` for error messages. Only an import or build failure, which happens before anything is written, may move
 ``backend="auto"`` to the next backend; an error inside an op propagates and is never retried.
 
 Ops (in place)
@@ -65,18 +66,22 @@ Conventions (:mod:`cnl_ext.functional` guarantees them; the Python backends do n
 binding does, since a wrong pointer there corrupts memory):
 
 - ``params``: a non-empty list of **contiguous** tensors on one device, of one dtype (float32,
-  bfloat16 or float16); ``grads``: the same shapes and dtype, contiguous. (functional hands a
+  bfloat16, float16, or float64 where ``supports(device, "float64")``); ``grads``: the same shapes and
+  dtype, contiguous. (functional hands a
   non-contiguous parameter, state or reference over as a contiguous copy and copies written ones back.)
 - Optimizer states (``momentum_buffers``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs``):
-  contiguous float32 tensors shaped like the params; a list the options do not use is ``None``.
+  contiguous tensors shaped like the params, float32 (float64 for float64 params:
+  :func:`cnl_ext.functional.state_dtype`); a list the options do not use is ``None``.
 - ``references``: ``None`` (plain optimizer, no mask) or one contiguous tensor per param in
   ``reference_format`` (:mod:`cnl_ext.reference_format`: float32, bfloat16, int8 signs, or sign2:
   a flat uint8 tensor of 2-bit codes).
 - ``stats``: ``None`` or a float64 ``[len(params), 3]`` tensor; the op *adds* to row ``i``
   (collaborative count, Σ s over collaborative, Σ s over conflicting), ``s = r·u``. Only with references.
-- Arithmetic in float32 whatever the parameter dtype, in the order of :mod:`.torch_backend`, each
-  operation rounded on its own (no FMA contraction); the new parameter is rounded once, to nearest
-  even, on store. An element is frozen where ``sign(r)·sign(u) < 0`` (an exact 0 is collaborative);
+- Arithmetic in float32 for float32, bfloat16 and float16 params, in float64 for float64 params
+  (hyper-parameters, reference values, mask and ``s = r·u`` included: no downcast), in the order of
+  :mod:`.torch_backend`, each operation rounded on its own (no FMA contraction); the new parameter is
+  rounded once, to nearest even, on store. KIF's importance EMAs stay float32 (they read a float64
+  parameter and gradient rounded to float32). An element is frozen where ``sign(r)·sign(u) < 0`` (an exact 0 is collaborative);
   the states are updated everywhere.
 - Capturable steps (CUDA graphs): ``lr`` may be a 0-d float32 tensor on the params' device, and
   ``adam_step_`` may get ``device_steps`` (one 0-d float32 device tensor per param, already

@@ -1,12 +1,13 @@
 """The ``"torch"`` backend: the CNL ops in plain PyTorch, for any device.
 
 It is the oracle every kernel is tested against and the definition of rounding: float32 arithmetic
-in the order written here, the new parameter rounded once to its dtype. Read it next to the spec
+(float64 for float64 parameters, whose states are float64 too: no downcast anywhere) in the order
+written here, the new parameter rounded once to its dtype. Read it next to the spec
 (the update rule and the per-optimizer table). It follows the ops contract of :mod:`cnl_ext.ops`
 and runs each step chunk by chunk (:mod:`.chunking`: the whole sequence of operations on a few
 hundred KiB at a time, in cache, with reused buffers), each operation on a float32 1-D tensor of the
-chunk: a view of a float32 tensor itself, or a float32 copy (bf16/fp16 parameters, packed small
-tensors) stored back once, rounded.
+chunk (in the compute dtype, :func:`.chunking.compute_dtype`): a view of a tensor of that dtype itself,
+or a copy (bf16/fp16 parameters, packed small tensors) stored back once, rounded.
 
 For every element, with ``u`` the optimizer's update direction (``θ ← θ − lr·u``) and ``r`` the
 reference gradient::
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunking import chunks
+from .chunking import chunks, compute_dtype
 from .importance import importance_update_
 from .kif_fusion_torch import recurrent_fuse_ as kif_recurrent_fuse_
 from .kif_fusion_torch import task_vector_fuse_ as kif_task_vector_fuse_
@@ -36,9 +37,9 @@ def unavailable_reason() -> str:
 
 
 def supports(device: torch.device, op: str) -> bool:
-    """Every op, on every device."""
-    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "kif_task_vector_fuse_",
-                  "kif_recurrent_fuse_")
+    """Every op, on every device (float64 parameters included)."""
+    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "float64",
+                  "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 
 
 def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -50,13 +51,23 @@ def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.sign(reference) * torch.sign(update) < 0
 
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
 def _where(condition, a, b, out):
-    """``torch.where(condition, a, b)`` of float32 tensors, into ``out``, bit for bit: as
+    """``torch.where(condition, a, b)`` of float32 (or float64) tensors, into ``out``, bit for bit: as
     ``b ^ ((a ^ b)·condition)`` on their bits (torch.where's CPU kernel branches per element, ~9×
     slower on a mask of random signs)."""
-    a_bits, b_bits, out_bits = (t.view(torch.int32) for t in (a, b, out))
+    bits = _BITS[a.dtype]
+    a_bits, b_bits, out_bits = (t.view(bits) for t in (a, b, out))
     torch.bitwise_xor(a_bits, b_bits, out=out_bits).mul_(condition).bitwise_xor_(b_bits)
     return out
+
+
+def _compute_lr(lr, dtype):
+    """``lr`` for arithmetic in ``dtype``: a float as it is, a (capturable) tensor in ``dtype``, so
+    that derived scalars such as ``1 − lr·λ`` are computed in it too."""
+    return lr.to(dtype) if isinstance(lr, torch.Tensor) else lr
 
 
 def _write_masked(chunk, params, old, new, update, references, fmt, stats):
@@ -85,7 +96,9 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
 
     ``importance``: ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated after the step
     from the new parameters and ``grads`` (:func:`cnl_ext.ops.importance.importance_update_`)."""
-    for chunk in chunks(params):
+    dtype = compute_dtype(params[0].dtype)
+    lr = _compute_lr(lr, dtype)
+    for chunk in chunks(params, dtype=dtype):
         p = chunk.read(params)
         g = chunk.read(grads, copy=maximize or weight_decay != 0)  # a copy where it is changed
         t = chunk.scratch()
@@ -122,7 +135,11 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     With ``device_steps`` (capturable), the bias corrections come from each tensor's step count on
     the device, and ``lr`` may be a device scalar: nothing here reads a value back to the host.
     """
+    dtype = compute_dtype(params[0].dtype)
+    lr = _compute_lr(lr, dtype)
     if device_steps is not None:  # per tensor: 1 − β1^t and sqrt(1 − β2^t), as device scalars
+        if dtype != torch.float32:  # the corrections in the compute dtype (the counts are float32)
+            device_steps = [step.to(dtype) for step in device_steps]
         bias_correction1s = torch._foreach_pow(beta1, device_steps)
         torch._foreach_neg_(bias_correction1s)
         torch._foreach_add_(bias_correction1s, 1)
@@ -130,7 +147,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         torch._foreach_neg_(bias_correction2_sqrts)
         torch._foreach_add_(bias_correction2_sqrts, 1)
         torch._foreach_sqrt_(bias_correction2_sqrts)
-    for chunk in chunks(params, pack=device_steps is None):  # per-tensor scalars: one tensor per chunk
+    for chunk in chunks(params, pack=device_steps is None, dtype=dtype):  # per-tensor scalars: one tensor per chunk
         if device_steps is None:
             bc1, bc2_sqrt = bias_correction1, bias_correction2**0.5
         else:
@@ -179,7 +196,7 @@ def masked_delta_(params, befores, references, stats, *, reference_format: str, 
     θ_before. ``stats`` rows get the sums of ``s = r·u`` with ``u = −Δ·inv_lr``.
     """
     rows = None if stats is None else torch.zeros_like(stats)
-    for chunk in chunks(params):
+    for chunk in chunks(params, dtype=compute_dtype(params[0].dtype)):
         before, after = chunk.read(befores), chunk.read(params)
         # The mask takes its signs from −Δ itself (exact in float32), not from −Δ·inv_lr, which could
         # underflow to 0; the sums of s are scaled by 1/lr once, after.

@@ -33,6 +33,7 @@ BLOCK = 1024
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 
 _REF_NONE, _REF_FLOAT, _REF_SIGN2 = 0, 1, 2
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
@@ -404,6 +405,9 @@ def compile_only():
 def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, **constexprs):
     """One launch over ``params``; ``scalars`` start with ``lr`` (a float or a device scalar)."""
     device = params[0].device
+    if params[0].dtype not in _PARAM_DTYPES:
+        raise TypeError(f"the Triton kernels step float32, bfloat16 and float16 parameters, got {params[0].dtype} "
+                        f"(float64 ones: backend 'native' on CPU, or 'torch')")
     numels = tuple(p.numel() for p in params)
     tensor_of_chunk, chunk_start, numel_table = _chunk_table(numels, device)
     num_chunks = tensor_of_chunk.numel()

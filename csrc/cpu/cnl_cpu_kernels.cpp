@@ -1,11 +1,13 @@
-// CPU kernels of the CNL steps: one pass per element, vectorized with ATen's Vectorized<float>,
-// parallel over (tensor, item) work items of all tensors of the call with one at::parallel_for.
+// CPU kernels of the CNL steps: one pass per element, vectorized with ATen's Vectorized<float>
+// (Vectorized<double> for float64 parameters), parallel over (tensor, item) work items of all tensors
+// of the call with one at::parallel_for.
 //
-// Rounding: every operation is a separate IEEE float32 operation in the order of the PyTorch
-// backend (cnl_ext/reference.py), compiled with -ffp-contract=off and without Vectorized::fmadd,
-// so the result does not depend on the instruction set. The new parameter is rounded once to the
+// Rounding: every operation is a separate IEEE operation in the compute type (float32; float64 for
+// float64 parameters, whose states are float64 too) in the order of the PyTorch backend
+// (cnl_ext/ops/torch_backend.py), compiled with -ffp-contract=off and without Vectorized::fmadd, so
+// the result does not depend on the instruction set. The new parameter is rounded once to the
 // parameter dtype (round to nearest even) on store. Elements that keep their value are stored
-// too: the float32 round trip is exact for every parameter dtype.
+// too: the round trip through the compute type is exact for every parameter dtype.
 #include "cnl_cpu_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -30,7 +32,32 @@ using IVec = at::vec::Vectorized<int32_t>;
 static_assert(IVec::size() == kW, "int32 and float vectors have the same lanes");
 static_assert(kItemSize % kBlock == 0, "items start on block boundaries (and on sign2 byte boundaries)");
 
+// The compute type of parameters of type T: float64 for float64, float32 for the others.
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename C>
+using VecOf = at::vec::Vectorized<C>;
+
 // ---------------------------------------------------------------------------- loads
+
+// A block of float32 vectors widened to float64 (exact) / float64 vectors rounded to float32 (to
+// nearest even, as torch's float64 -> float32 copy).
+C10_ALWAYS_INLINE void widen_block(const Vec (&in)[kVecs], VecD (&out)[kVecsD]) {
+  alignas(64) float narrow[kBlock];
+  alignas(64) double wide[kBlock];
+  store_block(narrow, in);
+  for (int64_t k = 0; k < kBlock; ++k) wide[k] = static_cast<double>(narrow[k]);
+  load_block(wide, out);
+}
+
+C10_ALWAYS_INLINE void narrow_block(const VecD (&in)[kVecsD], Vec (&out)[kVecs]) {
+  alignas(64) double wide[kBlock];
+  alignas(64) float narrow[kBlock];
+  store_block(wide, in);
+  for (int64_t k = 0; k < kBlock; ++k) narrow[k] = static_cast<float>(wide[k]);
+  load_block(narrow, out);
+}
 
 // kBlock elements rounded to T (round to nearest even), as store_block; `in` then holds the values
 // as stored (float32), which the importance EMAs read.
@@ -96,39 +123,52 @@ C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kV
   }
 }
 
+// The same as float64 (float64 steps: every format's value is exact in float32, hence in float64).
+template <RefFormat kRef>
+C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, VecD (&out)[kVecsD]) {
+  Vec values[kVecs];
+  load_reference<kRef>(base, i, values);
+  widen_block(values, out);
+}
+
 // ---------------------------------------------------------------------------- the CNL mask
 
 // Statistics per position of the block (the same lane layout on every instruction set): the
 // collaborative count and the sums of s = r*u over collaborative and conflicting elements. The
-// kernels add into float32 lanes (BlockStats), which are added into double
+// kernels add into lanes of the compute type (BlockStats), which are added into double
 // every kStatGroup blocks (StatAcc): each float32 lane sums at most kStatGroup terms of one sign
 // (s >= 0 where collaborative, s <= 0 where conflicting), a relative error of at most
 // kStatGroup * 2^-24, far below the tests' tolerance, at a fraction of the cost of widening every vector.
+// (float64 steps compute s and its sums in double throughout.)
 constexpr int kStatGroup = 32;
 
-// Three arrays of kVecs float vectors (count, collaborative sum, conflicting sum), locals of the
-// item loop. (GCC 12 keeps them on the stack, not in registers: a store-to-load round trip per
+// Three arrays of kBlock / V::size() vectors V (count, collaborative sum, conflicting sum), locals of
+// the item loop. (GCC 12 keeps them on the stack, not in registers: a store-to-load round trip per
 // vector that the memory-bound loop mostly hides.)
+template <class V>
 struct BlockStats {
-  Vec* count;
-  Vec* collaborative;
-  Vec* conflicting;
+  static constexpr int64_t kN = kBlock / V::size();
+  V* count;
+  V* collaborative;
+  V* conflicting;
 
   C10_ALWAYS_INLINE void clear() const {
-    for (int64_t j = 0; j < kVecs; ++j) count[j] = collaborative[j] = conflicting[j] = Vec(0.0f);
+    for (int64_t j = 0; j < kN; ++j) count[j] = collaborative[j] = conflicting[j] = V(0);
   }
 };
 
 struct StatAcc {
   double count[kBlock] = {}, collaborative[kBlock] = {}, conflicting[kBlock] = {};
 
-  // Adds the float32 lanes of `block` (position by position) and clears them.
-  C10_ALWAYS_INLINE void flush(const BlockStats& block) {
-    alignas(64) float values[3][kBlock];
-    for (int64_t j = 0; j < kVecs; ++j) {
-      block.count[j].store(values[0] + j * kW);
-      block.collaborative[j].store(values[1] + j * kW);
-      block.conflicting[j].store(values[2] + j * kW);
+  // Adds the lanes of `block` (position by position) and clears them.
+  template <class V>
+  C10_ALWAYS_INLINE void flush(const BlockStats<V>& block) {
+    constexpr int64_t kLanes = V::size();
+    alignas(64) typename V::value_type values[3][kBlock];
+    for (int64_t j = 0; j < BlockStats<V>::kN; ++j) {
+      block.count[j].store(values[0] + j * kLanes);
+      block.collaborative[j].store(values[1] + j * kLanes);
+      block.conflicting[j].store(values[2] + j * kLanes);
     }
     for (int64_t k = 0; k < kBlock; ++k) {
       count[k] += values[0][k];
@@ -150,45 +190,52 @@ struct StatAcc {
 
 // All-ones lanes where the element of vector j of the block exists (a block at the end of an item
 // may be partial; its missing lanes hold zeros and must not count).
-C10_ALWAYS_INLINE Vec valid_lanes(int64_t j, int64_t valid) {
-  if (valid >= kBlock) return Vec(0.0f) == Vec(0.0f);
-  return Vec::arange(static_cast<float>(j * kW), 1.0f) < Vec(static_cast<float>(valid));
+template <class V>
+C10_ALWAYS_INLINE V valid_lanes(int64_t j, int64_t valid) {
+  using C = typename V::value_type;
+  if (valid >= kBlock) return V(C(0)) == V(C(0));
+  return V::arange(static_cast<C>(j * V::size()), C(1)) < V(static_cast<C>(valid));
 }
 
 // The element's new value: `p_new` unless sign(r)*sign(u) < 0 (zeros and NaNs are collaborative),
-// then `p`; with `stats`, s = r*u (float32) goes into the statistics of the element's position.
-C10_ALWAYS_INLINE Vec cnl_select(const Vec& p, const Vec& p_new, const Vec& u, const Vec& r, bool stats,
-                                 const BlockStats& acc, int64_t j, int64_t valid) {
+// then `p`; with `stats`, s = r*u (in the compute type) goes into the statistics of the element's position.
+template <class V>
+C10_ALWAYS_INLINE V cnl_select(const V& p, const V& p_new, const V& u, const V& r, bool stats,
+                               const BlockStats<V>& acc, int64_t j, int64_t valid) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // The same operations on AVX-512 mask registers (Vectorized<float> keeps masks in vectors, which
-  // costs a conversion per comparison and per blend). A lane left out of a masked add keeps its
-  // value, where the generic path adds +0.0: the same result, the sums never being -0.0.
-  const __m512 r_ = r, u_ = u, zero = _mm512_setzero_ps();
-  const __mmask16 conflict =
-      (_mm512_cmp_ps_mask(r_, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_LT_OQ)) |
-      (_mm512_cmp_ps_mask(r_, zero, _CMP_LT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_GT_OQ));
-  if (stats) {
-    const int64_t lanes = valid - j * kW;
-    const __mmask16 in = lanes >= kW ? __mmask16(0xFFFF) : __mmask16(lanes <= 0 ? 0 : (1u << lanes) - 1u);
-    const __mmask16 collaborative = static_cast<__mmask16>(~conflict) & in, conflicting = conflict & in;
-    const __m512 s = _mm512_mul_ps(r_, u_);
-    acc.count[j] = Vec(_mm512_mask_add_ps(acc.count[j], collaborative, acc.count[j], _mm512_set1_ps(1.0f)));
-    acc.collaborative[j] = Vec(_mm512_mask_add_ps(acc.collaborative[j], collaborative, acc.collaborative[j], s));
-    acc.conflicting[j] = Vec(_mm512_mask_add_ps(acc.conflicting[j], conflicting, acc.conflicting[j], s));
-  }
-  return Vec(_mm512_mask_blend_ps(conflict, p_new, p));
-#else
-  const Vec zero(0.0f);
-  const Vec conflict = ((r > zero) & (u < zero)) | ((r < zero) & (u > zero));
-  if (stats) {
-    const Vec in = valid_lanes(j, valid);
-    const Vec s = r * u;
-    acc.count[j] = acc.count[j] + (Vec::blendv(Vec(1.0f), zero, conflict) & in);
-    acc.collaborative[j] = acc.collaborative[j] + (Vec::blendv(s, zero, conflict) & in);
-    acc.conflicting[j] = acc.conflicting[j] + (Vec::blendv(zero, s, conflict) & in);
-  }
-  return Vec::blendv(p_new, p, conflict);
+  if constexpr (std::is_same_v<V, Vec>) {
+    // The same operations on AVX-512 mask registers (Vectorized<float> keeps masks in vectors, which
+    // costs a conversion per comparison and per blend). A lane left out of a masked add keeps its
+    // value, where the generic path adds +0.0: the same result, the sums never being -0.0.
+    const __m512 r_ = r, u_ = u, zero = _mm512_setzero_ps();
+    const __mmask16 conflict =
+        (_mm512_cmp_ps_mask(r_, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_LT_OQ)) |
+        (_mm512_cmp_ps_mask(r_, zero, _CMP_LT_OQ) & _mm512_cmp_ps_mask(u_, zero, _CMP_GT_OQ));
+    if (stats) {
+      const int64_t lanes = valid - j * kW;
+      const __mmask16 in = lanes >= kW ? __mmask16(0xFFFF) : __mmask16(lanes <= 0 ? 0 : (1u << lanes) - 1u);
+      const __mmask16 collaborative = static_cast<__mmask16>(~conflict) & in, conflicting = conflict & in;
+      const __m512 s = _mm512_mul_ps(r_, u_);
+      acc.count[j] = Vec(_mm512_mask_add_ps(acc.count[j], collaborative, acc.count[j], _mm512_set1_ps(1.0f)));
+      acc.collaborative[j] = Vec(_mm512_mask_add_ps(acc.collaborative[j], collaborative, acc.collaborative[j], s));
+      acc.conflicting[j] = Vec(_mm512_mask_add_ps(acc.conflicting[j], conflicting, acc.conflicting[j], s));
+    }
+    return Vec(_mm512_mask_blend_ps(conflict, p_new, p));
+  } else
 #endif
+  {
+    using C = typename V::value_type;
+    const V zero(C(0));
+    const V conflict = ((r > zero) & (u < zero)) | ((r < zero) & (u > zero));
+    if (stats) {
+      const V in = valid_lanes<V>(j, valid);
+      const V s = r * u;
+      acc.count[j] = acc.count[j] + (V::blendv(V(C(1)), zero, conflict) & in);
+      acc.collaborative[j] = acc.collaborative[j] + (V::blendv(s, zero, conflict) & in);
+      acc.conflicting[j] = acc.conflicting[j] + (V::blendv(zero, s, conflict) & in);
+    }
+    return V::blendv(p_new, p, conflict);
+  }
 }
 
 // ---------------------------------------------------------------------------- the item loop
@@ -216,9 +263,11 @@ constexpr int64_t reference_offset_bytes(int64_t i) {
 template <RefFormat kRef, class Step, size_t kStreams>
 void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&element_bytes)[kStreams],
               const bool (&written)[kStreams], int64_t start, int64_t end, double* partial) {
+  using V = typename Step::V;
+  constexpr int64_t kN = kBlock / V::size();
   StatAcc acc;
-  Vec count[kVecs], collaborative[kVecs], conflicting[kVecs];
-  const BlockStats block_stats{count, collaborative, conflicting};
+  V count[kN], collaborative[kN], conflicting[kN];
+  const BlockStats<V> block_stats{count, collaborative, conflicting};
   block_stats.clear();
   int blocks = 0;
   int64_t i = start;
@@ -231,7 +280,7 @@ void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&el
   }
   if (i < end) {
     const int64_t valid = end - i;
-    alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(float)];
+    alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(double)];
     void* local[kStreams];
     size_t bytes[kStreams];
     const void* source[kStreams];
@@ -299,6 +348,7 @@ void dispatch(ParamType param, RefFormat ref, F&& f) {
     case ParamType::kFloat32: return by_reference(float{});
     case ParamType::kBFloat16: return by_reference(c10::BFloat16{});
     case ParamType::kFloat16: return by_reference(c10::Half{});
+    case ParamType::kFloat64: return by_reference(double{});
   }
 }
 
@@ -335,15 +385,26 @@ C10_ALWAYS_INLINE void update_importance(const ImportanceScalars& imp, float* se
 }
 
 // The step's parameter store: with kImportance, also the EMAs of streams kS and kS + 1 from the
-// stored parameters `p` and the gradients as passed `g`.
-template <bool kImportance, size_t kS, typename T, size_t kStreams>
-C10_ALWAYS_INLINE void store_params(T* param, Vec (&p)[kVecs], const Vec (&g)[kVecs], const Importance* imp,
+// stored parameters `p` and the gradients as passed `g` (float64 ones rounded to float32, as the
+// float32 EMAs of cnl_ext/ops/importance.py read them).
+template <bool kImportance, size_t kS, typename T, class V, int64_t kN, size_t kStreams>
+C10_ALWAYS_INLINE void store_params(T* param, V (&p)[kN], const V (&g)[kN], const Importance* imp,
                                     void* const (&ptrs)[kStreams], int64_t i) {
-  if constexpr (kImportance) {
-    store_block_as_stored(param, p);
-    update_importance(imp->scalars, static_cast<float*>(ptrs[kS]) + i, static_cast<float*>(ptrs[kS + 1]) + i, p, g);
-  } else {
+  if constexpr (!kImportance) {
     store_block(param, p);
+  } else {
+    float* sensitivity = static_cast<float*>(ptrs[kS]) + i;
+    float* uncertainty = static_cast<float*>(ptrs[kS + 1]) + i;
+    if constexpr (std::is_same_v<T, double>) {
+      store_block(param, p);
+      Vec w[kVecs], g32[kVecs];
+      narrow_block(p, w);
+      narrow_block(g, g32);
+      update_importance(imp->scalars, sensitivity, uncertainty, w, g32);
+    } else {
+      store_block_as_stored(param, p);
+      update_importance(imp->scalars, sensitivity, uncertainty, p, g);
+    }
   }
 }
 
@@ -352,30 +413,33 @@ C10_ALWAYS_INLINE void store_params(T* param, Vec (&p)[kVecs], const Vec (&g)[kV
 // Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance).
 template <typename T, RefFormat kRef, bool kImportance>
 struct SgdStep {
-  const SgdScalars& s;
+  using C = Compute<T>;
+  using V = VecOf<C>;
+  static constexpr int64_t kN = kBlock / V::size();
+  const SgdScalarsT<C>& s;
   const Importance* importance;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
-    float* buf = ptrs[2] == nullptr ? nullptr : static_cast<float*>(ptrs[2]) + i;
-    Vec p[kVecs], g[kVecs], b[kVecs], r[kVecs];
+    C* buf = ptrs[2] == nullptr ? nullptr : static_cast<C*>(ptrs[2]) + i;
+    V p[kN], g[kN], b[kN], r[kN];
     load_block(param, p);
     load_block(grad, g);
     if (s.has_momentum && !s.first_step) load_block(buf, b);
     if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[3], i, r);
-    const Vec lr(s.lr), weight_decay(s.weight_decay), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening);
-    for (int64_t j = 0; j < kVecs; ++j) {
-      Vec gj = s.maximize ? g[j].neg() : g[j];
+    const V lr(s.lr), weight_decay(s.weight_decay), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening);
+    for (int64_t j = 0; j < kN; ++j) {
+      V gj = s.maximize ? g[j].neg() : g[j];
       if (s.has_weight_decay) gj = gj + weight_decay * p[j];
-      Vec u = gj;
+      V u = gj;
       if (s.has_momentum) {
         // torch.optim.SGD starts the buffer at the first gradient, undamped.
         b[j] = s.first_step ? gj : momentum * b[j] + one_minus_dampening * gj;
         u = s.nesterov ? gj + momentum * b[j] : b[j];
       }
-      const Vec p_new = p[j] - lr * u;
+      const V p_new = p[j] - lr * u;
       if constexpr (kRef == RefFormat::kNone) {
         p[j] = p_new;
       } else {
@@ -386,54 +450,60 @@ struct SgdStep {
     if (s.has_momentum) store_block(buf, b);
   }
 
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats<V>& acc) const {
+    block(ptrs, 0, valid, acc);
+  }
 };
 
 // ---------------------------------------------------------------------------- Adam
 
 // Per-tensor scalars that a capturable step takes from its step count.
+template <typename C>
 struct AdamTensorScalars {
-  float bias_correction1, bias_correction2_sqrt;
+  C bias_correction1, bias_correction2_sqrt;
 };
 
 // Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, sensitivity, uncertainty
 // (the last two with kImportance).
 template <typename T, RefFormat kRef, bool kImportance>
 struct AdamStep {
-  const AdamScalars& s;
-  AdamTensorScalars t;
+  using C = Compute<T>;
+  using V = VecOf<C>;
+  static constexpr int64_t kN = kBlock / V::size();
+  const AdamScalarsT<C>& s;
+  AdamTensorScalars<C> t;
   const Importance* importance;
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[8], int64_t i, int64_t valid, const BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[8], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
-    float* exp_avg = static_cast<float*>(ptrs[2]) + i;
-    float* exp_avg_sq = static_cast<float*>(ptrs[3]) + i;
-    float* max_exp_avg_sq = s.amsgrad ? static_cast<float*>(ptrs[4]) + i : nullptr;
-    Vec p[kVecs], g[kVecs], m[kVecs], v[kVecs], vmax[kVecs], r[kVecs];
+    C* exp_avg = static_cast<C*>(ptrs[2]) + i;
+    C* exp_avg_sq = static_cast<C*>(ptrs[3]) + i;
+    C* max_exp_avg_sq = s.amsgrad ? static_cast<C*>(ptrs[4]) + i : nullptr;
+    V p[kN], g[kN], m[kN], v[kN], vmax[kN], r[kN];
     load_block(param, p);
     load_block(grad, g);
     load_block(exp_avg, m);
     load_block(exp_avg_sq, v);
     if (s.amsgrad) load_block(max_exp_avg_sq, vmax);
     if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r);
-    const Vec lr(s.lr), beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
+    const V lr(s.lr), beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
         one_minus_beta2(s.one_minus_beta2), eps(s.eps), weight_decay(s.weight_decay),
         one_minus_lr_wd(s.one_minus_lr_wd), bias_correction1(t.bias_correction1),
         bias_correction2_sqrt(t.bias_correction2_sqrt);
-    for (int64_t j = 0; j < kVecs; ++j) {
-      Vec gj = s.maximize ? g[j].neg() : g[j];
+    for (int64_t j = 0; j < kN; ++j) {
+      V gj = s.maximize ? g[j].neg() : g[j];
       if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
       // Moments are updated for every element; the mask touches only the parameter.
       // Operation order of the torch backend (cnl_ext/ops/torch_backend.py): m·β1 + (1−β1)·g, v·β2 + (1−β2)·(g·g).
       m[j] = beta1 * m[j] + one_minus_beta1 * gj;
       v[j] = beta2 * v[j] + one_minus_beta2 * (gj * gj);
-      Vec second = v[j];
+      V second = v[j];
       if (s.amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
-      const Vec denom = second.sqrt() / bias_correction2_sqrt + eps;
-      const Vec adam = m[j] / bias_correction1 / denom;
-      Vec u, p_new;
+      const V denom = second.sqrt() / bias_correction2_sqrt + eps;
+      const V adam = m[j] / bias_correction1 / denom;
+      V u, p_new;
       if (s.decoupled_weight_decay) {
         // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
         u = adam + weight_decay * p[j];
@@ -454,7 +524,9 @@ struct AdamStep {
     if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
   }
 
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[8], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[8], int64_t valid, const BlockStats<V>& acc) const {
+    block(ptrs, 0, valid, acc);
+  }
 };
 
 // ---------------------------------------------------------------------------- masked write-back
@@ -462,93 +534,121 @@ struct AdamStep {
 // Streams: param (theta after the step), before (theta before), reference.
 template <typename T, RefFormat kRef>
 struct MaskedDeltaStep {
+  using V = VecOf<Compute<T>>;
+  static constexpr int64_t kN = kBlock / V::size();
   bool stats;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[3], int64_t i, int64_t valid, const BlockStats& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[3], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* before = static_cast<const T*>(ptrs[1]) + i;
-    Vec after[kVecs], b[kVecs], r[kVecs];
+    V after[kN], b[kN], r[kN];
     load_block(param, after);
     load_block(before, b);
     load_reference<kRef>(ptrs[2], i, r);
-    for (int64_t j = 0; j < kVecs; ++j) {
-      // u = -delta (its sign is exact in float32); the sums of s are scaled by 1/lr once per tensor.
-      const Vec u = b[j] - after[j];
+    for (int64_t j = 0; j < kN; ++j) {
+      // u = -delta (its sign is exact in the compute type); the sums of s are scaled by 1/lr once per tensor.
+      const V u = b[j] - after[j];
       after[j] = cnl_select(b[j], after[j], u, r[j], stats, acc, j, valid);
     }
     store_block(param, after);
   }
 
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[3], int64_t valid, const BlockStats& acc) const { block(ptrs, 0, valid, acc); }
+  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[3], int64_t valid, const BlockStats<V>& acc) const {
+    block(ptrs, 0, valid, acc);
+  }
 };
+
+// The steps in compute type C: `dispatch` instantiates every parameter type, and those of another
+// compute type (which the bindings never pass with these scalars) do nothing.
+template <typename C>
+void sgd_step_in(const TensorLists& lists, const SgdScalarsT<C>& scalars, const Importance* importance) {
+  SgdScalarsT<C> s = scalars;
+  if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate tensor (on the CPU)
+  const bool has_ref = lists.ref_format != RefFormat::kNone;
+  const bool stats = has_ref && lists.stats != nullptr;
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    if constexpr (std::is_same_v<Compute<T>, C>) {
+      dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+        constexpr RefFormat kRef = decltype(ref_tag)::value;
+        constexpr bool kImportance = decltype(importance_tag)::value;
+        const SgdStep<T, kRef, kImportance> step{s, importance, stats};
+        const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(C), 0, sizeof(float), sizeof(float)};
+        const bool written[6] = {true, false, true, false, true, true};
+        for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+          void* const ptrs[6] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
+                                 has_ref ? lists.references[t] : nullptr,
+                                 kImportance ? importance->sensitivities[t] : nullptr,
+                                 kImportance ? importance->uncertainties[t] : nullptr};
+          run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+        });
+      });
+    }
+  });
+}
+
+template <typename C>
+void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, const Importance* importance) {
+  AdamScalarsT<C> s = scalars;
+  if (s.lr_ptr != nullptr) {
+    // Capturable: lr from its tensor, the decay factor then in the compute type (as the PyTorch
+    // backend computes it from a tensor lr).
+    s.lr = *s.lr_ptr;
+    s.one_minus_lr_wd = C(1) - s.lr * s.weight_decay;
+  }
+  std::vector<AdamTensorScalars<C>> per_tensor(lists.count, {s.bias_correction1, s.bias_correction2_sqrt});
+  if (lists.steps != nullptr) {
+    for (int64_t t = 0; t < lists.count; ++t) {
+      const double step = *static_cast<const float*>(lists.steps[t]);
+      // pow in double, rounded once to C (as the CUDA kernels do).
+      per_tensor[t].bias_correction1 = C(1) - static_cast<C>(std::pow(static_cast<double>(s.beta1), step));
+      per_tensor[t].bias_correction2_sqrt =
+          std::sqrt(C(1) - static_cast<C>(std::pow(static_cast<double>(s.beta2), step)));
+    }
+  }
+  const bool has_ref = lists.ref_format != RefFormat::kNone;
+  const bool stats = has_ref && lists.stats != nullptr;
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    if constexpr (std::is_same_v<Compute<T>, C>) {
+      dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+        constexpr RefFormat kRef = decltype(ref_tag)::value;
+        constexpr bool kImportance = decltype(importance_tag)::value;
+        const size_t bytes[8] = {sizeof(T), sizeof(T), sizeof(C), sizeof(C), sizeof(C), 0,
+                                 sizeof(float), sizeof(float)};
+        const bool written[8] = {true, false, true, true, true, false, true, true};
+        for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
+          const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats};
+          void* const ptrs[8] = {lists.params[t],    lists.grads[t],
+                                 lists.states[0][t], lists.states[1][t],
+                                 s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
+                                 kImportance ? importance->sensitivities[t] : nullptr,
+                                 kImportance ? importance->uncertainties[t] : nullptr};
+          run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+        });
+      });
+    }
+  });
+}
 
 }  // namespace
 
 const char* capability() { return CNL_STRINGIFY(CPU_CAPABILITY); }
 
 void sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance) {
-  SgdScalars s = scalars;
-  if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate tensor (on the CPU)
-  const bool has_ref = lists.ref_format != RefFormat::kNone;
-  const bool stats = has_ref && lists.stats != nullptr;
-  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
-    dispatch_importance(importance != nullptr, [&](auto importance_tag) {
-      using T = decltype(type_tag);
-      constexpr RefFormat kRef = decltype(ref_tag)::value;
-      constexpr bool kImportance = decltype(importance_tag)::value;
-      const SgdStep<T, kRef, kImportance> step{s, importance, stats};
-      const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(float), 0, sizeof(float), sizeof(float)};
-      const bool written[6] = {true, false, true, false, true, true};
-      for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-        void* const ptrs[6] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
-                               has_ref ? lists.references[t] : nullptr,
-                               kImportance ? importance->sensitivities[t] : nullptr,
-                               kImportance ? importance->uncertainties[t] : nullptr};
-        run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
-      });
-    });
-  });
+  sgd_step_in(lists, scalars, importance);
+}
+
+void sgd_step(const TensorLists& lists, const SgdScalarsT<double>& scalars, const Importance* importance) {
+  sgd_step_in(lists, scalars, importance);
 }
 
 void adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance) {
-  AdamScalars s = scalars;
-  if (s.lr_ptr != nullptr) {
-    // Capturable: lr from its tensor, the decay factor then in float32 (as the PyTorch backend
-    // computes it from a tensor lr).
-    s.lr = *s.lr_ptr;
-    s.one_minus_lr_wd = 1.0f - s.lr * s.weight_decay;
-  }
-  std::vector<AdamTensorScalars> per_tensor(lists.count, {s.bias_correction1, s.bias_correction2_sqrt});
-  if (lists.steps != nullptr) {
-    for (int64_t t = 0; t < lists.count; ++t) {
-      const double step = *static_cast<const float*>(lists.steps[t]);
-      // pow in double, rounded once (as the CUDA kernels do).
-      per_tensor[t].bias_correction1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(s.beta1), step));
-      per_tensor[t].bias_correction2_sqrt =
-          std::sqrt(1.0f - static_cast<float>(std::pow(static_cast<double>(s.beta2), step)));
-    }
-  }
-  const bool has_ref = lists.ref_format != RefFormat::kNone;
-  const bool stats = has_ref && lists.stats != nullptr;
-  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
-    dispatch_importance(importance != nullptr, [&](auto importance_tag) {
-      using T = decltype(type_tag);
-      constexpr RefFormat kRef = decltype(ref_tag)::value;
-      constexpr bool kImportance = decltype(importance_tag)::value;
-      const size_t bytes[8] = {sizeof(T), sizeof(T), sizeof(float), sizeof(float), sizeof(float), 0,
-                               sizeof(float), sizeof(float)};
-      const bool written[8] = {true, false, true, true, true, false, true, true};
-      for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-        const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats};
-        void* const ptrs[8] = {lists.params[t],    lists.grads[t],
-                               lists.states[0][t], lists.states[1][t],
-                               s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
-                               kImportance ? importance->sensitivities[t] : nullptr,
-                               kImportance ? importance->uncertainties[t] : nullptr};
-        run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
-      });
-    });
-  });
+  adam_step_in(lists, scalars, importance);
+}
+
+void adam_step(const TensorLists& lists, const AdamScalarsT<double>& scalars, const Importance* importance) {
+  adam_step_in(lists, scalars, importance);
 }
 
 void masked_delta(const TensorLists& lists, double inv_lr) {

@@ -23,8 +23,12 @@ const char* capability();
 // In place, as the ops contract says; `lists` as validated by cnl_binding.h (host pointers).
 // masked_delta: `lists.grads` holds the parameters before the step (`befores`). `importance`:
 // nullptr, or the EMAs the step also updates.
+// float64 parameters (ParamType::kFloat64) take the double scalars and compute in float64 with float64
+// states; the other dtypes take the float ones.
 void sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance = nullptr);
+void sgd_step(const TensorLists& lists, const SgdScalarsT<double>& scalars, const Importance* importance = nullptr);
 void adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance = nullptr);
+void adam_step(const TensorLists& lists, const AdamScalarsT<double>& scalars, const Importance* importance = nullptr);
 void masked_delta(const TensorLists& lists, double inv_lr);
 
 }  // namespace cnl::cpu

@@ -27,11 +27,13 @@ using cnl::binding::Collected;
 struct CpuSteps {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
   static constexpr const char* kOtherBackends = "CUDA tensors need cnl_ext._C; other devices use backend='torch'";
-  static void sgd(Collected& c, const cnl::SgdScalars& s, const cnl::Importance* importance, const char*,
+  template <typename C>
+  static void sgd(Collected& c, const cnl::SgdScalarsT<C>& s, const cnl::Importance* importance, const char*,
                   const Tensor&) {
     cnl::cpu::sgd_step(c.lists, s, importance);
   }
-  static void adam(Collected& c, const cnl::AdamScalars& s, const cnl::Importance* importance, const char*,
+  template <typename C>
+  static void adam(Collected& c, const cnl::AdamScalarsT<C>& s, const cnl::Importance* importance, const char*,
                    const Tensor&) {
     cnl::cpu::adam_step(c.lists, s, importance);
   }

@@ -1,6 +1,6 @@
 // What the CPU kernel files share (cnl_cpu_kernels.cpp: the CNL steps; cnl_cpu_kif.cpp: KIF's fusion
-// passes): loads and stores of float32 vectors from every parameter dtype, and the work items of one
-// call, run by one at::parallel_for.
+// passes): loads and stores of float32 vectors from every 32- and 16-bit parameter dtype (and of
+// float64 vectors from float64), and the work items of one call, run by one at::parallel_for.
 //
 // Compiled into each per-instruction-set library (the CPU_CAPABILITY macros pick Vectorized's
 // implementation), like the files that include it.
@@ -56,6 +56,19 @@ C10_ALWAYS_INLINE void load_block(const T* p, Vec (&out)[kVecs]) {
 template <typename T>
 C10_ALWAYS_INLINE void store_block(T* p, const Vec (&in)[kVecs]) {
   for (int64_t j = 0; j < kVecs; j += 2) store_pair(p + j * kW, in[j], in[j + 1]);
+}
+
+// float64: a block of kBlock elements as double vectors (float64 parameters compute in float64).
+using VecD = at::vec::Vectorized<double>;
+constexpr int64_t kWD = VecD::size();
+constexpr int64_t kVecsD = kBlock / kWD;  // double vectors per block
+
+C10_ALWAYS_INLINE void load_block(const double* p, VecD (&out)[kVecsD]) {
+  for (int64_t j = 0; j < kVecsD; ++j) out[j] = VecD::loadu(p + j * kWD);
+}
+
+C10_ALWAYS_INLINE void store_block(double* p, const VecD (&in)[kVecsD]) {
+  for (int64_t j = 0; j < kVecsD; ++j) in[j].store(p + j * kWD);
 }
 
 // Elements [start, end) of tensor `tensor` of a call.
