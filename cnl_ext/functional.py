@@ -54,6 +54,14 @@ _auto_chosen: dict = {}  # (device type, op) -> module
 _warned: set = set()
 
 
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer states (moments, momentum buffers) of a ``param_dtype`` parameter:
+    float64 for float64, float32 for float32 and the 16-bit dtypes (16-bit parameters keep float32
+    states), and the complex dtype of that for a complex parameter (stepped as its view_as_real pairs)."""
+    real = torch.float64 if param_dtype.to_real() == torch.float64 else torch.float32
+    return real.to_complex() if param_dtype.is_complex else real
+
+
 class BackendUnavailable(RuntimeError):
     """A backend that cannot run in this process (not installed, not built, failed to build)."""
 
@@ -316,7 +324,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
             importance_betas=(0.85, 0.85)) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
-    ``momentum_buffer_list`` entries that are ``None`` are created here (float32), as torch's
+    ``momentum_buffer_list`` entries that are ``None`` are created here (:func:`state_dtype`), as torch's
     functional SGD does, and written back into the list. ``stats``: ``None`` or a float64
     ``[len(params), 3]`` tensor that receives (collaborative count, Σs collaborative, Σs conflicting).
     ``check=False`` skips :func:`check_step` when the caller has just run it. ``importance``: None, or
@@ -332,7 +340,7 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     if use_momentum:
         for i, buf in enumerate(momentum_buffer_list):
             if buf is None:  # created here, as torch's functional SGD does
-                momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=torch.float32,
+                momentum_buffer_list[i] = torch.zeros_like(params[i], dtype=state_dtype(params[i].dtype),
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
     launches = [
@@ -367,12 +375,13 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         check_step("adam_step_", backend, params, grads, capturable=capturable)
     if importance is not None:
         check_importance_options(importance_kind, importance_betas)
+    on_device = capturable or _compiled_steps_on_device(backend, params, state_steps)
     # bucketed by the step count this step takes (host steps); counted as each bucket launches
-    bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
+    bucket_key = (lambda i: None) if on_device else [float(s) + 1 for s in state_steps].__getitem__
     launches = []
     for key, idx in _buckets(params, references, bucket_key):
         step = key.extra
-        corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
+        corrections = (dict(device_steps=_take(state_steps, idx)) if on_device else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
         launches.append(_plan(
             "adam_step_", backend, idx, key,
@@ -386,6 +395,18 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     _prepare(launches)
     for launch in launches:
         _run(launch, stats, step_counts=_take(state_steps, launch.indices))
+
+
+def _compiled_steps_on_device(backend, params, state_steps) -> bool:
+    """Under ``torch.compile``: whether the bias corrections can come from the step counts as tensors
+    (as with capturable), so that the graph has no ``float(step)`` break. In eager mode reading a
+    host step count is cheap and keeps the corrections exact in float64, so never there."""
+    if not torch.compiler.is_compiling():
+        return False
+    if any(s.device != p.device for s, p in zip(state_steps, params)):
+        return False  # host steps of device parameters: a device kernel cannot read them
+    return all(resolve(backend, device, "adam_step_").supports(device, "capturable")
+               for device in {p.device for p in params})
 
 
 def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",

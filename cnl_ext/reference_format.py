@@ -59,15 +59,17 @@ def storage_numel(numel: int, fmt: str) -> int:
 def encode(gradient: torch.Tensor, fmt: str) -> torch.Tensor:
     """Return a new contiguous tensor holding ``gradient`` in format ``fmt`` (flat for ``sign2``)."""
     dense = torch.contiguous_format
-    if fmt == "float32":
+    if fmt == "float32" and gradient.dtype != torch.float64:
         return gradient.to(torch.float32, memory_format=dense, copy=True)
-    if fmt == "bfloat16":
-        stored = gradient.to(torch.bfloat16, memory_format=dense, copy=True)
-        # keep the sign of values that round to 0: the smallest normal bfloat16 of that sign (a normal,
-        # not a subnormal, so that no flush-to-zero on the way to float32 can lose it either)
+    if fmt in ("float32", "bfloat16"):
+        target = storage_dtype(fmt)
+        stored = gradient.to(target, memory_format=dense, copy=True)
+        # keep the sign of values that round to 0 (float64 ones, in float32 too): the smallest normal of
+        # that sign (a normal, not a subnormal, so that no flush-to-zero on the way to float32 can lose it)
         underflow = (stored == 0) & (gradient != 0)
-        tiny = torch.full((), torch.finfo(torch.bfloat16).smallest_normal, dtype=torch.float32, device=stored.device)
-        return torch.where(underflow, torch.copysign(tiny, gradient.to(torch.float32)).to(torch.bfloat16), stored)
+        wide = torch.float64 if gradient.dtype == torch.float64 else torch.float32
+        tiny = torch.full((), torch.finfo(target).smallest_normal, dtype=wide, device=stored.device)
+        return torch.where(underflow, torch.copysign(tiny, gradient.to(wide)).to(target), stored)
     if fmt == "int8":
         return torch.sign(gradient).to(torch.int8, memory_format=dense)
     # sign2: per element code (1 positive, 2 negative, 0 zero), four codes per byte.
