@@ -58,8 +58,12 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the optimizer states (moments, momentum buffers) of a ``param_dtype`` parameter:
     float64 for float64, float32 for float32 and the 16-bit dtypes (16-bit parameters keep float32
     states), and the complex dtype of that for a complex parameter (stepped as its view_as_real pairs)."""
-    real = torch.float64 if param_dtype.to_real() == torch.float64 else torch.float32
-    return real.to_complex() if param_dtype.is_complex else real
+    return _STATE_DTYPES.get(param_dtype, torch.float32)
+
+
+# state_dtype's table (a dict lookup, which torch.compile traces; dtype.to_real() it does not)
+_STATE_DTYPES = {torch.float64: torch.float64, torch.complex64: torch.complex64, torch.complex128: torch.complex128,
+                 torch.complex32: torch.complex64}
 
 
 class BackendUnavailable(RuntimeError):
@@ -286,12 +290,14 @@ def _run(launch: _Launch, stats, step_counts=None) -> None:
     bucket_stats = launch.stats
     if step_counts is not None:
         torch._foreach_add_(step_counts, 1)
-    try:
+    if step_counts is None or torch.compiler.is_compiling():  # a compiled graph that fails is rerun whole
         getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
-    except BaseException:
-        if step_counts is not None:
+    else:
+        try:
+            getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+        except BaseException:
             torch._foreach_sub_(step_counts, 1)
-        raise
+            raise
     if launch.importance_after is not None:
         importance_update_(**launch.importance_after)
     for original, copy in launch.copies:
