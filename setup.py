@@ -231,7 +231,7 @@ setup(
         "triton": ["triton>=3.0"],
         "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],
         "test": ["triton>=3.0", "transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft",
-                 "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
+                 "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "expecttest"],
     },
     entry_points={"console_scripts": ["cnl-ext=cnl_ext.cli:main"]},
     ext_modules=ext_modules,

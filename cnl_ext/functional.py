@@ -54,6 +54,18 @@ _auto_chosen: dict = {}  # (device type, op) -> module
 _warned: set = set()
 
 
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer states (moments, momentum buffers) of a ``param_dtype`` parameter:
+    float64 for float64, float32 for float32 and the 16-bit dtypes (16-bit parameters keep float32
+    states), and the complex dtype of that for a complex parameter (stepped as its view_as_real pairs)."""
+    return _STATE_DTYPES.get(param_dtype, torch.float32)
+
+
+# state_dtype's table (a dict lookup, which torch.compile traces; dtype.to_real() it does not)
+_STATE_DTYPES = {torch.float64: torch.float64, torch.complex64: torch.complex64, torch.complex128: torch.complex128,
+                 torch.complex32: torch.complex64}
+
+
 class BackendUnavailable(RuntimeError):
     """A backend that cannot run in this process (not installed, not built, failed to build)."""
 
@@ -149,12 +161,6 @@ def is_dtensor(t) -> bool:
 def local_tensor(t):
     """This rank's shard of a DTensor (sharing its storage); any other tensor as it is."""
     return t.to_local() if is_dtensor(t) else t
-
-
-def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the optimizer states (momentum buffers, Adam's moments) of a parameter: float64 for
-    float64 parameters (as torch.optim keeps them), float32 for float32, bfloat16 and float16 ones."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
@@ -295,12 +301,14 @@ def _run(launch: _Launch, stats, step_counts=None) -> None:
     bucket_stats = launch.stats
     if step_counts is not None:
         torch._foreach_add_(step_counts, 1)
-    try:
+    if step_counts is None or torch.compiler.is_compiling():  # a compiled graph that fails is rerun whole
         getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
-    except BaseException:
-        if step_counts is not None:
+    else:
+        try:
+            getattr(launch.module, launch.op)(*launch.args, bucket_stats, **launch.kwargs)
+        except BaseException:
             torch._foreach_sub_(step_counts, 1)
-        raise
+            raise
     if launch.importance_after is not None:
         importance_update_(**launch.importance_after)
     for original, copy in launch.copies:
@@ -384,12 +392,13 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         check_step("adam_step_", backend, params, grads, capturable=capturable)
     if importance is not None:
         check_importance_options(importance_kind, importance_betas)
+    on_device = capturable or _compiled_steps_on_device(backend, params, state_steps)
     # bucketed by the step count this step takes (host steps); counted as each bucket launches
-    bucket_key = (lambda i: None) if capturable else [float(s) + 1 for s in state_steps].__getitem__
+    bucket_key = (lambda i: None) if on_device else [float(s) + 1 for s in state_steps].__getitem__
     launches = []
     for key, idx in _buckets(params, references, bucket_key):
         step = key.extra
-        corrections = (dict(device_steps=_take(state_steps, idx)) if capturable else
+        corrections = (dict(device_steps=_take(state_steps, idx)) if on_device else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
         launches.append(_plan(
             "adam_step_", backend, idx, key,
@@ -403,6 +412,18 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     _prepare(launches)
     for launch in launches:
         _run(launch, stats, step_counts=_take(state_steps, launch.indices))
+
+
+def _compiled_steps_on_device(backend, params, state_steps) -> bool:
+    """Under ``torch.compile``: whether the bias corrections can come from the step counts as tensors
+    (as with capturable), so that the graph has no ``float(step)`` break. In eager mode reading a
+    host step count is cheap and keeps the corrections exact in float64, so never there."""
+    if not torch.compiler.is_compiling():
+        return False
+    if any(s.device != p.device for s, p in zip(state_steps, params)):
+        return False  # host steps of device parameters: a device kernel cannot read them
+    return all(resolve(backend, device, "adam_step_").supports(device, "capturable")
+               for device in {p.device for p in params})
 
 
 def cnl_masked_delta(params, befores, references, stats=None, *, reference_format: str = "float32",

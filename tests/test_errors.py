@@ -70,12 +70,16 @@ def test_sparse_gradient_is_rejected_with_params_and_state_untouched(backend, de
 
 
 @pytest.mark.parametrize("make,error,match", [
-    (lambda: cnl_ext.FusedCNLAdamW([torch.randn(2, dtype=torch.complex64, requires_grad=True)]), ValueError, "complex"),
-    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.ones(2), capturable=True), ValueError, "scalar"),
+    (lambda: cnl_ext.FusedCNLAdamW([torch.randn(2).to(torch.float8_e4m3fn)]), TypeError, "float8_e4m3fn"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.ones(2), capturable=True), ValueError, "1-element"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.tensor(1), capturable=True), ValueError, "floating"),
     (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), differentiable=True), ValueError, "differentiable"),
-    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), foreach=True), ValueError, "foreach"),
-    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), fused=False), ValueError, "always fused"),
-    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.tensor(0.1)), ValueError, "capturable=True"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), foreach=True, fused=True), RuntimeError, "cannot be `True` together"),
+    (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=torch.tensor(0.1), foreach=True), ValueError,
+     "capturable=False and foreach=True"),
+    (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), betas=(0.9, torch.tensor(0.99))), ValueError, "both floats or both"),
+    (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+     ValueError, r"betas\[0\] as a Tensor"),
     (lambda: cnl_ext.FusedCNLAdamW(_params("cpu"), lr=-1.0), ValueError, "learning rate"),
     (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), betas=(1.0, 0.9)), ValueError, "beta parameter at index 0"),
     (lambda: cnl_ext.FusedCNLAdam(_params("cpu"), eps=-1.0), ValueError, "epsilon"),

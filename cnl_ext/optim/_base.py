@@ -23,9 +23,24 @@ __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "RE
 # KIF's importance EMAs live in two slots (Recurrent-KIF's inner and outer learner); each is a pair
 # of float32 states per parameter, "<slot>_sensitivity" and "<slot>_uncertainty".
 IMPORTANCE_SLOTS = ("inner", "outer")
+IMPORTANCE_KEYS = frozenset(f"{slot}_{ema}" for slot in IMPORTANCE_SLOTS for ema in ("sensitivity", "uncertainty"))
 
 is_dtensor = functional.is_dtensor
 local_tensor = functional.local_tensor
+
+
+def real_views(tensors):
+    """``tensors`` with ``torch.view_as_real`` of the complex ones (as torch.optim's ``_view_as_real``):
+    the kernels step a complex parameter as its (real, imaginary) pairs. ``None`` entries stay."""
+    if tensors is None:
+        return None
+    return [torch.view_as_real(t) if t is not None and t.is_complex() else t for t in tensors]
+
+
+def new_state(p, dtype=None):
+    """A zeroed per-element state of ``p``: contiguous, in ``dtype`` (default: the state dtype of
+    ``p``, :func:`cnl_ext.functional.state_dtype`; complex for a complex parameter)."""
+    return torch.zeros_like(p, dtype=dtype or functional.state_dtype(p.dtype), memory_format=torch.contiguous_format)
 
 
 class CNLOptimizer(torch.optim.Optimizer):
@@ -60,13 +75,23 @@ class CNLOptimizer(torch.optim.Optimizer):
         self.backend = backend
         name = type(self).__name__
         for i, p in enumerate(self._parameters()):
-            if p.is_complex():
-                raise ValueError(f"{name} does not support complex parameters (parameter {i})")
-            if p.dtype not in functional.SUPPORTED_PARAM_DTYPES:
-                raise TypeError(f"{name} supports float32, bfloat16 and float16 parameters; parameter {i} is {p.dtype}")
+            if p.dtype.to_real() not in functional.SUPPORTED_PARAM_DTYPES:
+                supported = ", ".join(str(d).replace("torch.", "") for d in functional.SUPPORTED_PARAM_DTYPES)
+                raise TypeError(f"{name} supports {supported} parameters (and complex ones of those, stepped as "
+                                f"view_as_real pairs); parameter {i} is {p.dtype}")
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; a CNL optimizer also
+    # needs its backend, options, reference and statistics. The hooks stay out, as in torch.
+    _NOT_PICKLED = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                    "_optimizer_load_state_dict_post_hooks")
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key not in self._NOT_PICKLED}
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_reference", ReferenceStore("float32"))
         self.__dict__.setdefault("_stats", StatsTracker(False))
         self.__dict__.setdefault("importance", None)
@@ -123,13 +148,14 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     def _gradients(self):
         """(group, params with a gradient, their gradients) per group, all checked (and a backend
-        resolved for each device) before anything is written."""
+        resolved for each device) before anything is written; complex ones are checked as the
+        view_as_real pairs the kernels step."""
         gathered = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
-            functional.check_step(self._op, self.backend, params, grads, capturable=group.get("capturable", False),
-                                  owner=type(self).__name__)
+            functional.check_step(self._op, self.backend, real_views(params), real_views(grads),
+                                  capturable=group.get("capturable", False), owner=type(self).__name__)
             gathered.append((group, params, grads))
         return gathered
 
@@ -147,20 +173,21 @@ class CNLOptimizer(torch.optim.Optimizer):
         if self.importance is None:
             return {}
         keys = self._importance_keys()
-        for p, state in zip(params, states):
+        for p, state in zip(real_views(params), states):
             for key in keys:
                 if key not in state:
-                    state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state[key] = new_state(p, torch.float32)
         return dict(importance=tuple([state[key] for state in states] for key in keys),
                     importance_kind=self.importance, importance_betas=self.importance_betas)
 
     def importance_state(self, slot=None):
         """``(sensitivities, uncertainties)``: KIF's float32 EMAs ``Ī`` and ``Ū`` that steps with
         ``importance=`` set keep in ``slot`` (default: :attr:`importance_slot`), two lists in parameter
-        order (zeros for a parameter not stepped yet). The live states: read them, do not write."""
+        order (zeros for a parameter not stepped yet; a complex parameter's have the shape of its
+        view_as_real pairs). The live states: read them, do not write."""
         params = self._parameters()
-        return tuple([self.state[p][key] if key in self.state.get(p, {}) else torch.zeros_like(p, dtype=torch.float32)
-                      for p in params] for key in self._importance_keys(slot))
+        return tuple([self.state[p][key] if key in self.state.get(p, {}) else new_state(view, torch.float32)
+                      for p, view in zip(params, real_views(params))] for key in self._importance_keys(slot))
 
     def importance_scores(self, slot=None):
         """KIF's element importance ``Ī·Ū`` per parameter (a list in parameter order, float32) of
@@ -195,10 +222,11 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """``torch.optim.Optimizer.load_state_dict``, all or nothing: the groups, every state's shape
-        and the saved reference are checked before anything is replaced. States are kept float32 and
-        contiguous whatever the parameter dtype and the saved layout (taken from the saved tensors, so a
-        float32 state of a bf16 parameter survives exactly), the step count on the host (on the device
-        with capturable=True)."""
+        and the saved reference are checked before anything is replaced. States are kept contiguous
+        in their state dtype (:func:`cnl_ext.functional.state_dtype`: float32 for 16-bit parameters,
+        so a float32 state of a bf16 parameter survives exactly; complex for complex ones; KIF's
+        importance EMAs float32) whatever the saved dtype and layout, the step count on the host (on
+        the device with capturable=True)."""
         param_of_id = self._check_saved_groups(state_dict)
         references = self._parse_reference(state_dict)
         for saved_id, saved_state in state_dict["state"].items():
@@ -213,8 +241,9 @@ class CNLOptimizer(torch.optim.Optimizer):
                 if key == "step":  # a Python number in checkpoints of old torch releases
                     value = torch.as_tensor(value).detach()
                     self.state[p][key] = value.to(p.device if capturable else "cpu", torch.float32, copy=True)
-                elif isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True,
+                elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+                    dtype = torch.float32 if key in IMPORTANCE_KEYS else functional.state_dtype(p.dtype)
+                    self.state[p][key] = value.detach().to(p.device, dtype, copy=True,
                                                            memory_format=torch.contiguous_format)
         if references is not None:
             self._reference.load(references)
@@ -235,8 +264,8 @@ class CNLOptimizer(torch.optim.Optimizer):
         }
 
     def _check_saved_state(self, p, saved_state, saved_id) -> None:
-        """Every per-element state of a checkpoint must have its parameter's (local) shape."""
-        shape = local_tensor(p).shape
+        """Every per-element state of a checkpoint must have its parameter's (local) shape, and be
+        complex for a complex parameter (KIF's EMAs: real, the shape of its view_as_real pairs)."""
         for key, value in saved_state.items():
             if key == "step" and not isinstance(value, torch.Tensor):
                 value = torch.as_tensor(value)
@@ -246,12 +275,19 @@ class CNLOptimizer(torch.optim.Optimizer):
                 if value.numel() != 1:
                     raise ValueError(f"loaded state of parameter {saved_id}: 'step' must be a scalar, got shape "
                                      f"{tuple(value.shape)}")
-            elif value.shape != shape:
+                continue
+            real = key in IMPORTANCE_KEYS
+            complex_state = p.is_complex() and not real
+            shape = local_tensor(p).shape
+            if p.is_complex() and real:
+                shape = torch.Size((*shape, 2))
+            if value.shape != shape:
                 raise ValueError(f"loaded state of parameter {saved_id}: {key!r} has shape {tuple(value.shape)}, but "
                                  f"the parameter has shape {tuple(shape)}")
-            elif value.is_complex() or not value.is_floating_point():
+            if value.is_complex() != complex_state or not (value.is_floating_point() or value.is_complex()):
+                kind = "a complex" if complex_state else "a real floating-point"
                 raise ValueError(f"loaded state of parameter {saved_id}: {key!r} has dtype {value.dtype}; "
-                                 "a floating-point tensor is needed")
+                                 f"{kind} tensor is needed")
 
     # ------------------------------------------------------------------ the reference
 

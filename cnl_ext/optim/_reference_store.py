@@ -106,7 +106,11 @@ class ReferenceStore:
         return [self.tensors.get(p) for p in params]
 
     def _encode(self, p, gradient):
-        """``gradient`` (this rank's part, float) stored in this store's format, contiguous."""
+        """``gradient`` (this rank's part, float) stored in this store's format, contiguous; a complex
+        one as its view_as_real pairs (the mask of a complex parameter is taken pair element by pair
+        element, as the kernels step it)."""
+        if gradient.is_complex():
+            gradient = torch.view_as_real(gradient)
         return rf.encode(gradient, self.format)
 
     # ------------------------------------------------------------------ set_reference
@@ -169,7 +173,7 @@ class ReferenceStore:
         """
         params = [p for p in params if p.requires_grad]
         saved_grads = [p.grad for p in params]
-        low_precision = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+        low_precision = [i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)]
         sums = {}
 
         def fold_low_precision_grads():
@@ -238,6 +242,8 @@ class ReferenceStore:
                                  f"in format {fmt!r}")
             p = params[i]
             shape = local_tensor(p).shape  # a sharded parameter's reference is its local shard
+            if p.is_complex():  # stored as its view_as_real pairs
+                shape = torch.Size((*shape, 2))
             expected = rf.storage_numel(shape.numel(), fmt)
             if stored.numel() != expected:
                 raise ValueError(f"the saved reference of parameter {i} has {stored.numel()} elements in format "
@@ -260,7 +266,11 @@ def _check_reference(i, p, t):
         raise TypeError(f"{where} is a {type(t).__name__}, not a tensor")
     if t.layout != torch.strided:
         raise ValueError(f"{where} is sparse ({t.layout}); pass a dense tensor")
-    if t.is_complex() or not t.is_floating_point():
+    if p.is_complex():
+        if not t.is_complex():
+            raise TypeError(f"{where} has dtype {t.dtype}, but its parameter is {p.dtype}; a complex tensor is "
+                            "needed (its view_as_real pairs give the mask)")
+    elif t.is_complex() or not t.is_floating_point():
         raise TypeError(f"{where} has dtype {t.dtype}; a real floating-point tensor is needed")
     if t.shape != p.shape:
         raise ValueError(f"{where} has shape {tuple(t.shape)}, but its parameter has shape {tuple(p.shape)}")

@@ -73,7 +73,8 @@ class StatsTracker:
             return
         index = {id(p): i for i, p in enumerate(all_params)}
         self.last = [
-            ([(index[id(p)], p.numel()) if p in references else None for p in params], stats)
+            ([(index[id(p)], p.numel() * (2 if p.is_complex() else 1)) if p in references else None for p in params],
+             stats)
             for params, stats in per_group if stats is not None
         ]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import functional
-from ._args import check_common
-from ._base import CNLOptimizer
+from ._args import check_common, check_tensor_hyperparameter, scalar
+from ._base import CNLOptimizer, new_state, real_views
 
 __all__ = ["FusedCNLAdam"]
 
@@ -35,17 +35,20 @@ class FusedCNLAdam(CNLOptimizer):
                  decoupled_weight_decay=False, backend="auto", reference_dtype="float32", track_stats=False,
                  importance=None, importance_betas=(0.85, 0.85)):
         name = type(self).__name__
-        check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable,
-                     capturable=capturable)
+        check_tensor_hyperparameter("lr", lr, foreach=foreach, capturable=capturable)
+        check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         for i, beta in enumerate(betas):
-            if isinstance(beta, torch.Tensor):
-                raise ValueError(f"{name}: betas as Tensors are not supported; pass floats")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            check_tensor_hyperparameter(f"betas[{i}]", beta, foreach=foreach, capturable=capturable)
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=None, capturable=capturable, differentiable=False, fused=True,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats, importance=importance, importance_betas=importance_betas)
@@ -56,24 +59,24 @@ class FusedCNLAdam(CNLOptimizer):
         if "step" not in state:
             # capturable: the step count lives on the device, so no step reads it back to the host
             state.update(step=torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu"),
-                         exp_avg=torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format))
+                         exp_avg=new_state(p), exp_avg_sq=new_state(p))
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
         return state
 
     def _step_group(self, group, params, grads, stats):
-        states = [self._state_of(p, group["capturable"], group["amsgrad"]) for p in params]
-        beta1, beta2 = group["betas"]
+        capturable = group["capturable"]
+        states = [self._state_of(p, capturable, group["amsgrad"]) for p in params]
+        beta1, beta2 = (scalar(beta) for beta in group["betas"])
         functional.cnl_adam(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
-            self._references_for(params), stats,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=group["capturable"],
-            reference_format=self.reference_format, backend=self.backend, check=False,
-            **self._importance_arguments(params, states),
+            real_views(params), real_views(grads), real_views([s["exp_avg"] for s in states]),
+            real_views([s["exp_avg_sq"] for s in states]), real_views([s.get("max_exp_avg_sq") for s in states]),
+            [s["step"] for s in states], self._references_for(params), stats,
+            lr=scalar(group["lr"], on_device=capturable or torch.compiler.is_compiling()), beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], capturable=capturable, reference_format=self.reference_format,
+            backend=self.backend, check=False, **self._importance_arguments(params, states),
         )
         for p, state in zip(params, states):
             self.state[p] = state

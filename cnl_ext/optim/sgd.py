@@ -1,9 +1,11 @@
 """FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask."""
 from __future__ import annotations
 
+import torch
+
 from .. import functional
-from ._args import check_common
-from ._base import CNLOptimizer
+from ._args import check_common, scalar
+from ._base import CNLOptimizer, real_views
 
 __all__ = ["FusedCNLSGD"]
 
@@ -36,23 +38,23 @@ class FusedCNLSGD(CNLOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, foreach=None, differentiable=False, fused=True)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=fused)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
                          track_stats=track_stats, importance=importance, importance_betas=importance_betas)
 
     def _step_group(self, group, params, grads, stats):
         use_momentum = group["momentum"] != 0
         states = [dict(self.state.get(p, {})) for p in params]  # stored only once the step succeeded
-        buffers = [state.get("momentum_buffer") for state in states] if use_momentum else None
+        buffers = real_views([state.get("momentum_buffer") for state in states]) if use_momentum else None
         functional.cnl_sgd(
-            params, grads, buffers, self._references_for(params), stats,
-            lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            reference_format=self.reference_format, backend=self.backend, check=False,
+            real_views(params), real_views(grads), buffers, self._references_for(params), stats,
+            lr=scalar(group["lr"], on_device=torch.compiler.is_compiling()), weight_decay=group["weight_decay"],
+            momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=group["maximize"], reference_format=self.reference_format, backend=self.backend, check=False,
             **self._importance_arguments(params, states),
         )
         for i, (p, state) in enumerate(zip(params, states)):
-            if use_momentum:
-                state["momentum_buffer"] = buffers[i]
+            if use_momentum and state.get("momentum_buffer") is None:  # created by cnl_sgd (as the real view)
+                state["momentum_buffer"] = torch.view_as_complex(buffers[i]) if p.is_complex() else buffers[i]
             if state:
                 self.state[p] = state
