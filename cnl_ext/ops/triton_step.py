@@ -431,8 +431,14 @@ def _device_scalars(scalars, device: torch.device) -> tuple:
     capturable lr) as it is. Cached by value, like the tables: a step whose values do not change (a
     CUDA graph's replays) copies nothing to the device."""
     values = tuple(float(s) for s in scalars if not isinstance(s, torch.Tensor))
-    on_device = iter(_cached(_scalar_tables, (device, values),
-                             lambda: torch.tensor(values, dtype=torch.float64).to(device).unbind()))
+
+    def build():
+        host = torch.tensor(values, dtype=torch.float64)
+        if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy would wait for the stream
+            return host.pin_memory().to(device, non_blocking=True).unbind()
+        return host.to(device).unbind()
+
+    on_device = iter(_cached(_scalar_tables, (device, values), build))
     return tuple(s if isinstance(s, torch.Tensor) else next(on_device) for s in scalars)
 
 
