@@ -12,6 +12,10 @@ masked. ``bench/kernel_resources.py`` shows the compiled result per specializati
 
 With statistics, each program writes its chunk's partial sums to a ``[num_chunks, 3]`` buffer that
 one ``index_add_`` folds into the per-tensor rows: deterministic, and no host synchronization.
+
+The kernels compute in ``COMPUTE`` (a constexpr): float32 for float32, bfloat16 and float16
+parameters, float64 for float64 ones, whose optimizer states, reference values, statistics sums and
+hyper-parameters (float64 device scalars: Triton would pass a float as float32) are float64 too.
 """
 from __future__ import annotations
 
@@ -96,8 +100,8 @@ def _load(ptr, offs, mask):
 
 @triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
-    """Round the computed value (float32; float64 for float64 parameters, which it is) to the
-    parameter dtype, to nearest even as torch does.
+    """Round the computed value (float32, or float64 for float64 parameters: then nothing to round)
+    to the parameter dtype, to nearest even as torch does.
 
     bfloat16 is rounded with torch's own bit trick (c10::round_to_nearest_even) before the cast:
     compiled Triton rounds to nearest even too, but Triton's interpreter truncates, and the CPU
