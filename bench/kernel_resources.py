@@ -114,7 +114,8 @@ def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None,
                 importance=None):
     """Run the three ops once on CPU tensors (the kernels are recorders, so nothing computes)."""
     params = _tensors(dtype, unaligned)
-    states = [_tensors(torch.float32, unaligned) for _ in range(5)]
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # KIF's EMAs: float32 always
+    states = [_tensors(state_dtype, unaligned) for _ in range(3)] + [_tensors(torch.float32, unaligned) for _ in range(2)]
     tracking = {} if importance is None else dict(importance=(states[3], states[4]), importance_kind=importance)
     refs = None if fmt is None else [reference_format.encode(torch.randn(p.shape), fmt) for p in params]
     st = torch.zeros(len(params), 3, dtype=torch.float64) if stats and fmt is not None else None
@@ -138,13 +139,19 @@ def specializations() -> list[Specialization]:
     recorders = [_Recorder(name, getattr(module, name)) for module, name in _KERNELS]
     with mock.patch.multiple(triton_step, _sgd_kernel=recorders[0], _adam_kernel=recorders[1]), \
             mock.patch.object(triton_masked_delta, "_masked_delta_kernel", recorders[2]):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for fmt in (None, *reference_format.FORMATS):
                 _launch_ops(dtype, fmt)
         for fmt in (None, "float32", "sign2"):
             _launch_ops(torch.float32, fmt, unaligned=True)
         _launch_ops(torch.float32, "float32", stats=False)
         _launch_ops(torch.float32, "float32", capturable=True)
+        # float64: computed in float64, its hyper-parameters float64 device scalars
+        _launch_ops(torch.float64, "float32", unaligned=True)
+        _launch_ops(torch.float64, "float32", capturable=True)
+        _launch_ops(torch.float64, "float32", sgd=dict(momentum=0.0, weight_decay=0.01, maximize=True),
+                    adam=dict(decoupled_weight_decay=False, weight_decay=0.01, amsgrad=True, maximize=True))
+        _launch_ops(torch.float64, "float32", importance="first")
         _launch_ops(torch.float32, "float32", sgd=dict(momentum=0.0, weight_decay=0.01, maximize=True),
                     adam=dict(decoupled_weight_decay=False, weight_decay=0.01, amsgrad=True, maximize=True))
         _launch_ops(torch.float32, "float32", sgd=dict(first_step=True, nesterov=True))

@@ -172,7 +172,9 @@ def check_gradients(params, grads, owner: str = "cnl_ext") -> None:
                 and g.shape == p.shape and g.device == p.device):
             continue
         if g.layout != strided:
-            raise RuntimeError(f"{owner} does not support sparse gradients (parameter {i}, shape {tuple(p.shape)})")
+            raise RuntimeError(f"{owner} does not support sparse gradients (parameter {i}, shape {tuple(p.shape)}): "
+                               f"its kernels mask every element of a dense update; give it a dense gradient "
+                               f"(nn.Embedding/EmbeddingBag: sparse=False; docs/compatibility.md)")
         if g.is_complex() or p.is_complex():
             raise RuntimeError(f"{owner} does not support complex parameters or gradients (parameter {i})")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:

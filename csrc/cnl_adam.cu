@@ -9,17 +9,17 @@ namespace {
 // then with importance: sensitivity, uncertainty
 template <bool kImportance>
 constexpr int kAdamDepth = kImportance ? 9 : 7;
-static_assert(kFitsKernelArguments<kAdamDepth<true>, AdamScalars, ImportanceScalars, double*> &&
-                  kFitsKernelArguments<kAdamDepth<false>, AdamScalars, ImportanceScalars, double*>,
+static_assert(kFitsKernelArguments<kAdamDepth<true>, AdamScalarsT<double>, ImportanceScalars, double*> &&
+                  kFitsKernelArguments<kAdamDepth<false>, AdamScalarsT<double>, ImportanceScalars, double*>,
               "tensor table too large for the kernel argument space");
 
 template <typename T>
 struct AdamPtrs {
   T* __restrict__ param;
   const T* __restrict__ grad;
-  float* __restrict__ exp_avg;
-  float* __restrict__ exp_avg_sq;
-  float* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
+  ComputeT<T>* __restrict__ exp_avg;
+  ComputeT<T>* __restrict__ exp_avg_sq;
+  ComputeT<T>* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
   const void* __restrict__ ref;
   float* __restrict__ sensitivity;  // nullptr without importance
   float* __restrict__ uncertainty;
@@ -28,9 +28,11 @@ struct AdamPtrs {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct AdamStep {
+  using C = ComputeT<T>;
+
   template <int N>
-  static __device__ __forceinline__ void run(const AdamPtrs<T>& a, int64_t i, const AdamScalars& s, StatAcc& acc) {
-    float p[N], g[N], m[N], v[N], vmax[N] = {}, r[N];
+  static __device__ __forceinline__ void run(const AdamPtrs<T>& a, int64_t i, const AdamScalarsT<C>& s, StatAcc& acc) {
+    C p[N], g[N], m[N], v[N], vmax[N] = {}, r[N];
     ImportanceBlock<kImportance, N> importance;
     load<N>(p, a.param, i);
     load<N>(g, a.grad, i);
@@ -41,16 +43,16 @@ struct AdamStep {
     importance.load_from(a.sensitivity, a.uncertainty, i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      float gk = s.maximize ? -g[k] : g[k];
+      C gk = s.maximize ? -g[k] : g[k];
       if (s.l2_weight_decay) gk = add(gk, mul(s.weight_decay, p[k]));
       // Moments are updated for every element; the mask touches only the parameter.
       m[k] = add(mul(s.beta1, m[k]), mul(s.one_minus_beta1, gk));
       v[k] = add(mul(s.beta2, v[k]), mul(s.one_minus_beta2, mul(gk, gk)));
-      float second = v[k];
+      C second = v[k];
       if (s.amsgrad) second = vmax[k] = nan_max(vmax[k], v[k]);
-      const float denom = add(div(sqrt_rn(second), s.bias_correction2_sqrt), s.eps);
-      const float adam = div(div(m[k], s.bias_correction1), denom);
-      float u, p_new;
+      const C denom = add(div(sqrt_rn(second), s.bias_correction2_sqrt), s.eps);
+      const C adam = div(div(m[k], s.bias_correction1), denom);
+      C u, p_new;
       if (s.decoupled_weight_decay) {
         // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
         u = add(adam, mul(s.weight_decay, p[k]));
@@ -71,26 +73,27 @@ struct AdamStep {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth<kImportance>> table, AdamScalars s,
+    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth<kImportance>> table, AdamScalarsT<ComputeT<T>> s,
                 ImportanceScalars importance, double* __restrict__ partials) {
+  using C = ComputeT<T>;
   const int t = find_tensor(table, blockIdx.x);
   // Capturable: hyper-parameters that change every step are read on the device (uniform per block),
-  // in float32 as the reference computes them from device tensors.
+  // in the compute type as the reference computes them from device tensors.
   if (s.lr_ptr != nullptr) {
-    s.lr = *s.lr_ptr;
-    s.one_minus_lr_wd = sub(1.0f, mul(s.lr, s.weight_decay));
+    s.lr = static_cast<C>(*s.lr_ptr);
+    s.one_minus_lr_wd = sub(C(1), mul(s.lr, s.weight_decay));
   }
   if (table.ptr[6][t] != nullptr) {
     const double step = *static_cast<const float*>(table.ptr[6][t]);
-    // pow in double, rounded once: at least as accurate as torch's float32 beta ** step.
-    s.bias_correction1 = sub(1.0f, static_cast<float>(pow(static_cast<double>(s.beta1), step)));
-    s.bias_correction2_sqrt = sqrt_rn(sub(1.0f, static_cast<float>(pow(static_cast<double>(s.beta2), step))));
+    // pow in double, rounded once to C: at least as accurate as torch's beta ** step in C.
+    s.bias_correction1 = sub(C(1), static_cast<C>(pow(static_cast<double>(s.beta1), step)));
+    s.bias_correction2_sqrt = sqrt_rn(sub(C(1), static_cast<C>(pow(static_cast<double>(s.beta2), step))));
   }
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
   const int64_t end = min(start + kChunkSize, table.numel[t]);
   AdamPtrs<T> a{static_cast<T*>(table.ptr[0][t]),     static_cast<const T*>(table.ptr[1][t]),
-                static_cast<float*>(table.ptr[2][t]), static_cast<float*>(table.ptr[3][t]),
-                static_cast<float*>(table.ptr[4][t]), table.ptr[5][t],
+                static_cast<C*>(table.ptr[2][t]),     static_cast<C*>(table.ptr[3][t]),
+                static_cast<C*>(table.ptr[4][t]),     table.ptr[5][t],
                 nullptr,                              nullptr,
                 importance};
   if constexpr (kImportance) {
@@ -98,8 +101,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     a.uncertainty = static_cast<float*>(table.ptr[8][t]);
   }
   const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
-                            aligned_to(a.exp_avg, 16) && aligned_to(a.exp_avg_sq, 16) &&
-                            aligned_to(a.max_exp_avg_sq, 16) && aligned_to(a.ref, reference_alignment<kRef>()) &&
+                            aligned_to(a.exp_avg, 4 * sizeof(C)) && aligned_to(a.exp_avg_sq, 4 * sizeof(C)) &&
+                            aligned_to(a.max_exp_avg_sq, 4 * sizeof(C)) && aligned_to(a.ref, reference_alignment<kRef>()) &&
                             aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
   StatAcc acc;
   chunk_loop<AdamStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
@@ -108,7 +111,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 }  // namespace
 
-cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance,
+template <typename C>
+cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalarsT<C>& scalars, const Importance* importance,
                              cudaStream_t stream) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   if (lists.states[0] == nullptr || lists.states[1] == nullptr) return cudaErrorInvalidValue;
@@ -129,7 +133,7 @@ cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalar
                                                   importance ? importance->sensitivities : nullptr,
                                                   importance ? importance->uncertainties : nullptr};
   const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
-  return dispatch(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
+  return dispatch<C>(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
     using Tag = decltype(tag);
     constexpr int kDepth = kAdamDepth<Tag::importance>;  // the first kDepth columns
     return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
@@ -138,5 +142,10 @@ cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalar
     });
   });
 }
+
+template cudaError_t launch_adam_step<float>(const TensorLists&, const AdamScalarsT<float>&, const Importance*,
+                                             cudaStream_t);
+template cudaError_t launch_adam_step<double>(const TensorLists&, const AdamScalarsT<double>&, const Importance*,
+                                              cudaStream_t);
 
 }  // namespace cnl

@@ -31,10 +31,15 @@ inline int64_t num_chunks(const int64_t* numels, int64_t count) {
 
 // Enqueue the step on `stream`. No host synchronization, no allocation. Returns the first CUDA
 // error (launch configuration, invalid arguments), cudaSuccess otherwise. `importance`: nullptr, or
-// KIF's EMAs, which the step then updates in the same pass.
-cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance,
+// KIF's EMAs, which the step then updates in the same pass. C is the step's compute type: double
+// for float64 parameters (stepped in float64, with float64 states), float for the others; the
+// kernels are instantiated for both (a parameter type of the other compute type is
+// cudaErrorInvalidValue).
+template <typename C>
+cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalarsT<C>& scalars, const Importance* importance,
                             cudaStream_t stream);
-cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance,
+template <typename C>
+cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalarsT<C>& scalars, const Importance* importance,
                              cudaStream_t stream);
 
 // KIF's fusion passes (cnl_ext/ops/kif_fusion_torch.py): `lists` gives count, numels, params and

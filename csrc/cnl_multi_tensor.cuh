@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -60,63 +61,88 @@ __device__ __forceinline__ int find_tensor(const TensorTable<kDepth>& table, int
   return lo;
 }
 
-// ---------------------------------------------------------------------------- float32 arithmetic
-// Every operation rounded separately, in the order of the reference (cnl_ext/reference.py): the
-// _rn intrinsics are never contracted into FMAs and stay IEEE-exact even under --use_fast_math,
-// so results do not depend on compiler flags or on the architecture.
+// ---------------------------------------------------------------------------- arithmetic
+// Every operation rounded separately, in the order of the reference (cnl_ext/ops/torch_backend.py):
+// the _rn intrinsics are never contracted into FMAs and stay IEEE-exact even under --use_fast_math,
+// so results do not depend on compiler flags or on the architecture. In float32, and in float64
+// for the steps of float64 parameters.
+
+// The type a step computes in for parameters stored as T: double for double (whose optimizer states
+// are double too: no downcast anywhere), float for float, bfloat16 and half.
+template <typename T>
+struct Compute { using type = float; };
+template <>
+struct Compute<double> { using type = double; };
+template <typename T>
+using ComputeT = typename Compute<T>::type;
 
 __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
-// torch.maximum: NaN if either input is NaN (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+// torch.maximum: NaN if either input is NaN (fmax would drop it).
+template <typename C>
+__device__ __forceinline__ C nan_max(C a, C b) { return (a > b || a != a) ? a : b; }
 
 // ---------------------------------------------------------------------------- loads and stores
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+// A stored element in its compute type (exact), and back (rounded to nearest even).
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ double widen(double x) { return x; }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+__device__ __forceinline__ T narrow(ComputeT<T> x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float narrow<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ double narrow<double>(double x) { return x; }
 
-// N == kVec: one aligned vector access (16 bytes for float32, 8 for 16-bit types); N == 1: scalar.
+// A compute value as float32 (double rounded to nearest): what KIF's float32 importance EMAs read.
+__device__ __forceinline__ float to_float32(float x) { return x; }
+__device__ __forceinline__ float to_float32(double x) { return __double2float_rn(x); }
+
+// N == kVec: one aligned vector access of 4 * sizeof(T) bytes (16 for float32, 8 for 16-bit types,
+// 32 for float64: two 16-byte accesses); N == 1: scalar.
 template <int N, typename T>
-__device__ __forceinline__ void load(float (&out)[N], const T* __restrict__ base, int64_t i) {
+__device__ __forceinline__ void load(ComputeT<T> (&out)[N], const T* __restrict__ base, int64_t i) {
   if constexpr (N == 1) {
-    out[0] = to_float(base[i]);
+    out[0] = widen(base[i]);
   } else {
     static_assert(N == 4, "vector width is 4 elements");
     struct alignas(4 * sizeof(T)) Pack { T v[4]; };
     const Pack pack = *reinterpret_cast<const Pack*>(base + i);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = to_float(pack.v[k]);
+    for (int k = 0; k < 4; ++k) out[k] = widen(pack.v[k]);
   }
 }
 
 template <int N, typename T>
-__device__ __forceinline__ void store(T* __restrict__ base, int64_t i, const float (&in)[N]) {
+__device__ __forceinline__ void store(T* __restrict__ base, int64_t i, const ComputeT<T> (&in)[N]) {
   if constexpr (N == 1) {
-    base[i] = from_float<T>(in[0]);
+    base[i] = narrow<T>(in[0]);
   } else {
     struct alignas(4 * sizeof(T)) Pack { T v[4]; };
     Pack pack;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) pack.v[k] = from_float<T>(in[k]);
+    for (int k = 0; k < 4; ++k) pack.v[k] = narrow<T>(in[k]);
     *reinterpret_cast<Pack*>(base + i) = pack;
   }
 }
 
-// Reference values as float32: the stored value, or -1/0/+1 for the sign formats.
+// Reference values in the compute type C: the stored value, or -1/0/+1 for the sign formats.
 template <RefFormat kRef>
 struct RefStorage;
 template <>
@@ -139,26 +165,26 @@ __device__ __forceinline__ float sign2_value(unsigned code) {
   return code == 1u ? 1.0f : (code == 2u ? -1.0f : 0.0f);
 }
 
-template <int N, RefFormat kRef>
-__device__ __forceinline__ void load_reference(float (&out)[N], const void* __restrict__ base, int64_t i) {
+template <int N, RefFormat kRef, typename C>
+__device__ __forceinline__ void load_reference(C (&out)[N], const void* __restrict__ base, int64_t i) {
   if constexpr (kRef == RefFormat::kNone) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = 0.0f;
+    for (int k = 0; k < N; ++k) out[k] = C(0);
   } else if constexpr (kRef == RefFormat::kSign2) {
     // Element i sits at bits 2*(i%4) of byte i/4. With N == 4, i is a multiple of 4: one byte.
     const unsigned byte = static_cast<const uint8_t*>(base)[i >> 2];
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = sign2_value((byte >> (2 * ((i + k) & 3))) & 3u);
+    for (int k = 0; k < N; ++k) out[k] = static_cast<C>(sign2_value((byte >> (2 * ((i + k) & 3))) & 3u));
   } else {
     using R = typename RefStorage<kRef>::type;
     const R* ref = static_cast<const R*>(base);
     if constexpr (N == 1) {
-      out[0] = float_of(ref[i]);
+      out[0] = static_cast<C>(float_of(ref[i]));
     } else {
       struct alignas(4 * sizeof(R)) Pack { R v[4]; };
       const Pack pack = *reinterpret_cast<const Pack*>(ref + i);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) out[k] = float_of(pack.v[k]);
+      for (int k = 0; k < 4; ++k) out[k] = static_cast<C>(float_of(pack.v[k]));
     }
   }
 }
@@ -188,14 +214,14 @@ struct StatAcc {
 
 // The element's new value: `p_new` unless u conflicts in sign with r (spec: sign(r)*sign(u) < 0,
 // so zeros and NaNs are collaborative), then `p` unchanged.
-template <RefFormat kRef, bool kStats>
-__device__ __forceinline__ float cnl_select(float p, float p_new, float u, float r, StatAcc& acc) {
+template <RefFormat kRef, bool kStats, typename C>
+__device__ __forceinline__ C cnl_select(C p, C p_new, C u, C r, StatAcc& acc) {
   if constexpr (kRef == RefFormat::kNone) {
     return p_new;
   } else {
-    const bool conflict = (r > 0.0f && u < 0.0f) || (r < 0.0f && u > 0.0f);
+    const bool conflict = (r > C(0) && u < C(0)) || (r < C(0) && u > C(0));
     if constexpr (kStats) {
-      const float s = mul(r, u);  // float32 product, as the reference computes it
+      const C s = mul(r, u);  // product in the compute type, as the reference computes it
       if (conflict) {
         acc.conflicting += static_cast<double>(s);
       } else {
@@ -209,10 +235,10 @@ __device__ __forceinline__ float cnl_select(float p, float p_new, float u, float
 
 // ---------------------------------------------------------------------------- importance
 
-// The value an element has once stored as T, in float32: what the importance EMAs read.
+// The value an element has once stored as T, in its compute type.
 template <typename T>
-__device__ __forceinline__ float as_stored(float x) {
-  return to_float(from_float<T>(x));
+__device__ __forceinline__ ComputeT<T> as_stored(ComputeT<T> x) {
+  return widen(narrow<T>(x));
 }
 
 // KIF's EMAs of one element, in the order of operations of cnl_ext/ops/importance.py (each
@@ -239,13 +265,17 @@ struct ImportanceBlock {
     }
   }
 
+  // float64 parameters and gradients are read rounded to float32, as the float32 EMAs of
+  // cnl_ext/ops/importance.py read them.
   template <typename T>
-  __device__ __forceinline__ void update_and_store(const ImportanceScalars& scalars, const float (&p)[N],
-                                                   const float (&g)[N], float* __restrict__ s, float* __restrict__ u,
-                                                   int64_t i) {
+  __device__ __forceinline__ void update_and_store(const ImportanceScalars& scalars, const ComputeT<T> (&p)[N],
+                                                   const ComputeT<T> (&g)[N], float* __restrict__ s,
+                                                   float* __restrict__ u, int64_t i) {
     if constexpr (kImportance) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) update_importance(scalars, as_stored<T>(p[k]), g[k], sensitivity[k], uncertainty[k]);
+      for (int k = 0; k < N; ++k) {
+        update_importance(scalars, to_float32(as_stored<T>(p[k])), to_float32(g[k]), sensitivity[k], uncertainty[k]);
+      }
       store<N>(s, i, sensitivity);
       store<N>(u, i, uncertainty);
     }
@@ -427,17 +457,23 @@ cudaError_t dispatch_importance(RefFormat ref, bool stats, bool importance, F&& 
   return importance ? dispatch_reference<T, true>(ref, stats, f) : dispatch_reference<T, false>(ref, stats, f);
 }
 
-template <class F>
+// Only the parameter types whose compute type is C (the type of the step's scalars): float64 for
+// double, the others for float; any other pairing is cudaErrorInvalidValue.
+template <typename C, class F>
 cudaError_t dispatch(ParamType param, RefFormat ref, bool stats, bool importance, F&& f) {
-  switch (param) {
-    case ParamType::kFloat32:
-      return dispatch_importance<float>(ref, stats, importance, f);
-    case ParamType::kBFloat16:
-      return dispatch_importance<__nv_bfloat16>(ref, stats, importance, f);
-    case ParamType::kFloat16:
-      return dispatch_importance<__half>(ref, stats, importance, f);
-    case ParamType::kFloat64:  // the CPU kernels only: the CUDA bindings refuse float64 before any launch
-      break;
+  if constexpr (std::is_same_v<C, double>) {
+    if (param == ParamType::kFloat64) return dispatch_importance<double>(ref, stats, importance, f);
+  } else {
+    switch (param) {
+      case ParamType::kFloat32:
+        return dispatch_importance<float>(ref, stats, importance, f);
+      case ParamType::kBFloat16:
+        return dispatch_importance<__nv_bfloat16>(ref, stats, importance, f);
+      case ParamType::kFloat16:
+        return dispatch_importance<__half>(ref, stats, importance, f);
+      case ParamType::kFloat64:
+        break;
+    }
   }
   return cudaErrorInvalidValue;
 }

@@ -39,37 +39,24 @@ void allocate_partials(Collected& c, const Tensor& param) {
   c.lists.partials = c.partials.data_ptr<double>();
 }
 
-// float64 steps: the CUDA kernels compute in float32 only (StepOps passes double scalars for float64
-// parameters, which land here before anything is enqueued).
-[[noreturn]] void refuse_float64(const char* op) {
-  TORCH_CHECK(false, op, ": the CUDA kernels of the native backend do not step float64 parameters; use "
-              "backend='triton' or backend='torch' for them (the native CPU kernels do step float64)");
-}
-
 // The CUDA kernels of the step ops (cnl_binding.h's StepOps validates their inputs): enqueued on the
-// current stream of the params' device.
+// current stream of the params' device. C: the compute type (double for float64 parameters).
 struct CudaSteps {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
   static constexpr const char* kOtherBackends = ::kOtherBackends;
-  static void sgd(Collected& c, const cnl::SgdScalars& s, const cnl::Importance* importance, const char* op,
+  template <typename C>
+  static void sgd(Collected& c, const cnl::SgdScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                   const Tensor& param) {
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
     check_launch(cnl::launch_sgd_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
   }
-  static void adam(Collected& c, const cnl::AdamScalars& s, const cnl::Importance* importance, const char* op,
+  template <typename C>
+  static void adam(Collected& c, const cnl::AdamScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                    const Tensor& param) {
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
     check_launch(cnl::launch_adam_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
-  }
-  static void sgd(Collected&, const cnl::SgdScalarsT<double>&, const cnl::Importance*, const char* op,
-                  const Tensor&) {
-    refuse_float64(op);
-  }
-  static void adam(Collected&, const cnl::AdamScalarsT<double>&, const cnl::Importance*, const char* op,
-                   const Tensor&) {
-    refuse_float64(op);
   }
 };
 using Steps = cnl::binding::StepOps<CudaSteps>;

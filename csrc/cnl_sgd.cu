@@ -8,15 +8,15 @@ namespace {
 // table columns: param, grad, momentum buffer, reference, then with importance: sensitivity, uncertainty
 template <bool kImportance>
 constexpr int kSgdDepth = kImportance ? 6 : 4;
-static_assert(kFitsKernelArguments<kSgdDepth<true>, SgdScalars, ImportanceScalars, double*> &&
-                  kFitsKernelArguments<kSgdDepth<false>, SgdScalars, ImportanceScalars, double*>,
+static_assert(kFitsKernelArguments<kSgdDepth<true>, SgdScalarsT<double>, ImportanceScalars, double*> &&
+                  kFitsKernelArguments<kSgdDepth<false>, SgdScalarsT<double>, ImportanceScalars, double*>,
               "tensor table too large for the kernel argument space");
 
 template <typename T>
 struct SgdPtrs {
   T* __restrict__ param;
   const T* __restrict__ grad;
-  float* __restrict__ buf;  // nullptr without momentum
+  ComputeT<T>* __restrict__ buf;  // nullptr without momentum
   const void* __restrict__ ref;
   float* __restrict__ sensitivity;  // nullptr without importance
   float* __restrict__ uncertainty;
@@ -25,9 +25,11 @@ struct SgdPtrs {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct SgdStep {
+  using C = ComputeT<T>;
+
   template <int N>
-  static __device__ __forceinline__ void run(const SgdPtrs<T>& a, int64_t i, const SgdScalars& s, StatAcc& acc) {
-    float p[N], g[N], b[N] = {}, r[N];
+  static __device__ __forceinline__ void run(const SgdPtrs<T>& a, int64_t i, const SgdScalarsT<C>& s, StatAcc& acc) {
+    C p[N], g[N], b[N] = {}, r[N];
     ImportanceBlock<kImportance, N> importance;
     load<N>(p, a.param, i);
     load<N>(g, a.grad, i);
@@ -36,9 +38,9 @@ struct SgdStep {
     importance.load_from(a.sensitivity, a.uncertainty, i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      float gk = s.maximize ? -g[k] : g[k];
+      C gk = s.maximize ? -g[k] : g[k];
       if (s.has_weight_decay) gk = add(gk, mul(s.weight_decay, p[k]));
-      float u = gk;
+      C u = gk;
       if (s.has_momentum) {
         // torch.optim.SGD starts the buffer at the first gradient, undamped.
         b[k] = s.first_step ? gk : add(mul(s.momentum, b[k]), mul(s.one_minus_dampening, gk));
@@ -46,7 +48,7 @@ struct SgdStep {
       }
       p[k] = cnl_select<kRef, kStats>(p[k], sub(p[k], mul(s.lr, u)), u, r[k], acc);  // s.lr: see sgd_kernel
     }
-    // Unchanged elements are written back too: a float32 round trip is exact for every dtype,
+    // Unchanged elements are written back too: a round trip through C is exact for every dtype,
     // and uniform full-vector stores beat per-element predication on a memory-bound kernel.
     store<N>(a.param, i, p);
     if (s.has_momentum) store<N>(a.buf, i, b);
@@ -56,14 +58,15 @@ struct SgdStep {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth<kImportance>> table, SgdScalars s,
+    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth<kImportance>> table, SgdScalarsT<ComputeT<T>> s,
                ImportanceScalars importance, double* __restrict__ partials) {
-  if (s.lr_ptr != nullptr) s.lr = *s.lr_ptr;  // capturable: the learning rate lives on the device
+  using C = ComputeT<T>;
+  if (s.lr_ptr != nullptr) s.lr = static_cast<C>(*s.lr_ptr);  // capturable: the learning rate lives on the device
   const int t = find_tensor(table, blockIdx.x);
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
   const int64_t end = min(start + kChunkSize, table.numel[t]);
   SgdPtrs<T> a{static_cast<T*>(table.ptr[0][t]), static_cast<const T*>(table.ptr[1][t]),
-               static_cast<float*>(table.ptr[2][t]), table.ptr[3][t], nullptr, nullptr, importance};
+               static_cast<C*>(table.ptr[2][t]), table.ptr[3][t], nullptr, nullptr, importance};
   if constexpr (kImportance) {
     a.sensitivity = static_cast<float*>(table.ptr[4][t]);
     a.uncertainty = static_cast<float*>(table.ptr[5][t]);
@@ -71,7 +74,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Vector accesses need every stream of this tensor aligned to its vector size (chunk starts are
   // multiples of kVec, so the tensor's base pointers decide). nullptr columns pass.
   const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
-                            aligned_to(a.buf, 16) && aligned_to(a.ref, reference_alignment<kRef>()) &&
+                            aligned_to(a.buf, 4 * sizeof(C)) && aligned_to(a.ref, reference_alignment<kRef>()) &&
                             aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
   StatAcc acc;
   chunk_loop<SgdStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
@@ -80,7 +83,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 }  // namespace
 
-cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance,
+template <typename C>
+cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalarsT<C>& scalars, const Importance* importance,
                             cudaStream_t stream) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   if (scalars.has_momentum && lists.states[0] == nullptr) return cudaErrorInvalidValue;
@@ -97,7 +101,7 @@ cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars,
                                                  importance ? importance->sensitivities : nullptr,
                                                  importance ? importance->uncertainties : nullptr};
   const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
-  return dispatch(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
+  return dispatch<C>(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
     using Tag = decltype(tag);
     constexpr int kDepth = kSgdDepth<Tag::importance>;  // the first kDepth columns
     return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
@@ -106,5 +110,10 @@ cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalars& scalars,
     });
   });
 }
+
+template cudaError_t launch_sgd_step<float>(const TensorLists&, const SgdScalarsT<float>&, const Importance*,
+                                            cudaStream_t);
+template cudaError_t launch_sgd_step<double>(const TensorLists&, const SgdScalarsT<double>&, const Importance*,
+                                             cudaStream_t);
 
 }  // namespace cnl

@@ -10,8 +10,7 @@
 
 namespace cnl {
 
-// float64 parameters are stepped in float64 (with float64 states) by the CPU kernels only; the CUDA
-// kernels refuse them (the bindings say so).
+// float64 parameters are stepped in float64, with float64 states, by the CPU and the CUDA kernels.
 enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // Storage of the reference gradient (see cnl_ext/reference_format.py).

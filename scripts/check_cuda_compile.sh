@@ -11,7 +11,8 @@
 #  1. csrc/*.cu compile for each architecture with the flags torch's CUDAExtension adds (no implicit
 #     half/bf16 conversions, --expt-relaxed-constexpr), every nvcc/host warning an error, and no
 #     register spills (-warn-spills, as errors).
-#  2. The kept PTX uses 128-bit vector loads of the float32 streams (the kernels' bandwidth relies on it).
+#  2. The kept PTX uses 128-bit vector loads of the float32 and the float64 streams (the kernels'
+#     bandwidth relies on it).
 #  3. csrc/cnl_ops.cpp passes `g++ -fsyntax-only` against torch's headers (skipped, with a notice,
 #     when torch is not importable). The CPU wheel lacks one generated CUDA config header
 #     (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is provided for the check.
@@ -71,7 +72,7 @@ for entry in "${pids[@]}"; do
 done
 [[ $failed == 0 ]] || exit 1
 
-# 128-bit loads of the float32 streams (ld.global.v4.f32 in PTX) in both kernels.
+# 128-bit loads of the float32 and the float64 streams (ld.global.v4.f32, .v2.f64 in PTX) in both kernels.
 for name in cnl_sgd cnl_adam; do
   ptx=$(ls "$WORK"/"$name"*compute_"$last"*.ptx 2>/dev/null | head -n 1 || true)
   if [[ -z "$ptx" ]]; then
@@ -79,6 +80,10 @@ for name in cnl_sgd cnl_adam; do
   fi
   if ! grep -q "ld.global.v4.f32\|ld.global.nc.v4.f32" "$ptx"; then
     echo "check_cuda_compile: FAILED no 128-bit vector loads in the PTX of csrc/$name.cu" >&2
+    exit 1
+  fi
+  if ! grep -q "ld.global.v2.f64\|ld.global.nc.v2.f64" "$ptx"; then
+    echo "check_cuda_compile: FAILED no 128-bit float64 vector loads in the PTX of csrc/$name.cu" >&2
     exit 1
   fi
 done

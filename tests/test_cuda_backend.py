@@ -35,7 +35,7 @@ SCHEMAS_H = ROOT / "csrc" / "cnl_binding.h"  # the schemas, registered by the CP
 CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h
 SHAPES = [(), (0,), (1,), (3,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (CHUNK + 3,),
           (2 * CHUNK + 1,)]
-PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 FORMATS = [None, *reference_format.FORMATS]
 LR = 0.1  # large, so that a wrongly masked element moves far beyond the bf16/fp16 tolerance
 
@@ -58,8 +58,14 @@ def _random_reference(shape, device):
     return r
 
 
-def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False):
-    """Parameters, per-step gradients, float32 states and encoded references for ``shapes``.
+def _state_dtype(dtype):
+    """float64 optimizer states for float64 parameters, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False, n_ema=0):
+    """Parameters, per-step gradients, ``n_state`` optimizer states (float64 for float64 parameters,
+    else float32), then ``n_ema`` float32 ones (KIF's EMAs) and encoded references for ``shapes``.
 
     With ``unaligned``, every tensor is a contiguous view one element into a larger buffer, so no
     base pointer is 16-byte aligned and the kernels must take their scalar path.
@@ -80,7 +86,8 @@ def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False):
     positive = lambda s: torch.rand(s, device=device) + 0.01  # noqa: E731 (second moments are >= 0)
     params = [tensor(s, dtype, randn) for s in shapes]
     grads = [[tensor(s, dtype, randn) for s in shapes] for _ in range(steps)]
-    states = [[tensor(s, torch.float32, randn if k == 0 else positive) for s in shapes] for k in range(n_state)]
+    state_dtypes = [_state_dtype(dtype)] * n_state + [torch.float32] * n_ema
+    states = [[tensor(s, dt, randn if k == 0 else positive) for s in shapes] for k, dt in enumerate(state_dtypes)]
     refs = None
     if fmt is not None:
         refs = [reference_format.encode(_random_reference(s, device), fmt) for s in shapes]
@@ -112,6 +119,8 @@ def _assert_same(got, want, dtype):
         assert g.shape == w.shape and g.dtype == w.dtype
         if dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        elif dtype == torch.float64:  # tests/test_kernels.py's policy: a float32 step anywhere is ~1e-7 off
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
         else:  # rounded once per step: about an ulp at the values' scale (~1), tests/test_kernels.py's
             # policy (a wrongly masked element moves by ~LR, far beyond it)
             eps = torch.finfo(dtype).eps
@@ -151,7 +160,7 @@ def check_adam(module, device, shapes, dtype, fmt, with_stats, options, steps=3,
     _assert_same(got[0], want[0], dtype)
     amsgrad = options[2]
     for k in range(3 if amsgrad else 2):  # max_exp_avg_sqs is untouched without amsgrad
-        _assert_same(got[1][k], want[1][k], torch.float32)
+        _assert_same(got[1][k], want[1][k], _state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 
@@ -168,7 +177,7 @@ def check_sgd(module, device, shapes, dtype, fmt, with_stats, options, steps=3, 
     want = _run(reference, "sgd_step_", params, grads, states, refs, fmt, stats, kwargs)
     _assert_same(got[0], want[0], dtype)
     if momentum:
-        _assert_same(got[1][0], want[1][0], torch.float32)
+        _assert_same(got[1][0], want[1][0], _state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 
@@ -477,7 +486,7 @@ def test_capturable_adam_with_device_lr_and_steps(dtype, fmt):
     want = _run(reference, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
     _assert_same(got[0], want[0], dtype)
     for a, b in zip(got[1], want[1]):
-        _assert_same(a, b, torch.float32)
+        _assert_same(a, b, _state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 
@@ -568,14 +577,14 @@ IMPORTANCE_STEPS = [  # step, float32 states, kwargs
 def check_importance(module, device, dtype, fmt, kind, unaligned, step_name, n_state, kwargs, shapes=SHAPES):
     """KIF's EMAs updated inside ``module``'s step (one pass) equal the reference's step followed by its
     importance update; with them on, params and moments are bit-identical to the step without them."""
-    params, grads, states, refs = _make_inputs(shapes, dtype, fmt, n_state + 2, 3, device, unaligned)
+    params, grads, states, refs = _make_inputs(shapes, dtype, fmt, n_state, 3, device, unaligned, n_ema=2)
     importance = tuple(states[-2:])  # float32, contiguous, shaped like the params (unaligned when asked)
     states = states[:-2] if n_state else [None]
     got = _run(module, step_name, params, grads, states, refs, fmt, None, kwargs, importance, kind)
     want = _run(reference, step_name, params, grads, states, refs, fmt, None, kwargs, importance, kind)
     _assert_same(got[0], want[0], dtype)
     for got_ema, want_ema in zip(got[3], want[3]):  # float32, read from params that may differ by an ulp
-        _assert_same(got_ema, want_ema, dtype)
+        _assert_same(got_ema, want_ema, torch.float32 if dtype == torch.float64 else dtype)
     without = _run(module, step_name, params, grads, states, refs, fmt, None, kwargs)
     for a, b in zip(got[0] + [t for x in got[1] if x is not None for t in x],
                     without[0] + [t for x in without[1] if x is not None for t in x]):
@@ -652,7 +661,10 @@ def test_bad_inputs_are_clear_errors():
     cases = [
         (lambda: _adam_call(p, [f(4), f(4)], m, v), "2 grads"),
         (lambda: _adam_call(p, g, m, [f(5)]), "exp_avg_sqs\\[0\\] has 5 elements"),
-        (lambda: _adam_call([f(4, dtype=torch.float64)], [f(4, dtype=torch.float64)], m, v), "float32, bfloat16 or float16"),
+        (lambda: _adam_call([f(4, dtype=torch.int32)], [f(4, dtype=torch.int32)], m, v),
+         "float32, bfloat16, float16 or float64"),
+        (lambda: _adam_call([f(4, dtype=torch.float64)], [f(4, dtype=torch.float64)], m, v),
+         "exp_avgs\\[0\\] has dtype Float, expected Double"),  # float64 parameters keep float64 states
         (lambda: _adam_call(p, [f(4, dtype=torch.bfloat16)], m, v), "grads\\[0\\] has dtype"),
         (lambda: _adam_call(p, g, [f(4, dtype=torch.bfloat16)], v), "exp_avgs\\[0\\] has dtype"),
         (lambda: _adam_call(p, [f(4, device="cpu")], m, v), "grads\\[0\\] is on cpu"),
@@ -701,24 +713,24 @@ def test_tensor_larger_than_2_pow_31_elements():
 
 
 @on_gpu
-def test_float64_is_refused_before_anything_is_written():
-    """The CUDA kernels compute in float32: float64 parameters get an error naming the alternatives
-    (the same op steps them on CPU tensors), and nothing is written; functional's auto dispatch passes
-    the native and Triton backends over for them (the torch backend steps them on the GPU)."""
+def test_float64_is_stepped_by_the_gpu_kernels_in_float64():
+    """float64 parameters run on the GPU kernels (auto picks Triton or native, not the torch backend),
+    in float64 with float64 states: an AdamW step through functional's dispatch equals the torch
+    backend's to float64 precision (a float32 step would be ~1e-7 off)."""
     from cnl_ext import functional
 
-    p = torch.randn(1000, dtype=torch.float64, device="cuda")
-    g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
-    before = p.clone()
-    with pytest.raises(RuntimeError, match="do not step float64 parameters"):
-        cuda_step.adam_step_([p], [g], [m], [v], None, None, None, reference_format="float32", lr=0.1, beta1=0.9,
-                             beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
-                             maximize=False, bias_correction1=0.1, bias_correction2=0.001)
-    with pytest.raises(RuntimeError, match="do not step float64 parameters"):
-        cuda_step.sgd_step_([p], [g], [m], None, None, reference_format="float32", lr=0.1, weight_decay=0.0,
-                            momentum=0.9, dampening=0.0, nesterov=False, maximize=False, first_step=False)
-    assert torch.equal(p, before) and not m.any() and not v.any()
-    assert functional.resolve("auto", p.device, "adam_step_", torch.float64).NAME == "torch"
-    steps = [torch.zeros(())]
-    functional.cnl_adam([p], [g], [m], [v], [], steps, lr=0.1, backend="auto")
-    assert not torch.equal(p, before) and m.dtype == torch.float64 and float(steps[0]) == 1.0
+    cuda = torch.device("cuda")
+    assert native_backend.supports(cuda, "float64")
+    assert functional.resolve("auto", cuda, "adam_step_", torch.float64).NAME in ("triton", "native")
+    p = torch.randn(CHUNK + 3, dtype=torch.float64, device="cuda")
+    g = torch.randn_like(p)
+    results = {}
+    for backend in ("native", "torch"):
+        params, m, v, steps = [p.clone()], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros(())]
+        for _ in range(3):
+            functional.cnl_adam(params, [g], m, v, [], steps, lr=0.1, weight_decay=0.01, backend=backend)
+        assert m[0].dtype == v[0].dtype == torch.float64 and float(steps[0]) == 3.0
+        results[backend] = (params[0], m[0], v[0])
+    for got, want in zip(results["native"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(results["native"][0], p)

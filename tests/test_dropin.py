@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cnl_ext
+from cnl_ext.optim._base import IMPORTANCE_SLOTS
 from cnl_ext.reference_format import FORMATS
 
 OPTIMIZERS = [
@@ -51,9 +52,10 @@ def test_copies_keep_everything_and_step_as_the_original(cls, kwargs, fmt, dupli
     params = _params()
     optimizer = cls(params, backend="torch", reference_dtype=fmt, track_stats=True, importance="first", **kwargs)
     optimizer.save_reference = True
-    optimizer.importance_slot = "outer"
     optimizer.set_reference([torch.randn(5, 3), None])
-    _step(optimizer, params, 0)
+    _step(optimizer, params, 0)  # KIF's EMAs in both importance slots: the inner one, then the outer one
+    optimizer.importance_slot = "outer"
+    _step(optimizer, params, 1)
     copied = duplicate(optimizer)
     assert (copied.backend, copied.reference_format, copied.track_stats, copied.importance, copied.save_reference,
             copied.importance_slot) == ("torch", fmt, True, "first", True, "outer")
@@ -62,7 +64,10 @@ def test_copies_keep_everything_and_step_as_the_original(cls, kwargs, fmt, dupli
     assert all(p is not q for p, q in zip(params, copied_params))
     assert [torch.equal(r, s) for r, s in zip(optimizer._references.values(), copied._references.values())] == [True]
     assert list(copied._references) == [copied_params[0]]  # keyed by the copy's own parameter
-    for step in (1, 2):
+    for slot in IMPORTANCE_SLOTS:
+        for a, b in zip(optimizer.importance_state(slot), copied.importance_state(slot)):
+            assert all(x.any() and torch.equal(x, y) for x, y in zip(a, b)), slot
+    for step in (2, 3):
         _step(optimizer, params, step)
         _step(copied, copied_params, step)
         _assert_same(optimizer, copied)

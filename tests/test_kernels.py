@@ -11,8 +11,8 @@ Tolerance policy (:func:`_assert_same`): float32 within 1e-5 relative; float64 w
 the values' scale (a wrongly masked element moves by ~LR, far beyond either); statistics: counts
 within rounding-of-zero flips, sums within 1e-4 relative (1e-10 for float64 steps).
 
-float64 parameters run on the backends that ``supports(device, "float64")`` (torch, native CPU);
-the others skip them here, and :func:`test_float64_goes_to_a_backend_that_steps_it` checks their refusal.
+float64 parameters run on every backend (``supports(device, "float64")``), computed in float64 with
+float64 states; :func:`test_float64_goes_to_a_backend_that_steps_it` checks the capability.
 
 Exactness. The native CPU kernels round every operation separately, like the torch backend on
 paper. On CPU, torch itself does not: its AVX2/AVX512 kernels contract ``add(alpha=)`` and
@@ -427,8 +427,7 @@ def test_write_back_matches_reference(backend, device, fmt, dtype):
     assert int(got_stats[:, 0].sum()) < sum(a.numel() for a in afters)
 
 
-FLOAT64_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"),
-                    *(p for p in BACKENDS if p.values[0] == "native")]
+FLOAT64_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *BACKENDS]
 
 
 @pytest.mark.parametrize("backend,device", FLOAT64_BACKENDS)
@@ -436,8 +435,6 @@ FLOAT64_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"),
 def test_float64_steps_equal_torch_optim_in_float64(backend, device, optimizer):
     """No reference: a float64 step is torch.optim's float64 step (foreach=False) to float64 precision,
     with float64 states; a step that computed anything in float32 would be ~1e-7 off."""
-    if backend == "native" and device == "cuda":
-        pytest.skip("the native CUDA kernels do not step float64 (test_float64_goes_to_a_backend_that_steps_it)")
     shapes = [(7,), (3, 5), (2 * NATIVE_ITEM + 37,)]
     torch.manual_seed(0)
     params = [torch.randn(s, dtype=torch.float64, device=device) for s in shapes]
@@ -488,8 +485,6 @@ def test_float64_mask_and_statistics_are_computed_in_float64(backend, device, fm
     """Updates and reference values far below float32's range: in float64 their signs conflict
     (the elements stay frozen) and s = r·u is a float64 product; computed in float32 both would be 0
     (collaborative, the elements moved). The float64 reference is stored in ``fmt`` with its signs."""
-    if backend == "native" and device == "cuda":
-        pytest.skip("the native CUDA kernels do not step float64 (test_float64_goes_to_a_backend_that_steps_it)")
     tiny = 1e-50
     p = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64, device=device)
     g = torch.tensor([-tiny, tiny, -1.0, tiny, 0.0], dtype=torch.float64, device=device)
@@ -524,29 +519,27 @@ def test_float64_references_keep_their_signs_in_every_format():
 
 
 def test_float64_goes_to_a_backend_that_steps_it():
-    """The backends that compute in float32 only (Triton, the native CUDA kernels) refuse float64
-    parameters with an error naming the problem, before anything is written; ``auto`` passes them
-    over (on CPU: the native kernels)."""
-    cpu = torch.device("cpu")
+    """Every backend steps float64 parameters (computed in float64, with float64 states): asked for
+    by name, each is used; ``auto`` keeps its order (on CPU: the native kernels). A parameter dtype
+    that no kernel steps is refused with an error naming it, before anything is written."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert functional.resolve("torch", cpu, "adam_step_", torch.float64).NAME == "torch"
-    assert not native_backend.supports("cuda", "float64")
-    assert "float64" in native_backend.unsupported_reason("cuda", "float64")
+    assert native_backend.supports(cpu, "float64")
+    assert native_backend.supports(cuda, "float64") == native_backend.supports(cuda, "adam_step_")
     if not native_backend.unavailable_reason():
         assert functional.resolve("auto", cpu, "adam_step_", torch.float64) is native_backend
     if not TRITON_ON_CPU:
         return
     triton = functional.load_backend("triton")
-    assert triton.supports(cpu, "adam_step_") and not triton.supports(cpu, "float64")
-    p, g = torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
-    m, v = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
-    steps = [torch.zeros(())]
-    with pytest.raises(RuntimeError, match="Triton backend does not step float64"):
-        functional.cnl_adam([p], [g], [m], [v], [], steps, lr=0.1, backend="triton")
-    assert torch.equal(p, torch.ones(5, dtype=torch.float64)) and float(steps[0]) == 0.0 and not m.any()
-    with pytest.raises(TypeError, match="float64"):
+    assert triton.supports(cpu, "float64") and triton.supports(cuda, "float64")
+    assert functional.resolve("triton", cpu, "sgd_step_", torch.float64) is triton
+    p, g = torch.ones(5, dtype=torch.int32), torch.ones(5, dtype=torch.int32)
+    m, v = torch.zeros(5), torch.zeros(5)
+    with pytest.raises(TypeError, match="torch.int32"):
         triton.adam_step_([p], [g], [m], [v], None, None, None, reference_format="float32", lr=0.1, beta1=0.9,
                           beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
                           maximize=False, bias_correction1=0.1, bias_correction2=0.001)
+    assert torch.equal(p, torch.ones(5, dtype=torch.int32)) and not m.any() and not v.any()
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch-cpu"), *BACKENDS])

@@ -23,7 +23,7 @@ def test_every_option_is_harvested():
     for kernel in ("sgd", "adam", "masked_delta"):
         assert any(n.startswith(kernel + " ") and n.endswith("unaligned") for n in names)
         for ref in ("fp32", "bf16", "int8", "sign2") if kernel == "masked_delta" else ("none", "fp32", "bf16", "int8", "sign2"):
-            for p in ("fp32", "bf16", "fp16"):
+            for p in ("fp32", "bf16", "fp16", "fp64"):
                 assert any(n.startswith(f"{kernel} p={p} ref={ref}") for n in names), (kernel, p, ref)
     flags = set(" ".join(names).split())
     assert {"has_momentum", "first_step", "nesterov", "maximize", "amsgrad", "decoupled", "weight_decay",

@@ -247,24 +247,20 @@ def cuda_unavailable_reason() -> str:
 def supports(device, op: str) -> bool:
     """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
     ``"importance"``, ``"float64"``, the KIF fusion passes) run for tensors on ``device``: every op on
-    CPU; all but ``masked_delta_`` and ``float64`` on CUDA with ``cnl_ext._C`` (its kernels compute in
-    float32 only)."""
+    CPU; all but ``masked_delta_`` on CUDA with ``cnl_ext._C`` (float64 parameters are stepped in
+    float64, with float64 states, by both)."""
     device = torch.device(device)
     if device.type == "cpu":
         return op in OPS or op in ("capturable", "importance", "float64")
     if device.type == "cuda":
         built = importlib.util.find_spec("cnl_ext._C") is not None
-        return built and (op in _CUDA_OPS or op in ("capturable", "importance"))
+        return built and (op in _CUDA_OPS or op in ("capturable", "importance", "float64"))
     return False
 
 
 def unsupported_reason(device, op: str) -> str:
     """Why :func:`supports` says no, for error messages."""
-    device = torch.device(device)
-    if op == "float64" and device.type == "cuda":
-        return ("the native backend's CUDA kernels do not step float64 parameters (its CPU kernels do); use "
-                "backend='torch' for float64 CUDA tensors")
-    return f"backend 'native' does not support {op} on {device}"
+    return f"backend 'native' does not support {op} on {torch.device(device)}"
 
 
 def _arch_list(token: str) -> str:

@@ -22,8 +22,8 @@ NAME = "triton"
 __all__ = ["NAME", "unavailable_reason", "supports", "unsupported_reason", "prepare", "sgd_step_", "adam_step_",
            "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
-_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "kif_task_vector_fuse_",
-        "kif_recurrent_fuse_")
+_OPS = ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "float64",
+        "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 
 
 def unavailable_reason() -> str:
@@ -32,18 +32,15 @@ def unavailable_reason() -> str:
 
 
 def supports(device: torch.device, op: str) -> bool:
-    """Every op on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1``. Not ``"float64"``:
-    the kernels compute in float32 (Triton passes Python floats as float32 scalars), so float64
-    parameters go to another backend (``auto``) or are refused before anything is written."""
+    """Every op on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1``. ``"float64"``
+    included: the kernels step float64 parameters in float64, with float64 states and float64
+    hyper-parameters (device scalars, since Triton passes Python floats as float32)."""
     on_cpu = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     return op in _OPS and (device.type == "cuda" or on_cpu)
 
 
 def unsupported_reason(device: torch.device, op: str) -> str:
     """Why :func:`supports` says no, for error messages."""
-    if op == "float64":
-        return ("the Triton backend does not step float64 parameters (its kernels compute in float32); "
-                "use backend='native' (CPU) or backend='torch' for them")
     if op not in _OPS:
         return f"the Triton backend has no op {op!r}"
     return (f"Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, set before "

@@ -12,6 +12,10 @@ masked. ``bench/kernel_resources.py`` shows the compiled result per specializati
 
 With statistics, each program writes its chunk's partial sums to a ``[num_chunks, 3]`` buffer that
 one ``index_add_`` folds into the per-tensor rows: deterministic, and no host synchronization.
+
+The kernels compute in ``COMPUTE`` (a constexpr): float32 for float32, bfloat16 and float16
+parameters, float64 for float64 ones, whose optimizer states, reference values, statistics sums and
+hyper-parameters (float64 device scalars: Triton would pass a float as float32) are float64 too.
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ BLOCK = 1024
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 
 _REF_NONE, _REF_FLOAT, _REF_SIGN2 = 0, 1, 2
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TL_DTYPES = {
+    torch.float64: tl.float64,
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
@@ -53,12 +58,35 @@ def _pointer(table, tensor, column: tl.constexpr, NCOLS: tl.constexpr, DTYPE: tl
 
 
 @triton.jit
-def _scalar(value, ON_DEVICE: tl.constexpr):
-    """A hyper-parameter given as a float, or (capturable) as a pointer to a device scalar."""
-    if ON_DEVICE:
-        return tl.load(value).to(tl.float32)
+def _scalar(value, ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr):
+    """A hyper-parameter given as a float (Triton passes it as float32), or as a pointer to a device
+    scalar: a capturable lr (``ON_DEVICE``), or any hyper-parameter of a float64 step (the host passes
+    them as float64 device scalars: a float argument would reach the kernel rounded to float32)."""
+    if COMPUTE == tl.float64:
+        return tl.load(value).to(COMPUTE)
+    elif ON_DEVICE:
+        return tl.load(value).to(COMPUTE)
     else:
         return value
+
+
+@triton.jit
+def _div(x, y, COMPUTE: tl.constexpr):
+    """x / y correctly rounded: div_rn in float32 (plain ``/`` is approximate there); in float64
+    plain ``/`` is IEEE division (div.rn.f64), which div_rn does not take."""
+    if COMPUTE == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _sqrt(x, COMPUTE: tl.constexpr):
+    """sqrt(x) correctly rounded, as :func:`_div`: sqrt_rn in float32, sqrt (sqrt.rn.f64) in float64."""
+    if COMPUTE == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -72,7 +100,8 @@ def _load(ptr, offs, mask):
 
 @triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
-    """Round float32 to the parameter dtype, to nearest even as torch does.
+    """Round the computed value (float32, or float64 for float64 parameters: then nothing to round)
+    to the parameter dtype, to nearest even as torch does.
 
     bfloat16 is rounded with torch's own bit trick (c10::round_to_nearest_even) before the cast:
     compiled Triton rounds to nearest even too, but Triton's interpreter truncates, and the CPU
@@ -88,14 +117,14 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr):
-    """Reference values as float32: the stored value, or -1/0/+1 for the packed 2-bit signs."""
+def _load_reference(ref_ptr, offs, mask, REF_KIND: tl.constexpr, COMPUTE: tl.constexpr):
+    """Reference values in the compute dtype: the stored value, or -1/0/+1 for the packed 2-bit signs."""
     if REF_KIND == 2:
         byte = _load(ref_ptr, offs // 4, mask)
         code = (byte >> ((offs % 4) * 2).to(tl.uint8)) & 3
-        return (code == 1).to(tl.float32) - (code == 2).to(tl.float32)
+        return (code == 1).to(COMPUTE) - (code == 2).to(COMPUTE)
     else:
-        return _load(ref_ptr, offs, mask).to(tl.float32)
+        return _load(ref_ptr, offs, mask).to(COMPUTE)
 
 
 @triton.jit
@@ -117,9 +146,9 @@ def _block_offsets(block_start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr):
-    p = _load(p_ptr, offs, mask).to(tl.float32)
-    g = _load(g_ptr, offs, mask).to(tl.float32)
+def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr, COMPUTE: tl.constexpr):
+    p = _load(p_ptr, offs, mask).to(COMPUTE)
+    g = _load(g_ptr, offs, mask).to(COMPUTE)
     if MAXIMIZE:
         g = -g
     return p, g
@@ -127,19 +156,20 @@ def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr):
 
 @triton.jit
 def _masked_update(p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict,
-                   REF_KIND: tl.constexpr, STATS: tl.constexpr):
-    """Keep ``p`` where ``u`` conflicts with the reference in sign; fold this block's statistics."""
+                   REF_KIND: tl.constexpr, STATS: tl.constexpr, COMPUTE: tl.constexpr):
+    """Keep ``p`` where ``u`` conflicts with the reference in sign; fold this block's statistics
+    (sums in the compute dtype)."""
     if REF_KIND == 0:
         return new_p, acc_count, acc_collab, acc_conflict
     else:
-        r = _load_reference(r_ptr, offs, mask, REF_KIND)
+        r = _load_reference(r_ptr, offs, mask, REF_KIND, COMPUTE)
         conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))  # 0 outside the mask, where r = 0
         if STATS:
             s = r * u
             collaborative = conflict == 0
             if mask is not None:
                 collaborative = collaborative & mask
-            acc_count += tl.sum(collaborative.to(tl.float32), axis=0)
+            acc_count += tl.sum(collaborative.to(COMPUTE), axis=0)
             acc_collab += tl.sum(tl.where(collaborative, s, 0.0), axis=0)
             acc_conflict += tl.sum(tl.where(conflict, s, 0.0), axis=0)
         return tl.where(conflict, p, new_p), acc_count, acc_collab, acc_conflict
@@ -157,9 +187,11 @@ def _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS: t
 def _importance_update(stored_p, g, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
                        imp_one_minus_beta2, IMPORTANCE: tl.constexpr):
     """KIF's sensitivity and uncertainty EMAs (cnl_ext.ops.importance, in its order of operations)
-    from the stored parameter and the gradient as passed; IMPORTANCE 1: |w·g|, 2: |w·g − ½(w·g)²|."""
+    from the stored parameter and the gradient as passed; IMPORTANCE 1: |w·g|, 2: |w·g − ½(w·g)²|.
+    float32 EMAs of float32 values, float64 parameters and gradients included (rounded, as the torch
+    backend reads them)."""
     if IMPORTANCE != 0:
-        x = stored_p.to(tl.float32) * g
+        x = stored_p.to(tl.float32) * g.to(tl.float32)
         if IMPORTANCE == 1:
             importance = tl.abs(x)
         else:
@@ -176,8 +208,8 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, offs, mask, lr, weight_
                acc_count, acc_collab, acc_conflict,
                P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-               MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr):
-    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+               MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, COMPUTE: tl.constexpr):
+    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE, COMPUTE)
     g_passed = -g if MAXIMIZE else g
     if WEIGHT_DECAY:
         g = g + weight_decay * p
@@ -193,7 +225,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, offs, mask, lr, weight_
         else:
             u = b
     new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-        p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+        p, p - lr * u, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
     stored_p = _round_to(new_p, P_DTYPE)
     tl.store(p_ptr + offs, stored_p, mask=mask)
     _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
@@ -208,34 +240,41 @@ def _sgd_kernel(
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # pointer table columns: param, grad, momentum buffer, reference, sensitivity, uncertainty
+    # pointer table columns: param, grad, momentum buffer, reference, sensitivity, uncertainty.
+    # COMPUTE: the arithmetic's, the momentum buffer's and the sums' dtype (float64 for float64 params).
     pid = tl.program_id(0)
-    lr = _scalar(lr, LR_ON_DEVICE)
+    lr = _scalar(lr, LR_ON_DEVICE, COMPUTE)
+    weight_decay = _scalar(weight_decay, False, COMPUTE)
+    momentum = _scalar(momentum, False, COMPUTE)
+    one_minus_dampening = _scalar(one_minus_dampening, False, COMPUTE)
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
     p_ptr = _pointer(ptr_table, t, 0, 6, P_DTYPE, ALIGNED)
     g_ptr = _pointer(ptr_table, t, 1, 6, P_DTYPE, ALIGNED)
-    b_ptr = _pointer(ptr_table, t, 2, 6, tl.float32, ALIGNED)
+    b_ptr = _pointer(ptr_table, t, 2, 6, COMPUTE, ALIGNED)
     r_ptr = _pointer(ptr_table, t, 3, 6, R_DTYPE, ALIGNED)
     s_ptr = _pointer(ptr_table, t, 4, 6, tl.float32, ALIGNED)
     u_ptr = _pointer(ptr_table, t, 5, 6, tl.float32, ALIGNED)
-    acc_count = tl.zeros((), tl.float32)
-    acc_collab = tl.zeros((), tl.float32)
-    acc_conflict = tl.zeros((), tl.float32)
+    acc_count = tl.zeros((), COMPUTE)
+    acc_collab = tl.zeros((), COMPUTE)
+    acc_conflict = tl.zeros((), COMPUTE)
     for block_start in range(start, full_end, BLOCK):
         acc_count, acc_collab, acc_conflict = _sgd_block(
             p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
             lr, weight_decay, momentum, one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2,
             imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE)
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE,
+            COMPUTE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _sgd_block(
             p_ptr, g_ptr, b_ptr, r_ptr, s_ptr, u_ptr, offs, offs < end,
             lr, weight_decay, momentum, one_minus_dampening, imp_beta1, imp_one_minus_beta1, imp_beta2,
             imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE)
+            P_DTYPE, REF_KIND, HAS_MOMENTUM, FIRST_STEP, NESTEROV, WEIGHT_DECAY, MAXIMIZE, STATS, IMPORTANCE,
+            COMPUTE)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
@@ -247,8 +286,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
                 acc_count, acc_collab, acc_conflict,
                 P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
-                IMPORTANCE: tl.constexpr):
-    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE)
+                IMPORTANCE: tl.constexpr, COMPUTE: tl.constexpr):
+    p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE, COMPUTE)
     g_passed = -g if MAXIMIZE else g
     if WEIGHT_DECAY and not DECOUPLED:
         g = g + weight_decay * p
@@ -259,8 +298,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
     if AMSGRAD:
         v = tl.maximum(_load(vmax_ptr, offs, mask), v)
         tl.store(vmax_ptr + offs, v, mask=mask)
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    adam = tl.div_rn(tl.div_rn(m, bias_correction1), denom)
+    denom = _div(_sqrt(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+    adam = _div(_div(m, bias_correction1, COMPUTE), denom, COMPUTE)
     if WEIGHT_DECAY and DECOUPLED:
         u = adam + weight_decay * p
         new_p = p * one_minus_lr_wd - lr * adam  # torch.optim.AdamW's order
@@ -268,7 +307,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
         u = adam
         new_p = p - lr * adam
     new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-        p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS)
+        p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
     stored_p = _round_to(new_p, P_DTYPE)
     tl.store(p_ptr + offs, stored_p, mask=mask)
     _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
@@ -284,37 +323,48 @@ def _adam_kernel(
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-    STEP_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    STEP_ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step,
-    # sensitivity, uncertainty
+    # sensitivity, uncertainty. COMPUTE: the arithmetic's, the moments' and the sums' dtype (float64
+    # for float64 params).
     pid = tl.program_id(0)
-    lr = _scalar(lr, LR_ON_DEVICE)
+    lr = _scalar(lr, LR_ON_DEVICE, COMPUTE)
+    beta1 = _scalar(beta1, False, COMPUTE)
+    one_minus_beta1 = _scalar(one_minus_beta1, False, COMPUTE)
+    beta2 = _scalar(beta2, False, COMPUTE)
+    one_minus_beta2 = _scalar(one_minus_beta2, False, COMPUTE)
+    eps = _scalar(eps, False, COMPUTE)
+    weight_decay = _scalar(weight_decay, False, COMPUTE)
+    one_minus_lr_wd = _scalar(one_minus_lr_wd, False, COMPUTE)
+    bias_correction1 = _scalar(bias_correction1, False, COMPUTE)
+    bias_correction2_sqrt = _scalar(bias_correction2_sqrt, False, COMPUTE)
     if LR_ON_DEVICE:  # the host computed 1 − lr·λ for a float lr; with a device lr, as the torch backend does
         one_minus_lr_wd = 1 - lr * weight_decay
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
     p_ptr = _pointer(ptr_table, t, 0, 9, P_DTYPE, ALIGNED)
     g_ptr = _pointer(ptr_table, t, 1, 9, P_DTYPE, ALIGNED)
-    m_ptr = _pointer(ptr_table, t, 2, 9, tl.float32, ALIGNED)
-    v_ptr = _pointer(ptr_table, t, 3, 9, tl.float32, ALIGNED)
-    vmax_ptr = _pointer(ptr_table, t, 4, 9, tl.float32, ALIGNED)
+    m_ptr = _pointer(ptr_table, t, 2, 9, COMPUTE, ALIGNED)
+    v_ptr = _pointer(ptr_table, t, 3, 9, COMPUTE, ALIGNED)
+    vmax_ptr = _pointer(ptr_table, t, 4, 9, COMPUTE, ALIGNED)
     r_ptr = _pointer(ptr_table, t, 5, 9, R_DTYPE, ALIGNED)
     s_ptr = _pointer(ptr_table, t, 7, 9, tl.float32, ALIGNED)
     u_ptr = _pointer(ptr_table, t, 8, 9, tl.float32, ALIGNED)
     if STEP_ON_DEVICE:  # capturable: the bias corrections follow this tensor's step count on the device
-        step = tl.load(_pointer(ptr_table, t, 6, 9, tl.float32, False))
+        step = tl.load(_pointer(ptr_table, t, 6, 9, tl.float32, False)).to(COMPUTE)
         bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
-        bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))
-    acc_count = tl.zeros((), tl.float32)
-    acc_collab = tl.zeros((), tl.float32)
-    acc_conflict = tl.zeros((), tl.float32)
+        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.log2(beta2)), COMPUTE)
+    acc_count = tl.zeros((), COMPUTE)
+    acc_collab = tl.zeros((), COMPUTE)
+    acc_conflict = tl.zeros((), COMPUTE)
     for block_start in range(start, full_end, BLOCK):
         acc_count, acc_collab, acc_conflict = _adam_block(
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
             bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
             acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE)
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _adam_block(
@@ -322,7 +372,7 @@ def _adam_kernel(
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
             bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
             acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE)
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
     _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
 
 
@@ -330,6 +380,7 @@ def _adam_kernel(
 
 _chunk_tables: dict = {}
 _pointer_tables: dict = {}
+_scalar_tables: dict = {}
 _TABLE_CACHE_SIZE = 16
 
 
@@ -378,6 +429,23 @@ def _pointer_table(columns, device: torch.device):
     return _cached(_pointer_tables, (device, n, pointers), build)
 
 
+def _device_scalars(scalars, device: torch.device) -> tuple:
+    """A float64 step's hyper-parameters for the kernel: each float as a float64 device scalar (a view
+    into one tensor; a float argument would reach the kernel rounded to float32), a tensor (a
+    capturable lr) as it is. Cached by value, like the tables: a step whose values do not change (a
+    CUDA graph's replays) copies nothing to the device."""
+    values = tuple(float(s) for s in scalars if not isinstance(s, torch.Tensor))
+
+    def build():
+        host = torch.tensor(values, dtype=torch.float64)
+        if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy would wait for the stream
+            return host.pin_memory().to(device, non_blocking=True).unbind()
+        return host.to(device).unbind()
+
+    on_device = iter(_cached(_scalar_tables, (device, values), build))
+    return tuple(s if isinstance(s, torch.Tensor) else next(on_device) for s in scalars)
+
+
 def _reference_kind(references, fmt):
     if references is None:
         return _REF_NONE, tl.float32
@@ -402,12 +470,15 @@ def compile_only():
         _compile_only.reset(token)
 
 
-def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, **constexprs):
-    """One launch over ``params``; ``scalars`` start with ``lr`` (a float or a device scalar)."""
+def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_decay, float_scalars=(), **constexprs):
+    """One launch over ``params``. ``scalars``: the step's hyper-parameters, in the compute dtype
+    (float64 device scalars for float64 parameters), starting with ``lr`` (a float or a device scalar);
+    ``float_scalars``: float32 ones in every dtype (KIF's EMA betas), after them."""
     device = params[0].device
     if params[0].dtype not in _PARAM_DTYPES:
-        raise TypeError(f"the Triton kernels step float32, bfloat16 and float16 parameters, got {params[0].dtype} "
-                        f"(float64 ones: backend 'native' on CPU, or 'torch')")
+        raise TypeError(f"the Triton kernels step float32, bfloat16, float16 and float64 parameters, "
+                        f"got {params[0].dtype}")
+    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32  # chunking.compute_dtype
     numels = tuple(p.numel() for p in params)
     tensor_of_chunk, chunk_start, numel_table = _chunk_table(numels, device)
     num_chunks = tensor_of_chunk.numel()
@@ -415,12 +486,15 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
         return
     ref_kind, r_dtype = _reference_kind(references, fmt)
     track = stats is not None and ref_kind != _REF_NONE
-    partials = torch.empty((num_chunks, 3) if track else (1,), dtype=torch.float32, device=device)
+    partials = torch.empty((num_chunks, 3) if track else (1,), dtype=compute, device=device)
     pointer_table, aligned = _pointer_table(columns, device)
     constexprs.update(
         P_DTYPE=_TL_DTYPES[params[0].dtype], R_DTYPE=r_dtype, REF_KIND=ref_kind, STATS=track,
-        WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor), ALIGNED=aligned,
-        CHUNK=CHUNK, BLOCK=BLOCK)
+        WEIGHT_DECAY=weight_decay != 0, LR_ON_DEVICE=isinstance(scalars[0], torch.Tensor),
+        COMPUTE=_TL_DTYPES[compute], ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK)
+    if compute == torch.float64:
+        scalars = _device_scalars(scalars, device)
+    scalars = (*scalars, *float_scalars)
     args = (pointer_table, tensor_of_chunk, chunk_start, numel_table, partials, *scalars)
     if _compile_only.get():
         key = (kernel, device, tuple(sorted(constexprs.items(), key=lambda item: item[0])),
@@ -456,8 +530,8 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
         importance, importance_kind, importance_betas)
     _launch(
         _sgd_kernel, (params, grads, momentum_buffers, references, sensitivities, uncertainties), params,
-        references, stats, reference_format, (lr, weight_decay, momentum, 1.0 - dampening, *importance_scalars),
-        weight_decay, HAS_MOMENTUM=momentum_buffers is not None, FIRST_STEP=first_step, NESTEROV=nesterov,
+        references, stats, reference_format, (lr, weight_decay, momentum, 1.0 - dampening), weight_decay,
+        importance_scalars, HAS_MOMENTUM=momentum_buffers is not None, FIRST_STEP=first_step, NESTEROV=nesterov,
         MAXIMIZE=maximize, IMPORTANCE=importance_code,
     )
 
@@ -479,8 +553,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
          sensitivities, uncertainties),
         params, references, stats, reference_format,
         (lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, one_minus_lr_wd,
-         1.0 if on_device else bias_correction1, 1.0 if on_device else bias_correction2**0.5, *importance_scalars),
-        weight_decay, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+         1.0 if on_device else bias_correction1, 1.0 if on_device else bias_correction2**0.5),
+        weight_decay, importance_scalars, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         STEP_ON_DEVICE=on_device, IMPORTANCE=importance_code,
     )
 

@@ -15,7 +15,8 @@ class FusedCNLAdam(CNLOptimizer):
 
     ``u = m̂ / (sqrt(v̂) + ε)`` (+ ``λ·θ`` with decoupled weight decay); an element moves by
     ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``, while the moments are updated everywhere. States
-    are float32 whatever the parameter dtype; ``state["step"]`` is a host scalar tensor as in torch,
+    are float32 for float32 and 16-bit parameters (docs/compatibility.md), float64 for float64 ones;
+    ``state["step"]`` is a host scalar tensor as in torch,
     or a device one with ``capturable=True`` (then ``lr`` may be a device tensor too, and ``step``
     makes no host synchronization, so it can be captured in a CUDA graph).
 

@@ -15,7 +15,8 @@ class FusedCNLSGD(CNLOptimizer):
 
     ``u = g`` (+ weight decay), or the momentum buffer ``b ← μ·b + (1 − dampening)·g`` (``g + μ·b``
     with Nesterov); an element moves by ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``. The momentum
-    buffer is updated for every element and kept in float32 whatever the parameter dtype.
+    buffer is updated for every element, in float32 for float32 and 16-bit parameters
+    (docs/compatibility.md), in float64 for float64 ones.
 
     Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
     :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
