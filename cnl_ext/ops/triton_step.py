@@ -62,9 +62,7 @@ def _scalar(value, ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr):
     """A hyper-parameter given as a float (Triton passes it as float32), or as a pointer to a device
     scalar: a capturable lr (``ON_DEVICE``), or any hyper-parameter of a float64 step (the host passes
     them as float64 device scalars: a float argument would reach the kernel rounded to float32)."""
-    if COMPUTE == tl.float64:
-        return tl.load(value).to(COMPUTE)
-    elif ON_DEVICE:
+    if ON_DEVICE or COMPUTE == tl.float64:
         return tl.load(value).to(COMPUTE)
     else:
         return value
