@@ -30,7 +30,7 @@
 # It prints each step and exits non-zero if any check fails.
 #
 # Environment: CHECK_DIR (default ${XDG_CACHE_HOME:-~/.cache}/cnl_ext/cuda-wheel: venv, wheel, test
-# tree, logs), TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX), MAX_JOBS (default 1: the build shares the
+# tree, logs), CHECK_ONLY=1 (check the wheel a previous run built and installed), TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX), MAX_JOBS (default 1: the build shares the
 # machine), PYPI_INDEX (default https://pypi.org/simple), CUDA_ROOT_PATTERN (as build_wheels.sh).
 set -euo pipefail
 
@@ -71,11 +71,19 @@ mkdir -p "$CHECK_DIR"
 start=$SECONDS
 
 section "build: scripts/build_wheels.sh $ENTRY (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, torch from $PYPI_INDEX)"
-rm -f "$WHEEL"
 build_start=$SECONDS
-REUSE_VENV=1 RUN_TESTS=0 WORK_DIR="$CHECK_DIR" WHEEL_DIR="$WHEEL_DIR" PIP_EXTRA="--index-url $PYPI_INDEX" \
-  TORCH_INDEX_PATTERN="$PYPI_INDEX" CUDA_ROOT_PATTERN="$CUDA_ROOT_PATTERN" scripts/build_wheels.sh "$ENTRY"
+if [[ "${CHECK_ONLY:-0}" == 1 ]]; then
+  echo "  CHECK_ONLY=1: checking the wheel of a previous run, as installed in $VENV"
+elif ! rm -f "$WHEEL" || ! REUSE_VENV=1 RUN_TESTS=0 WORK_DIR="$CHECK_DIR" WHEEL_DIR="$WHEEL_DIR" \
+     PIP_EXTRA="--index-url $PYPI_INDEX" TORCH_INDEX_PATTERN="$PYPI_INDEX" CUDA_ROOT_PATTERN="$CUDA_ROOT_PATTERN" \
+     scripts/build_wheels.sh "$ENTRY" > "$CHECK_DIR/build.log" 2>&1; then
+  tail -40 "$CHECK_DIR/build.log"
+  echo "check_cuda_wheel: scripts/build_wheels.sh $ENTRY failed (log: $CHECK_DIR/build.log)" >&2
+  exit 1
+fi
 build_seconds=$((SECONDS - build_start))
+# build_wheels.sh's output (the compilers': thousands of lines) is in the log; its own lines are shown
+[[ "${CHECK_ONLY:-0}" == 1 ]] || grep -E "^(\+ |=== |build_wheels|cnl_ext native|cnl_ext setup)" "$CHECK_DIR/build.log" | cut -c1-240 | sed 's/^/  /'
 [[ -f "$WHEEL" ]] || { echo "check_cuda_wheel: no wheel at $WHEEL" >&2; exit 1; }
 echo "build_wheels.sh took ${build_seconds} s (venv, torch check, build, install)"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" 2>/dev/null
@@ -180,25 +188,43 @@ bad = [f"no {a} cubin" for a in sorted(wanted_sass - sass)] + [f"no {a} PTX" for
 bad += [f"an unexpected {a} cubin" for a in sorted(sass - wanted_sass)]
 print(f"  cubins {sorted(sass)}, PTX {sorted(ptx)} (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
 
-# Resource usage per kernel and architecture: "Function <mangled>: REG:n STACK:n SHARED:n LOCAL:n ..."
-rows, arch = [], None
+# Resource usage per kernel and architecture: "Function <mangled>:" then "REG:n STACK:n SHARED:n LOCAL:n ..."
+rows, arch, function = [], None, None
 for line in open(usage_file):
     match = re.match(r"\s*arch = (sm_\w+)", line)
     if match:
         arch = match.group(1)
-    match = re.match(r"\s*Function (\S+):\s*(.*)", line)
+    match = re.match(r"\s*Function (\S+):", line)
     if match:
-        fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", match.group(2)))
-        rows.append((match.group(1), arch, fields))
-names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True, text=True).stdout.split("\n")
-print(f"  {len(rows)} kernels x architectures; REG registers/thread, STACK and LOCAL bytes/thread (spills land there):")
-print(f"  {'arch':<6} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SHARED':>6}  kernel")
-for (mangled, arch, fields), name in sorted(zip(rows, names), key=lambda r: (r[1][:80], r[0][1] or "")):
-    short = re.sub(r"\(.*", "", name) or mangled
-    print(f"  {arch:<6} {fields.get('REG', '?'):>4} {fields.get('STACK', '?'):>5} {fields.get('LOCAL', '?'):>5} "
-          f"{fields.get('SHARED', '?'):>6}  {short[:110]}")
-    if int(fields.get("LOCAL", 0)) or int(fields.get("STACK", 0)):
-        bad.append(f"{short} uses local memory or stack on {arch} (a register spill?)")
+        function = match.group(1)
+    elif function and "REG:" in line:
+        rows.append((function, arch, {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}))
+        function = None
+demangled = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
+                           text=True).stdout.split("\n")
+
+
+def family(name):
+    """cnl::adam_kernel from 'void cnl::(anonymous namespace)::adam_kernel<__half, ...>(...)'."""
+    name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    return re.split(r"[<(]", name, 1)[0]
+
+
+# one row per kernel template and architecture (its instantiations: dtypes, reference formats, flags)
+groups = {}
+for (mangled, arch, fields), name in zip(rows, demangled):
+    groups.setdefault((family(name or mangled), arch), []).append(fields)
+print(f"  {len(rows)} kernels (instantiations x architectures); registers per thread, and the most stack, local")
+print("  (register spills land there) and static shared memory in bytes per thread/block; per kernel: "
+      + os.path.basename(usage_file))
+print(f"  {'kernel':<34} {'arch':<6} {'inst.':>5} {'REG':>7} {'STACK':>5} {'LOCAL':>5} {'SHARED':>6}")
+for (name, arch), entries in sorted(groups.items()):
+    regs = sorted(e.get("REG", 0) for e in entries)
+    worst = {k: max(e.get(k, 0) for e in entries) for k in ("STACK", "LOCAL", "SHARED")}
+    print(f"  {name:<34} {arch:<6} {len(entries):>5} {f'{regs[0]}-{regs[-1]}':>7} {worst['STACK']:>5} "
+          f"{worst['LOCAL']:>5} {worst['SHARED']:>6}")
+    if worst["STACK"] or worst["LOCAL"]:
+        bad.append(f"{name} uses stack or local memory on {arch} (a register spill?)")
 if not rows:
     bad.append("cuobjdump --dump-resource-usage lists no kernel")
 for line in bad:
@@ -246,14 +272,13 @@ grep -qF "CUDA kernels (cnl_ext._C): built for CUDA $CUDA, architectures $TORCH_
 section "5. the tests against the installed wheel (from a copy of tests/, csrc/, scripts/)"
 tree="$CHECK_DIR/test-tree"
 rm -rf "$tree" && mkdir -p "$tree" && cp -r "$ROOT/tests" "$ROOT/csrc" "$ROOT/scripts" "$tree/"
-"$PYTHON" -m pip install -q --index-url "$PYPI_INDEX" numpy  # tests/test_kernels.py imports it
 pytest=(env -C "$tree" CNL_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q -p no:cacheprovider)
 # everything of test_cuda_backend.py but CI's nvcc compile check (it checks the sources, not the wheel)
-"${pytest[@]}" -rs -v tests/test_cuda_backend.py -m "not cuda" -k "not compile" > "$CHECK_DIR/tests-not-cuda.log" 2>&1 ||
+"${pytest[@]}" -rA tests/test_cuda_backend.py -m "not cuda" -k "not compile" > "$CHECK_DIR/tests-not-cuda.log" 2>&1 ||
   fail "tests/test_cuda_backend.py -m 'not cuda' (log: $CHECK_DIR/tests-not-cuda.log)"
-grep -E "PASSED|FAILED|ERROR" "$CHECK_DIR/tests-not-cuda.log" | grep -E "FAILED|ERROR|kernels" | sed 's/^/  /' || true
+grep -E "^(FAILED|ERROR|SKIPPED)|^PASSED .*::test_(every_op|dispatcher|cuda_side)" "$CHECK_DIR/tests-not-cuda.log" | sed 's/^/  /' || true
 tail -1 "$CHECK_DIR/tests-not-cuda.log" | sed 's/^/  /'
-grep -q "test_every_op_has_its_cpu_and_cuda_kernels PASSED" "$CHECK_DIR/tests-not-cuda.log" ||
+grep -q "^PASSED .*::test_every_op_has_its_cpu_and_cuda_kernels$" "$CHECK_DIR/tests-not-cuda.log" ||
   fail "the dispatcher test did not pass against the wheel"
 "${pytest[@]}" tests/test_cuda_backend.py tests/test_kernels.py -m cuda --junitxml="$CHECK_DIR/tests-cuda.xml" \
   > "$CHECK_DIR/tests-cuda.log" 2>&1 || true  # all skipped: pytest's exit code says nothing more
