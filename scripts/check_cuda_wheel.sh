@@ -29,9 +29,11 @@
 #      test marked cuda (there and in tests/test_kernels.py) skips with the driver's reason.
 # It prints each step and exits non-zero if any check fails.
 #
-# Environment: CHECK_DIR (default ${XDG_CACHE_HOME:-~/.cache}/cnl_ext/cuda-wheel: venv, wheel, test
-# tree, logs), CHECK_ONLY=1 (check the wheel a previous run built and installed), TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX), MAX_JOBS (default 1: the build shares the
-# machine), PYPI_INDEX (default https://pypi.org/simple), CUDA_ROOT_PATTERN (as build_wheels.sh).
+# Environment: CHECK_DIR (default ${XDG_CACHE_HOME:-~/.cache}/cnl_ext/cuda-wheel: venvs, wheels, and
+# per entry check-pyPY-torchTORCH-cuXY/ with the logs and the test tree), CHECK_ONLY=1 (check the
+# wheel a previous run built and installed, without building), TORCH_CUDA_ARCH_LIST (default
+# 8.0;9.0+PTX), MAX_JOBS (default 1: the build shares the machine), PYPI_INDEX (default
+# https://pypi.org/simple), CUDA_ROOT_PATTERN (as build_wheels.sh).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -53,6 +55,7 @@ CHECK_DIR=$(realpath -m "${CHECK_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cnl_ext/cu
 VENV="$CHECK_DIR/py$PY-torch$TORCH_VERSION-$CU"
 PYTHON="$VENV/bin/python"
 WHEEL_DIR="$CHECK_DIR/dist"
+RUN_DIR="$CHECK_DIR/check-py$PY-torch$TORCH_VERSION-$CU"  # this entry's logs, resource usage, test tree
 WHEEL="$WHEEL_DIR/cnl_ext-0.1.0+$LABEL-cp${PY/./}-cp${PY/./}-linux_x86_64.whl"
 CUDA_ROOT_PATTERN=${CUDA_ROOT_PATTERN:-/usr/local/cuda-{cuda\}}
 CUDA_HOME_OF_ENTRY=${CUDA_ROOT_PATTERN//\{cuda\}/$CUDA}
@@ -67,7 +70,7 @@ unset PYTHONPATH  # the checks import the installed wheel, never this checkout
 failures=()
 fail() { echo "FAIL: $*"; failures+=("$*"); }
 section() { echo; echo "=== $*"; }
-mkdir -p "$CHECK_DIR"
+mkdir -p "$RUN_DIR"
 start=$SECONDS
 
 section "build: scripts/build_wheels.sh $ENTRY (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, torch from $PYPI_INDEX)"
@@ -76,14 +79,14 @@ if [[ "${CHECK_ONLY:-0}" == 1 ]]; then
   echo "  CHECK_ONLY=1: checking the wheel of a previous run, as installed in $VENV"
 elif ! rm -f "$WHEEL" || ! REUSE_VENV=1 RUN_TESTS=0 WORK_DIR="$CHECK_DIR" WHEEL_DIR="$WHEEL_DIR" \
      PIP_EXTRA="--index-url $PYPI_INDEX" TORCH_INDEX_PATTERN="$PYPI_INDEX" CUDA_ROOT_PATTERN="$CUDA_ROOT_PATTERN" \
-     scripts/build_wheels.sh "$ENTRY" > "$CHECK_DIR/build.log" 2>&1; then
-  tail -40 "$CHECK_DIR/build.log"
-  echo "check_cuda_wheel: scripts/build_wheels.sh $ENTRY failed (log: $CHECK_DIR/build.log)" >&2
+     scripts/build_wheels.sh "$ENTRY" > "$RUN_DIR/build.log" 2>&1; then
+  tail -40 "$RUN_DIR/build.log"
+  echo "check_cuda_wheel: scripts/build_wheels.sh $ENTRY failed (log: $RUN_DIR/build.log)" >&2
   exit 1
 fi
 build_seconds=$((SECONDS - build_start))
 # build_wheels.sh's output (the compilers': thousands of lines) is in the log; its own lines are shown
-[[ "${CHECK_ONLY:-0}" == 1 ]] || grep -E "^(\+ |=== |build_wheels|cnl_ext native|cnl_ext setup)" "$CHECK_DIR/build.log" | cut -c1-240 | sed 's/^/  /'
+[[ "${CHECK_ONLY:-0}" == 1 ]] || grep -E "^(\+ |=== |build_wheels|cnl_ext native|cnl_ext setup)" "$RUN_DIR/build.log" | cut -c1-240 | sed 's/^/  /'
 [[ -f "$WHEEL" ]] || { echo "check_cuda_wheel: no wheel at $WHEEL" >&2; exit 1; }
 echo "build_wheels.sh took ${build_seconds} s (venv, torch check, build, install)"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" 2>/dev/null
@@ -169,8 +172,8 @@ elif [[ -n "$EXT" ]]; then
   echo "  $CUOBJDUMP ($("$CUOBJDUMP" --version | grep -o 'release [0-9.]*'))"
   "$CUOBJDUMP" --list-elf "$EXT" | sed 's/^/  /'
   "$CUOBJDUMP" --list-ptx "$EXT" | sed 's/^/  /'
-  "$CUOBJDUMP" --dump-resource-usage "$EXT" > "$CHECK_DIR/resource-usage.txt"
-  "$PYTHON" - "$EXT" "$CUOBJDUMP" "$CHECK_DIR/resource-usage.txt" <<'EOF' || fail "the GPU code of cnl_ext._C (above)"
+  "$CUOBJDUMP" --dump-resource-usage "$EXT" > "$RUN_DIR/resource-usage.txt"
+  "$PYTHON" - "$EXT" "$CUOBJDUMP" "$RUN_DIR/resource-usage.txt" <<'EOF' || fail "the GPU code of cnl_ext._C (above)"
 import os, re, subprocess, sys
 ext, cuobjdump, usage_file = sys.argv[1:]
 wanted_sass, wanted_ptx = set(), set()
@@ -270,19 +273,19 @@ grep -qF "CUDA kernels (cnl_ext._C): built for CUDA $CUDA, architectures $TORCH_
   fail "python -m cnl_ext info does not name cnl_ext._C's CUDA build and architectures"
 
 section "5. the tests against the installed wheel (from a copy of tests/, csrc/, scripts/)"
-tree="$CHECK_DIR/test-tree"
+tree="$RUN_DIR/test-tree"
 rm -rf "$tree" && mkdir -p "$tree" && cp -r "$ROOT/tests" "$ROOT/csrc" "$ROOT/scripts" "$tree/"
 pytest=(env -C "$tree" CNL_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q -p no:cacheprovider)
 # everything of test_cuda_backend.py but CI's nvcc compile check (it checks the sources, not the wheel)
-"${pytest[@]}" -rA tests/test_cuda_backend.py -m "not cuda" -k "not compile" > "$CHECK_DIR/tests-not-cuda.log" 2>&1 ||
-  fail "tests/test_cuda_backend.py -m 'not cuda' (log: $CHECK_DIR/tests-not-cuda.log)"
-grep -E "^(FAILED|ERROR|SKIPPED)|^PASSED .*::test_(every_op|dispatcher|cuda_side)" "$CHECK_DIR/tests-not-cuda.log" | sed 's/^/  /' || true
-tail -1 "$CHECK_DIR/tests-not-cuda.log" | sed 's/^/  /'
-grep -q "^PASSED .*::test_every_op_has_its_cpu_and_cuda_kernels$" "$CHECK_DIR/tests-not-cuda.log" ||
+"${pytest[@]}" -rA tests/test_cuda_backend.py -m "not cuda" -k "not compile" > "$RUN_DIR/tests-not-cuda.log" 2>&1 ||
+  fail "tests/test_cuda_backend.py -m 'not cuda' (log: $RUN_DIR/tests-not-cuda.log)"
+grep -E "^(FAILED|ERROR|SKIPPED)|^PASSED .*::test_(every_op|dispatcher|cuda_side)" "$RUN_DIR/tests-not-cuda.log" | sed 's/^/  /' || true
+tail -1 "$RUN_DIR/tests-not-cuda.log" | sed 's/^/  /'
+grep -q "^PASSED .*::test_every_op_has_its_cpu_and_cuda_kernels$" "$RUN_DIR/tests-not-cuda.log" ||
   fail "the dispatcher test did not pass against the wheel"
-"${pytest[@]}" tests/test_cuda_backend.py tests/test_kernels.py -m cuda --junitxml="$CHECK_DIR/tests-cuda.xml" \
-  > "$CHECK_DIR/tests-cuda.log" 2>&1 || true  # all skipped: pytest's exit code says nothing more
-"$PYTHON" - "$CHECK_DIR/tests-cuda.xml" <<'EOF' || fail "the tests marked cuda (above; log: $CHECK_DIR/tests-cuda.log)"
+"${pytest[@]}" tests/test_cuda_backend.py tests/test_kernels.py -m cuda --junitxml="$RUN_DIR/tests-cuda.xml" \
+  > "$RUN_DIR/tests-cuda.log" 2>&1 || true  # all skipped: pytest's exit code says nothing more
+"$PYTHON" - "$RUN_DIR/tests-cuda.xml" <<'EOF' || fail "the tests marked cuda (above; log: $RUN_DIR/tests-cuda.log)"
 import collections, sys, xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
 reasons = collections.Counter()
