@@ -443,6 +443,7 @@ def info_lines() -> list:
                  if cuda else "; no CUDA device")]
     lines.append(f"native CPU build folder: {_native_folder_line()}")  # before the load, which may wait for a build
     lines.append(f"compiled extension: {_native_build_line()}")
+    lines.append(f"CUDA kernels (cnl_ext._C): {_cuda_extension_line()}")
     lines.append("backends (backend=...):")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     status = functional.backend_status()
@@ -492,6 +493,22 @@ def _native_build_line() -> str:
         return f"not available ({reason})"
     info = getattr(native_backend, "build_info", dict)()
     return "built (" + ", ".join(f"{key} {value}" for key, value in info.items()) + ")"
+
+
+def _cuda_extension_line() -> str:
+    """The CUDA release and GPU architectures cnl_ext._C was built for and whether it runs here, or why
+    it is not loaded (after _native_build_line(), which loaded the libraries)."""
+    try:
+        from .ops import native_backend
+        not_loaded = native_backend.cuda_library_reason()
+    except Exception as error:  # noqa: BLE001 - info never fails
+        return f"not loaded ({error})"
+    if not_loaded:
+        return f"not loaded ({not_loaded})"
+    info = native_backend.build_info()
+    usable = native_backend.cuda_device_reason()
+    return (f"built for CUDA {info['cuda_runtime']}, architectures {info['cuda_arch_list']}; "
+            + (f"not usable here: {usable}" if usable else "usable here"))
 
 
 def cmd_prepare_data(ctx: Context) -> None:

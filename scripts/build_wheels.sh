@@ -26,6 +26,9 @@
 #                         kernels required) and tests/test_cuda_backend.py (GPU tests with a GPU)
 #   SYSTEM_SITE_PACKAGES  1: the venvs see this Python's packages (python -m venv --system-site-packages),
 #                         and an installed torch of the entry's version is used as it is (offline hosts)
+#   REUSE_VENV            1: keep an existing venv of the entry (no --clear) and its torch when that is
+#                         the entry's version and CUDA (scripts/check_cuda_wheel.sh: no second download
+#                         of several GB)
 #
 # Each wheel gets a local version label, 0.1.0+cu124.torch2.5 or 0.1.0+cpu.torch2.13: the extension
 # is tied to the torch minor version (C++ ABI) and the CUDA major version it was built with. The wheels are tagged
@@ -115,15 +118,17 @@ for entry in "${MATRIX[@]}"; do
 
   (
     set -euo pipefail
-    venv_options=(--clear)
+    venv_options=()
+    [[ "${REUSE_VENV:-0}" == 1 ]] || venv_options+=(--clear)
     [[ "${SYSTEM_SITE_PACKAGES:-0}" != 1 ]] || venv_options+=(--system-site-packages)
     run "$python_bin" -m venv "${venv_options[@]}" "$venv"
     pip=("$venv/bin/python" -m pip)
     # shellcheck disable=SC2086
     run "${pip[@]}" install -q ${PIP_EXTRA:-} --upgrade pip setuptools wheel build ninja
-    if [[ "${SYSTEM_SITE_PACKAGES:-0}" == 1 && "$DRY_RUN" != 1 ]] &&
-       "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
-      echo "build_wheels: using the installed torch $torch_version"
+    if [[ ("${SYSTEM_SITE_PACKAGES:-0}" == 1 || "${REUSE_VENV:-0}" == 1) && "$DRY_RUN" != 1 ]] &&
+       "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version'
+                                                  or (torch.version.cuda or 'cpu') != '$cuda')" 2>/dev/null; then
+      echo "build_wheels: using the installed torch $torch_version (CUDA $cuda)"
     else
       # shellcheck disable=SC2086
       run "${pip[@]}" install -q ${PIP_EXTRA:-} "torch==${torch_version}" --index-url "$index"
@@ -145,7 +150,7 @@ for entry in "${MATRIX[@]}"; do
     # register their ops.
     run "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
     # shellcheck disable=SC2086
-    run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest
+    run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest numpy  # numpy: tests/test_kernels.py
     run env -C "$WORK_DIR" CNL_EXT_REQUIRE_NATIVE=1 "$venv/bin/python" -c "
 import torch
 from cnl_ext.ops import native_backend as n

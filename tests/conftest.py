@@ -13,7 +13,10 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+from cnl_ext.ops.native_backend import cuda_device_reason  # noqa: E402 (after TRITON_INTERPRET; imports no triton)
+
+# the reason names the cause: a CPU-only torch, or CUDA's own error (e.g. no NVIDIA driver)
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"needs a CUDA GPU: {cuda_device_reason()}")
 
 # Where each backend runs in this session: (backend, device) pairs; CUDA ones are marked and skipped
 # on machines without a GPU.

@@ -218,6 +218,34 @@ def test_cuda_side_imports_and_explains_unavailability():
             assert "cnl_ext._C" in reason
 
 
+def test_dispatcher_kernels_match_the_contract():
+    """Everywhere: the CPU library registers a CPU and a Meta kernel for every op, and nothing else
+    registers CUDA kernels unless cnl_ext._C is loaded."""
+    table = native_backend.kernel_table()
+    assert set(table) == set(native_backend.OPS) | {"sgd_step_importance_", "adam_step_importance_"}
+    assert all(kernels["CPU"] and kernels["Meta"] for kernels in table.values()), table
+    assert native_backend.kernel_mismatches() == []
+
+
+@pytest.mark.skipif(torch.version.cuda is None,
+                    reason=f"needs a CUDA build of torch (torch {torch.__version__} is CPU-only): cnl_ext._C "
+                           "links against it")
+def test_every_op_has_its_cpu_and_cuda_kernels():
+    """With a CUDA build of torch, no GPU needed: cnl_ext._C loads, was built with torch's CUDA major
+    release, and the dispatcher holds a CUDA kernel for every op but masked_delta_ (CPU only), next to
+    the CPU and Meta kernels (scripts/check_cuda_wheel.sh runs this against a built wheel)."""
+    if importlib.util.find_spec("cnl_ext._C") is None:
+        pytest.skip("cnl_ext._C is not built in this install (build it with CNL_EXT_BUILD_CUDA=1 "
+                    "pip install --no-build-isolation .)")
+    assert native_backend.cuda_library_reason() == ""
+    info = native_backend.build_info()
+    assert info["cuda_runtime"].split(".")[0] == torch.version.cuda.split(".")[0], info
+    assert info["cuda_arch_list"], info
+    table = native_backend.kernel_table()
+    assert table["adam_step_"]["CUDA"] and not table["masked_delta_"]["CUDA"], table
+    assert native_backend.kernel_mismatches() == []
+
+
 def test_build_info_arch_list_round_trip():
     assert cuda_step._arch_list("80_90PTX") == "8.0;9.0+PTX"
     assert cuda_step._arch_list("75_80_86_90a_120PTX") == "7.5;8.0;8.6;9.0a;12.0+PTX"

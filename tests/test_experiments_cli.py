@@ -362,6 +362,9 @@ def test_info_says_what_runs_here():
     text = result.stdout
     assert f"torch {torch.__version__}" in text and "transformers " in text and "CUDA " in text
     assert re.search(r"^compiled extension: (built|not available) \(", text, re.M)
+    # cnl_ext._C's CUDA release and architectures, or why it is not loaded (a CPU-only torch: not built)
+    assert re.search(r"^CUDA kernels \(cnl_ext\._C\): (built for CUDA \d+\.\d+, architectures \S+; |not loaded \()",
+                     text, re.M)
     assert re.search(r"^  torch\s+usable on cpu", text, re.M)
     assert re.search(r"^  auto\s+cpu tensors -> \w+", text, re.M)
     from cnl_ext import functional

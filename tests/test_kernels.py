@@ -36,7 +36,7 @@ from cnl_ext import functional, reference_format
 from cnl_ext.ops import chunking, native_backend, triton_step
 from cnl_ext.ops import importance as importance_module
 
-from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
+from .conftest import TRITON_ON_CPU, requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = os.environ.get("CNL_TEST_EXACT") == "1"
@@ -589,7 +589,7 @@ def test_oracle_does_not_depend_on_its_chunk_size(monkeypatch, dtype, fmt):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 def test_tensor_beyond_int32_offsets():
     """Offsets are 64-bit: a tensor of more than 2**31 elements is updated to its last element."""
     n = 2**31 + 4099

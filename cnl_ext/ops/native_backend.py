@@ -234,14 +234,73 @@ def unavailable_reason() -> str:
     return _load()["cpu_reason"]
 
 
-def cuda_unavailable_reason() -> str:
-    """Why the CUDA kernels cannot run here, or ``""`` when they can (nothing compiled without CUDA)."""
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None:
-            return f"torch {torch.__version__} is a CPU-only build"
-        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+_device_reason: list = []  # cuda_device_reason(), computed once
+
+
+def cuda_device_reason() -> str:
+    """Why torch has no CUDA device here, or ``""`` when it has one: a CPU-only torch, or the error of
+    CUDA's initialization in a CUDA build of torch (``Found no NVIDIA driver on your system...``)."""
+    if not _device_reason:
+        if torch.cuda.is_available():
+            reason = ""
+        elif torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            reason = "no CUDA device is visible (torch.cuda.is_available() is False)"
+            try:  # is_available() only counts devices; initializing says why there are none
+                torch._C._cuda_init()
+            except Exception as exc:  # noqa: BLE001 - a RuntimeError today; any error is the reason
+                reason = f"no CUDA device is visible: {str(exc).strip()}"
+        _device_reason.append(reason)
+    return _device_reason[0]
+
+
+def cuda_library_reason() -> str:
+    """Why ``cnl_ext._C`` is not loaded in this process, or ``""`` when it is (a GPU or not)."""
     state = _load()
     return state["cuda_reason"] if state["cuda"] is None else ""
+
+
+def cuda_unavailable_reason() -> str:
+    """Why the CUDA kernels cannot run here, or ``""`` when they can (nothing compiled without CUDA)."""
+    return cuda_device_reason() or cuda_library_reason()
+
+
+DISPATCH_KEYS = ("CPU", "Meta", "CUDA")
+
+
+def kernel_table() -> dict:
+    """``{op: {dispatch key: whether the dispatcher holds a kernel}}`` for the ops of this backend and
+    the keys of :data:`DISPATCH_KEYS`, after loading the libraries (``cnl_ext._C`` too, when built)."""
+    _load()
+    return {op: {key: hasattr(torch.ops.cnl_ext, op)  # an op no library defined has no kernels
+                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"cnl_ext::{op}", key)
+                 for key in DISPATCH_KEYS}
+            for op in OPS + _IMPORTANCE_OPS}
+
+
+def expected_kernels(op: str) -> tuple:
+    """The dispatch keys that ``op`` has kernels for in a build with ``cnl_ext._C``: CPU and Meta (the
+    CPU library), and CUDA for all but ``masked_delta_`` (CPU only)."""
+    return ("CPU", "Meta", "CUDA") if op in _CUDA_OPS + _IMPORTANCE_OPS else ("CPU", "Meta")
+
+
+def kernel_mismatches() -> list:
+    """How the dispatcher's kernels differ from :func:`expected_kernels` (``[]`` when they agree),
+    one line per missing or unexpected kernel; CUDA kernels are expected only with ``cnl_ext._C`` loaded."""
+    state = _load()
+    if state["cpu"] is None:
+        return [f"the CPU library, which defines the ops, is not loaded: {state['cpu_reason']}"]
+    cuda_loaded = state["cuda"] is not None
+    lines = []
+    for op, registered in kernel_table().items():
+        expected = [k for k in expected_kernels(op) if k != "CUDA" or cuda_loaded]
+        for key, present in registered.items():
+            if present and key not in expected:
+                lines.append(f"cnl_ext::{op} has an unexpected {key} kernel")
+            elif not present and key in expected:
+                lines.append(f"cnl_ext::{op} has no {key} kernel")
+    return lines
 
 
 def supports(device, op: str) -> bool:
