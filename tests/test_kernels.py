@@ -23,6 +23,7 @@ oracle, the native kernels equal it bit for bit; ``CNL_TEST_EXACT=1`` asserts th
 """
 import contextlib
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -425,6 +426,40 @@ def test_write_back_matches_reference(backend, device, fmt, dtype):
         conflict = ((r > 0) & (u < 0)) | ((r < 0) & (u > 0))
         assert torch.equal(p, torch.where(conflict, b, a))
     assert int(got_stats[:, 0].sum()) < sum(a.numel() for a in afters)
+
+
+_SIGN_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1e-30, -1e-30, 3e38, -3e38, math.inf, -math.inf, math.nan]
+
+
+# The native CPU kernels only: under TRITON_INTERPRET=1 the Triton kernel reads a subnormal bfloat16
+# reference as zero (found by this test; the kernel is not the CPU kernels' to change).
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values == ("native", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", reference_format.FORMATS)
+def test_write_back_sign_test_at_the_edges(backend, device, dtype, fmt):
+    """The sign test sign(r)*sign(u) < 0 on every pair of signed zeros, subnormals (whose product
+    underflows), huge values (whose product overflows), infinities and NaN in r and in u (the CPU
+    kernels test it with fewer instructions than the rule, issue 26): against the oracle and the rule."""
+    edges = torch.tensor(_SIGN_EDGES, dtype=torch.float64)
+    u, r = (x.reshape(-1) for x in torch.meshgrid(edges, edges, indexing="ij"))
+    u, r = u.repeat(5), r.repeat(5).float()  # several blocks and a partial one (845 elements)
+    befores = [torch.zeros(u.shape, dtype=dtype, device=device)]
+    afters = [(-u).to(dtype).to(device)]  # u = before - after, exactly
+    references = [reference_format.encode(r.to(device), fmt)]
+    decoded = reference_format.decode(references[0], fmt, r.shape).double().cpu()
+    results = []
+    for name in ("torch", backend):
+        params = [a.clone() for a in afters]
+        stats = torch.zeros(1, 3, dtype=torch.float64, device=device)
+        masked_delta_op(name)(params, befores, references, stats, reference_format=fmt, inv_lr=1.0)
+        results.append((params[0].cpu(), stats.cpu()))
+    (ref_param, ref_stats), (got_param, got_stats) = results
+    conflict = ((decoded > 0) & (u < 0)) | ((decoded < 0) & (u > 0))
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]  # NaN and -0.0 compared too
+    assert torch.equal(got_param.view(bits), torch.where(conflict, befores[0].cpu(), afters[0].cpu()).view(bits))
+    assert torch.equal(got_param.view(bits), ref_param.view(bits))
+    assert int(got_stats[0, 0]) == int((~conflict).sum())
+    torch.testing.assert_close(got_stats, ref_stats, rtol=1e-4, atol=1e-3, equal_nan=True)
 
 
 FLOAT64_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *BACKENDS]
