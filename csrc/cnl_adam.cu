@@ -1,5 +1,5 @@
 // CNL Adam / AdamW step (torch.optim.Adam / AdamW semantics, then the CNL mask), multi-tensor.
-// Math: cnl_ext/reference.py adam_step_; layout: cnl_multi_tensor.cuh.
+// Math: cnl_ext/ops/torch_backend.py adam_step_; layout: cnl_multi_tensor.cuh.
 #include "cnl_multi_tensor.cuh"
 
 namespace cnl {

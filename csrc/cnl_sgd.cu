@@ -1,5 +1,5 @@
 // CNL SGD / momentum SGD step (torch.optim.SGD semantics, then the CNL mask), multi-tensor.
-// Math: cnl_ext/reference.py sgd_step_; layout: cnl_multi_tensor.cuh.
+// Math: cnl_ext/ops/torch_backend.py sgd_step_; layout: cnl_multi_tensor.cuh.
 #include "cnl_multi_tensor.cuh"
 
 namespace cnl {
