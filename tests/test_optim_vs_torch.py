@@ -4,7 +4,7 @@ import torch
 
 import cnl_ext
 
-from .conftest import BACKEND_DEVICES
+from .conftest import BACKEND_DEVICES, requires_cuda
 
 SHAPES = [(), (1,), (5,), (33, 7), (2, 3, 4), (3, 1, 2, 5)]
 STEPS = 10
@@ -184,7 +184,7 @@ def test_capturable_with_tensor_lr_equals_torch_optim(backend, device, case):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_capturable_step_replays_in_a_cuda_graph(backend):
     """The whole CNL step, reference and statistics included, captured once and replayed."""
