@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from cnl_ext import reference_format
+from cnl_ext.functional import state_dtype
 from cnl_ext.ops import torch_backend as reference
 from cnl_ext.ops import cuda_step, native_backend
 
@@ -58,11 +59,6 @@ def _random_reference(shape, device):
     return r
 
 
-def _state_dtype(dtype):
-    """float64 optimizer states for float64 parameters, float32 for the others."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False, n_ema=0):
     """Parameters, per-step gradients, ``n_state`` optimizer states (float64 for float64 parameters,
     else float32), then ``n_ema`` float32 ones (KIF's EMAs) and encoded references for ``shapes``.
@@ -86,7 +82,7 @@ def _make_inputs(shapes, dtype, fmt, n_state, steps, device, unaligned=False, n_
     positive = lambda s: torch.rand(s, device=device) + 0.01  # noqa: E731 (second moments are >= 0)
     params = [tensor(s, dtype, randn) for s in shapes]
     grads = [[tensor(s, dtype, randn) for s in shapes] for _ in range(steps)]
-    state_dtypes = [_state_dtype(dtype)] * n_state + [torch.float32] * n_ema
+    state_dtypes = [state_dtype(dtype)] * n_state + [torch.float32] * n_ema
     states = [[tensor(s, dt, randn if k == 0 else positive) for s in shapes] for k, dt in enumerate(state_dtypes)]
     refs = None
     if fmt is not None:
@@ -160,7 +156,7 @@ def check_adam(module, device, shapes, dtype, fmt, with_stats, options, steps=3,
     _assert_same(got[0], want[0], dtype)
     amsgrad = options[2]
     for k in range(3 if amsgrad else 2):  # max_exp_avg_sqs is untouched without amsgrad
-        _assert_same(got[1][k], want[1][k], _state_dtype(dtype))
+        _assert_same(got[1][k], want[1][k], state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 
@@ -177,7 +173,7 @@ def check_sgd(module, device, shapes, dtype, fmt, with_stats, options, steps=3, 
     want = _run(reference, "sgd_step_", params, grads, states, refs, fmt, stats, kwargs)
     _assert_same(got[0], want[0], dtype)
     if momentum:
-        _assert_same(got[1][0], want[1][0], _state_dtype(dtype))
+        _assert_same(got[1][0], want[1][0], state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 
@@ -514,7 +510,7 @@ def test_capturable_adam_with_device_lr_and_steps(dtype, fmt):
     want = _run(reference, "adam_step_", params, grads, states, refs, fmt, stats, kwargs)
     _assert_same(got[0], want[0], dtype)
     for a, b in zip(got[1], want[1]):
-        _assert_same(a, b, _state_dtype(dtype))
+        _assert_same(a, b, state_dtype(dtype))
     if stats is not None:
         _assert_stats_close(got[2], want[2])
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import reference_format as _rf
+from .chunking import compute_dtype
 
 # Elements per program (loop of BLOCK-sized steps inside it) and per loop step.
 CHUNK = 65536
@@ -476,7 +477,7 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
     if params[0].dtype not in _PARAM_DTYPES:
         raise TypeError(f"the Triton kernels step float32, bfloat16, float16 and float64 parameters, "
                         f"got {params[0].dtype}")
-    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32  # chunking.compute_dtype
+    compute = compute_dtype(params[0].dtype)
     numels = tuple(p.numel() for p in params)
     tensor_of_chunk, chunk_start, numel_table = _chunk_table(numels, device)
     num_chunks = tensor_of_chunk.numel()
