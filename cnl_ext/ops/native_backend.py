@@ -25,6 +25,7 @@ ImportError, so that no fallback logic can swallow it.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib
@@ -234,25 +235,19 @@ def unavailable_reason() -> str:
     return _load()["cpu_reason"]
 
 
-_device_reason: list = []  # cuda_device_reason(), computed once
-
-
+@functools.cache  # computed once: CUDA's initialization error does not change
 def cuda_device_reason() -> str:
     """Why torch has no CUDA device here, or ``""`` when it has one: a CPU-only torch, or the error of
     CUDA's initialization in a CUDA build of torch (``Found no NVIDIA driver on your system...``)."""
-    if not _device_reason:
-        if torch.cuda.is_available():
-            reason = ""
-        elif torch.version.cuda is None:
-            reason = f"torch {torch.__version__} is a CPU-only build"
-        else:
-            reason = "no CUDA device is visible (torch.cuda.is_available() is False)"
-            try:  # is_available() only counts devices; initializing says why there are none
-                torch._C._cuda_init()
-            except Exception as exc:  # noqa: BLE001 - a RuntimeError today; any error is the reason
-                reason = f"no CUDA device is visible: {str(exc).strip()}"
-        _device_reason.append(reason)
-    return _device_reason[0]
+    if torch.cuda.is_available():
+        return ""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    try:  # is_available() only counts devices; initializing says why there are none
+        torch._C._cuda_init()
+    except Exception as exc:  # noqa: BLE001 - a RuntimeError today; any error is the reason
+        return f"no CUDA device is visible: {str(exc).strip()}"
+    return "no CUDA device is visible (torch.cuda.is_available() is False)"
 
 
 def cuda_library_reason() -> str:
