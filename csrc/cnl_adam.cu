@@ -17,9 +17,9 @@ template <typename T>
 struct AdamPtrs {
   T* __restrict__ param;
   const T* __restrict__ grad;
-  ComputeT<T>* __restrict__ exp_avg;
-  ComputeT<T>* __restrict__ exp_avg_sq;
-  ComputeT<T>* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
+  Compute<T>* __restrict__ exp_avg;
+  Compute<T>* __restrict__ exp_avg_sq;
+  Compute<T>* __restrict__ max_exp_avg_sq;  // nullptr without amsgrad
   const void* __restrict__ ref;
   float* __restrict__ sensitivity;  // nullptr without importance
   float* __restrict__ uncertainty;
@@ -28,7 +28,7 @@ struct AdamPtrs {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct AdamStep {
-  using C = ComputeT<T>;
+  using C = Compute<T>;
 
   template <int N>
   static __device__ __forceinline__ void run(const AdamPtrs<T>& a, int64_t i, const AdamScalarsT<C>& s, StatAcc& acc) {
@@ -73,9 +73,9 @@ struct AdamStep {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth<kImportance>> table, AdamScalarsT<ComputeT<T>> s,
+    adam_kernel(const __grid_constant__ TensorTable<kAdamDepth<kImportance>> table, AdamScalarsT<Compute<T>> s,
                 ImportanceScalars importance, double* __restrict__ partials) {
-  using C = ComputeT<T>;
+  using C = Compute<T>;
   const int t = find_tensor(table, blockIdx.x);
   // Capturable: hyper-parameters that change every step are read on the device (uniform per block),
   // in the compute type as the reference computes them from device tensors.

@@ -67,15 +67,6 @@ __device__ __forceinline__ int find_tensor(const TensorTable<kDepth>& table, int
 // so results do not depend on compiler flags or on the architecture. In float32, and in float64
 // for the steps of float64 parameters.
 
-// The type a step computes in for parameters stored as T: double for double (whose optimizer states
-// are double too: no downcast anywhere), float for float, bfloat16 and half.
-template <typename T>
-struct Compute { using type = float; };
-template <>
-struct Compute<double> { using type = double; };
-template <typename T>
-using ComputeT = typename Compute<T>::type;
-
 __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
@@ -100,7 +91,7 @@ __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 __device__ __forceinline__ double widen(double x) { return x; }
 
 template <typename T>
-__device__ __forceinline__ T narrow(ComputeT<T> x);
+__device__ __forceinline__ T narrow(Compute<T> x);
 template <>
 __device__ __forceinline__ float narrow<float>(float x) { return x; }
 template <>
@@ -117,7 +108,7 @@ __device__ __forceinline__ float to_float32(double x) { return __double2float_rn
 // N == kVec: one aligned vector access of 4 * sizeof(T) bytes (16 for float32, 8 for 16-bit types,
 // 32 for float64: two 16-byte accesses); N == 1: scalar.
 template <int N, typename T>
-__device__ __forceinline__ void load(ComputeT<T> (&out)[N], const T* __restrict__ base, int64_t i) {
+__device__ __forceinline__ void load(Compute<T> (&out)[N], const T* __restrict__ base, int64_t i) {
   if constexpr (N == 1) {
     out[0] = widen(base[i]);
   } else {
@@ -130,7 +121,7 @@ __device__ __forceinline__ void load(ComputeT<T> (&out)[N], const T* __restrict_
 }
 
 template <int N, typename T>
-__device__ __forceinline__ void store(T* __restrict__ base, int64_t i, const ComputeT<T> (&in)[N]) {
+__device__ __forceinline__ void store(T* __restrict__ base, int64_t i, const Compute<T> (&in)[N]) {
   if constexpr (N == 1) {
     base[i] = narrow<T>(in[0]);
   } else {
@@ -237,7 +228,7 @@ __device__ __forceinline__ C cnl_select(C p, C p_new, C u, C r, StatAcc& acc) {
 
 // The value an element has once stored as T, in its compute type.
 template <typename T>
-__device__ __forceinline__ ComputeT<T> as_stored(ComputeT<T> x) {
+__device__ __forceinline__ Compute<T> as_stored(Compute<T> x) {
   return widen(narrow<T>(x));
 }
 
@@ -268,8 +259,8 @@ struct ImportanceBlock {
   // float64 parameters and gradients are read rounded to float32, as the float32 EMAs of
   // cnl_ext/ops/importance.py read them.
   template <typename T>
-  __device__ __forceinline__ void update_and_store(const ImportanceScalars& scalars, const ComputeT<T> (&p)[N],
-                                                   const ComputeT<T> (&g)[N], float* __restrict__ s,
+  __device__ __forceinline__ void update_and_store(const ImportanceScalars& scalars, const Compute<T> (&p)[N],
+                                                   const Compute<T> (&g)[N], float* __restrict__ s,
                                                    float* __restrict__ u, int64_t i) {
     if constexpr (kImportance) {
 #pragma unroll

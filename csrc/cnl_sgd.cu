@@ -16,7 +16,7 @@ template <typename T>
 struct SgdPtrs {
   T* __restrict__ param;
   const T* __restrict__ grad;
-  ComputeT<T>* __restrict__ buf;  // nullptr without momentum
+  Compute<T>* __restrict__ buf;  // nullptr without momentum
   const void* __restrict__ ref;
   float* __restrict__ sensitivity;  // nullptr without importance
   float* __restrict__ uncertainty;
@@ -25,7 +25,7 @@ struct SgdPtrs {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 struct SgdStep {
-  using C = ComputeT<T>;
+  using C = Compute<T>;
 
   template <int N>
   static __device__ __forceinline__ void run(const SgdPtrs<T>& a, int64_t i, const SgdScalarsT<C>& s, StatAcc& acc) {
@@ -58,9 +58,9 @@ struct SgdStep {
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
 __global__ void __launch_bounds__(kBlockThreads)
-    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth<kImportance>> table, SgdScalarsT<ComputeT<T>> s,
+    sgd_kernel(const __grid_constant__ TensorTable<kSgdDepth<kImportance>> table, SgdScalarsT<Compute<T>> s,
                ImportanceScalars importance, double* __restrict__ partials) {
-  using C = ComputeT<T>;
+  using C = Compute<T>;
   if (s.lr_ptr != nullptr) s.lr = static_cast<C>(*s.lr_ptr);  // capturable: the learning rate lives on the device
   const int t = find_tensor(table, blockIdx.x);
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;

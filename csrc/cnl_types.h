@@ -7,11 +7,17 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace cnl {
 
 // float64 parameters are stepped in float64, with float64 states, by the CPU and the CUDA kernels.
 enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// The type a step computes in for parameters stored as T (float, double, or a 16-bit type): double for
+// double (with double optimizer states: no downcast anywhere), float for the others.
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Storage of the reference gradient (see cnl_ext/reference_format.py).
 enum class RefFormat : int { kNone = 0, kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kSign2 = 4 };

@@ -42,10 +42,6 @@ using IVec = at::vec::Vectorized<int32_t>;
 static_assert(IVec::size() == kW, "int32 and float vectors have the same lanes");
 static_assert(kItemSize % kBlock == 0, "items start on block boundaries (and on sign2 byte boundaries)");
 
-// The compute type of parameters of type T: float64 for float64, float32 for the others.
-template <typename T>
-using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 template <typename C>
 using VecOf = at::vec::Vectorized<C>;
 
