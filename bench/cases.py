@@ -29,7 +29,7 @@ import torch
 
 import cnl_ext
 from cnl_ext import reference_format
-from tests.authors_oracle import AuthorsCNL
+from cnl_ext.testing.authors_oracle import AuthorsCNL
 
 from . import harness
 from .shapes import flat_shapes, total_numel
@@ -101,7 +101,7 @@ class Case:
     implementation: ``"cnl"`` (cnl_ext's fused optimizers), ``"cnl_wrapper"``
     (``cnl_ext.CNL(torch.optim.X(...))``), ``"torch_fused"``, ``"torch_foreach"``,
     ``"torch_default"`` (torch's default implementation for the device) or ``"authors"``
-    (tests/authors_oracle.py). reference: the reference format, ``None`` for no reference (a plain
+    (cnl_ext/testing/authors_oracle.py). reference: the reference format, ``None`` for no reference (a plain
     optimizer step). importance: the kind of KIF's importance EMAs the step also tracks (fused
     optimizers), or ``None``. backend: ``None`` takes the run's first ``--backend``. cuda_graph: the
     step (``capturable=True``) is captured once in a CUDA graph and replayed, so no Python runs per

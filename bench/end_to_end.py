@@ -13,7 +13,7 @@ reference capture over the mastered set (CNL only) plus one training step per in
 Modes, one after another on the same model (the tiny learning rate barely moves it):
 
 - ``ft_fused``: plain fine-tuning with torch.optim.AdamW(fused=True), no reference;
-- ``cnl_authors``: the authors' CNL AdamW loop (tests/authors_oracle.py); the reference is a full
+- ``cnl_authors``: the authors' CNL AdamW loop (cnl_ext/testing/authors_oracle.py); the reference is a full
   fp32 clone of the mean gradient, accumulated one sample at a time, as they do;
 - ``cnl_fused``: cnl_ext.FusedCNLAdamW with ``capture_reference()``, once per ``--backend``
   (``cnl_fused@native`` for the second one, and so on): the optimizer step's share of the training
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` and ``tests`` importable
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 import cnl_ext
 from cnl_ext import reference_format
+from cnl_ext.testing.authors_oracle import AuthorsCNL
+
 from bench import harness, report
 from bench.shapes import QWEN2_5_1_5B, SMOLLM2_135M, TINY
-from tests.authors_oracle import AuthorsCNL
 
 CONFIGS = {"qwen2.5-1.5b": QWEN2_5_1_5B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 MODES = {

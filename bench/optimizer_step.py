@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` and ``tests`` importable
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch

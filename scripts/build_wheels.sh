@@ -22,8 +22,8 @@
 #                         (default https://download.pytorch.org/whl/{cu})
 #   PIP_EXTRA             extra pip arguments (a local mirror, --no-index --find-links ...)
 #   MAX_JOBS              parallel compile jobs (default: CPU count)
-#   RUN_TESTS             1 (default): run the kernel tests (tests/test_kernels.py, the native CPU
-#                         kernels required) and tests/test_cuda_backend.py (GPU tests with a GPU)
+#   RUN_TESTS             1 (default): run the kernel tests (tests/ops/test_kernels.py, the native CPU
+#                         kernels required) and tests/ops/test_cuda_backend.py (GPU tests with a GPU)
 #   SYSTEM_SITE_PACKAGES  1: the venvs see this Python's packages (python -m venv --system-site-packages),
 #                         and an installed torch of the entry's version is used as it is (offline hosts)
 #   REUSE_VENV            1: keep an existing venv of the entry (no --clear) and its torch when that is
@@ -150,7 +150,7 @@ for entry in "${MATRIX[@]}"; do
     # register their ops.
     run "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
     # shellcheck disable=SC2086
-    run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest numpy  # numpy: tests/test_kernels.py
+    run "${pip[@]}" install -q ${PIP_EXTRA:-} tqdm pytest numpy  # numpy: tests/ops/test_kernels.py
     run env -C "$WORK_DIR" CNL_EXT_REQUIRE_NATIVE=1 "$venv/bin/python" -c "
 import torch
 from cnl_ext.ops import native_backend as n
@@ -169,7 +169,7 @@ print('cnl_ext native', info, 'CUDA:', n.cuda_unavailable_reason() or 'available
       selection=()  # a CPU host runs the native kernels' cases (Triton's interpreter is the source tree's CI)
       [[ "$cuda" != cpu ]] || selection=(-k "(native or instruction_set or build) and not setup")  # setup.py is not in the copy
       run env -C "$copy" CNL_EXT_REQUIRE_NATIVE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        tests/test_kernels.py tests/test_cuda_backend.py "${selection[@]}"
+        tests/ops/test_kernels.py tests/ops/test_cuda_backend.py "${selection[@]}"
     fi
   ) 2>&1 | tee "$log" && built+=("$entry") || failed+=("$entry (see $log)")
 done

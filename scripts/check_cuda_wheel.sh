@@ -25,8 +25,8 @@
 #      TORCH_CUDA_ARCH_LIST, and registers, stack and local memory per kernel (--dump-resource-usage);
 #   4. `import cnl_ext._C`, the dispatcher's CPU/Meta/CUDA kernels of every op (against
 #      cnl_ext.ops.native_backend.expected_kernels), `python -m cnl_ext info`;
-#   5. tests/test_cuda_backend.py against the installed wheel: the dispatcher test passes, and every
-#      test marked cuda (there and in tests/test_kernels.py) skips with the driver's reason.
+#   5. tests/ops/test_cuda_backend.py against the installed wheel: the dispatcher test passes, and every
+#      test marked cuda (there and in tests/ops/test_kernels.py) skips with the driver's reason.
 # It prints each step and exits non-zero if any check fails.
 #
 # Environment: CHECK_DIR (default ${XDG_CACHE_HOME:-~/.cache}/cnl_ext/cuda-wheel: venvs, wheels, and
@@ -277,13 +277,13 @@ tree="$RUN_DIR/test-tree"
 rm -rf "$tree" && mkdir -p "$tree" && cp -r "$ROOT/tests" "$ROOT/csrc" "$ROOT/scripts" "$tree/"
 pytest=(env -C "$tree" CNL_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q -p no:cacheprovider)
 # everything of test_cuda_backend.py but CI's nvcc compile check (it checks the sources, not the wheel)
-"${pytest[@]}" -rA tests/test_cuda_backend.py -m "not cuda" -k "not compile" > "$RUN_DIR/tests-not-cuda.log" 2>&1 ||
-  fail "tests/test_cuda_backend.py -m 'not cuda' (log: $RUN_DIR/tests-not-cuda.log)"
+"${pytest[@]}" -rA tests/ops/test_cuda_backend.py -m "not cuda" -k "not compile" > "$RUN_DIR/tests-not-cuda.log" 2>&1 ||
+  fail "tests/ops/test_cuda_backend.py -m 'not cuda' (log: $RUN_DIR/tests-not-cuda.log)"
 grep -E "^(FAILED|ERROR|SKIPPED)|^PASSED .*::test_(every_op|dispatcher|cuda_side)" "$RUN_DIR/tests-not-cuda.log" | sed 's/^/  /' || true
 tail -1 "$RUN_DIR/tests-not-cuda.log" | sed 's/^/  /'
 grep -q "^PASSED .*::test_every_op_has_its_cpu_and_cuda_kernels$" "$RUN_DIR/tests-not-cuda.log" ||
   fail "the dispatcher test did not pass against the wheel"
-"${pytest[@]}" tests/test_cuda_backend.py tests/test_kernels.py -m cuda --junitxml="$RUN_DIR/tests-cuda.xml" \
+"${pytest[@]}" tests/ops/test_cuda_backend.py tests/ops/test_kernels.py -m cuda --junitxml="$RUN_DIR/tests-cuda.xml" \
   > "$RUN_DIR/tests-cuda.log" 2>&1 || true  # all skipped: pytest's exit code says nothing more
 "$PYTHON" - "$RUN_DIR/tests-cuda.xml" <<'EOF' || fail "the tests marked cuda (above; log: $RUN_DIR/tests-cuda.log)"
 import collections, sys, xml.etree.ElementTree as ET

@@ -104,7 +104,7 @@ print("\n".join(n for n in z.namelist() if n.endswith(".so")))' "$wheel"
     && "$PY" -c 'import sys, cnl_ext, cnl_ext._C
 print("testing", cnl_ext.__file__, cnl_ext._C.__file__); sys.exit(not cnl_ext._C.__file__.startswith(sys.argv[1]))' "$site" \
     && run "$PY" -m pytest -m cuda -n 8 -q -rfE -p no:cacheprovider \
-         tests/test_cuda_backend.py tests/test_kernels.py tests/test_optim_vs_torch.py tests/test_wrapper.py)
+         tests/ops/test_cuda_backend.py tests/ops/test_kernels.py tests/optim/test_optim_vs_torch.py tests/optim/test_wrapper.py)
 }
 
 ARC=(.carry/common/data/arc_c_{correct,wrong}_Qwen2.5-1.5B-Instruct.jsonl)

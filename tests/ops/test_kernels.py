@@ -37,9 +37,9 @@ from cnl_ext import functional, reference_format
 from cnl_ext.ops import chunking, native_backend, triton_step
 from cnl_ext.ops import importance as importance_module
 
-from .conftest import TRITON_ON_CPU, requires_cuda
+from ..conftest import TRITON_ON_CPU, requires_cuda
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXACT = os.environ.get("CNL_TEST_EXACT") == "1"
 
 # Chunks are shrunk for Triton (fixture below) so that a small tensor spans several of them; the

@@ -4,9 +4,9 @@ import torch
 
 import cnl_ext
 from cnl_ext import reference_format
+from cnl_ext.testing.authors_oracle import AuthorsCNL
 
-from .authors_oracle import AuthorsCNL
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 SHAPES = [(), (3,), (17, 5), (2, 3, 4), (2, 2, 3, 3)]
 

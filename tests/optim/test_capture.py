@@ -5,7 +5,7 @@ import torch
 import cnl_ext
 from cnl_ext import reference_format
 
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 
 def _model(device, dtype=torch.float32):

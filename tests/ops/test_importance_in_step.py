@@ -10,7 +10,7 @@ import cnl_ext
 from cnl_ext import functional
 from cnl_ext.ops.importance import importance_update_
 
-from .conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
+from ..conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
 
 # the native backend fuses the EMAs into its steps, CPU and CUDA (cnl_ext._C)
 FUSING_BACKEND_DEVICES = [*BACKEND_DEVICES, *NATIVE_DEVICES]

@@ -156,7 +156,7 @@ def test_backend_unavailable_reason_names_the_backend():
 
 
 def test_cpu_results_are_not_ignored_by_git():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q",
                               f"bench/results/{harness.file_stem(CPU)}.json"])
     assert ignored.returncode == 1  # 0 would mean ignored

@@ -16,7 +16,7 @@ import torch
 import cnl_ext
 
 # torchrun's PYTHONPATH holds the repository root; the model, loss and world size are the DDP tests' own
-from tests.distributed_worker import WORLD_SIZE, loss_fn, make_model, shutdown
+from tests.integrations.distributed_worker import WORLD_SIZE, loss_fn, make_model, shutdown
 
 REFERENCE_KEY = "cnl_reference"
 

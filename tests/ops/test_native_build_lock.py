@@ -22,7 +22,7 @@ import pytest
 
 from cnl_ext.ops import build_lock, native_backend, native_build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_S = 900  # bound on one build in these tests (15-60 s measured on a loaded 2-core machine)
 COMPILING = "cnl_ext: compiling the native CPU kernels"
 

@@ -1,7 +1,7 @@
 """The KIF / Recurrent-KIF Triton kernels compile for sm_80 and sm_90 on a machine without a GPU,
 keep their values in registers, and use vector accesses when every tensor is 16-byte aligned.
 
-The specializations the host code launches are harvested with bench/kernel_resources.py's recorder
+The specializations the host code launches are harvested with cnl_ext/testing/triton_compile.py's recorder
 and compiled with its compile_for (Triton's bundled ptxas), in a process without TRITON_INTERPRET.
 """
 import json
@@ -14,13 +14,13 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HARVEST_AND_COMPILE = r'''
 import json
 from unittest import mock
 import torch
-from bench import kernel_resources as kr
+from cnl_ext.testing import triton_compile as kr
 from cnl_ext.ops import kif_fusion_triton as kt
 
 recorders = [kr._Recorder(n, getattr(kt, n)) for n in ("_task_vector_kernel", "_recurrent_kernel")]

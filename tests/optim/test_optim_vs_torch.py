@@ -4,7 +4,7 @@ import torch
 
 import cnl_ext
 
-from .conftest import BACKEND_DEVICES, requires_cuda
+from ..conftest import BACKEND_DEVICES, requires_cuda
 
 SHAPES = [(), (1,), (5,), (33, 7), (2, 3, 4), (3, 1, 2, 5)]
 STEPS = 10

@@ -5,7 +5,7 @@ import torch
 import cnl_ext
 from cnl_ext.ops.torch_backend import conflicting
 
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 
 def _conflicting_tasks(device):

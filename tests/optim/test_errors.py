@@ -4,7 +4,7 @@ import torch
 
 import cnl_ext
 
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 
 def _params(device):

@@ -10,7 +10,7 @@ from cnl_ext.kif import (KIFMerger, Units, accumulate_importance, adaptive_coeff
                          static_coefficients, unique_parameters, unit_scores)
 from cnl_ext.ops import kif_fusion_torch, native_backend
 
-from .conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
+from ..conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
 
 # Every backend that runs the fusion passes, and those tested against the torch backend (the oracle).
 FUSION_BACKENDS = [*BACKEND_DEVICES, *NATIVE_DEVICES]

@@ -7,7 +7,7 @@ import torch
 import cnl_ext
 from cnl_ext.optim._base import REFERENCE_KEY
 
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 
 def _model(device):

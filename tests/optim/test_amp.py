@@ -4,7 +4,7 @@ import torch
 
 import cnl_ext
 
-from .conftest import BACKEND_DEVICES
+from ..conftest import BACKEND_DEVICES
 
 SCALE = 2.0**12  # a power of two: scaling and unscaling are exact, so runs can be compared exactly
 

@@ -22,7 +22,7 @@ from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_
 import cnl_ext
 from cnl_ext.reference_format import FORMATS
 
-from .conftest import BACKEND_DEVICES, NATIVE_DEVICES, requires_cuda, skip_unless_native_runs
+from ..conftest import BACKEND_DEVICES, NATIVE_DEVICES, requires_cuda, skip_unless_native_runs
 
 PAIRS = {"AdamW": cnl_ext.FusedCNLAdamW, "Adam": cnl_ext.FusedCNLAdam, "SGD": cnl_ext.FusedCNLSGD}
 INFOS = {info.optim_cls.__name__: info for info in optim_db if info.optim_cls.__name__ in PAIRS}

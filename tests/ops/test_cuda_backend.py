@@ -30,7 +30,7 @@ from cnl_ext.functional import state_dtype
 from cnl_ext.ops import torch_backend as reference
 from cnl_ext.ops import cuda_step, native_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS_H = ROOT / "csrc" / "cnl_binding.h"  # the schemas, registered by the CPU library (csrc/cpu/)
 
 CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h

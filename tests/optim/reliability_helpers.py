@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
+from ..conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_KEY = "cnl_reference"  # the public state_dict key of a saved reference (README)
 OPS = ("sgd_step_", "adam_step_", "masked_delta_")
 

@@ -3,7 +3,7 @@
 The interpreter tests (test_kernels.py) check the math but never run Triton's compiler, so a kernel
 can pass them and fail to compile on a GPU. Here the specializations the host code launches (dtypes,
 reference formats, options, alignment) are harvested and compiled to cubins with Triton's bundled
-ptxas by bench/kernel_resources.py. Beyond compiling, each must keep its values in registers (no
+ptxas by cnl_ext/testing/triton_compile.py. Beyond compiling, each must keep its values in registers (no
 more than a call's worth of spills) and, when all its tensors are 16-byte aligned, move its full
 blocks with vector loads and stores: the access width that memory bandwidth needs.
 """
@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import kernel_resources
+from cnl_ext.testing import triton_compile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_option_is_harvested():
-    names = {s.name for s in kernel_resources.specializations()}
+    names = {s.name for s in triton_compile.specializations()}
     for kernel in ("sgd", "adam", "masked_delta"):
         assert any(n.startswith(kernel + " ") and n.endswith("unaligned") for n in names)
         for ref in ("fp32", "bf16", "int8", "sign2") if kernel == "masked_delta" else ("none", "fp32", "bf16", "int8", "sign2"):
@@ -33,18 +33,18 @@ def test_every_option_is_harvested():
 def test_every_kernel_compiles_without_spills_and_vectorizes_when_aligned(tmp_path):
     # The interpreter that conftest turns on replaces the compiler: compile in a process without it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "bench/kernel_resources.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "cnl_ext.testing.triton_compile"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]  # a kernel that does not compile: Triton's error
-    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
-    assert len(rows) == len(kernel_resources.specializations())
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(triton_compile.specializations())
     # A few registers may be saved around the call to IEEE division's slow path (ptxas for sm_80 does,
     # for some Adam variants: 8 to 48 bytes, stored only when that path runs); a block too large for
     # the register file would spill kilobytes.
     max_spill_bytes = 64
     failures = []
     for row in rows:
-        for arch in kernel_resources.ARCHS:
+        for arch in triton_compile.ARCHS:
             r = row[f"sm_{arch}"]
             vectorized = r["vector_loads"] > 0 and r["vector_stores"] > 0
             unvectorized = r["vector_loads"] == 0 and r["vector_stores"] == 0  # unaligned vectors would fault

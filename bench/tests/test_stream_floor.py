@@ -12,7 +12,7 @@ import pytest
 
 from cnl_ext.ops import native_backend
 
-SOURCE = Path(__file__).resolve().parents[1] / "bench" / "stream_floor.c"
+SOURCE = Path(__file__).resolve().parents[2] / "bench" / "stream_floor.c"
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

@@ -23,7 +23,7 @@ from cnl_ext.experiments import make_demo_questions, read_jsonl, write_jsonl  # 
 
 from .test_experiments import tiny_model, tiny_tokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the subprocesses (cli(), quickstart) load the native CPU kernels, built before their timeouts start
 pytestmark = pytest.mark.usefixtures("native_built")
 CELL = r"\d+ \(\d+\.\d%\)"  # the paper's "count (percent)"

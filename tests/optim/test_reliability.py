@@ -19,7 +19,7 @@ import torch
 import cnl_ext
 
 from . import reliability_helpers as rh
-from .conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
+from ..conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
 
 BACKENDS = rh.BACKEND_DEVICES
 TRITON_BACKENDS = rh.TRITON_BACKEND_DEVICES
@@ -351,7 +351,7 @@ def test_defect10_capture_under_ddp_gradient_as_bucket_view(tmp_path):
     the mean gradient of the whole mastered batches, the same on every rank, and no view of DDP's
     bucket (today it aliases the bucket, so the next backward overwrites it)."""
     from . import reliability_ddp_worker as worker
-    from .test_distributed import _torchrun
+    from ..integrations.test_distributed import _torchrun
 
     out = tmp_path / "ddp.pt"
     _torchrun(pathlib.Path(worker.__file__), out)

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_ava
               pytest.mark.usefixtures("native_built")]  # every rank loads the CPU kernels, within the timeout
 
 TORCHRUN_TIMEOUT_S = 300
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _torchrun(script, *args, timeout=TORCHRUN_TIMEOUT_S):
