@@ -18,19 +18,30 @@ from cnl_ext.ops.native_backend import cuda_device_reason  # noqa: E402 (after T
 # the reason names the cause: a CPU-only torch, or CUDA's own error (e.g. no NVIDIA driver)
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"needs a CUDA GPU: {cuda_device_reason()}")
 
-# Where each backend runs in this session: (backend, device) pairs; CUDA ones are marked and skipped
-# on machines without a GPU.
-BACKEND_DEVICES = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu",
-                 marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.cuda, requires_cuda]),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, requires_cuda]),
-]
-TRITON_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] == "triton"]
+
+def backend_devices(backends=("torch", "triton", "native"), devices=("cpu", "cuda")):
+    """The tests' one backend matrix: pytest params ``(backend, device)``, device by device, with ids
+    ``"<backend>-<device>"``. CUDA ones are marked ``cuda`` and skip without a GPU; Triton's CPU one skips
+    without the interpreter; a native one skips where its kernels cannot load (``_native_loads``)."""
+    params = []
+    for device in devices:
+        for backend in backends:
+            marks = [pytest.mark.cuda, requires_cuda] if device == "cuda" else []
+            if (backend, device) == ("triton", "cpu"):
+                marks = [pytest.mark.skipif(not TRITON_ON_CPU,
+                                            reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")]
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
+
+
+# Where each backend runs in this session.
+BACKEND_DEVICES = backend_devices(("torch", "triton"))
+TRITON_DEVICES = backend_devices(("triton",))
 # The native backend where it runs: the C++ CPU kernels, and the CUDA ones of cnl_ext._C.
-NATIVE_DEVICES = [pytest.param("native", "cpu", id="native-cpu"),
-                  pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda])]
+NATIVE_DEVICES = backend_devices(("native",))
+# The backends with kernels of their own, checked against the torch backend.
+KERNEL_BACKEND_DEVICES = backend_devices(("triton", "native"))
+ALL_BACKEND_DEVICES = backend_devices()
 
 
 def skip_unless_native_runs(device) -> None:
@@ -57,6 +68,19 @@ def native_built():
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(autouse=True)
+def _native_loads(request):
+    """Skip a native case of the matrix where the native CPU kernels cannot load or build (they fail
+    instead under CNL_EXT_REQUIRE_NATIVE=1); tests that need the CUDA ones check with skip_unless_native_runs."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "native":
+        from cnl_ext.ops import native_backend
+
+        reason = native_backend.unavailable_reason()
+        if reason:
+            pytest.skip(f"native backend unavailable: {reason}")
 
 
 @pytest.fixture(autouse=True)

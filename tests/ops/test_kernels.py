@@ -37,7 +37,7 @@ from cnl_ext import functional, reference_format
 from cnl_ext.ops import chunking, native_backend, triton_step
 from cnl_ext.ops import importance as importance_module
 
-from ..conftest import TRITON_ON_CPU, requires_cuda
+from ..conftest import KERNEL_BACKEND_DEVICES, TRITON_ON_CPU, requires_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
 EXACT = os.environ.get("CNL_TEST_EXACT") == "1"
@@ -78,13 +78,7 @@ def _native_cpu_skip_reason():
 
 
 # (backend, device) of every backend under test; CUDA ones are marked and skip without a GPU.
-BACKENDS = [
-    pytest.param("triton", "cpu", id="triton-cpu",
-                 marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("native", "cpu", id="native-cpu"),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, requires_cuda]),
-    pytest.param("native", "cuda", id="native-cuda", marks=[pytest.mark.cuda, requires_cuda]),
-]
+BACKENDS = KERNEL_BACKEND_DEVICES
 
 
 @pytest.fixture(autouse=True)

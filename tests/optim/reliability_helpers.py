@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from ..conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
+from ..conftest import ALL_BACKEND_DEVICES, HAS_CUDA, TRITON_DEVICES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_KEY = "cnl_reference"  # the public state_dict key of a saved reference (README)
@@ -36,33 +36,9 @@ def native_unavailable_reason() -> str:
     return module.unavailable_reason()
 
 
-def _native_marks(device):
-    reason = native_unavailable_reason()
-    marks = [pytest.mark.skipif(bool(reason), reason=reason or "available")]
-    if device == "cuda":
-        marks += [pytest.mark.cuda, requires_cuda]
-    return marks
-
-
-def backend_params(devices=("cpu", "cuda"), backends=("torch", "triton", "native")):
-    """pytest params ``(backend, device)`` for every backend and device; each skips where it cannot run."""
-    params = []
-    for device in devices:
-        for backend in backends:
-            marks = []
-            if device == "cuda":
-                marks = [pytest.mark.cuda, requires_cuda]
-            if backend == "triton" and device == "cpu":
-                marks = [pytest.mark.skipif(not TRITON_ON_CPU,
-                                            reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")]
-            if backend == "native":
-                marks = _native_marks(device)
-            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
-    return params
-
-
-BACKEND_DEVICES = backend_params()
-TRITON_BACKEND_DEVICES = backend_params(backends=("triton",))
+# every backend and device, each skipping where it cannot run (the tests' one matrix: tests/conftest.py)
+BACKEND_DEVICES = ALL_BACKEND_DEVICES
+TRITON_BACKEND_DEVICES = TRITON_DEVICES
 # The write-back of cnl_ext.CNL exists for these (ops contract v2 gives native a masked_delta_ too).
 WRAPPER_BACKEND_DEVICES = BACKEND_DEVICES
 
@@ -139,7 +115,7 @@ def force_auto_order(monkeypatch, device_type: str, order) -> None:
     from cnl_ext import functional
 
     if not hasattr(functional, "AUTO_ORDER"):
-        raise AssertionError("adapt tests/reliability_helpers.force_auto_order to cnl_ext.functional's auto registry")
+        raise AssertionError("adapt tests/optim/reliability_helpers.force_auto_order to cnl_ext.functional's auto registry")
     order = tuple("cuda" if name == "native" and "native" not in getattr(functional, "BACKENDS", ("native",))
                   else name for name in order)
     monkeypatch.setattr(functional, "AUTO_ORDER", {**functional.AUTO_ORDER, device_type: order})
@@ -346,7 +322,7 @@ def fail_triton_compile(monkeypatch, should_fail, error=None) -> None:
             if attr.endswith("_kernel") and isinstance(value, kernel_types):
                 monkeypatch.setattr(module, attr, _FailingKernel(value, should_fail, error))
                 patched += 1
-    assert patched, "adapt tests/reliability_helpers.TRITON_KERNEL_MODULES: no Triton kernel found"
+    assert patched, "adapt tests/optim/reliability_helpers.TRITON_KERNEL_MODULES: no Triton kernel found"
 
 
 def fail_reference_encode(monkeypatch, on_call: int = 2):

@@ -28,6 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import cnl_ext  # noqa: E402
 
+from ..conftest import KERNEL_BACKEND_DEVICES  # noqa: E402
 from . import reliability_helpers as rh  # noqa: E402
 
 # No shrinking: a failure reports the example as drawn, in bounded time (shrinking a Triton case
@@ -37,7 +38,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 BLOCK = 1024
-SMALL_CHUNK = 4 * BLOCK  # tests/reliability_helpers.shrink_triton_chunks
+SMALL_CHUNK = 4 * BLOCK  # tests/optim/reliability_helpers.shrink_triton_chunks
 SHAPES = [(), (0,), (3, 0), (1,), (7,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (1, 3, 2, 2), (SMALL_CHUNK + 5,), (67, 65)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = [None, "float32", "bfloat16", "int8", "sign2"]
@@ -45,7 +46,7 @@ KINDS = ["SGD", "Adam", "AdamW", "CNL(SGD)", "CNL(AdamW)"]
 PARAM_LAYOUTS = list(rh.LAYOUTS)
 GRAD_LAYOUTS = list(rh.LAYOUTS) + ["expanded"]
 
-NON_TORCH_BACKENDS = rh.backend_params(backends=("triton", "native"))
+NON_TORCH_BACKENDS = KERNEL_BACKEND_DEVICES
 
 
 @dataclasses.dataclass

@@ -4,8 +4,8 @@ One test (family) per defect of the issue, named ``test_defectNN_...``, run for 
 runs here (torch; Triton under TRITON_INTERPRET=1; the compiled "native" backend where
 ``cnl_ext.ops.native_backend`` is available), then one failure-injection test per public mutating
 call (``step``, ``set_reference``, ``capture_reference``, ``load_state_dict``, ``CNL.step``): the
-call fails and the optimizer is bit for bit as before (tests/reliability_helpers.snapshot).
-Only the public API is used; what reaches below it lives in tests/reliability_helpers.py.
+call fails and the optimizer is bit for bit as before (tests/optim/reliability_helpers.snapshot).
+Only the public API is used; what reaches below it lives in tests/optim/reliability_helpers.py.
 """
 import json
 import re
@@ -19,7 +19,7 @@ import torch
 import cnl_ext
 
 from . import reliability_helpers as rh
-from ..conftest import HAS_CUDA, TRITON_ON_CPU, requires_cuda
+from ..conftest import HAS_CUDA, TRITON_ON_CPU, backend_devices, requires_cuda
 
 BACKENDS = rh.BACKEND_DEVICES
 TRITON_BACKENDS = rh.TRITON_BACKEND_DEVICES
@@ -143,7 +143,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("backend,device", rh.backend_params(devices=("cpu",)))
+@pytest.mark.parametrize("backend,device", backend_devices(devices=("cpu",)))
 def test_defect03_load_state_dict_rejects_states_of_the_wrong_shape(backend, device):
     """Defect 3: a state of the wrong shape (fewer elements: today Triton writes out of bounds and
     the process may abort; same element count: silently wrong) is rejected by ``load_state_dict``
@@ -277,7 +277,7 @@ def test_defect07_set_reference_refuses_nan_and_inf(backend, device, value, name
 
 # ============================================================================ defect 8
 
-LATER_KEYS = {  # param-group keys a torch release before 2.13 may lack (see tests/fixtures/torch_optim_checkpoint_formats.json)
+LATER_KEYS = {  # param-group keys a torch release before 2.13 may lack (see tests/optim/fixtures/torch_optim_checkpoint_formats.json)
     "AdamW": ["decoupled_weight_decay", "fused", "capturable", "differentiable", "foreach", "maximize", "amsgrad"],
     "Adam": ["decoupled_weight_decay", "fused", "capturable", "differentiable", "foreach", "maximize", "amsgrad"],
     "SGD": ["fused", "differentiable", "foreach", "maximize", "nesterov"],
@@ -345,7 +345,7 @@ def test_defect09_auto_never_reruns_a_step_that_failed_at_run_time(monkeypatch, 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with the gloo backend")
-@pytest.mark.xdist_group("torchrun")  # never beside another torchrun job (see tests/test_distributed.py)
+@pytest.mark.xdist_group("torchrun")  # never beside another torchrun job (see tests/integrations/test_distributed.py)
 def test_defect10_capture_under_ddp_gradient_as_bucket_view(tmp_path):
     """Defect 10: under DDP(gradient_as_bucket_view=True), 2 ranks, gloo: the captured reference is
     the mean gradient of the whole mastered batches, the same on every rank, and no view of DDP's
