@@ -28,7 +28,7 @@ using at::TensorList;
 
 // The arguments of the ops contract, in its order, plus `lr_tensor`: a capturable step passes its
 // learning rate as a 0-d float32 tensor on the params' device there (the Python wrapper moves a
-// tensor `lr` to it; `lr` is then ignored). tests/test_cuda_backend.py parses these strings.
+// tensor `lr` to it; `lr` is then ignored). tests/ops/test_cuda_backend.py parses these strings.
 constexpr const char* kSgdSchema =
     "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, Tensor[]? references, "
     "Tensor(c!)? stats, *, str reference_format, float lr, float weight_decay, float momentum, "

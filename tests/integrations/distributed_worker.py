@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py (started by torchrun): CNL steps under DDP and FSDP2 (gloo, CPU).
+"""One rank of tests/integrations/test_distributed.py (started by torchrun): CNL steps under DDP and FSDP2 (gloo, CPU).
 
 The single-process run the test compares with uses the same builders (:func:`make_model`,
 :func:`make_data`, :data:`OPTIMIZERS`, :func:`train`), with the whole batch on one process.
@@ -123,7 +123,7 @@ def shutdown() -> None:
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/distributed_worker.py OUT.pt
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/integrations/distributed_worker.py OUT.pt
     import sys
 
     run(sys.argv[1])

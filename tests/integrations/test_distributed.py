@@ -3,7 +3,7 @@
 Each rank trains on its half of every batch; parameters and statistics after the CNL steps must
 equal a single-process run on the whole batches (DDP and FSDP2 average the gradients over ranks,
 so the mean gradient, hence the reference, is the same). One torchrun runs every scenario
-(tests/distributed_worker.py), to pay the process start-up once.
+(tests/integrations/distributed_worker.py), to pay the process start-up once.
 """
 import os
 import pathlib

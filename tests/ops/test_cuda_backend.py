@@ -5,7 +5,7 @@ On a GPU with ``cnl_ext._C`` built (tests marked ``cuda``): the ops against the 
 4-D, more than one chunk), parameter dtypes, reference formats, with and without statistics, for
 several steps; KIF's importance EMAs in the step (the same checks also run here on the CPU kernels);
 unaligned tensors (the scalar path), lists longer than one launch's table, input validation,
-``torch.compile`` and CUDA-graph capture. (KIF's fusion passes on ``cnl_ext._C``: tests/test_kif.py.)
+``torch.compile`` and CUDA-graph capture. (KIF's fusion passes on ``cnl_ext._C``: tests/ops/test_kif.py.)
 
 Everywhere: the module imports and reports why it is unavailable, the operator schemas in
 ``csrc/cnl_binding.h`` parse, match the ops contract and work under ``torch.compile`` (checked with a
@@ -115,9 +115,9 @@ def _assert_same(got, want, dtype):
         assert g.shape == w.shape and g.dtype == w.dtype
         if dtype == torch.float32:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-        elif dtype == torch.float64:  # tests/test_kernels.py's policy: a float32 step anywhere is ~1e-7 off
+        elif dtype == torch.float64:  # tests/ops/test_kernels.py's policy: a float32 step anywhere is ~1e-7 off
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
-        else:  # rounded once per step: about an ulp at the values' scale (~1), tests/test_kernels.py's
+        else:  # rounded once per step: about an ulp at the values' scale (~1), tests/ops/test_kernels.py's
             # policy (a wrongly masked element moves by ~LR, far beyond it)
             eps = torch.finfo(dtype).eps
             torch.testing.assert_close(g.float(), w.float(), rtol=eps, atol=2 * eps)

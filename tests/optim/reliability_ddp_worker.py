@@ -1,4 +1,4 @@
-"""One rank of tests/test_reliability.py::test_defect10_capture_under_ddp_gradient_as_bucket_view.
+"""One rank of tests/optim/test_reliability.py::test_defect10_capture_under_ddp_gradient_as_bucket_view.
 
 Started by torchrun (2 ranks, gloo, CPU): capture the reference through
 ``DistributedDataParallel(gradient_as_bucket_view=True)``, then run one training backward (DDP
@@ -85,7 +85,7 @@ def _capture_scenario(make_opt, mastered, part, train_batch):
     aliases = [r.untyped_storage().data_ptr() in grad_storages for r in live]
     return captured, [r.detach().clone() for r in live], aliases
 
-if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/reliability_ddp_worker.py OUT.pt
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/optim/reliability_ddp_worker.py OUT.pt
     import sys
 
     run(sys.argv[1])

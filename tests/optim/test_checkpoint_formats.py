@@ -1,6 +1,6 @@
 """Checkpoints written by torch.optim of torch 2.4 .. 2.13 load into the CNL optimizers (issue 13, defect 8).
 
-tests/fixtures/torch_optim_checkpoint_formats.json records, per release, the param-group keys and
+tests/optim/fixtures/torch_optim_checkpoint_formats.json records, per release, the param-group keys and
 the state layout torch.optim.Adam/AdamW/SGD write. Each test trains with torch.optim (torch 2.13,
 the one installed), rewrites its state_dict into one release's format, saves and loads it
 (torch.save / torch.load), loads it into a fresh CNL optimizer and a fresh torch.optim optimizer
