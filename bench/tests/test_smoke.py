@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 NATIVE_REASON = harness.backend_unavailable_reason("native", CPU)  # "" once the native backend is built
 
 
-def test_qwen_shape_table_is_the_issues_model_without_allocating():
+def test_qwen_shape_table_is_qwen2_5_1_5b_without_allocating():
     table = shapes.param_shapes("qwen2.5-1.5b")
     assert len(table) == 338
     assert shapes.total_numel(table) == 1_543_714_304

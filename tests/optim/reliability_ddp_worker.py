@@ -1,4 +1,4 @@
-"""One rank of tests/optim/test_reliability.py::test_defect10_capture_under_ddp_gradient_as_bucket_view.
+"""One rank of tests/optim/test_reliability.py::test_capture_under_ddp_gradient_as_bucket_view.
 
 Started by torchrun (2 ranks, gloo, CPU): capture the reference through
 ``DistributedDataParallel(gradient_as_bucket_view=True)``, then run one training backward (DDP

@@ -1,6 +1,6 @@
 """Issue 13: no silent corruption, every failure all-or-nothing.
 
-One test (family) per defect of the issue, named ``test_defectNN_...``, run for every backend that
+One test (family) per defect, named by what it checks (its section gives the number), run for every backend that
 runs here (torch; Triton under TRITON_INTERPRET=1; the compiled "native" backend where
 ``cnl_ext.ops.native_backend`` is available), then one failure-injection test per public mutating
 call (``step``, ``set_reference``, ``capture_reference``, ``load_state_dict``, ``CNL.step``): the
@@ -69,7 +69,7 @@ def _assert_close(got, want, **kwargs):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "channels_last"])
 @pytest.mark.parametrize("name", list(FUSED))
-def test_defect01_non_contiguous_parameters_step_like_torch_optim(backend, device, layout, name):
+def test_non_contiguous_parameters_step_like_torch_optim(backend, device, layout, name):
     """Defect 1: a transposed or channels_last Parameter steps like torch.optim (no reference).
     Today Triton walks the parameter's storage as if contiguous (errors ~1)."""
     make = rh.transposed_parameter if layout == "transposed" else rh.channels_last_parameter
@@ -86,7 +86,7 @@ def test_defect01_non_contiguous_parameters_step_like_torch_optim(backend, devic
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "sign2"])
 @pytest.mark.parametrize("wrapped", [False, True], ids=["fused", "CNL-wrapper"])
-def test_defect02_non_contiguous_reference_masks_like_its_contiguous_copy(backend, device, fmt, wrapped):
+def test_non_contiguous_reference_masks_like_its_contiguous_copy(backend, device, fmt, wrapped):
     """Defect 2: ``set_reference([r.t()])`` masks exactly like ``set_reference([r.t().contiguous()])``
     on the torch backend (fused optimizers and the CNL wrapper). Today Triton reads the transposed
     reference linearly: half the elements get the wrong mask."""
@@ -144,7 +144,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.parametrize("backend,device", backend_devices(devices=("cpu",)))
-def test_defect03_load_state_dict_rejects_states_of_the_wrong_shape(backend, device):
+def test_load_state_dict_rejects_states_of_the_wrong_shape(backend, device):
     """Defect 3: a state of the wrong shape (fewer elements: today Triton writes out of bounds and
     the process may abort; same element count: silently wrong) is rejected by ``load_state_dict``
     with a ValueError naming the shape, before anything is loaded. In a subprocess, so a crash
@@ -164,7 +164,7 @@ def test_defect03_load_state_dict_rejects_states_of_the_wrong_shape(backend, dev
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", list(FUSED))
 @pytest.mark.parametrize("failing_step", [1, 2])
-def test_defect04_failed_step_changes_nothing_and_later_steps_match_torch(monkeypatch, backend, device, name,
+def test_failed_step_changes_nothing_and_later_steps_match_torch(monkeypatch, backend, device, name,
                                                                          failing_step):
     """Defect 4: a step whose backend fails at launch leaves parameters, states and the step count
     as they were (today Adam/AdamW create the state and count the step first), so the following
@@ -187,7 +187,7 @@ def test_defect04_failed_step_changes_nothing_and_later_steps_match_torch(monkey
 
 @pytest.mark.parametrize("backend,device", rh.WRAPPER_BACKEND_DEVICES)
 @pytest.mark.parametrize("layout", ["transposed", "channels_last"])
-def test_defect05_cnl_wrapper_masks_non_contiguous_parameters(backend, device, layout):
+def test_cnl_wrapper_masks_non_contiguous_parameters(backend, device, layout):
     """Defect 5: ``CNL(optimizer)`` on a non-contiguous parameter under a fully conflicting
     reference leaves it bit-identical (today it raises after the inner step moved it unmasked),
     and under a random reference steps like the same run on a contiguous copy."""
@@ -234,7 +234,7 @@ OPTIMIZERS_WITH_STATE = {
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS_WITH_STATE))
 @pytest.mark.parametrize("bad", ["reference does not fit", "unknown reference format"])
-def test_defect06_load_state_dict_is_all_or_nothing(backend, device, name, bad):
+def test_load_state_dict_is_all_or_nothing(backend, device, name, bad):
     """Defect 6: a checkpoint whose saved reference does not fit, or names an unknown format, is
     rejected with a ValueError before anything is replaced (today the states and param groups are
     replaced first; an unknown format string is even accepted)."""
@@ -259,7 +259,7 @@ def test_defect06_load_state_dict_is_all_or_nothing(backend, device, name, bad):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", ["FusedCNLSGD", "CNL(SGD)"])
-def test_defect07_set_reference_refuses_nan_and_inf(backend, device, value, name):
+def test_set_reference_refuses_nan_and_inf(backend, device, value, name):
     """Defect 7: ``set_reference`` refuses non-finite values as ``capture_reference`` does (today
     they are accepted: every element collaborative, NaN statistics), leaving the optimizer as it was."""
     params = [torch.nn.Parameter(torch.randn(3, 4, device=device)), torch.nn.Parameter(torch.randn(4, device=device))]
@@ -286,7 +286,7 @@ LATER_KEYS = {  # param-group keys a torch release before 2.13 may lack (see tes
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name,missing", [(name, key) for name, keys in LATER_KEYS.items() for key in keys + ["all"]])
-def test_defect08_checkpoint_without_later_group_keys_loads_and_steps_like_torch(backend, device, name, missing):
+def test_checkpoint_without_later_group_keys_loads_and_steps_like_torch(backend, device, name, missing):
     """Defect 8: a checkpoint whose param groups lack keys added by later torch releases loads and
     steps like torch.optim loading it (which fills them with the defaults); today the next step
     raises KeyError."""
@@ -318,7 +318,7 @@ def test_defect08_checkpoint_without_later_group_keys_loads_and_steps_like_torch
 @pytest.mark.parametrize("error", [RuntimeError("an illegal memory access was encountered"),
                                    torch.OutOfMemoryError("CUDA out of memory (injected)")],
                          ids=["runtime-error", "out-of-memory"])
-def test_defect09_auto_never_reruns_a_step_that_failed_at_run_time(monkeypatch, first, error):
+def test_auto_never_reruns_a_step_that_failed_at_run_time(monkeypatch, first, error):
     """Defect 9: with backend='auto', an op that raises after writing part of its output is not
     re-run by the next backend (that would apply the update twice); the error propagates, and one
     transient error does not demote the backend for later steps. Today functional catches every
@@ -346,7 +346,7 @@ def test_defect09_auto_never_reruns_a_step_that_failed_at_run_time(monkeypatch, 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with the gloo backend")
 @pytest.mark.xdist_group("torchrun")  # never beside another torchrun job (see tests/integrations/test_distributed.py)
-def test_defect10_capture_under_ddp_gradient_as_bucket_view(tmp_path):
+def test_capture_under_ddp_gradient_as_bucket_view(tmp_path):
     """Defect 10: under DDP(gradient_as_bucket_view=True), 2 ranks, gloo: the captured reference is
     the mean gradient of the whole mastered batches, the same on every rank, and no view of DDP's
     bucket (today it aliases the bucket, so the next backward overwrites it)."""
@@ -379,7 +379,7 @@ def test_defect10_capture_under_ddp_gradient_as_bucket_view(tmp_path):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_defect10_low_precision_capture_accumulates_in_float32(backend, device, dtype):
+def test_low_precision_capture_accumulates_in_float32(backend, device, dtype):
     """Defect 10 (second part): capture for bf16/fp16 parameters sums the batch gradients in
     float32 (today in the parameter dtype: errors of the dtype's epsilon per batch)."""
     torch.manual_seed(10)
@@ -401,7 +401,7 @@ def test_defect10_low_precision_capture_accumulates_in_float32(backend, device, 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("wrapped", [False, True], ids=["fused", "CNL-wrapper"])
-def test_defect11_bfloat16_reference_gives_the_float32_mask_for_tiny_values(backend, device, wrapped):
+def test_bfloat16_reference_gives_the_float32_mask_for_tiny_values(backend, device, wrapped):
     """Defect 11: every reference format gives the float32 format's mask, also for references
     below bfloat16's range (fp32 denormals; today they round to 0, which counts as collaborative)."""
     torch.manual_seed(11)
@@ -429,7 +429,7 @@ def test_defect11_bfloat16_reference_gives_the_float32_mask_for_tiny_values(back
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_defect12_channels_last_checkpoint_states_load_into_a_contiguous_parameter(backend, device, name):
+def test_channels_last_checkpoint_states_load_into_a_contiguous_parameter(backend, device, name):
     """Defect 12: a torch.optim checkpoint of a channels_last parameter (channels_last states)
     loaded for a contiguous parameter steps like torch.optim (today the states keep their strides
     and Triton walks them as contiguous)."""
@@ -453,7 +453,7 @@ def test_defect12_channels_last_checkpoint_states_load_into_a_contiguous_paramet
 
 @pytest.mark.parametrize("backend,device", TRITON_BACKENDS)
 @pytest.mark.parametrize("name", list(FUSED))
-def test_defect13_multi_bucket_step_compiles_every_kernel_before_writing(monkeypatch, backend, device, name):
+def test_multi_bucket_step_compiles_every_kernel_before_writing(monkeypatch, backend, device, name):
     """Defect 13: a step over two buckets (float32 and bfloat16 parameters) whose second kernel fails
     to compile changes nothing (today bucket 1 is written and the step counted before bucket 2's
     kernel compiles at its first launch)."""
@@ -485,7 +485,7 @@ except Exception as exc:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message where Triton has no GPU driver")
-def test_defect14_triton_on_cpu_without_interpreter_says_what_to_do():
+def test_triton_on_cpu_without_interpreter_says_what_to_do():
     """Defect 14: Triton on CPU tensors without TRITON_INTERPRET=1 raises an error that says Triton
     needs CUDA tensors or TRITON_INTERPRET=1 (today: '0 active drivers ([])'), and, defect 4, the
     failed step leaves no state behind."""
@@ -501,7 +501,7 @@ def test_defect14_triton_on_cpu_without_interpreter_says_what_to_do():
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton", "native"])
-def test_defect14_grad_scaler_step_reads_found_inf_with_at_most_one_sync(backend):
+def test_grad_scaler_step_reads_found_inf_with_at_most_one_sync(backend):
     """Defect 14 (second part): under GradScaler the fused step reads found_inf and the scale with
     at most one host synchronization (today two)."""
     if backend == "native" and rh.native_unavailable_reason():
