@@ -219,9 +219,10 @@ def in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
     """A new tensor equal to ``values`` laid out in memory as ``layout`` (contiguous where it does not apply)."""
     if layout == "transposed" and values.dim() >= 2:
         dims = tuple(reversed(range(values.dim())))
-        return values.permute(dims).contiguous().permute(dims)
+        # clone, not contiguous(): that returns ``values`` itself when it is laid out so already
+        return values.permute(dims).clone(memory_format=torch.contiguous_format).permute(dims)
     if layout == "channels_last" and values.dim() == 4:
-        return values.contiguous(memory_format=torch.channels_last)
+        return values.clone(memory_format=torch.channels_last)
     if layout == "sliced" and values.dim() >= 1:
         # every other element of a larger buffer along the last dim, one element into the buffer
         buffer = torch.zeros(*values.shape[:-1], 2 * values.shape[-1] + 1, dtype=values.dtype, device=values.device)
