@@ -12,7 +12,7 @@ from ..experiments.data import MMAC_PARTS, QuestionSource, load_benchmark, write
 from ..experiments.demo import DemoSettings, run_demo
 from ..experiments.model import ModelOptions, select_trainable
 from ..experiments.outputs import write_json, write_text
-from ..experiments.progress import note, quiet_library_bars
+from ..experiments.progress import note
 from ..experiments.protocol import InjectConfig, TeachSettings, compare, infer_and_split, out_of_set, teach_first, \
     teach_summary
 from ..experiments.report import count_percent, markdown_table
@@ -20,6 +20,7 @@ from .context import Context, jsonable_config
 from .settings import FileOutput, FolderOutput, MmacSource, OutOfSetSide, RunPlan, SplitFiles, TeachOutput
 
 DEFAULT_DEMO_OUT = Path("runs/demo")
+DEFAULT_CONTINUAL_OUT = Path("continual-results")
 
 
 def demo_folder_is_replaceable(ctx: Context, path: Path) -> bool:
@@ -166,10 +167,8 @@ def cmd_demo(ctx: Context) -> None:
 
 
 def cmd_continual(ctx: Context) -> None:
-    config = ctx[continual.ContinualConfig]
-    quiet_library_bars()
-    continual.run(config)
-    print(f"results in {config.out_dir} (tables.md, summary.csv, matrices.csv, results.json, heat maps, "
-          f"comparison chart)")
+    model, _, encoder = ctx.load_model()
+    continual.run(ctx[continual.ContinualConfig], model, encoder, ctx.out_dir, model_options=ctx[ModelOptions],
+                  resume=ctx.out.resuming, provenance=ctx.provenance)
 
 

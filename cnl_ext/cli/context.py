@@ -33,6 +33,9 @@ class Subcommand:
     (see :func:`~cnl_ext.experiments.options.add_options`); ``ctx[Dataclass]`` is the instance.
     ``output``: ``"folder"`` (``--out`` folder, staged and swapped in), ``"file"`` or None.
     ``checkpoints``: adds ``--resume`` / ``--keep-checkpoints``; ``ctx.checkpoints`` is the store.
+    ``saved_runs(folder, finished)``: what a command that keeps its own finished runs (``continual``)
+    left in its staging folder beyond those of the ``finished`` folder it continues (None), in words
+    (None: nothing); such a command may also continue a finished ``--out``.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Subcommand:
     out_default: Path | None = None
     replaceable: Callable | None = None  # a non-empty --out that may be replaced without --overwrite
     resume_defaults: dict = field(default_factory=dict)  # this command's defaults of ResumeOptions
+    saved_runs: Callable | None = None
 
 
 class Context:
@@ -74,7 +78,26 @@ class Context:
     # --------------------------------------------------------------------------- before any work
 
     def check(self) -> None:
-        """Everything checkable before the model loads (the dataclasses checked themselves when built)."""
+        """Everything checkable before the model loads (the dataclasses checked themselves when built):
+        the output location first, then the model, the device and the backend; then the staging folder opens."""
+        resume = self.get(ResumeOptions, ResumeOptions())
+        if self.command.output == "file":
+            output = self[FileOutput]
+            check_output_file(output.out, overwrite=output.overwrite)
+        elif self.command.output == "folder":
+            output = self[FolderOutput]
+            if output.overwrite and resume.resume:
+                raise UsageError("--overwrite starts again and --resume continues: give one of the two")
+            if not resume.checkpoints and (resume.resume or resume.keep_checkpoints):
+                raise UsageError("--resume and --keep-checkpoints need checkpoints: "
+                                 + ("add --checkpoints (this command saves none by default)"
+                                    if self.command.resume_defaults.get("checkpoints") is False
+                                    else "drop --no-checkpoints"))
+            replaceable = self.command.replaceable
+            self.out = OutputFolder(output.out, overwrite=output.overwrite, resume=resume.resume,
+                                    continuable=self.command.saved_runs is not None,
+                                    replaceable=(lambda path: replaceable(self, path)) if replaceable else None)
+            self.out.check(self.options_record())
         models = self.get(ModelOptions)
         if models is not None:
             models.check()
@@ -82,30 +105,13 @@ class Context:
             for config in self.configs.values():
                 if hasattr(config, "backend"):
                     _check_backend(config.backend, device)
-        if self.command.output == "file":
-            output = self[FileOutput]
-            check_output_file(output.out, overwrite=output.overwrite)
-        elif self.command.output == "folder":
-            output = self[FolderOutput]
-            resume = self.get(ResumeOptions, ResumeOptions())
-            if output.overwrite and resume.resume:
-                raise UsageError("--overwrite starts again and --resume continues: give one of the two")
-            replaceable = self.command.replaceable
-            self.out = OutputFolder(output.out, overwrite=output.overwrite, resume=resume.resume,
-                                    replaceable=(lambda path: replaceable(self, path)) if replaceable else None)
-            options = self.options_record()
-            self.out.check(options)
-            self.out.open(options)  # a failure before anything is saved removes it again (abandon)
+        if self.out is not None:
+            self.out.open(self.options_record())  # a failure before anything is saved removes it again (abandon)
             self._opened = True
-            if not resume.checkpoints and (resume.resume or resume.keep_checkpoints):
-                raise UsageError("--resume and --keep-checkpoints need checkpoints: "
-                                 + ("add --checkpoints (this command saves none by default)"
-                                    if self.command.resume_defaults.get("checkpoints") is False
-                                    else "drop --no-checkpoints"))
             if self.command.checkpoints and resume.checkpoints:
                 self.checkpoints = RunCheckpoints(self.out.staging / "checkpoints", keep=resume.keep_checkpoints)
             if resume.resume and not self.out.resuming:
-                print(f"--resume: no interrupted run of {output.out}; starting from the beginning")
+                print(f"--resume: no interrupted run of {self[FolderOutput].out}; starting from the beginning")
 
     # --------------------------------------------------------------------------- the work
 
@@ -169,7 +175,11 @@ class Context:
     def saved_work(self) -> str | None:
         """What an interrupted run leaves to resume from, in words (None: nothing)."""
         store = self.checkpoints
-        if store is None or self.out is None or not self.out.staging.is_dir():
+        if self.out is None or not self.out.staging.is_dir():
+            return None
+        if self.command.saved_runs is not None:  # beyond those of the finished folder it continues
+            return self.command.saved_runs(self.out.staging, self.out.final if self.out.reopening else None)
+        if store is None:
             return None
         if store.last_saved is not None:
             label, epoch, epochs = store.last_saved
@@ -183,7 +193,8 @@ class Context:
 
     def abandon(self) -> None:
         """After a failure: drop a staging folder this command created that holds nothing to resume."""
-        if self.out is not None and self._opened and not self.out.resuming and self.saved_work() is None:
+        if (self.out is not None and self._opened and (self.out.reopening or not self.out.resuming)
+                and self.saved_work() is None):
             shutil.rmtree(self.out.staging, ignore_errors=True)
 
 

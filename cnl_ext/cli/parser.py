@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..experiments import continual
 from ..experiments.continual import ContinualConfig
 from ..experiments.data import QuestionSource
 from ..experiments.demo import DemoSettings
 from ..experiments.model import ModelOptions
 from ..experiments.options import add_options
 from ..experiments.protocol import InjectConfig, TeachSettings
-from .commands import (DEFAULT_DEMO_OUT, cmd_continual, cmd_demo, cmd_infer_and_split, cmd_inject, cmd_mmac,
+from .commands import (DEFAULT_CONTINUAL_OUT, DEFAULT_DEMO_OUT, cmd_continual, cmd_demo, cmd_infer_and_split, cmd_inject, cmd_mmac,
                        cmd_out_of_set, cmd_prepare_data, cmd_table1, cmd_table2, cmd_teach, demo_folder_is_replaceable)
 from .context import Subcommand
 from .info import cmd_info
@@ -21,6 +22,11 @@ __all__ = ["SUBCOMMANDS", "build_parser", "DEBUG_ENV"]
 
 DEBUG_ENV = "CNL_EXT_DEBUG"
 DESCRIPTION = "the CNL paper's experiments from the command line."
+
+
+# what the training commands write besides their results (under 1 MB), measured for SmolLM2 in float32
+CHECKPOINTS_COST = ("; while it runs, resumable checkpoints of about 2.5 GB for SmolLM2 with AdamW, deleted at the "
+                    "end (--no-checkpoints: none)")
 
 
 def _subcommands() -> list:
@@ -44,22 +50,23 @@ def _subcommands() -> list:
                    "python -m cnl_ext infer-and-split --data data/arc_c.jsonl --model Qwen/Qwen2.5-1.5B-Instruct "
                    "--out runs/split", (QuestionSource, ModelOptions)),
         Subcommand("teach", cmd_teach, "the taught-first variant: teach part of the questions, split, save the "
-                   "taught model",
+                   "taught model (about 540 MB for SmolLM2 in float32; --no-save-model: none)",
                    "python -m cnl_ext teach --data data/arc_c.jsonl --limit 400 --teach-lr 2e-4 --out runs/taught",
                    (QuestionSource, ModelOptions, TeachSettings, TeachOutput)),
         Subcommand("inject", cmd_inject, "in-set runs: FT / CNL / replay / LoRA for each optimizer, from one "
-                   "starting model",
+                   "starting model" + CHECKPOINTS_COST,
                    "python -m cnl_ext inject --model runs/taught/model --mastered runs/taught/mastered.jsonl "
                    "--injection runs/taught/injection.jsonl --optimizers sgd adamw --lr sgd=1e-3 adamw=1e-4 "
                    "--out runs/in_set",
                    (*split_and_model, RunPlan, (InjectConfig, dict(skip=("optimizer", "lr"))), ), checkpoints=True),
         Subcommand("out-of-set", cmd_out_of_set, "out-of-set runs: one side of the split cut 1:1, one half "
-                   "trained or referenced, the other counted",
+                   "trained or referenced, the other counted" + CHECKPOINTS_COST,
                    "python -m cnl_ext out-of-set --mastered runs/split/mastered.jsonl --injection "
                    "runs/split/injection.jsonl --side mastered --out runs/oos",
                    (*split_and_model, OutOfSetSide, (RunPlan, dict(defaults=dict(methods=("ft", "cnl", "replay")))),
                     (InjectConfig, dict(skip=("optimizer", "lr")))), checkpoints=True),
-        Subcommand("table1", cmd_table1, "Table 1: forgetting of Sim / Dissim mastered questions under FT",
+        Subcommand("table1", cmd_table1, "Table 1: forgetting of Sim / Dissim mastered questions under FT"
+                   + CHECKPOINTS_COST,
                    "python -m cnl_ext table1 --mastered runs/split/mastered.jsonl --injection "
                    "runs/split/injection.jsonl --epochs 5 --out runs/table1",
                    (*split_and_model, (InjectConfig, dict(skip=no_lora_or_reference[2:]))), checkpoints=True),
@@ -69,9 +76,11 @@ def _subcommands() -> list:
                    "runs/split/injection.jsonl --out runs/table2",
                    (*split_and_model, (InjectConfig, dict(only=("trainable", "reference_batch_size", "backend"))))),
         Subcommand("continual", cmd_continual, "a sequence of knowledge-injection tasks with every method (ft, "
-                   "replay, lora, cnl, kif, kif-lora, recurrent-kif): accuracy matrices, AP, BWT, FWT",
+                   "replay, lora, cnl, kif, kif-lora, recurrent-kif): accuracy matrices, AP, BWT, FWT (writes a few MB: "
+                   "each finished run, a few kB, is what --resume reads)",
                    "python -m cnl_ext continual --task arc=a.jsonl --task csqa=c.jsonl --out runs/continual",
-                   (ContinualConfig,), output=None),
+                   (ModelOptions, ContinualConfig, (ResumeOptions, dict(only=("resume",)))),
+                   out_default=DEFAULT_CONTINUAL_OUT, saved_runs=continual.saved_runs),
         Subcommand("info", cmd_info, "versions, devices, the compiled extension and the usable backends (paste it "
                    "into a bug report)", "python -m cnl_ext info", output=None),
     ]

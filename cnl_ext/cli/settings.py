@@ -86,7 +86,8 @@ class OutOfSetSide:
 class FolderOutput:
     """Output folder."""
 
-    out: Path = option(help="output folder (refused if not empty, unless --overwrite or --resume)")
+    out: Path = option(help="output folder (refused if not empty, unless --overwrite or --resume)",
+                       deprecated=("--out-dir",))  # continual's flag until 0.1
     overwrite: bool = option(False, "replace a non-empty --out (the old contents go when the new run is complete)")
 
 
@@ -100,10 +101,11 @@ class FileOutput:
 
 @dataclass
 class ResumeOptions:
-    """Checkpoints (one per run, replaced at every epoch end)."""
+    """Resuming (what a run saves so that an interrupted command continues)."""
 
-    resume: bool = option(False, "continue an interrupted run from its last finished epoch (same numbers as an "
-                                 "uninterrupted run); rerun the same command with --resume")
+    resume: bool = option(False, "continue an interrupted command where it stopped (finished runs are read back, "
+                                 "an unfinished one continues from its last saved epoch: the same numbers as "
+                                 "without the interruption); rerun the same command with --resume")
     keep_checkpoints: bool = option(False, "keep the checkpoints of finished runs in OUT/checkpoints (about 2 GB "
                                            "per run for SmolLM2 with AdamW; deleted by default)")
     checkpoints: bool = option(True, "resumable checkpoints: the starting weights once, and each run's weights, "
