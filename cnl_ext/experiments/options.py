@@ -131,8 +131,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, only=None, skip=(), def
         group.add_argument(flag, dest=field.name, help=help_text, **kwargs)
         for old in field.metadata.get("deprecated", ()):
             action = parser._registry_get("action", kwargs.get("action"), kwargs.get("action"))
-            old_kwargs = dict(kwargs, action=_deprecated_spelling(action, flag), default=argparse.SUPPRESS,
-                              required=False)
+            # default None: never used, argparse keeps the default of the flag declared first
+            old_kwargs = dict(kwargs, action=_deprecated_spelling(action, flag), default=None, required=False)
             group.add_argument(old, dest=field.name, help=argparse.SUPPRESS, **old_kwargs)
     unknown = (set(only or ()) | set(skip)) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
