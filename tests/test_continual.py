@@ -308,3 +308,16 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     # CNL: one reference per epoch of tasks 2 and 3, over exactly the earlier tasks' memory
     assert references == [expected[1], expected[2]]
     assert outer_batches and all(batch <= set(expected[2]) for batch in outer_batches)
+
+
+def test_saved_runs_names_only_the_runs_beyond_the_continued_folder(tmp_path):
+    """What Ctrl-C keeps (and reports) of a continual command: the runs its staging folder added."""
+    staging, finished = tmp_path / ".out.partial", tmp_path / "out"
+    assert continual.saved_runs(staging) is None
+    for folder, names in ((finished, ["seed0_order0_ft"]), (staging, ["seed0_order0_ft", "seed0_order0_cnl"])):
+        (folder / "runs").mkdir(parents=True)
+        for name in names:
+            (folder / "runs" / f"{name}.json").write_text("{}")
+    assert continual.saved_runs(staging) == "2 finished run(s)"
+    assert continual.saved_runs(staging, finished) == "1 finished run(s)"
+    assert continual.saved_runs(finished, finished) is None
