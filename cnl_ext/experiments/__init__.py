@@ -1,9 +1,12 @@
 """Reproducing the CNL paper's experiments on real causal LMs (needs the ``experiments`` extra).
 
 Layers: :mod:`.data` (questions), :mod:`.model` (loading, batched answering and losses),
-:mod:`.protocol` (split, inject, out-of-set, taught first), :mod:`.analysis` (Tables 1 and 2),
-:mod:`.report` (CSV / JSON / Markdown / figure), :mod:`.demo`. The optimizers are used only
-through ``cnl_ext``'s public API.
+:mod:`.training` (the optimizer by name, seeded batches, one step, accuracy), :mod:`.protocol`
+(split, inject, out-of-set, taught first), :mod:`.continual` (a sequence of tasks, every method),
+:mod:`.analysis` (Tables 1 and 2), :mod:`.report` and :mod:`.continual_report` (CSV / JSON /
+Markdown / figures), :mod:`.demo`; :mod:`.options`, :mod:`.outputs`, :mod:`.checkpoints` and
+:mod:`.progress` are the run lifecycle the command line (:mod:`cnl_ext.cli`) drives. The optimizers
+are used only through ``cnl_ext``'s public API.
 """
 from .analysis import GradientAgreement, gradient_agreement, sim_dissim_groups, table1
 from .data import (BENCHMARKS, DataError, MCQuestion, format_prompt, load_benchmark, load_mmac, read_jsonl,

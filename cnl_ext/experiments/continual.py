@@ -21,19 +21,18 @@ Methods (spec: ``docs/kif-spec.md``):
 ==============  ==============================  =================================================
 
 Every method uses AdamW (``cnl_ext.FusedCNLAdamW``), a fresh optimizer per task (spec §6.7), the final
-weights of each task (no checkpoint selection). ``run(ContinualConfig(...))`` does all runs (seeds ×
-task orders × methods) and writes ``matrices.csv``, ``summary.csv``, ``results.json``, ``tables.md``,
-``heatmap_<method>.png`` and ``comparison.png``; every finished run is saved in ``runs/`` and
-``resume=True`` skips those.
+weights of each task (no checkpoint selection). :func:`run` does all runs (seeds × task orders ×
+methods) on a loaded model and writes ``matrices.csv``, ``summary.csv``, ``results.json``,
+``tables.md``, ``heatmap_<method>.png`` and ``comparison.png`` (:mod:`.continual_report`); every
+finished run is saved in ``runs/`` (a few kB each, so a continued command skips it); the command line
+(``python -m cnl_ext continual``) gives it the model, the output folder and ``--resume``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import math
 import random
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,21 +40,21 @@ from pathlib import Path
 
 import torch
 
-import cnl_ext
-
 from .. import kif
 from ..ops.importance import check_importance_options
+from .continual_report import format_metric, write_outputs
 from .data import LETTERS, DataError, read_jsonl, sample_n
-from .model import MCQEncoder, backward_mean_loss, load_model, lora_adapters, predict, select_trainable
+from .model import MCQEncoder, ModelOptions, lora_adapters, select_trainable
 from .options import option
+from .outputs import write_json
 from .progress import bar, note
 from .protocol import compute_reference, restore, snapshot
-from .report import write_json
+from .training import accuracy, make_optimizer, seeded_batches, train_step
 
-__all__ = ["METHODS", "ContinualConfig", "Task", "RunRecord", "continual_metrics", "parse_task", "load_tasks",
-           "select_memory", "run", "run_sequence"]
+__all__ = ["CONTINUAL_METHODS", "ContinualConfig", "Task", "RunRecord", "continual_metrics", "parse_task",
+           "load_tasks", "select_memory", "task_optimizer", "run", "run_sequence", "saved_runs"]
 
-METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif")
+CONTINUAL_METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif")
 LORA_METHODS = ("lora", "kif-lora")
 MIN_MEMORY_PER_TASK = 8
 
@@ -67,17 +66,7 @@ class ContinualConfig:
     tasks: list[str] = option(None, "a task, NAME=FILE[,FILE...] (paper-format JSONL; several files are joined); "
                                     "repeat --task for each, in order", flag="--task", append=True,
                               metavar="NAME=FILE[,FILE...]")
-    out_dir: str = option("continual-results", "folder for the results (runs/ holds one file per finished run; "
-                                               "a few MB)", flag="--out", metavar="PATH")
-    resume: bool = option(False, "skip the runs already saved in OUT/runs (their settings must match)")
-    overwrite: bool = option(False, "delete what a non-empty OUT holds, then run (else it is refused)")
-    model: str = option("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (the embedded SmolLM2-135M)")
-    gguf_file: str | None = option(None, "GGUF file name inside MODEL's folder")
-    dtype: str = option("float32", "float32 or bfloat16 weights", choices=("float32", "bfloat16"))
-    device: str = option("auto", "auto, cpu, cuda, ...")
-    use_chat_template: bool = option(True, "feed the bare prompt, without the tokenizer's chat template (base "
-                                           "models)", flag="--no-chat-template")
-    methods: list[str] = option(METHODS, f"methods to compare, from {', '.join(METHODS)}")
+    methods: list[str] = option(CONTINUAL_METHODS, f"methods to compare, from {', '.join(CONTINUAL_METHODS)}")
     orders: list[str] = option((), "task orders, each a comma-separated permutation of the task names (default: "
                                    "as given)")
     seeds: list[int] = option((0,), "seeds: each picks the questions, held-out share, memory and batch order")
@@ -117,9 +106,9 @@ class ContinualConfig:
         self.orders, self.tasks = list(self.orders), list(self.tasks or ())
         self.seeds = [int(s) for s in self.seeds]
         self.betas, self.importance_betas = tuple(self.betas), tuple(self.importance_betas)
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in CONTINUAL_METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty list from {METHODS}, got {self.methods}")
+            raise ValueError(f"methods must be a non-empty list from {CONTINUAL_METHODS}, got {self.methods}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeat: {self.methods}")
         if not self.seeds:
@@ -150,10 +139,14 @@ class ContinualConfig:
         for spec in self.tasks:
             parse_task(spec)
 
-    def run_settings(self) -> dict:
-        """The settings a saved run must share to be resumed (all but where and which runs)."""
-        skip = {"out_dir", "resume", "overwrite", "methods", "orders", "seeds", "device", "eval_batch_size"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+    def run_settings(self, model: ModelOptions) -> dict:
+        """The settings a saved run must share to be continued: all but which runs, with the model's
+        (the same keys as the runs saved when the model options were this dataclass's own)."""
+        skip = {"methods", "orders", "seeds", "eval_batch_size"}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        settings.update(model=model.model, gguf_file=model.gguf_file, dtype=model.dtype,
+                        use_chat_template=model.chat_template)
+        return json.loads(json.dumps(settings))
 
 
 # ---------------------------------------------------------------------------------- tasks and memory
@@ -233,13 +226,12 @@ def continual_metrics(matrix, base=None) -> dict:
 
 # ---------------------------------------------------------------------------------- importance
 
-def make_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None):
+def task_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None):
     """FusedCNLAdamW with the run's settings; with ``importance`` ("first" / "param_mix") it keeps KIF's
     EMAs itself, inside the step (``importance_scores()``, ``importance_state(slot)``)."""
-    kwargs = dict(lr=lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay, backend=config.backend)
-    if importance is not None:
-        kwargs.update(importance=importance, importance_betas=config.importance_betas)
-    return cnl_ext.FusedCNLAdamW(params, **kwargs)
+    kwargs = dict(importance=importance, importance_betas=config.importance_betas) if importance is not None else {}
+    return make_optimizer("adamw", params, lr=lr, betas=config.betas, eps=config.eps,
+                          weight_decay=config.weight_decay, backend=config.backend, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -270,16 +262,10 @@ class RunRecord:
         return dict(dataclasses.asdict(self), metrics=self.metrics())
 
 
-def _accuracy(model, encoder, questions, batch_size):
-    if not questions:
-        return None
-    answers = predict(model, encoder, questions, batch_size=batch_size, desc="eval")
-    return sum(answers.correct(questions)) / len(questions)
-
-
-def _evaluate(model, encoder, tasks, batch_size):
-    return ([_accuracy(model, encoder, t.train, batch_size) for t in tasks],
-            [_accuracy(model, encoder, t.heldout, batch_size) for t in tasks])
+def _accuracies(model, encoder, tasks, batch_size):
+    """Each task's accuracy on its training questions, and on its held-out ones."""
+    return ([accuracy(model, encoder, t.train, batch_size=batch_size) for t in tasks],
+            [accuracy(model, encoder, t.heldout, batch_size=batch_size) for t in tasks])
 
 
 def _lora_pairs(named_params):
@@ -304,20 +290,11 @@ class _Trainer:
         self.model, self.encoder, self.params, self.config, self.extra_loss = model, encoder, params, config, extra_loss
 
     def step(self, optimizer, batch) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = backward_mean_loss(self.model, self.encoder, batch, batch_size=len(batch))
-        if self.extra_loss is not None:
-            self.extra_loss().backward()
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        optimizer.step()
-        return loss
+        return train_step(self.model, self.encoder, optimizer, batch, extra_loss=self.extra_loss,
+                          max_grad_norm=self.config.max_grad_norm, params=self.params)
 
     def batches(self, questions, seed_text):
-        order = list(range(len(questions)))
-        random.Random(seed_text).shuffle(order)
-        size = self.config.batch_size
-        return [[questions[i] for i in order[start:start + size]] for start in range(0, len(order), size)]
+        return seeded_batches(questions, self.config.batch_size, seed_text)
 
 
 def run_sequence(model, encoder, tasks, memories, *, method: str, config: ContinualConfig, seed: int) -> RunRecord:
@@ -325,10 +302,10 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
 
     The model's weights change (the caller restores them); LoRA adapters are removed on return.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CONTINUAL_METHODS:
+        raise ValueError(f"method must be one of {CONTINUAL_METHODS}, got {method!r}")
     start_time = time.perf_counter()
-    base, heldout_base = _evaluate(model, encoder, tasks, config.eval_batch_size)
+    base, heldout_base = _accuracies(model, encoder, tasks, config.eval_batch_size)
     matrix, heldout_matrix, losses, notes = [], [], [], []
     adapters = (lora_adapters(model, r=config.lora_r, alpha=config.lora_alpha) if method in LORA_METHODS
                 else contextlib.nullcontext(model))
@@ -358,7 +335,7 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
                                         lr=lr, config=config, seed=seed, merger=merger)
             losses.append(loss)
             notes.append(summary)
-            row, heldout_row = _evaluate(trained, encoder, tasks, config.eval_batch_size)
+            row, heldout_row = _accuracies(trained, encoder, tasks, config.eval_batch_size)
             matrix.append(row)
             heldout_matrix.append(heldout_row)
         for p in model.parameters():
@@ -378,7 +355,7 @@ def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr,
     if method == "recurrent-kif" and memory:
         return _train_task_recurrent_kif(trainer, params, train, memory, lr=lr, config=config, seed_text=seed_text)
     importance = {"kif": "first", "kif-lora": "param_mix"}.get(method)
-    optimizer = make_optimizer(params, lr=lr, config=config, importance=importance)
+    optimizer = task_optimizer(params, lr=lr, config=config, importance=importance)
     anchors = [p.detach().to(torch.float32, copy=True) for p in params] if merger is not None else None
     epoch_loss = None
     for epoch in range(1, config.epochs + 1):
@@ -402,7 +379,7 @@ def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr,
 
 def _train_task_recurrent_kif(trainer, params, train, memory, *, lr, config, seed_text):
     """Recurrent-KIF on a task with memory (spec §2.5): Q inner steps, R memory steps, masked fusion."""
-    optimizer = make_optimizer(params, lr=lr, config=config, importance="first")  # slots "inner" and "outer"
+    optimizer = task_optimizer(params, lr=lr, config=config, importance="first")  # slots "inner" and "outer"
     anchors = [p.detach().to(torch.float32, copy=True) for p in params]
     rng = random.Random(f"outer:{seed_text}")
     inner_steps, cycles, kept = 0, 0, []
@@ -449,43 +426,24 @@ def _orders(config, names):
     return orders
 
 
-def _claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path:
-    """``out_dir``, refused when it holds anything unless ``resume`` (keep its runs) or ``overwrite``
-    (empty it first), so that one folder never mixes two runs' results."""
-    if resume and overwrite:
-        raise ValueError("--resume keeps OUT_DIR's runs and --overwrite deletes them: pass one")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file: name a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise ValueError(f"--out {out_dir} is not empty: pass --resume to continue its runs, --overwrite "
-                             f"to replace them, or name another folder")
-        for entry in out_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    return out_dir
-
-
 def _run_path(out_dir, seed, order_index, method):
     return Path(out_dir) / "runs" / f"seed{seed}_order{order_index}_{method}.json"
 
 
-def run(config: ContinualConfig, *, model=None, tokenizer=None) -> list:
-    """Every (seed, order, method) run; writes the outputs to ``config.out_dir``; returns the RunRecords.
+def run(config: ContinualConfig, model, encoder: MCQEncoder, out_dir, *, model_options: ModelOptions = ModelOptions(),
+        resume: bool = False, provenance=None) -> list:
+    """Every (seed, order, method) run of ``model``; writes the outputs into ``out_dir``; returns the RunRecords.
 
-    ``model`` / ``tokenizer``: an already loaded pair (else ``config.model`` is loaded).
+    ``model_options``: what the model is, recorded with every run. ``resume``: the runs saved in
+    ``out_dir/runs`` are read back, not run again (their settings must be these). ``provenance``: a
+    function returning what ``results.json`` records about how it was made (the CLI's).
     """
     if not config.tasks:
         raise ValueError("no tasks: give at least one NAME=FILE[,FILE...]")
     names = [parse_task(spec)[0] for spec in config.tasks]
     orders = _orders(config, names)
     task_sets = {seed: load_tasks(config, seed) for seed in config.seeds}  # reads and checks every file first
-    out_dir = _claim_out_dir(Path(config.out_dir), resume=config.resume, overwrite=config.overwrite)
-    settings = json.loads(json.dumps(config.run_settings()))
-    if model is None:
-        model, tokenizer = load_model(config.model, gguf_file=config.gguf_file, dtype=config.dtype, device=config.device)
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer with the model")
-    encoder = MCQEncoder(tokenizer, use_chat_template=config.use_chat_template)
+    settings = config.run_settings(model_options)
     start_weights = snapshot(model)
     records = []
     try:
@@ -495,22 +453,36 @@ def run(config: ContinualConfig, *, model=None, tokenizer=None) -> list:
                 memories = [select_memory(t.train, config.memory_per_task, f"{seed}:{t.name}") for t in tasks]
                 for method in config.methods:
                     path = _run_path(out_dir, seed, order_index, method)
-                    if config.resume and path.is_file():
+                    if resume and path.is_file():
                         records.append(_load_run(path, settings, order))
                         continue
                     restore(model, start_weights)
                     torch.manual_seed(seed)  # LoRA's initialisation
                     record = run_sequence(model, encoder, tasks, memories, method=method, config=config, seed=seed)
-                    path.parent.mkdir(parents=True, exist_ok=True)
                     write_json(path, {"settings": settings, "run": record.to_dict()})
                     metrics = record.metrics()
                     print(f"seed {seed} order {'>'.join(order)} {method}: AP {metrics['AP']:.3f} "
-                          f"BWT {_fmt(metrics['BWT'])} FWT {_fmt(metrics['FWT'])} ({record.wall_s:.0f} s)", flush=True)
+                          f"BWT {format_metric(metrics['BWT'])} FWT {format_metric(metrics['FWT'])} "
+                          f"({record.wall_s:.0f} s)", flush=True)
                     records.append(record)
     finally:
         restore(model, start_weights)
-    write_outputs(out_dir, records, config=config, task_sets=task_sets)
+    configuration = dict(dataclasses.asdict(config), model=model_options.model, gguf_file=model_options.gguf_file,
+                         dtype=model_options.dtype, device=model_options.device,
+                         use_chat_template=encoder.use_chat_template)
+    write_outputs(out_dir, records, settings=dict(config=json.loads(json.dumps(configuration)),
+                                                  **(provenance() if provenance else {})), task_sets=task_sets)
     return records
+
+
+def saved_runs(folder, finished=None) -> str | None:
+    """The runs an interrupted ``continual`` saved in ``folder`` beyond those of the ``finished`` folder it
+    continues, in words (None: none)."""
+    def names(root):
+        return {path.name for path in (Path(root) / "runs").glob("*.json")} if root is not None else set()
+
+    new = names(folder) - names(finished)
+    return f"{len(new)} finished run(s)" if new else None
 
 
 def _load_run(path, settings, order) -> RunRecord:
@@ -525,137 +497,3 @@ def _load_run(path, settings, order) -> RunRecord:
     if record.order != list(order):
         raise ValueError(f"--resume: {path} trained the order {record.order}, this run {list(order)}")
     return record
-
-
-# ---------------------------------------------------------------------------------- outputs
-
-def _fmt(x, digits=3):
-    return "n/a" if x is None else f"{x:+.{digits}f}" if x < 0 else f"{x:.{digits}f}"
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-METRIC_COLUMNS = ("AP", "BWT", "FWT", "FWT_gem", "heldout_AP", "heldout_BWT")
-
-
-def summary_table(records) -> str:
-    """Mean ± standard deviation over runs of each metric, one row per method (Markdown)."""
-    methods = list(dict.fromkeys(r.method for r in records))
-    lines = ["| method | runs | " + " | ".join(METRIC_COLUMNS) + " | wall s (mean) |",
-             "|---|---|" + "---|" * len(METRIC_COLUMNS) + "---|"]
-    for method in methods:
-        runs = [r for r in records if r.method == method]
-        cells = []
-        for column in METRIC_COLUMNS:
-            mean, std = _mean_std([r.metrics().get(column) for r in runs])
-            cells.append("n/a" if mean is None else f"{mean:.3f} ± {std:.3f}")
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {statistics.mean(r.wall_s for r in runs):.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def matrix_table(record: RunRecord) -> str:
-    header = "| after \\ task | " + " | ".join(record.order) + " |"
-    lines = [header, "|---|" + "---|" * len(record.order),
-             "| base | " + " | ".join(f"{x:.3f}" for x in record.base) + " |"]
-    for j, row in enumerate(record.matrix):
-        lines.append(f"| {record.order[j]} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out_dir, records, *, config: ContinualConfig, task_sets: dict) -> None:
-    """``matrices.csv``, ``summary.csv``, ``results.json``, ``tables.md``, heat maps and the comparison chart."""
-    import csv
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "matrices.csv", "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out)
-        writer.writerow(["seed", "order", "method", "after_task_index", "after_task", "task", "train_accuracy",
-                         "heldout_accuracy"])
-        for r in records:
-            order = ">".join(r.order)
-            for i, name in enumerate(r.order):
-                writer.writerow([r.seed, order, r.method, 0, "base", name, r.base[i], r.heldout_base[i]])
-            for j, (row, held) in enumerate(zip(r.matrix, r.heldout_matrix), start=1):
-                for i, name in enumerate(r.order):
-                    writer.writerow([r.seed, order, r.method, j, r.order[j - 1], name, row[i], held[i]])
-    with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out)
-        writer.writerow(["seed", "order", "method", *METRIC_COLUMNS, "wall_s"])
-        for r in records:
-            m = r.metrics()
-            writer.writerow([r.seed, ">".join(r.order), r.method, *(m.get(c) for c in METRIC_COLUMNS),
-                             round(r.wall_s, 1)])
-    sizes = {seed: {name: {"train": len(t.train), "heldout": len(t.heldout)} for name, t in tasks.items()}
-             for seed, tasks in task_sets.items()}
-    write_json(out_dir / "results.json", {"config": json.loads(json.dumps(dataclasses.asdict(config))),
-                                          "task_sizes": sizes, "runs": [r.to_dict() for r in records]})
-    parts = ["## Continual learning: summary", "",
-             f"a[j][i] = share of task i's training questions answered correctly after task j; AP, BWT, FWT and "
-             f"FWT_gem as in docs/kif-spec.md §5; held-out columns: the same on each task's held-out questions "
-             f"(near chance for a small model). Mean ± standard deviation over each method's runs "
-             f"(seeds × task orders).", "", summary_table(records), "## Accuracy matrices", ""]
-    for r in records:
-        parts += [f"### {r.method}, seed {r.seed}, order {' > '.join(r.order)}", "", matrix_table(r)]
-        parts += [f"- {r.order[k]}: {text}" for k, text in enumerate(r.notes) if text] + [""]
-    (out_dir / "tables.md").write_text("\n".join(parts), encoding="utf-8")
-    plot_heatmaps(out_dir, records)
-    plot_comparison(out_dir / "comparison.png", records)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heatmaps(out_dir, records) -> None:
-    """``heatmap_<method>.png``: the accuracy matrix of each of the method's runs (base row on top)."""
-    plt = _pyplot()
-    for method in dict.fromkeys(r.method for r in records):
-        runs = [r for r in records if r.method == method]
-        figure, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 3.4), squeeze=False)
-        for ax, r in zip(axes[0], runs):
-            data = [r.base] + r.matrix
-            image = ax.imshow(data, vmin=0, vmax=1, cmap="viridis")
-            k = len(r.order)
-            ax.set_xticks(range(k), r.order, rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(k + 1), ["base"] + [f"after {n}" for n in r.order], fontsize=7)
-            for j, row in enumerate(data):
-                for i, value in enumerate(row):
-                    ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if value < 0.5 else "black")
-            ax.set_title(f"seed {r.seed}: {' > '.join(r.order)}", fontsize=8)
-        figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-        figure.suptitle(f"{method}: accuracy on each task's training questions")
-        figure.savefig(Path(out_dir) / f"heatmap_{method}.png", dpi=110, bbox_inches="tight")
-        plt.close(figure)
-
-
-def plot_comparison(path, records) -> None:
-    """AP, BWT and FWT per method (mean over runs, standard deviation as error bars)."""
-    plt = _pyplot()
-    methods = list(dict.fromkeys(r.method for r in records))
-    metrics = ("AP", "BWT", "FWT")
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    for ax, metric in zip(axes, metrics):
-        stats = [_mean_std([r.metrics()[metric] for r in records if r.method == m]) for m in methods]
-        ax.bar(range(len(methods)), [s[0] if s[0] is not None else math.nan for s in stats],
-               yerr=[s[1] if s[1] is not None else 0 for s in stats], capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(metric)
-        ax.grid(axis="y", alpha=0.3)
-    figure.suptitle("Continual learning: methods compared (mean ± std over seeds and orders)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -187,7 +187,7 @@ MMAC_PARTS = ("mmlu", "medqa", "arc_c", "csqa")  # MMAC: MMLU + MedQA + ARC-C + 
 
 def _load_splits(benchmark: Benchmark, data_files):
     """``{split name: rows}`` from the hub, or from local JSON/JSONL/Parquet/CSV files in its layout."""
-    try:
+    try:  # imported here: datasets takes 1.7 s to import (-X importtime), and only these commands need it
         import datasets
     except ImportError as exc:
         raise ImportError(f"loading {benchmark.hub_id} needs the datasets package: pip install datasets") from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -27,15 +28,18 @@ _FIELDS_ATTRIBUTE = "_cnl_option_fields"  # on a parser: {dataclass: names of it
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, choices=None, flag: str | None = None,
-           metavar: str | None = None, default_factory=dataclasses.MISSING, cli: bool = True, append: bool = False):
+           metavar: str | None = None, default_factory=dataclasses.MISSING, cli: bool = True, append: bool = False,
+           deprecated: tuple = ()):
     """A dataclass field that is also a command-line option.
 
     ``choices``: a sequence, or a function returning one (called when the parser is built, so a
     list owned by another module is read at use). ``flag``: the option's name when not
     ``--field-name`` (a ``True``-default bool gets ``--no-field-name``). ``cli=False``: not an option.
     ``append``: a list given one value per repeated flag (``--task a --task b``) instead of several after one.
+    ``deprecated``: old spellings of the flag, still accepted with a warning (and not in the help).
     """
-    metadata = dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli, append=append)
+    metadata = dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli, append=append,
+                    deprecated=tuple(deprecated))
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -123,11 +127,28 @@ def add_options(parser: argparse.ArgumentParser, cls, *, only=None, skip=(), def
                                else field.default_factory() if field.default_factory is not dataclasses.MISSING
                                else dataclasses.MISSING)
         kwargs, help_text = _argparse_kwargs(field, hints[field.name], default)
-        group.add_argument(flag_of(field, default), dest=field.name, help=help_text, **kwargs)
+        flag = flag_of(field, default)
+        group.add_argument(flag, dest=field.name, help=help_text, **kwargs)
+        for old in field.metadata.get("deprecated", ()):
+            action = parser._registry_get("action", kwargs.get("action"), kwargs.get("action"))
+            # default None: never used, argparse keeps the default of the flag declared first
+            old_kwargs = dict(kwargs, action=_deprecated_spelling(action, flag), default=None, required=False)
+            group.add_argument(old, dest=field.name, help=argparse.SUPPRESS, **old_kwargs)
     unknown = (set(only or ()) | set(skip)) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise TypeError(f"add_options: {cls.__name__} has no option fields {sorted(unknown)}")
     declared[cls] = names
+
+
+def _deprecated_spelling(action: type, flag: str) -> type:
+    """``action`` that first warns that its option is an old spelling of ``flag``."""
+
+    class DeprecatedSpelling(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {option_string} is deprecated; use {flag}", file=sys.stderr)
+            super().__call__(parser, namespace, values, option_string)
+
+    return DeprecatedSpelling
 
 
 def build(cls, args: argparse.Namespace, parser: argparse.ArgumentParser):

@@ -15,10 +15,14 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
+
+import torch
 
 __all__ = ["UsageError", "atomic_write", "write_text", "write_json", "OutputFolder", "check_output_file",
            "provenance", "package_versions", "sha256_file"]
@@ -80,10 +84,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 
 def package_versions() -> dict:
     """Versions of what decides the numbers (``None``: not installed)."""
-    from importlib import metadata
-
-    import torch
-
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in ("cnl_ext", "torch", "triton", "transformers", "tokenizers", "numpy", "peft", "gguf"):
         try:
@@ -98,15 +98,9 @@ def package_versions() -> dict:
 
 def provenance(argv, *, seeds: dict, weights: dict) -> dict:
     """What ``results.json`` records about how it was made."""
-    return dict(command=" ".join(["python -m cnl_ext", *(_quote(a) for a in argv)]), argv=list(argv),
+    return dict(command=" ".join(["python -m cnl_ext", *map(shlex.quote, argv)]), argv=list(argv),
                 versions=package_versions(), seeds=seeds, weights_sha256=weights,
                 finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 # ---------------------------------------------------------------------------------- output locations
@@ -139,16 +133,18 @@ class OutputFolder:
     """A command's output folder, written through a staging folder (see the module doc).
 
     ``replaceable(path)``: whether a non-empty ``final`` folder may be replaced without
-    ``--overwrite`` (the demo's default folder holding a previous demo).
+    ``--overwrite`` (the demo's default folder holding a previous demo). ``continuable``: ``--resume``
+    may also continue a finished ``final`` folder (``continual`` adds runs to it): its copy is staged.
     """
 
     def __init__(self, final, *, overwrite: bool = False, resume: bool = False, replaceable=None,
-                 flag: str = "--out"):
+                 continuable: bool = False, flag: str = "--out"):
         self.final = Path(final)
         self.staging = self.final.parent / f".{self.final.name}{STAGING_SUFFIX}"
-        self.overwrite, self.resume, self.flag = overwrite, resume, flag
+        self.overwrite, self.resume, self.continuable, self.flag = overwrite, resume, continuable, flag
         self.replaceable = replaceable or (lambda path: False)
         self.resuming = False  # set by check(): a staging folder of an interrupted run is continued
+        self.reopening = False  # set by check(): a finished folder is continued (copied to the staging folder)
 
     @property
     def path(self) -> Path:
@@ -166,8 +162,12 @@ class OutputFolder:
             raise UsageError(f"{flag} {final} is a file; give a folder (it will hold several files)")
         _check_writable_parent(final, flag)
         interrupted = self.staging.is_dir()
+        finished = final.is_dir() and any(final.iterdir())
         if self.resume:
-            if not interrupted and final.is_dir() and any(final.iterdir()):
+            if not interrupted and finished and self.continuable:
+                self.resuming = self.reopening = True
+                return
+            if not interrupted and finished:
                 raise UsageError(f"{flag} {final} holds a finished run, with nothing to resume; pass --overwrite "
                                  f"to run again, or choose another {flag}")
             self.resuming = interrupted
@@ -177,8 +177,10 @@ class OutputFolder:
         if interrupted and not self.overwrite:
             raise UsageError(f"{flag} {final}: an interrupted run is saved in {self.staging}; pass --resume to "
                              f"continue it or --overwrite to start again")
-        if final.is_dir() and any(final.iterdir()) and not self.overwrite and not self.replaceable(final):
-            raise UsageError(f"{flag} {final} is not empty; pass --overwrite to replace it, or choose another {flag}")
+        if finished and not self.overwrite and not self.replaceable(final):
+            also = "--resume to continue its runs, " if self.continuable else ""
+            raise UsageError(f"{flag} {final} is not empty; pass {also}--overwrite to replace it, or choose another "
+                             f"{flag}")
 
     def _check_same_options(self, options: dict) -> None:
         try:
@@ -194,6 +196,9 @@ class OutputFolder:
 
     def open(self, options: dict) -> None:
         """Create the staging folder recording ``options`` (resuming: keep it as it is)."""
+        if self.reopening:
+            shutil.copytree(self.final, self.staging)
+            write_json(self.staging / COMMAND_FILE, dict(options=options))
         if self.resuming:
             return
         if self.staging.exists():  # an interrupted run replaced by --overwrite

@@ -6,6 +6,10 @@
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import sys
+
 from tqdm import tqdm
 
 __all__ = ["bar", "note", "epoch_line", "quiet_library_bars"]
@@ -13,11 +17,9 @@ __all__ = ["bar", "note", "epoch_line", "quiet_library_bars"]
 
 def quiet_library_bars() -> None:
     """Turn off transformers' and huggingface_hub's own bars ("Loading weights") when stderr is not a terminal."""
-    import sys
-
     if sys.stderr.isatty():
         return
-    try:
+    try:  # imported here, where a model is about to load: transformers takes 1.5 s to import (-X importtime)
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
@@ -29,9 +31,6 @@ def quiet_library_bars() -> None:
         disable_progress_bars()
     except ImportError:
         pass
-    import functools
-    import importlib
-
     # transformers' GGUF loader calls tqdm directly, whatever disable_progress_bar() says.
     for name in ("transformers.modeling_gguf_pytorch_utils",):
         try:

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-import cnl_ext
+from cnl_ext import functional, reference_format
 
 from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
 from .model import MCQEncoder, backward_mean_loss, check_trainable, lora_adapters, predict, select_trainable
 from .options import option
 from .progress import bar, epoch_line, note
+from .training import OPTIMIZERS, seeded_batches, train_step
+from .training import make_optimizer as optimizer_by_name
 
 __all__ = [
     "OPTIMIZERS", "METHODS", "DEFAULT_LR", "InjectConfig", "EpochRecord", "RunResult", "Split",
@@ -28,7 +30,6 @@ __all__ = [
     "out_of_set", "teach_first", "teach_summary", "TeachSettings", "snapshot", "restore", "backend_choices",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 METHODS = ("ft", "cnl", "replay", "lora")
 # SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
 DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
@@ -36,16 +37,12 @@ DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
 
 def backend_choices() -> tuple:
     """The ``backend=`` names the optimizers accept (read from :mod:`cnl_ext.functional` at use)."""
-    from cnl_ext import functional
-
     names = list(functional.BACKENDS)
     aliases = getattr(functional, "BACKEND_ALIASES", None) or getattr(functional, "ALIASES", None) or {}
     return tuple(names + [alias for alias in aliases if alias not in names])
 
 
 def reference_dtype_choices() -> tuple:
-    from cnl_ext import reference_format
-
     return tuple(reference_format.FORMATS)
 
 
@@ -98,16 +95,9 @@ class InjectConfig:
 
 def make_optimizer(config: InjectConfig, params, *, track_stats: bool = False):
     """The cnl_ext optimizer for ``config.optimizer`` (plain FT until a reference is set)."""
-    extras = dict(backend=config.backend, reference_dtype=config.reference_dtype, track_stats=track_stats)
-    lr = config.learning_rate
-    if config.optimizer == "sgd":
-        return cnl_ext.FusedCNLSGD(params, lr=lr, **extras)
-    if config.optimizer == "momentum":
-        return cnl_ext.FusedCNLSGD(params, lr=lr, momentum=config.momentum, **extras)
-    if config.optimizer == "adam":
-        return cnl_ext.FusedCNLAdam(params, lr=lr, betas=config.betas, eps=config.eps, **extras)
-    return cnl_ext.FusedCNLAdamW(params, lr=lr, betas=config.betas, eps=config.eps,
-                                 weight_decay=config.weight_decay, **extras)
+    return optimizer_by_name(config.optimizer, params, lr=config.learning_rate, momentum=config.momentum,
+                             betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+                             backend=config.backend, reference_dtype=config.reference_dtype, track_stats=track_stats)
 
 
 # ---------------------------------------------------------------------------------- split
@@ -197,7 +187,8 @@ class RunResult:
         return cls(**fields, epochs=[EpochRecord(**e) for e in saved["epochs"]])
 
 
-def _evaluate(model, encoder, eval_injection, eval_mastered, batch_size):
+def _learned_and_forgot(model, encoder, eval_injection, eval_mastered, batch_size):
+    """Indices of the injection questions answered right and of the mastered questions answered wrong."""
     learned = predict(model, encoder, eval_injection, batch_size=batch_size, desc="eval injection").correct(eval_injection)
     kept = predict(model, encoder, eval_mastered, batch_size=batch_size, desc="eval mastered").correct(eval_mastered)
     return [i for i, ok in enumerate(learned) if ok], [i for i, ok in enumerate(kept) if not ok]
@@ -205,17 +196,12 @@ def _evaluate(model, encoder, eval_injection, eval_mastered, batch_size):
 
 def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed, desc, before_step=None):
     """One pass over ``questions`` in a seeded order; returns (mean loss, collaborative shares)."""
-    order = list(range(len(questions)))
-    random.Random(order_seed).shuffle(order)
     losses, shares = [], []
-    steps = bar(range(0, len(order), batch_size), desc=desc, unit="step")
-    for start in steps:
+    steps = bar(seeded_batches(questions, batch_size, order_seed), desc=desc, unit="step")
+    for batch in steps:
         if before_step is not None:
             before_step()
-        batch = [questions[i] for i in order[start:start + batch_size]]
-        optimizer.zero_grad(set_to_none=True)
-        loss = backward_mean_loss(model, encoder, batch, batch_size=len(batch))
-        optimizer.step()
+        loss = train_step(model, encoder, optimizer, batch)
         stats = optimizer.cnl_stats() if getattr(optimizer, "track_stats", False) else None
         if stats is not None:
             shares.append(stats.collaborative_share)
@@ -267,7 +253,7 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             steps_done = saved["steps_done"]
             note(f"{name}: resuming after epoch {saved['epoch']} of {config.epochs}")
         else:
-            learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+            learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
             records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
         start = time.perf_counter() - records[-1].wall_s
 
@@ -282,7 +268,7 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             loss, shares = _train_epoch(trained_model, encoder, optimizer, train, batch_size=config.batch_size,
                                         order_seed=config.seed * 100_003 + epoch, desc=f"{name} epoch {epoch}",
                                         before_step=refresh_reference)
-            learned, forgot = _evaluate(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+            learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
             share = sum(shares) / len(shares) if shares else None
             records.append(EpochRecord(epoch, loss, len(learned), len(forgot), share, learned, forgot,
                                        time.perf_counter() - start))

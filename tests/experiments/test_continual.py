@@ -13,12 +13,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from cnl_ext.experiments import continual  # noqa: E402
-from cnl_ext.experiments.continual import (METHODS, ContinualConfig, continual_metrics,  # noqa: E402
-                                           load_tasks, make_optimizer, select_memory)
+from cnl_ext.experiments.continual import (CONTINUAL_METHODS, ContinualConfig, continual_metrics,  # noqa: E402
+                                           load_tasks, select_memory, task_optimizer)
 from cnl_ext import CNLOptimizer  # noqa: E402
 from cnl_ext.experiments.data import MCQuestion, write_jsonl  # noqa: E402
 from cnl_ext.experiments.demo import make_demo_questions  # noqa: E402
-from cnl_ext.experiments.options import add_options, build  # noqa: E402
+from cnl_ext.experiments.model import MCQEncoder, ModelOptions  # noqa: E402
+from cnl_ext.experiments.options import build  # noqa: E402
 
 from .test_experiments import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -41,12 +42,16 @@ def task_files(tmp_path_factory):
     return files
 
 
-def tiny_config(task_files, out_dir, **overrides):
-    settings = dict(tasks=[task_files["alpha"], task_files["beta"], task_files["gamma"]], out_dir=str(out_dir),
+def tiny_config(task_files, **overrides):
+    settings = dict(tasks=[task_files["alpha"], task_files["beta"], task_files["gamma"]],
                     questions_per_task=16, heldout_fraction=0.25, memory_per_task=8, epochs=1, batch_size=4,
                     lr=3e-3, lora_lr=3e-3, lora_r=4, lora_alpha=8, backend="torch", eval_batch_size=16,
                     rkif_inner_steps=2, rkif_outer_steps=1)
     return ContinualConfig(**{**settings, **overrides})
+
+
+def run(config, model, tokenizer, out_dir, *, resume=False):
+    return continual.run(config, model, MCQEncoder(tokenizer), out_dir, resume=resume)
 
 
 # ---------------------------------------------------------------------------------- §7.13 metrics
@@ -65,7 +70,7 @@ def test_metrics_on_the_specs_matrix():
 # ---------------------------------------------------------------------------------- tasks and memory
 
 def test_tasks_join_files_sample_and_hold_out(task_files, tmp_path):
-    config = tiny_config(task_files, tmp_path)
+    config = tiny_config(task_files)
     tasks = load_tasks(config, seed=0)
     assert list(tasks) == ["alpha", "beta", "gamma"]
     for task in tasks.values():
@@ -97,7 +102,7 @@ def test_memory_is_balanced_by_answer_letter():
 ])
 def test_config_validation(task_files, tmp_path, overrides, problem):
     with pytest.raises(ValueError, match=problem):
-        tiny_config(task_files, tmp_path, **overrides)
+        tiny_config(task_files, **overrides)
 
 
 def test_config_fields_all_have_help():
@@ -106,20 +111,22 @@ def test_config_fields_all_have_help():
 
 
 def test_command_line_options_map_to_the_config(task_files):
-    import argparse
+    """The continual command's options fill its config, the model options and --resume (one option each)."""
+    from cnl_ext.cli import build_parser
+    from cnl_ext.cli.settings import ResumeOptions
 
-    parser = argparse.ArgumentParser()
-    add_options(parser, ContinualConfig)
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    parser = subparsers["continual"]
     args = parser.parse_args(["--task", task_files["alpha"], "--task", task_files["beta"], "--methods", "ft,kif",
                               "recurrent-kif", "--seeds", "0", "3", "--orders", "alpha,beta", "beta,alpha",
                               "--questions-per-task", "32", "--importance-betas", "0.5", "0.6", "--no-chat-template",
                               "--max-grad-norm", "1.0", "--rkif-rule", "paper", "--resume"])
-    config = build(ContinualConfig, args, parser)
+    config, model = build(ContinualConfig, args, parser), build(ModelOptions, args, parser)
     assert config.tasks == [task_files["alpha"], task_files["beta"]]
     assert config.methods == ["ft", "kif", "recurrent-kif"] and config.seeds == [0, 3]
     assert config.orders == ["alpha,beta", "beta,alpha"] and config.questions_per_task == 32
-    assert config.importance_betas == (0.5, 0.6) and config.use_chat_template is False
-    assert config.max_grad_norm == 1.0 and config.rkif_rule == "paper" and config.resume is True
+    assert config.importance_betas == (0.5, 0.6) and model.chat_template is False
+    assert config.max_grad_norm == 1.0 and config.rkif_rule == "paper" and build(ResumeOptions, args, parser).resume
     defaults = build(ContinualConfig, parser.parse_args([]), parser)
     assert defaults == ContinualConfig()
 
@@ -129,7 +136,7 @@ def test_command_line_options_map_to_the_config(task_files):
 def test_run_optimizer_keeps_kif_importance_by_the_formula():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = make_optimizer(params, lr=1e-2, config=ContinualConfig(backend="torch"), importance="first")
+    optimizer = task_optimizer(params, lr=1e-2, config=ContinualConfig(backend="torch"), importance="first")
     s = [torch.zeros_like(p) for p in params]
     u = [torch.zeros_like(p) for p in params]
     for _ in range(3):
@@ -148,7 +155,7 @@ def test_run_optimizer_keeps_kif_importance_by_the_formula():
 def test_recurrent_kif_slots_are_separate():
     """Recurrent-KIF's inner and outer learners keep their EMAs in the optimizer's two slots."""
     params = [torch.nn.Parameter(torch.ones(3))]
-    optimizer = make_optimizer(params, lr=0.0, config=ContinualConfig(backend="torch"), importance="first")
+    optimizer = task_optimizer(params, lr=0.0, config=ContinualConfig(backend="torch"), importance="first")
     optimizer.importance_slot = "outer"
     params[0].grad = torch.ones(3)
     optimizer.step()
@@ -163,7 +170,7 @@ def test_recurrent_kif_slots_are_separate():
 def test_recurrent_kif_schedule(task_files, tmp_path, tokenizer, monkeypatch):
     """Fusion after inner steps Q, 2Q, ...; R outer steps per cycle on the memory touch only the outer
     slot; the inner slot is zero after fusion, the outer one is not; task 1 runs without fusion."""
-    config = tiny_config(task_files, tmp_path, methods=["recurrent-kif"], rkif_inner_steps=2, rkif_outer_steps=2,
+    config = tiny_config(task_files, methods=["recurrent-kif"], rkif_inner_steps=2, rkif_outer_steps=2,
                          questions_per_task=8, batch_size=2)
     events = []
     real_step, real_fuse = continual._Trainer.step, continual.kif.recurrent_fuse_
@@ -189,7 +196,7 @@ def test_recurrent_kif_schedule(task_files, tmp_path, tokenizer, monkeypatch):
 
     monkeypatch.setattr(CNLOptimizer, "reset_importance", reset)
     model = tiny_model(len(tokenizer))
-    continual.run(config, model=model, tokenizer=tokenizer)
+    run(config, model, tokenizer, tmp_path)
     # task 1: 6 training questions / batch 2 = 3 plain steps, no fusion
     assert [e[1] for e in events[:3]] == ["plain"] * 3
     rest = events[3:]
@@ -205,11 +212,11 @@ def test_recurrent_kif_schedule(task_files, tmp_path, tokenizer, monkeypatch):
 # ---------------------------------------------------------------------------------- end to end
 
 def test_every_method_end_to_end(task_files, tmp_path, tokenizer):
-    config = tiny_config(task_files, tmp_path / "out", questions_per_task=8, batch_size=3, rkif_inner_steps=1)
+    config = tiny_config(task_files, questions_per_task=8, batch_size=3, rkif_inner_steps=1)
     model = tiny_model(len(tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    records = continual.run(config, model=model, tokenizer=tokenizer)
-    assert [r.method for r in records] == list(METHODS)
+    records = run(config, model, tokenizer, tmp_path / "out")
+    assert [r.method for r in records] == list(CONTINUAL_METHODS)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored afterwards
     for r in records:
         assert len(r.matrix) == 3 and all(len(row) == 3 for row in r.matrix)
@@ -226,10 +233,10 @@ def test_every_method_end_to_end(task_files, tmp_path, tokenizer):
     out = tmp_path / "out"
     for name in ("matrices.csv", "summary.csv", "results.json", "tables.md", "comparison.png"):
         assert (out / name).stat().st_size > 0, name
-    for method in METHODS:
+    for method in CONTINUAL_METHODS:
         assert (out / f"heatmap_{method}.png").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert len(rows) == 7 and {row["method"] for row in rows} == set(METHODS)
+    assert len(rows) == 7 and {row["method"] for row in rows} == set(CONTINUAL_METHODS)
     assert len(list(csv.DictReader(open(out / "matrices.csv")))) == 7 * 4 * 3
     saved = json.loads((out / "results.json").read_text())
     assert saved["task_sizes"]["0"]["alpha"] == {"train": 6, "heldout": 2}
@@ -237,26 +244,26 @@ def test_every_method_end_to_end(task_files, tmp_path, tokenizer):
 
 
 def test_orders_seeds_and_resume(task_files, tmp_path, tokenizer):
-    config = tiny_config(task_files, tmp_path / "out", methods=["ft"], questions_per_task=6,
+    config = tiny_config(task_files, methods=["ft"], questions_per_task=6,
                          batch_size=3, orders=["alpha,beta,gamma", "gamma,alpha,beta"], seeds=[0, 1])
     model = tiny_model(len(tokenizer))
-    records = continual.run(config, model=model, tokenizer=tokenizer)
+    records = run(config, model, tokenizer, tmp_path / "out")
     assert [(r.seed, r.order[0], r.method) for r in records] == [
         (s, first, "ft") for s in (0, 1) for first in ("alpha", "gamma")]
     assert len(list((tmp_path / "out" / "runs").iterdir())) == 4
     assert records[0].base != records[2].base or records[0].matrix != records[2].matrix  # seeds pick other questions
     # resume: every run is read back, nothing is trained again
-    resumed = continual.run(dataclasses.replace(config, resume=True), model=model, tokenizer=tokenizer)
+    resumed = run(config, model, tokenizer, tmp_path / "out", resume=True)
     assert [r.matrix for r in resumed] == [r.matrix for r in records]
     with pytest.raises(ValueError, match="other settings.*epochs"):
-        continual.run(dataclasses.replace(config, resume=True, epochs=2), model=model, tokenizer=tokenizer)
+        run(dataclasses.replace(config, epochs=2), model, tokenizer, tmp_path / "out", resume=True)
     with pytest.raises(ValueError, match="not a permutation"):
-        continual.run(dataclasses.replace(config, orders=["alpha,beta"]), model=model, tokenizer=tokenizer)
+        run(dataclasses.replace(config, orders=["alpha,beta"]), model, tokenizer, tmp_path / "out")
 
 
 def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tokenizer, monkeypatch):
     """The same memory questions (of the earlier tasks only) reach every method that uses memory."""
-    config = tiny_config(task_files, tmp_path, methods=["replay", "cnl", "recurrent-kif"], questions_per_task=8,
+    config = tiny_config(task_files, methods=["replay", "cnl", "recurrent-kif"], questions_per_task=8,
                          batch_size=3, rkif_inner_steps=1, rkif_outer_steps=1)
     tasks = load_tasks(config, seed=0)
     memories = [select_memory(tasks[n].train, config.memory_per_task, f"0:{n}") for n in ("alpha", "beta", "gamma")]
@@ -293,7 +300,7 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     monkeypatch.setattr(continual, "_train_task", train_task)
     monkeypatch.setattr(continual, "compute_reference", compute_reference)
     monkeypatch.setattr(continual, "_train_task_recurrent_kif", train_recurrent)
-    continual.run(config, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
+    run(config, tiny_model(len(tokenizer)), tokenizer, tmp_path)
     expected = [[q.prompt for m in memories[:k] for q in m] for k in range(3)]
     for method in seen:
         assert [memory for _, memory in seen[method]] == expected, method
@@ -303,10 +310,14 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     assert outer_batches and all(batch <= set(expected[2]) for batch in outer_batches)
 
 
-def test_overwrite_empties_the_out_dir_first(task_files, tmp_path, tokenizer):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.png").write_bytes(b"an earlier run's chart")
-    config = tiny_config(task_files, out, methods=["ft"], questions_per_task=8, overwrite=True)
-    continual.run(config, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
-    assert not (out / "stale.png").exists() and list((out / "runs").iterdir())
+def test_saved_runs_names_only_the_runs_beyond_the_continued_folder(tmp_path):
+    """What Ctrl-C keeps (and reports) of a continual command: the runs its staging folder added."""
+    staging, finished = tmp_path / ".out.partial", tmp_path / "out"
+    assert continual.saved_runs(staging) is None
+    for folder, names in ((finished, ["seed0_order0_ft"]), (staging, ["seed0_order0_ft", "seed0_order0_cnl"])):
+        (folder / "runs").mkdir(parents=True)
+        for name in names:
+            (folder / "runs" / f"{name}.json").write_text("{}")
+    assert continual.saved_runs(staging) == "2 finished run(s)"
+    assert continual.saved_runs(staging, finished) == "1 finished run(s)"
+    assert continual.saved_runs(finished, finished) is None

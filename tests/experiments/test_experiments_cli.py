@@ -450,7 +450,44 @@ def test_continual_refuses_a_non_empty_out_dir_before_loading_the_model(workspac
     (out / "earlier.txt").write_text("an earlier run's file")
     task = f"a={workspace / 'questions.jsonl'}"
     assert main(["continual", "--task", task, "--model", workspace / "no-such-model", "--out", out]) == 2
-    assert "is not empty: pass --resume" in capsys.readouterr().err
+    assert "is not empty; pass --resume to continue its runs" in capsys.readouterr().err
     assert (out / "earlier.txt").exists()
     assert main(["continual", "--task", task, "--out", out, "--resume", "--overwrite"]) == 2
-    assert "pass one" in capsys.readouterr().err
+    assert "give one of the two" in capsys.readouterr().err
+
+
+# the settings a continual run was saved with before its model and output options joined the CLI's
+CONTINUAL_RUN_SETTINGS = {
+    "backend", "batch_size", "betas", "dtype", "epochs", "eps", "gguf_file", "heldout_fraction", "importance_betas",
+    "kif_beta", "kif_gamma", "kif_quantile", "kif_tau", "kif_unit", "lora_alpha", "lora_lr", "lora_r", "lr",
+    "max_grad_norm", "memory_per_task", "model", "orth_weight", "questions_per_task", "reference_batch_size",
+    "rkif_inner_steps", "rkif_outer_steps", "rkif_quantile", "rkif_rule", "tasks", "trainable", "use_chat_template",
+    "weight_decay"}
+
+
+def test_continual_overwrites_resumes_a_finished_folder_and_takes_the_old_spellings(workspace, capsys):
+    out = workspace / "continual"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"an earlier run's chart")
+    task = f"a={workspace / 'questions.jsonl'}"
+    settings = ["--task", task, *_model(workspace), "--questions-per-task", "8", "--epochs", "1", *TRAIN]
+    assert main(["continual", *settings, "--methods", "ft", "--out", out, "--overwrite"]) == 0
+    assert not (out / "stale.png").exists() and list((out / "runs").iterdir())  # emptied first
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith("python -m cnl_ext continual --task ") and results["weights_sha256"]
+    assert results["config"]["model"] == str(workspace / "model") and results["config"]["use_chat_template"]
+    saved = (out / "runs" / "seed0_order0_ft.json").read_text()
+    assert set(json.loads(saved)["settings"]) == CONTINUAL_RUN_SETTINGS  # run folders made before still resume
+    capsys.readouterr()
+    # --resume adds a method to a finished folder and reads the finished run back; the old spellings still work
+    assert main(["continual", *settings, "--methods", "ft", "replay", "--out-dir", out, "--no-use-chat-template",
+                 "--resume"]) == 2
+    captured = capsys.readouterr()
+    assert "warning: --out-dir is deprecated; use --out" in captured.err
+    assert "warning: --no-use-chat-template is deprecated; use --no-chat-template" in captured.err
+    assert "other settings (use_chat_template)" in captured.err  # the saved run used the chat template
+    assert main(["continual", *settings, "--methods", "ft", "replay", "--out-dir", out, "--resume"]) == 0
+    assert (out / "runs" / "seed0_order0_ft.json").read_text() == saved
+    summary = _rows(out / "summary.csv")
+    assert [row["method"] for row in summary] == ["ft", "replay"]
+    assert not list(workspace.glob(".continual*.partial")), "the staging folder was moved into place"
