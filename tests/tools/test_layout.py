@@ -1,4 +1,5 @@
-"""The package's structure: no import cycles (imports inside functions count), and the layers' direction."""
+"""The package's structure: no import cycles (imports inside functions count), the layers' direction, and
+no module over 500 lines."""
 from __future__ import annotations
 
 import ast
@@ -83,3 +84,17 @@ def test_kernels_and_optimizers_know_nothing_of_experiments():
             assert not {m for m in imported if m.startswith(("cnl_ext.experiments", "cnl_ext.cli"))}, module
         if module.startswith("cnl_ext.ops"):
             assert not {m for m in imported if m.startswith("cnl_ext.optim")}, module
+
+
+MAX_LINES = 500
+OVER_LENGTH_EXCEPTIONS = {"ops/triton_step.py"}  # split on branch contract
+
+
+def test_no_module_over_500_lines():
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES and relative not in OVER_LENGTH_EXCEPTIONS:
+            long[relative] = lines
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"
