@@ -51,7 +51,7 @@ class FusedCNLSGD(CNLOptimizer):
             real_views(params), real_views(grads), buffers, self._references_for(params), stats,
             lr=scalar(group["lr"], on_device=torch.compiler.is_compiling()), weight_decay=group["weight_decay"],
             momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-            maximize=group["maximize"], reference_format=self.reference_format, backend=self.backend, check=False,
+            maximize=group["maximize"], reference_format=self.reference_format, backend=self._step_backends,
             **self._importance_arguments(params, states),
         )
         for i, (p, state) in enumerate(zip(params, states)):
