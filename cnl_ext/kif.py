@@ -19,9 +19,9 @@ KIF, at the end of task k (spec §1.3-1.5)::
     recurrent_fuse_(params, anchors, inner_ends, (S_in, U_in), (S_out, U_out), d_in, d_out, rule="code")
 
 The elementwise passes are ops of the backends of :mod:`cnl_ext.registry`, chosen by its
-:func:`~cnl_ext.registry.resolve` and launched per bucket by :mod:`cnl_ext.planning`: ``"torch"`` (:mod:`cnl_ext.ops.kif_fusion_torch`, any device, the
-oracle), ``"triton"`` (:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1) or
-``"native"`` (the C++ CPU kernels, ``csrc/cpu/cnl_cpu_kif.cpp``); ``"auto"`` takes Triton for CUDA
+:func:`~cnl_ext.registry.resolve` and launched per bucket by :mod:`cnl_ext.planning`: ``"torch"``
+(:mod:`cnl_ext.ops.kif_fusion_torch`, any device, the oracle), ``"triton"``
+(:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1) or ``"native"`` (the C++ CPU kernels, ``csrc/cpu/cnl_cpu_kif.cpp``); ``"auto"`` takes Triton for CUDA
 tensors and the native kernels for CPU tensors where they load, else torch. The global quantile is
 exact for any number of elements (``torch.quantile`` refuses more than 2**24).
 """

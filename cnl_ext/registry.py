@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -90,24 +91,23 @@ def why_unsupported(module, device, what) -> str:
     return module.capabilities(device).reason or f"backend {module.NAME!r} does not support {what} on {device}"
 
 
-class Needs(tuple):
+class Needs(NamedTuple):
     """The capabilities beyond the op itself that a call needs: ``float64`` (float64 parameters),
     ``capturable`` (a tensor ``lr`` and device step counts)."""
-
-    def __new__(cls, float64: bool = False, capturable: bool = False):
-        return super().__new__(cls, (bool(float64), bool(capturable)))
+    float64: bool = False
+    capturable: bool = False
 
     @staticmethod
     def of(dtype=None, capturable: bool = False) -> "Needs":
-        return Needs(dtype == torch.float64, capturable)
+        return Needs(dtype == torch.float64, bool(capturable))
 
     def missing(self, capabilities: Capabilities, op) -> str:
         """The first of ``op`` and these needs that ``capabilities`` lack (``""``: none)."""
         if not capabilities.runs(op):
             return str(op)
-        if self[0] and not capabilities.float64:
+        if self.float64 and not capabilities.float64:
             return "float64"
-        if self[1] and not capabilities.capturable:
+        if self.capturable and not capabilities.capturable:
             return "capturable"
         return ""
 
@@ -147,9 +147,11 @@ def _choose(device, op, needs: Needs, dtype):
         if not needs.missing(module.capabilities(device), op):
             break
     else:
-        detail = (f" for {dtype} parameters" if needs[0] else "") + (" with capturable=True" if needs[1] else "")
+        detail = f" for {dtype} parameters" if needs.float64 else ""
+        detail += " with capturable=True" if needs.capturable else ""
         raise RuntimeError(f"no backend runs {op} on {device}{detail}")
-    message = f"cnl_ext: backend='auto' uses {module.NAME!r} for {device.type} tensors because " + "; ".join(passed_over)
+    message = (f"cnl_ext: backend='auto' uses {module.NAME!r} for {device.type} tensors because "
+               + "; ".join(passed_over))
     if passed_over and message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -89,3 +89,16 @@ def test_check_step_returns_the_backends_the_functional_call_takes():
     assert set(backends) == {(torch.device("cpu"), False), (torch.device("cpu"), True)}
     functional.cnl_sgd(params, grads, [None, None], lr=0.5, backend=backends)
     assert all(torch.equal(p, torch.full_like(p, -0.5)) for p in params)
+
+
+def test_a_step_checks_the_importance_options_only_at_construction(monkeypatch):
+    params = [torch.randn(4, requires_grad=True)]
+    params[0].grad = torch.randn(4)
+    opt = cnl_ext.FusedCNLAdamW(params, lr=0.1, importance="param_mix", backend="torch")
+    calls = []
+    monkeypatch.setattr(functional, "check_importance_options", lambda *args: calls.append(args))
+    opt.step()
+    assert calls == [] and opt.importance_scores()[0].abs().sum() > 0
+    functional.cnl_sgd(params, [torch.ones(4)], [None], lr=0.1, backend="torch", importance=opt.importance_state(),
+                       importance_kind="param_mix")
+    assert len(calls) == 1  # the functional API checks what it is given

@@ -287,7 +287,8 @@ def test_schemas_parse_and_match_the_ops_contract():
                     if not n.startswith("importance")}
         assert names == list(contract), name
         keyword_only = [n for n, p in contract.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        assert [a.name for a in schema.arguments if a.kwarg_only] == keyword_only + ["lr_tensor"] + IMPORTANCE_ARGUMENTS
+        kwarg_only = [a.name for a in schema.arguments if a.kwarg_only]
+        assert kwarg_only == keyword_only + ["lr_tensor"] + IMPORTANCE_ARGUMENTS, name
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert written == mutated[name] | {"sensitivities", "uncertainties"}, name
         assert spec.written | {"stats"} == mutated[name], name

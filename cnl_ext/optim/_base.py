@@ -146,7 +146,8 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group, params, grads, stats):
         """Update ``params`` of ``group`` (all have gradients ``grads``) with cnl_ext.functional, passing
-        ``backend=self._step_backends``: the backends :meth:`_gradients` resolved when it checked them."""
+        ``backend=self._step_backends`` (the backends :meth:`_gradients` resolved when it checked them) and
+        ``check=False`` (checked: the gradients there, the importance options at construction)."""
         raise NotImplementedError
 
     def _gradients(self):
