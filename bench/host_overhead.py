@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 import torch
 
 import cnl_ext
-from cnl_ext.ops import triton_step
+from cnl_ext.ops import triton_adam, triton_sgd
 
 from bench import harness, report
 
@@ -59,8 +59,8 @@ def host_ms_per_step(case: str, tensors: int, warmup: int, iters: int) -> float:
     opt = make_optimizer(params)
     if with_reference:
         opt.set_reference([torch.ones_like(p) for p in params])
-    with mock.patch.object(triton_step, "_adam_kernel", _NoLaunch()), \
-            mock.patch.object(triton_step, "_sgd_kernel", _NoLaunch()):
+    with mock.patch.object(triton_adam, "_adam_kernel", _NoLaunch()), \
+            mock.patch.object(triton_sgd, "_sgd_kernel", _NoLaunch()):
         times = harness.time_steps(opt.step, torch.device("cpu"), warmup, iters)
     return harness.median(times)
 

@@ -18,10 +18,10 @@ KIF, at the end of task k (spec §1.3-1.5)::
     d_in = score_quantile(S_in, U_in, 0.8); d_out = score_quantile(S_out, U_out, 0.8)
     recurrent_fuse_(params, anchors, inner_ends, (S_in, U_in), (S_out, U_out), d_in, d_out, rule="code")
 
-The elementwise passes are ops of the backends of :mod:`cnl_ext.functional`'s registry, chosen by its
-:func:`~cnl_ext.functional.resolve`: ``"torch"`` (:mod:`cnl_ext.ops.kif_fusion_torch`, any device, the
-oracle), ``"triton"`` (:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1) or
-``"native"`` (the C++ CPU kernels, ``csrc/cpu/cnl_cpu_kif.cpp``); ``"auto"`` takes Triton for CUDA
+The elementwise passes are ops of the backends of :mod:`cnl_ext.registry`, chosen by its
+:func:`~cnl_ext.registry.resolve` and launched per bucket by :mod:`cnl_ext.planning`: ``"torch"``
+(:mod:`cnl_ext.ops.kif_fusion_torch`, any device, the oracle), ``"triton"``
+(:mod:`cnl_ext.ops.kif_fusion_triton`; CUDA, or CPU under TRITON_INTERPRET=1) or ``"native"`` (the C++ CPU kernels, ``csrc/cpu/cnl_cpu_kif.cpp``); ``"auto"`` takes Triton for CUDA
 tensors and the native kernels for CPU tensors where they load, else torch. The global quantile is
 exact for any number of elements (``torch.quantile`` refuses more than 2**24).
 """
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import functional
+from . import planning, registry
+from .ops.contract import KIF_RECURRENT_FUSE, KIF_TASK_VECTOR_FUSE
 from .ops.kif_fusion_torch import FUSION_RULES
 
 __all__ = [
@@ -315,44 +316,19 @@ FUSION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _check_lists(params, named_lists, *, float32=()):
     """Same length, shapes and device as ``params``, one of :data:`FUSION_DTYPES` (what every backend
     takes); the ``float32`` names must be float32."""
-    if not params:
-        raise ValueError("no parameters to fuse")
-    device = params[0].device
-    for name, tensors in named_lists.items():
-        if len(tensors) != len(params):
-            raise ValueError(f"{len(params)} params but {len(tensors)} {name}")
-        for i, (p, t) in enumerate(zip(params, tensors)):
-            if t.shape != p.shape:
-                raise ValueError(f"{name}[{i}] has shape {list(t.shape)}, param {i} {list(p.shape)}")
-            if t.device != device:
-                raise ValueError(f"{name}[{i}] is on {t.device}, the params on {device}")
-            if name in float32 and t.dtype != torch.float32:
-                raise ValueError(f"{name}[{i}] must be float32, got {t.dtype}")
-            if t.dtype not in FUSION_DTYPES:
-                raise ValueError(f"{name}[{i}] must be float32, bfloat16 or float16, got {t.dtype} (KIF's fusion "
-                                 f"passes take no float64)")
-    for i, p in enumerate(params):
-        if p.device != device:
-            raise ValueError(f"param {i} is on {p.device}, param 0 on {device}")
-        if p.dtype not in FUSION_DTYPES:
-            raise ValueError(f"param {i} must be float32, bfloat16 or float16, got {p.dtype} (KIF's fusion passes "
-                             f"take no float64)")
+    planning.check_lists(params, named_lists, dtypes=FUSION_DTYPES, what="float32, bfloat16 or float16",
+                         note=" (KIF's fusion passes take no float64)", float32=float32)
 
 
-def _run_bucketed(module, lists, key_lists, call):
-    """Run ``call(module, indices, *sublists)`` per bucket of one (param dtype, anchor dtype), with
-    contiguous tensors (temporaries copied back for non-contiguous params and anchors)."""
-    buckets = {}
-    for i in range(len(lists[0])):
-        buckets.setdefault(tuple(lst[i].dtype for lst in key_lists), []).append(i)
-    for indices in buckets.values():
-        originals = [[lst[i] for i in indices] for lst in lists]
-        sub = [[t if t.is_contiguous() else t.contiguous() for t in s] for s in originals]
-        call(module, indices, *sub)
-        for written in (0, 1):  # params and anchors are the only lists an op writes
-            for original, used in zip(originals[written], sub[written]):
-                if used is not original:
-                    original.copy_(used)
+def _fuse(op, backend, lists: dict, arguments=lambda indices: (), **keywords):
+    """``op`` over ``lists`` (by the names of its tensor lists), one launch per bucket of one (param
+    dtype, anchor dtype), through :mod:`cnl_ext.planning` (contiguous copies written back);
+    ``arguments(indices)``: a bucket's positional arguments after the lists."""
+    params, anchors = lists["params"], lists["anchors"]
+    module = registry.resolve(backend, params[0].device, op)
+    with torch.no_grad():
+        planning.execute([planning.plan(op, module, key, indices, lists, arguments=arguments(indices), **keywords)
+                          for key, indices in planning.buckets(params, extra_key=lambda i: anchors[i].dtype)])
 
 
 def fuse_task_vector_(params, anchors, coefficients: torch.Tensor, units: Units, *, backend: str = "auto") -> None:
@@ -369,11 +345,8 @@ def fuse_task_vector_(params, anchors, coefficients: torch.Tensor, units: Units,
         raise ValueError(f"{coefficients.numel()} coefficients for {units.count} units")
     if bool(torch.isnan(coefficients).any()):
         raise ValueError("fusion coefficients contain NaN")
-    module = functional.resolve(backend, params[0].device, "kif_task_vector_fuse_")
-    with torch.no_grad():
-        _run_bucketed(module, [params, anchors], [params, anchors],
-                      lambda mod, indices, p, a: mod.kif_task_vector_fuse_(p, a, coefficients,
-                                                                           [units.maps[i] for i in indices]))
+    _fuse(KIF_TASK_VECTOR_FUSE, backend, dict(params=params, anchors=anchors),
+          arguments=lambda indices: (coefficients, planning.take(units.maps, indices)))
 
 
 def recurrent_fuse_(params, anchors, inner_ends, inner_importance, outer_importance, delta_in, delta_out, *,
@@ -400,12 +373,10 @@ def recurrent_fuse_(params, anchors, inner_ends, inner_importance, outer_importa
     delta_in, delta_out = (float(torch.as_tensor(d, dtype=torch.float32)) for d in (delta_in, delta_out))
     if math.isnan(delta_in) or math.isnan(delta_out):
         raise ValueError("a fusion threshold is NaN")
-    module = functional.resolve(backend, params[0].device, "kif_recurrent_fuse_")
-    with torch.no_grad():
-        _run_bucketed(module, [params, anchors, inner_ends, s_in, u_in, s_out, u_out], [params, anchors],
-                      lambda mod, indices, *lists: mod.kif_recurrent_fuse_(*lists, delta_in=delta_in,
-                                                                           delta_out=delta_out, rule=rule,
-                                                                           update_anchors=update_anchors))
+    _fuse(KIF_RECURRENT_FUSE, backend,
+          dict(params=params, anchors=anchors, inner_ends=inner_ends, inner_sensitivities=s_in,
+               inner_uncertainties=u_in, outer_sensitivities=s_out, outer_uncertainties=u_out),
+          delta_in=delta_in, delta_out=delta_out, rule=rule, update_anchors=update_anchors)
 
 
 # ---------------------------------------------------------------------------------- KIFLoRA

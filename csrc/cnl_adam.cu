@@ -6,7 +6,7 @@ namespace cnl {
 namespace {
 
 // table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable),
-// then with importance: sensitivity, uncertainty
+// then with importance: sensitivity, uncertainty (launch_step appends those two)
 template <bool kImportance>
 constexpr int kAdamDepth = kImportance ? 9 : 7;
 static_assert(kFitsKernelArguments<kAdamDepth<true>, AdamScalarsT<double>, ImportanceScalars, double*> &&
@@ -111,6 +111,16 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 }  // namespace
 
+// launch_step's kernel launch (cnl_multi_tensor.cuh)
+struct AdamLaunch {
+  template <class Tag, int kDepth, typename C>
+  static void launch(const TensorTable<kDepth>& table, unsigned blocks, cudaStream_t stream,
+                     const AdamScalarsT<C>& scalars, const ImportanceScalars& importance, double* partials) {
+    adam_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
+        <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance, partials);
+  }
+};
+
 template <typename C>
 cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalarsT<C>& scalars, const Importance* importance,
                              cudaStream_t stream) {
@@ -118,29 +128,14 @@ cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalarsT<C>& sc
   if (lists.states[0] == nullptr || lists.states[1] == nullptr) return cudaErrorInvalidValue;
   if (scalars.amsgrad && lists.states[2] == nullptr) return cudaErrorInvalidValue;
   if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
-  if (importance != nullptr && (importance->sensitivities == nullptr || importance->uncertainties == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  const bool stats = has_ref && lists.stats != nullptr;
-  if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
-  void* const* const columns[kAdamDepth<true>] = {lists.params,
-                                                  lists.grads,
-                                                  lists.states[0],
-                                                  lists.states[1],
-                                                  scalars.amsgrad ? lists.states[2] : nullptr,
-                                                  has_ref ? lists.references : nullptr,
-                                                  lists.steps,
-                                                  importance ? importance->sensitivities : nullptr,
-                                                  importance ? importance->uncertainties : nullptr};
-  const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
-  return dispatch<C>(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
-    using Tag = decltype(tag);
-    constexpr int kDepth = kAdamDepth<Tag::importance>;  // the first kDepth columns
-    return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
-      adam_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
-          <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance_scalars, lists.partials);
-    });
-  });
+  void* const* const columns[kAdamDepth<false>] = {lists.params,
+                                                   lists.grads,
+                                                   lists.states[0],
+                                                   lists.states[1],
+                                                   scalars.amsgrad ? lists.states[2] : nullptr,
+                                                   has_ref ? lists.references : nullptr,
+                                                   lists.steps};
+  return launch_step<AdamLaunch, C>(lists, columns, scalars, importance, stream);
 }
 
 template cudaError_t launch_adam_step<float>(const TensorLists&, const AdamScalarsT<float>&, const Importance*,

@@ -13,6 +13,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -26,38 +27,34 @@ namespace cnl::binding {
 using at::Tensor;
 using at::TensorList;
 
-// The arguments of the ops contract, in its order, plus `lr_tensor`: a capturable step passes its
-// learning rate as a 0-d float32 tensor on the params' device there (the Python wrapper moves a
-// tensor `lr` to it; `lr` is then ignored). tests/ops/test_cuda_backend.py parses these strings.
+// The arguments of the ops contract (cnl_ext/ops/contract.py), in its order, plus `lr_tensor`: a
+// capturable step passes its learning rate as a 0-d float32 tensor on the params' device there (the
+// Python wrapper moves a tensor `lr` to it; `lr` is then ignored), and KIF's importance EMAs
+// (cnl_ext/ops/importance.py) as optional lists: float32, shaped like the params, updated in the same
+// pass where given. tests/ops/test_cuda_backend.py parses these strings.
 constexpr const char* kSgdSchema =
     "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, Tensor[]? references, "
     "Tensor(c!)? stats, *, str reference_format, float lr, float weight_decay, float momentum, "
-    "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? lr_tensor=None) -> ()";
+    "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? lr_tensor=None, "
+    "Tensor(s!)[]? sensitivities=None, Tensor(u!)[]? uncertainties=None, str importance_kind='first', "
+    "float importance_beta1=0.85, float importance_beta2=0.85) -> ()";
 constexpr const char* kAdamSchema =
     "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[]? max_exp_avg_sqs, Tensor[]? references, Tensor(e!)? stats, *, str reference_format, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
     "bool amsgrad, bool maximize, float? bias_correction1=None, float? bias_correction2=None, "
-    "Tensor[]? device_steps=None, Tensor? lr_tensor=None) -> ()";
-// sgd_step_ and adam_step_ that also update KIF's importance EMAs (cnl_ext/ops/importance.py) in the
-// same pass. Their arguments, with the EMA lists (float32, shaped like the params) after `stats` and
-// the importance options before `lr_tensor`.
-constexpr const char* kSgdImportanceSchema =
-    "sgd_step_importance_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, "
-    "Tensor[]? references, Tensor(c!)? stats, Tensor(d!)[] sensitivities, Tensor(e!)[] uncertainties, *, "
-    "str reference_format, float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
-    "bool maximize, bool first_step, str importance_kind, float importance_beta1, float importance_beta2, "
-    "Tensor? lr_tensor=None) -> ()";
-constexpr const char* kAdamImportanceSchema =
-    "adam_step_importance_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor(d!)[]? max_exp_avg_sqs, Tensor[]? references, Tensor(e!)? stats, Tensor(f!)[] sensitivities, "
-    "Tensor(g!)[] uncertainties, *, str reference_format, float lr, float beta1, float beta2, float eps, "
-    "float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, float? bias_correction1=None, "
-    "float? bias_correction2=None, Tensor[]? device_steps=None, str importance_kind, float importance_beta1, "
-    "float importance_beta2, Tensor? lr_tensor=None) -> ()";
+    "Tensor[]? device_steps=None, Tensor? lr_tensor=None, Tensor(s!)[]? sensitivities=None, "
+    "Tensor(u!)[]? uncertainties=None, str importance_kind='first', float importance_beta1=0.85, "
+    "float importance_beta2=0.85) -> ()";
 constexpr const char* kMaskedDeltaSchema =
     "masked_delta_(Tensor(a!)[] params, Tensor[] befores, Tensor[] references, Tensor(b!)? stats, *, "
     "str reference_format, float inv_lr) -> ()";
+
+// The Meta / fake-tensor kernel of every op: nothing to compute, no metadata changes, nothing
+// returned. Boxed, so that one function takes every schema: the arguments are only dropped.
+inline void meta_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  torch::jit::drop(*stack, op.schema().arguments().size());
+}
 
 inline RefFormat parse_format(c10::string_view name, const char* op) {
   if (name == "float32") return RefFormat::kFloat32;
@@ -273,9 +270,10 @@ AdamScalarsT<C> adam_scalars(double lr, double beta1, double beta2, double eps, 
   return s;
 }
 
-// The importance arguments of the *_importance_ ops: KIF's EMAs and their options.
+// The importance arguments of the step ops: KIF's EMAs (none: no importance) and their options.
 struct ImportanceArgs {
-  TensorList sensitivities, uncertainties;
+  const std::optional<TensorList>& sensitivities;
+  const std::optional<TensorList>& uncertainties;
   c10::string_view kind;
   double beta1, beta2;
 };
@@ -285,6 +283,10 @@ struct ImportanceArgs {
 struct CollectedImportance {
   std::vector<void*> sensitivities, uncertainties;
   Importance importance;
+  bool given = false;
+
+  // nullptr without importance: the kernels without the EMAs
+  const Importance* get() const { return given ? &importance : nullptr; }
 };
 
 inline std::vector<void*> importance_pointers(TensorList list, const char* op, const char* name, TensorList params) {
@@ -298,8 +300,12 @@ inline std::vector<void*> importance_pointers(TensorList list, const char* op, c
 
 // After collect() has checked the params.
 inline void collect_importance(CollectedImportance& c, const char* op, TensorList params, const ImportanceArgs& args) {
-  c.sensitivities = importance_pointers(args.sensitivities, op, "sensitivities", params);
-  c.uncertainties = importance_pointers(args.uncertainties, op, "uncertainties", params);
+  TORCH_CHECK(args.sensitivities.has_value() == args.uncertainties.has_value(), op,
+              ": give both sensitivities and uncertainties (KIF's importance EMAs), or neither");
+  if (!args.sensitivities.has_value()) return;
+  c.given = true;
+  c.sensitivities = importance_pointers(*args.sensitivities, op, "sensitivities", params);
+  c.uncertainties = importance_pointers(*args.uncertainties, op, "uncertainties", params);
   ImportanceScalars& s = c.importance.scalars;
   if (args.kind == "first") {
     s.kind = ImportanceKind::kFirst;
@@ -405,22 +411,25 @@ struct StepOps {
                        const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
                        c10::string_view reference_format, double lr, double weight_decay, double momentum,
                        double dampening, bool nesterov, bool maximize, bool first_step,
-                       const std::optional<Tensor>& lr_tensor) {
-    sgd("cnl_ext.sgd_step_", params, grads, momentum_buffers, references, stats, reference_format, lr, weight_decay,
-        momentum, dampening, nesterov, maximize, first_step, lr_tensor, nullptr);
-  }
-
-  static void sgd_step_importance(TensorList params, TensorList grads,
-                                  const std::optional<TensorList>& momentum_buffers,
-                                  const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                                  TensorList sensitivities, TensorList uncertainties, c10::string_view reference_format,
-                                  double lr, double weight_decay, double momentum, double dampening, bool nesterov,
-                                  bool maximize, bool first_step, c10::string_view importance_kind,
-                                  double importance_beta1, double importance_beta2,
-                                  const std::optional<Tensor>& lr_tensor) {
-    const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
-    sgd("cnl_ext.sgd_step_importance_", params, grads, momentum_buffers, references, stats, reference_format, lr,
-        weight_decay, momentum, dampening, nesterov, maximize, first_step, lr_tensor, &importance);
+                       const std::optional<Tensor>& lr_tensor, const std::optional<TensorList>& sensitivities,
+                       const std::optional<TensorList>& uncertainties, c10::string_view importance_kind,
+                       double importance_beta1, double importance_beta2) {
+    constexpr const char* op = "cnl_ext.sgd_step_";
+    Collected c;
+    collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
+            reference_format);
+    set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
+    const float* lr_ptr = lr_pointer(lr_tensor, op, params[0]);
+    CollectedImportance imp;
+    collect_importance(imp, op, params,
+                       {sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2});
+    if (c.lists.param_type == ParamType::kFloat64) {
+      Kernels::sgd(c, sgd_scalars<double>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+                                          maximize, first_step, lr_ptr), imp.get(), op, params[0]);
+    } else {
+      Kernels::sgd(c, sgd_scalars<float>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+                                         maximize, first_step, lr_ptr), imp.get(), op, params[0]);
+    }
   }
 
   static void adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -428,59 +437,10 @@ struct StepOps {
                         const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
                         double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
                         bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                        const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor) {
-    adam("cnl_ext.adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
-         reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-         bias_correction1, bias_correction2, device_steps, lr_tensor, nullptr);
-  }
-
-  static void adam_step_importance(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                                   const std::optional<TensorList>& max_exp_avg_sqs,
-                                   const std::optional<TensorList>& references, const std::optional<Tensor>& stats,
-                                   TensorList sensitivities, TensorList uncertainties,
-                                   c10::string_view reference_format, double lr, double beta1, double beta2,
-                                   double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-                                   bool maximize, std::optional<double> bias_correction1,
-                                   std::optional<double> bias_correction2,
-                                   const std::optional<TensorList>& device_steps, c10::string_view importance_kind,
-                                   double importance_beta1, double importance_beta2,
-                                   const std::optional<Tensor>& lr_tensor) {
-    const ImportanceArgs importance{sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2};
-    adam("cnl_ext.adam_step_importance_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats,
-         reference_format, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-         bias_correction1, bias_correction2, device_steps, lr_tensor, &importance);
-  }
-
- private:
-  static void sgd(const char* op, TensorList params, TensorList grads,
-                  const std::optional<TensorList>& momentum_buffers, const std::optional<TensorList>& references,
-                  const std::optional<Tensor>& stats, c10::string_view reference_format, double lr,
-                  double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
-                  bool first_step, const std::optional<Tensor>& lr_tensor, const ImportanceArgs* importance) {
-    Collected c;
-    collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
-            reference_format);
-    set_states(c, 0, momentum_buffers, op, "momentum_buffers", params);
-    const float* lr_ptr = lr_pointer(lr_tensor, op, params[0]);
-    CollectedImportance imp;
-    if (importance != nullptr) collect_importance(imp, op, params, *importance);
-    const Importance* imp_ptr = importance != nullptr ? &imp.importance : nullptr;
-    if (c.lists.param_type == ParamType::kFloat64) {
-      Kernels::sgd(c, sgd_scalars<double>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
-                                          maximize, first_step, lr_ptr), imp_ptr, op, params[0]);
-    } else {
-      Kernels::sgd(c, sgd_scalars<float>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
-                                         maximize, first_step, lr_ptr), imp_ptr, op, params[0]);
-    }
-  }
-
-  static void adam(const char* op, TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                   const std::optional<TensorList>& max_exp_avg_sqs, const std::optional<TensorList>& references,
-                   const std::optional<Tensor>& stats, c10::string_view reference_format, double lr, double beta1,
-                   double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-                   bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
-                   const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
-                   const ImportanceArgs* importance) {
+                        const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
+                        const std::optional<TensorList>& sensitivities, const std::optional<TensorList>& uncertainties,
+                        c10::string_view importance_kind, double importance_beta1, double importance_beta2) {
+    constexpr const char* op = "cnl_ext.adam_step_";
     Collected c;
     collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
             reference_format);
@@ -488,16 +448,16 @@ struct StepOps {
                device_steps);
     const float* lr_ptr = lr_pointer(lr_tensor, op, params[0]);
     CollectedImportance imp;
-    if (importance != nullptr) collect_importance(imp, op, params, *importance);
-    const Importance* imp_ptr = importance != nullptr ? &imp.importance : nullptr;
+    collect_importance(imp, op, params,
+                       {sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2});
     if (c.lists.param_type == ParamType::kFloat64) {
       Kernels::adam(c, adam_scalars<double>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
                                             maximize, bias_correction1, bias_correction2, lr_ptr),
-                    imp_ptr, op, params[0]);
+                    imp.get(), op, params[0]);
     } else {
       Kernels::adam(c, adam_scalars<float>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
                                            maximize, bias_correction1, bias_correction2, lr_ptr),
-                    imp_ptr, op, params[0]);
+                    imp.get(), op, params[0]);
     }
   }
 };

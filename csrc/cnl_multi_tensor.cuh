@@ -469,4 +469,31 @@ cudaError_t dispatch(ParamType param, RefFormat ref, bool stats, bool importance
   return cudaErrorInvalidValue;
 }
 
+// The host launch loop of every step op: checks the importance and statistics pointers, then, for the
+// runtime parameter type, reference format, statistics and importance (dispatch), launches
+// Launch::launch<Tag>(table, blocks, stream, scalars, importance scalars, partials) per table of
+// `columns` (kColumns, nullptr where unused), with the two EMA columns after them under importance.
+template <class Launch, typename C, int kColumns, class Scalars>
+cudaError_t launch_step(const TensorLists& lists, void* const* const (&columns)[kColumns], const Scalars& scalars,
+                        const Importance* importance, cudaStream_t stream) {
+  if (importance != nullptr && (importance->sensitivities == nullptr || importance->uncertainties == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool stats = lists.ref_format != RefFormat::kNone && lists.stats != nullptr;
+  if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
+  void* const* all_columns[kColumns + 2];
+  for (int c = 0; c < kColumns; ++c) all_columns[c] = columns[c];
+  all_columns[kColumns] = importance ? importance->sensitivities : nullptr;
+  all_columns[kColumns + 1] = importance ? importance->uncertainties : nullptr;
+  const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
+  return dispatch<C>(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
+    using Tag = decltype(tag);
+    constexpr int kDepth = Tag::importance ? kColumns + 2 : kColumns;  // the first kDepth columns
+    return for_each_table<kDepth>(lists, all_columns, stats, stream, [&](const TensorTable<kDepth>& table,
+                                                                         unsigned blocks) {
+      Launch::template launch<Tag>(table, blocks, stream, scalars, importance_scalars, lists.partials);
+    });
+  });
+}
+
 }  // namespace cnl

@@ -1,6 +1,6 @@
-// PyTorch bindings of the CUDA kernels: torch.ops.cnl_ext.sgd_step_, adam_step_ and their
-// *_importance_ variants (KIF's EMAs updated in the same pass), and KIF's fusion passes
-// kif_task_vector_fuse_ and kif_recurrent_fuse_.
+// PyTorch bindings of the CUDA kernels: torch.ops.cnl_ext.sgd_step_ and adam_step_ (KIF's EMAs
+// updated in the same pass where given), and KIF's fusion passes kif_task_vector_fuse_ and
+// kif_recurrent_fuse_.
 //
 // The schemas, the CPU and the Meta kernels are registered by the CPU library (csrc/cpu/, one
 // variant per instruction set), which cnl_ext.ops.native_backend loads before this one: a process
@@ -129,8 +129,6 @@ void recurrent_fuse_cuda(TensorList params, TensorList anchors, TensorList inner
 TORCH_LIBRARY_IMPL(cnl_ext, CUDA, m) {
   m.impl("sgd_step_", &Steps::sgd_step);
   m.impl("adam_step_", &Steps::adam_step);
-  m.impl("sgd_step_importance_", &Steps::sgd_step_importance);
-  m.impl("adam_step_importance_", &Steps::adam_step_importance);
   m.impl("kif_task_vector_fuse_", &task_vector_fuse_cuda);
   m.impl("kif_recurrent_fuse_", &recurrent_fuse_cuda);
 }

@@ -6,6 +6,7 @@ namespace cnl {
 namespace {
 
 // table columns: param, grad, momentum buffer, reference, then with importance: sensitivity, uncertainty
+// (launch_step appends those two)
 template <bool kImportance>
 constexpr int kSgdDepth = kImportance ? 6 : 4;
 static_assert(kFitsKernelArguments<kSgdDepth<true>, SgdScalarsT<double>, ImportanceScalars, double*> &&
@@ -83,32 +84,26 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 }  // namespace
 
+// launch_step's kernel launch (cnl_multi_tensor.cuh)
+struct SgdLaunch {
+  template <class Tag, int kDepth, typename C>
+  static void launch(const TensorTable<kDepth>& table, unsigned blocks, cudaStream_t stream,
+                     const SgdScalarsT<C>& scalars, const ImportanceScalars& importance, double* partials) {
+    sgd_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
+        <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance, partials);
+  }
+};
+
 template <typename C>
 cudaError_t launch_sgd_step(const TensorLists& lists, const SgdScalarsT<C>& scalars, const Importance* importance,
                             cudaStream_t stream) {
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   if (scalars.has_momentum && lists.states[0] == nullptr) return cudaErrorInvalidValue;
   if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
-  if (importance != nullptr && (importance->sensitivities == nullptr || importance->uncertainties == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  const bool stats = has_ref && lists.stats != nullptr;
-  if (stats && lists.partials == nullptr) return cudaErrorInvalidValue;
-  void* const* const columns[kSgdDepth<true>] = {lists.params,
-                                                 lists.grads,
-                                                 scalars.has_momentum ? lists.states[0] : nullptr,
-                                                 has_ref ? lists.references : nullptr,
-                                                 importance ? importance->sensitivities : nullptr,
-                                                 importance ? importance->uncertainties : nullptr};
-  const ImportanceScalars importance_scalars = importance ? importance->scalars : ImportanceScalars{};
-  return dispatch<C>(lists.param_type, lists.ref_format, stats, importance != nullptr, [&](auto tag) {
-    using Tag = decltype(tag);
-    constexpr int kDepth = kSgdDepth<Tag::importance>;  // the first kDepth columns
-    return for_each_table<kDepth>(lists, columns, stats, stream, [&](const TensorTable<kDepth>& table, unsigned blocks) {
-      sgd_kernel<typename Tag::param_t, Tag::ref, Tag::stats, Tag::importance>
-          <<<blocks, kBlockThreads, 0, stream>>>(table, scalars, importance_scalars, lists.partials);
-    });
-  });
+  void* const* const columns[kSgdDepth<false>] = {lists.params, lists.grads,
+                                                  scalars.has_momentum ? lists.states[0] : nullptr,
+                                                  has_ref ? lists.references : nullptr};
+  return launch_step<SgdLaunch, C>(lists, columns, scalars, importance, stream);
 }
 
 template cudaError_t launch_sgd_step<float>(const TensorLists&, const SgdScalarsT<float>&, const Importance*,

@@ -256,11 +256,11 @@ def test_end_to_end_smoke_run(tmp_path):
 
 
 def test_host_overhead_smoke_run(tmp_path):
-    from cnl_ext.ops import triton_step
+    from cnl_ext.ops import triton_adam, triton_sgd
 
-    kernels, threads = (triton_step._adam_kernel, triton_step._sgd_kernel), torch.get_num_threads()
+    kernels, threads = (triton_adam._adam_kernel, triton_sgd._sgd_kernel), torch.get_num_threads()
     result = host_overhead.main(["--tensors", "2", "5", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)])
-    assert (triton_step._adam_kernel, triton_step._sgd_kernel) == kernels  # the no-op stand-ins are gone
+    assert (triton_adam._adam_kernel, triton_sgd._sgd_kernel) == kernels  # the no-op stand-ins are gone
     assert torch.get_num_threads() == threads
     rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
     assert rows == result["rows"]

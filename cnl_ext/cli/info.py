@@ -47,7 +47,7 @@ def info_lines() -> list:
             lines.append(f"  {name:<7} not usable: {reason}")
             continue
         module = functional.load_backend(name)
-        usable = [d.type for d in devices if module.supports(d, "adam_step_")]
+        usable = [d.type for d in devices if module.capabilities(d).runs("adam_step_")]
         refused = [d.type for d in devices if d.type not in usable]
         why_not = "; ".join(functional.why_unsupported(module, torch.device(d), "adam_step_") for d in refused)
         lines.append(f"  {name:<7} " + (f"usable on {', '.join(usable)}" if usable else "not usable here")

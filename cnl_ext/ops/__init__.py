@@ -1,36 +1,41 @@
 """The ops contract: fused multi-tensor CNL kernels, which know nothing of optimizers.
 
-Layers: ``cnl_ext.ops`` (this package: backends that take lists of tensors) →
-:mod:`cnl_ext.functional` (the one dispatcher: buckets, backend choice, checks before writes) →
-:mod:`cnl_ext.optim` (the ``torch.optim.Optimizer`` classes) → experiments and integrations.
+Layers: ``cnl_ext.ops`` (this package: backends that take lists of tensors; :mod:`.contract` declares
+the ops and the capabilities as data) → :mod:`cnl_ext.registry` (backend choice) and
+:mod:`cnl_ext.planning` (buckets, launches) → :mod:`cnl_ext.functional` (the functional API, checks
+before writes) and :mod:`cnl_ext.kif` → :mod:`cnl_ext.optim` (the ``torch.optim.Optimizer`` classes) →
+experiments and integrations.
 
 Backends
 --------
-One module per backend, registered in :data:`cnl_ext.functional.BACKEND_MODULES`:
+One module per backend, registered in :data:`cnl_ext.registry.BACKEND_MODULES`:
 
 ========== ============================== =======================================================
 name       module                         what
 ========== ============================== =======================================================
 ``torch``  :mod:`.torch_backend`          plain PyTorch, any device: the oracle and the definition
                                           of rounding
-``triton`` :mod:`.triton_backend`         Triton kernels (:mod:`.triton_step`,
-                                          :mod:`.triton_masked_delta`): CUDA tensors, or CPU
-                                          tensors under ``TRITON_INTERPRET=1``
+``triton`` :mod:`.triton_backend`         Triton kernels (:mod:`.triton_sgd`, :mod:`.triton_adam`,
+                                          :mod:`.triton_masked_delta`; shared: :mod:`.triton_step`):
+                                          CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 ``native`` :mod:`.native_backend`         the compiled extension: C++ CPU kernels and, where built
                                           with a CUDA toolkit, CUDA kernels (old name ``cuda``)
 ========== ============================== =======================================================
 
 Each backend module exposes ``NAME``, ``unavailable_reason() -> str`` (``""`` when it can run in
-this process; else why: not installed, not built, failed to build), ``supports(device, op) ->
-bool`` for ``op`` in ``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
-``"importance"`` (the steps take the importance keywords below), ``"float64"`` (the ops take float64
-parameters: the torch backend, the native CPU kernels), the KIF fusion passes, and the ops;
-optionally ``unsupported_reason(device, op) -> str`` for error messages. Only an import or build failure, which happens before anything is written, may move
-``backend="auto"`` to the next backend; an error inside an op propagates and is never retried.
+this process; else why: not installed, not built, failed to build), ``capabilities(device) ->``
+:class:`.contract.Capabilities` (the ops it runs there; ``float64``: the steps take float64
+parameters; ``capturable``; ``importance``: the steps take the importance keywords below; ``reason``:
+why an op is missing, for error messages), the ops, and optionally ``prepare(op, *args, **kwargs)``
+(compile what the call would launch, writing nothing). Only an import or build failure, which happens
+before anything is written, may move ``backend="auto"`` to the next backend; an error inside an op
+propagates and is never retried. The backend is resolved once per step, before anything is written.
 
 Ops (in place)
 --------------
-::
+Each declared once in :mod:`.contract` (:class:`.contract.OpSpec`: the tensor lists it writes and
+reads, in order, its other arguments and keyword options), which :mod:`cnl_ext.planning` builds every
+call from, and once as a C++ schema (``csrc/cnl_binding.h``), which the tests check against it::
 
     sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format, lr,
               weight_decay, momentum, dampening, nesterov, maximize, first_step,
@@ -45,12 +50,14 @@ Importance (KIF's EMAs, issue 15): a step given ``importance=(sensitivities, unc
 (contiguous float32 tensors shaped like the params) also updates them in the same pass, from the new
 parameter as stored and the gradient as passed, with ``importance_kind`` (``"first"`` or
 ``"param_mix"``) and ``importance_betas``, exactly as :func:`.importance.importance_update_` after the
-step (its docstring defines the rounding). Only a backend whose ``supports(device, "importance")`` is
-True gets these keywords; for the others :mod:`cnl_ext.functional` runs ``importance_update_`` after the
-step. Params, states and statistics are the same bits with or without importance.
+step (its docstring defines the rounding). Only a backend whose ``capabilities(device).importance`` is
+True gets these keywords; for the others :mod:`cnl_ext.planning` runs ``importance_update_`` after the
+step. Params, states and statistics are the same bits with or without importance. The native ops take
+them as the optional keyword lists ``sensitivities`` and ``uncertainties`` of the same op.
 
-KIF's fusion passes (:mod:`cnl_ext.kif` validates, buckets by (param dtype, anchor dtype) and
-dispatches them through :func:`cnl_ext.functional.resolve`; math, rounding and arguments:
+KIF's fusion passes (:mod:`cnl_ext.kif` validates them and launches them through
+:mod:`cnl_ext.planning`, bucketed by (param dtype, anchor dtype); not step ops: no importance, no
+statistics; math, rounding and arguments:
 :mod:`.kif_fusion_torch`, the oracle)::
 
     kif_task_vector_fuse_(params, anchors, coefficients, unit_maps)
@@ -62,11 +69,11 @@ dispatches them through :func:`cnl_ext.functional.resolve`; math, rounding and a
 step and ``befores`` θ before it; where ``u = −(θ_after − θ_before)`` conflicts with the reference,
 θ_before is put back (the statistics use ``u·inv_lr``).
 
-Conventions (:mod:`cnl_ext.functional` guarantees them; the Python backends do not re-check, the C++
+Conventions (:mod:`cnl_ext.functional` and :mod:`cnl_ext.planning` guarantee them; the Python backends do not re-check, the C++
 binding does, since a wrong pointer there corrupts memory):
 
 - ``params``: a non-empty list of **contiguous** tensors on one device, of one dtype (float32,
-  bfloat16, float16, or float64 where ``supports(device, "float64")``); ``grads``: the same shapes and
+  bfloat16, float16, or float64 where ``capabilities(device).float64``); ``grads``: the same shapes and
   dtype, contiguous. (functional hands a
   non-contiguous parameter, state or reference over as a contiguous copy and copies written ones back.)
 - Optimizer states (``momentum_buffers``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs``):
@@ -85,7 +92,7 @@ binding does, since a wrong pointer there corrupts memory):
   the states are updated everywhere.
 - Capturable steps (CUDA graphs): ``lr`` may be a 0-d float32 tensor on the params' device, and
   ``adam_step_`` may get ``device_steps`` (one 0-d float32 device tensor per param, already
-  incremented) instead of the bias corrections; ``supports(device, "capturable")`` says whether a
+  incremented) instead of the bias corrections; ``capabilities(device).capturable`` says whether a
   backend can.
 - An op writes ``params``, the state lists, ``stats`` and the importance EMAs, never ``grads``,
   ``references`` or ``befores``.

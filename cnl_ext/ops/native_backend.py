@@ -2,8 +2,8 @@
 ``csrc/*.cu``), as the PyTorch operators ``torch.ops.cnl_ext.sgd_step_``, ``adam_step_`` and
 ``masked_delta_`` (so they also work inside ``torch.compile``; ``masked_delta_`` on the CPU only), and
 KIF's fusion passes ``kif_task_vector_fuse_`` and ``kif_recurrent_fuse_``. A step given ``importance`` (KIF's EMAs)
-runs ``torch.ops.cnl_ext.sgd_step_importance_`` / ``adam_step_importance_`` instead, which update them
-in the same pass (CPU and CUDA kernels).
+passes them as the steps' optional ``sensitivities`` / ``uncertainties`` lists, which the kernels
+update in the same pass (CPU and CUDA kernels).
 
 Two libraries serve these ops:
 
@@ -41,10 +41,11 @@ import time
 import torch
 
 from . import build_lock, native_build
+from . import contract
+from .contract import Capabilities
 
 NAME = "native"
-OPS = ("sgd_step_", "adam_step_", "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
-_IMPORTANCE_OPS = ("sgd_step_importance_", "adam_step_importance_")  # the steps with KIF's EMAs
+OPS = tuple(contract.OPS)  # the names of the ops of torch.ops.cnl_ext
 _CUDA_OPS = ("sgd_step_", "adam_step_", "kif_task_vector_fuse_", "kif_recurrent_fuse_")
 ENV_REQUIRE = "CNL_EXT_REQUIRE_NATIVE"
 _BUILD_LAYOUT = "copied-sources"  # in the build folder's name: no folder of an older layout is reused
@@ -218,7 +219,7 @@ def _load() -> dict:
             cpu, build, reason = _load_cpu()
             _state.update(cpu=cpu, build=build, cpu_reason=reason, cuda=None, cuda_reason=reason)
             if cpu is not None:
-                missing = [op for op in OPS + _IMPORTANCE_OPS if not hasattr(torch.ops.cnl_ext, op)]
+                missing = [op for op in OPS if not hasattr(torch.ops.cnl_ext, op)]
                 if missing:
                     _state.update(cpu=None, cpu_reason=f"the CPU library does not register torch.ops.cnl_ext.{missing[0]}")
                 else:
@@ -271,13 +272,13 @@ def kernel_table() -> dict:
     return {op: {key: hasattr(torch.ops.cnl_ext, op)  # an op no library defined has no kernels
                  and torch._C._dispatch_has_kernel_for_dispatch_key(f"cnl_ext::{op}", key)
                  for key in DISPATCH_KEYS}
-            for op in OPS + _IMPORTANCE_OPS}
+            for op in OPS}
 
 
 def expected_kernels(op: str) -> tuple:
     """The dispatch keys that ``op`` has kernels for in a build with ``cnl_ext._C``: CPU and Meta (the
     CPU library), and CUDA for all but ``masked_delta_`` (CPU only)."""
-    return ("CPU", "Meta", "CUDA") if op in _CUDA_OPS + _IMPORTANCE_OPS else ("CPU", "Meta")
+    return ("CPU", "Meta", "CUDA") if op in _CUDA_OPS else ("CPU", "Meta")
 
 
 def kernel_mismatches() -> list:
@@ -298,23 +299,23 @@ def kernel_mismatches() -> list:
     return lines
 
 
-def supports(device, op: str) -> bool:
-    """Whether the ops (``"sgd_step_"``, ``"adam_step_"``, ``"masked_delta_"``, ``"capturable"``,
-    ``"importance"``, ``"float64"``, the KIF fusion passes) run for tensors on ``device``: every op on
-    CPU; all but ``masked_delta_`` on CUDA with ``cnl_ext._C`` (float64 parameters are stepped in
-    float64, with float64 states, by both)."""
+_CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+_CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True,
+                     reason="backend 'native' runs masked_delta_ on CPU tensors only (use backend='triton' or "
+                            "'torch' for CUDA tensors)")
+
+
+def capabilities(device) -> Capabilities:
+    """Every op on CPU; all but ``masked_delta_`` on CUDA with ``cnl_ext._C``; nothing elsewhere. Both
+    step float64 parameters in float64, with float64 states, take capturable arguments and update
+    KIF's importance EMAs in the step."""
     device = torch.device(device)
     if device.type == "cpu":
-        return op in OPS or op in ("capturable", "importance", "float64")
-    if device.type == "cuda":
-        built = importlib.util.find_spec("cnl_ext._C") is not None
-        return built and (op in _CUDA_OPS or op in ("capturable", "importance", "float64"))
-    return False
-
-
-def unsupported_reason(device, op: str) -> str:
-    """Why :func:`supports` says no, for error messages."""
-    return f"backend 'native' does not support {op} on {torch.device(device)}"
+        return _CPU
+    if device.type == "cuda" and importlib.util.find_spec("cnl_ext._C") is not None:
+        return _CUDA
+    return Capabilities(reason=f"backend 'native' does not run on {device} tensors"
+                               + (" (cnl_ext._C is not built)" if device.type == "cuda" else ""))
 
 
 def _arch_list(token: str) -> str:
@@ -357,15 +358,15 @@ def _split_lr(lr):
     return float(lr), None
 
 
-def _importance_op(op: str, importance, importance_kind, importance_betas):
-    """(op, extra positional lists, extra keywords): ``op`` itself without importance, else its
-    ``*_importance_`` variant with the EMA lists and options."""
+def _importance_keywords(importance, importance_kind, importance_betas) -> dict:
+    """The ops' optional importance arguments: none without ``importance`` (the kernels without the
+    EMAs), else the EMA lists and options."""
     if importance is None:
-        return getattr(torch.ops.cnl_ext, op), (), {}
+        return {}
     sensitivities, uncertainties = importance
     beta1, beta2 = (float(b) for b in importance_betas)
-    return (getattr(torch.ops.cnl_ext, op + "importance_"), (sensitivities, uncertainties),
-            dict(importance_kind=importance_kind, importance_beta1=beta1, importance_beta2=beta2))
+    return dict(sensitivities=sensitivities, uncertainties=uncertainties, importance_kind=importance_kind,
+                importance_beta1=beta1, importance_beta2=beta2)
 
 
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
@@ -378,13 +379,12 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
     lr, lr_tensor = _split_lr(lr)
-    op, importance_lists, importance_options = _importance_op("sgd_step_", importance, importance_kind,
-                                                              importance_betas)
-    op(
-        params, grads, momentum_buffers, references, stats, *importance_lists,
+    torch.ops.cnl_ext.sgd_step_(
+        params, grads, momentum_buffers, references, stats,
         reference_format=reference_format, lr=lr, weight_decay=float(weight_decay),
         momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
-        maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor, **importance_options,
+        maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor,
+        **_importance_keywords(importance, importance_kind, importance_betas),
     )
 
 
@@ -404,18 +404,16 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         return
     lr, lr_tensor = _split_lr(lr)
     on_device = device_steps is not None
-    op, importance_lists, importance_options = _importance_op("adam_step_", importance, importance_kind,
-                                                              importance_betas)
-    op(
+    torch.ops.cnl_ext.adam_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, stats,
-        *importance_lists,
         reference_format=reference_format, lr=lr, beta1=float(beta1), beta2=float(beta2),
         eps=float(eps), weight_decay=float(weight_decay),
         decoupled_weight_decay=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
         maximize=bool(maximize),
         bias_correction1=None if on_device else float(bias_correction1),
         bias_correction2=None if on_device else float(bias_correction2),
-        device_steps=device_steps, lr_tensor=lr_tensor, **importance_options,
+        device_steps=device_steps, lr_tensor=lr_tensor,
+        **_importance_keywords(importance, importance_kind, importance_betas),
     )
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunks, compute_dtype
+from .contract import OPS, Capabilities
 from .importance import importance_update_
 from .kif_fusion_torch import recurrent_fuse_ as kif_recurrent_fuse_
 from .kif_fusion_torch import task_vector_fuse_ as kif_task_vector_fuse_
 
 NAME = "torch"
 
-__all__ = ["NAME", "unavailable_reason", "supports", "conflicting", "sgd_step_", "adam_step_", "masked_delta_",
+__all__ = ["NAME", "unavailable_reason", "capabilities", "conflicting", "sgd_step_", "adam_step_", "masked_delta_",
            "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
 
@@ -36,10 +37,12 @@ def unavailable_reason() -> str:
     return ""
 
 
-def supports(device: torch.device, op: str) -> bool:
-    """Every op, on every device (float64 parameters included)."""
-    return op in ("sgd_step_", "adam_step_", "masked_delta_", "capturable", "importance", "float64",
-                  "kif_task_vector_fuse_", "kif_recurrent_fuse_")
+_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+
+
+def capabilities(device: torch.device) -> Capabilities:
+    """Every op, on every device, with every option (float64 parameters included)."""
+    return _EVERYTHING
 
 
 def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ class CNLOptimizer(torch.optim.Optimizer):
 
     save_reference = False
     importance_slot = "inner"  # the slot the next steps update (see importance_scores)
-    _op = None  # "sgd_step_" or "adam_step_": what check_step resolves a backend for
+    _op = None  # "sgd_step_" or "adam_step_" (cnl_ext.ops.contract): what check_step resolves a backend for
+    _step_backends = None  # the backends of the group being stepped (functional.Resolved), set by step()
     _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
     # what the torch.optim counterpart's __setstate__ fills into a loaded param group that lacks a key
     _torch_setstate_defaults: dict = {}
@@ -84,7 +85,7 @@ class CNLOptimizer(torch.optim.Optimizer):
     # needs its backend, options, reference and statistics. The hooks stay out, as in torch.
     _NOT_PICKLED = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                    "_optimizer_load_state_dict_post_hooks")
+                    "_optimizer_load_state_dict_post_hooks", "_step_backends")
 
     def __getstate__(self):
         return {key: value for key, value in self.__dict__.items() if key not in self._NOT_PICKLED}
@@ -130,33 +131,36 @@ class CNLOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         gathered = self._gradients()
-        if skip_or_unscale(self, [g for _, _, grads in gathered for g in grads]):
+        if skip_or_unscale(self, [g for _, _, grads, _ in gathered for g in grads]):
             return loss
         per_group = []
-        for group, params, grads in gathered:
+        for group, params, grads, backends in gathered:
             if params:
                 stats = self._stats.new_buffer(params, bool(self._reference))
+                self._step_backends = backends
                 self._step_group(group, params, grads, stats)
                 per_group.append((params, stats))
+        self._step_backends = None
         self._stats.record(per_group, self._parameters(), self._reference)
         return loss
 
     def _step_group(self, group, params, grads, stats):
-        """Update ``params`` of ``group`` (all have gradients ``grads``) with cnl_ext.functional,
-        passing ``check=False``: :meth:`_gradients` has checked them."""
+        """Update ``params`` of ``group`` (all have gradients ``grads``) with cnl_ext.functional, passing
+        ``backend=self._step_backends`` (the backends :meth:`_gradients` resolved when it checked them) and
+        ``check=False`` (checked: the gradients there, the importance options at construction)."""
         raise NotImplementedError
 
     def _gradients(self):
-        """(group, params with a gradient, their gradients) per group, all checked (and a backend
-        resolved for each device) before anything is written; complex ones are checked as the
-        view_as_real pairs the kernels step."""
+        """(group, params with a gradient, their gradients, their backends) per group, all checked (and
+        a backend resolved for each device, once per step) before anything is written; complex ones are
+        checked as the view_as_real pairs the kernels step."""
         gathered = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
-            functional.check_step(self._op, self.backend, real_views(params), real_views(grads),
-                                  capturable=group.get("capturable", False), owner=type(self).__name__)
-            gathered.append((group, params, grads))
+            backends = functional.check_step(self._op, self.backend, real_views(params), real_views(grads),
+                                             capturable=group.get("capturable", False), owner=type(self).__name__)
+            gathered.append((group, params, grads, backends))
         return gathered
 
     # ------------------------------------------------------------------ importance (KIF)

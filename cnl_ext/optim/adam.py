@@ -77,7 +77,7 @@ class FusedCNLAdam(CNLOptimizer):
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
             maximize=group["maximize"], capturable=capturable, reference_format=self.reference_format,
-            backend=self.backend, check=False, **self._importance_arguments(params, states),
+            backend=self._step_backends, check=False, **self._importance_arguments(params, states),
         )
         for p, state in zip(params, states):
             self.state[p] = state

@@ -51,8 +51,8 @@ class FusedCNLSGD(CNLOptimizer):
             real_views(params), real_views(grads), buffers, self._references_for(params), stats,
             lr=scalar(group["lr"], on_device=torch.compiler.is_compiling()), weight_decay=group["weight_decay"],
             momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-            maximize=group["maximize"], reference_format=self.reference_format, backend=self.backend, check=False,
-            **self._importance_arguments(params, states),
+            maximize=group["maximize"], reference_format=self.reference_format, backend=self._step_backends,
+            check=False, **self._importance_arguments(params, states),
         )
         for i, (p, state) in enumerate(zip(params, states)):
             if use_momentum and state.get("momentum_buffer") is None:  # created by cnl_sgd (as the real view)

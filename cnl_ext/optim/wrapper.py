@@ -97,9 +97,8 @@ class CNL(CNLOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         masked = []  # (group, params with a reference, copies of their local data before the step)
-        if self._reference:
-            for device in {p.device for p in self._references}:  # a backend for the write-back, before any write
-                functional.resolve(self.backend, device, "masked_delta_")
+        if self._reference:  # the write-back's backends, resolved once, before any write
+            backends = functional.resolve_each(self.backend, "masked_delta_", list(self._references))
             for group in self.param_groups:
                 params = [p for p in group["params"] if p in self._reference]
                 if params:
@@ -112,7 +111,7 @@ class CNL(CNLOptimizer):
                 functional.cnl_masked_delta(
                     [local_tensor(p) for p in params], befores, self._references_for(params), stats,
                     reference_format=self.reference_format,
-                    inv_lr=_inverse_lr(group) if stats is not None else 1.0, backend=self.backend)
+                    inv_lr=_inverse_lr(group) if stats is not None else 1.0, backend=backends)
                 per_group.append((params, stats))
         except BaseException:
             # no parameter keeps an unmasked update: all go back to before the step (the wrapped

@@ -32,10 +32,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from cnl_ext import reference_format
-from cnl_ext.ops import triton_masked_delta, triton_step
+from cnl_ext.ops import triton_adam, triton_masked_delta, triton_sgd
 
 ARCHS = (80, 90)  # A100/A800, H100/H200
-_KERNELS = ((triton_step, "_sgd_kernel"), (triton_step, "_adam_kernel"), (triton_masked_delta, "_masked_delta_kernel"))
+_KERNELS = ((triton_sgd, "_sgd_kernel"), (triton_adam, "_adam_kernel"), (triton_masked_delta, "_masked_delta_kernel"))
 _POINTER_TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.float64: "*fp64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # Per SM, on both architectures: registers, resident threads, resident blocks.
@@ -117,13 +117,13 @@ def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None,
     lr = torch.tensor(0.1) if capturable else 0.1
     sgd = dict(dict(weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, first_step=False),
                **(sgd or {}))
-    triton_step.sgd_step_(params, params, states[0] if sgd["momentum"] else None, refs, st,
+    triton_sgd.sgd_step_(params, params, states[0] if sgd["momentum"] else None, refs, st,
                           reference_format=fmt or "float32", lr=lr, **sgd, **tracking)
     adam = dict(dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
                      amsgrad=False, maximize=False), **(adam or {}))
     steps = dict(device_steps=[torch.tensor(1.0) for _ in params]) if capturable else \
         dict(bias_correction1=0.1, bias_correction2=0.001)
-    triton_step.adam_step_(params, params, states[0], states[1], states[2], refs, st,
+    triton_adam.adam_step_(params, params, states[0], states[1], states[2], refs, st,
                            reference_format=fmt or "float32", lr=lr, **adam, **steps, **tracking)
     if fmt is not None:
         triton_masked_delta.masked_delta_(params, params, refs, st, reference_format=fmt, inv_lr=10.0)
@@ -132,7 +132,8 @@ def _launch_ops(dtype, fmt, *, stats=True, unaligned=False, sgd=None, adam=None,
 def specializations() -> list[Specialization]:
     """Every specialization the host code produces over dtypes, reference formats and options (deduplicated)."""
     recorders = [_Recorder(name, getattr(module, name)) for module, name in _KERNELS]
-    with mock.patch.multiple(triton_step, _sgd_kernel=recorders[0], _adam_kernel=recorders[1]), \
+    with mock.patch.object(triton_sgd, "_sgd_kernel", recorders[0]), \
+            mock.patch.object(triton_adam, "_adam_kernel", recorders[1]), \
             mock.patch.object(triton_masked_delta, "_masked_delta_kernel", recorders[2]):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for fmt in (None, *reference_format.FORMATS):

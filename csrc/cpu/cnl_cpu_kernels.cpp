@@ -288,28 +288,42 @@ C10_ALWAYS_INLINE V cnl_select(const V& p, const V& p_new, const V& u, const V& 
 // Formats whose values are integers (-1, 0, +1).
 constexpr bool is_integer_reference(RefFormat ref) { return ref == RefFormat::kInt8 || ref == RefFormat::kSign2; }
 
-// Bytes of a reference for n elements (n a multiple of 4 except at a tensor's end).
+// Bits of a reference per element.
 template <RefFormat kRef>
-constexpr size_t reference_bytes(int64_t n) {
+constexpr int reference_bits() {
   switch (kRef) {
-    case RefFormat::kFloat32: return 4 * n;
-    case RefFormat::kBFloat16: return 2 * n;
-    case RefFormat::kInt8: return n;
-    case RefFormat::kSign2: return (n + 3) / 4;
+    case RefFormat::kFloat32: return 32;
+    case RefFormat::kBFloat16: return 16;
+    case RefFormat::kInt8: return 8;
+    case RefFormat::kSign2: return 2;
     default: return 0;
   }
 }
 
-template <RefFormat kRef>
-constexpr int64_t reference_offset_bytes(int64_t i) {
-  return kRef == RefFormat::kSign2 ? i / 4 : static_cast<int64_t>(reference_bytes<kRef>(i));
-}
+// A step's blocks for run_blocks: Step::block(ptrs, offset, valid, stats) per block, the statistics'
+// lanes added into `acc` every kStatGroup blocks (with `acc`: only when the call keeps statistics).
+template <class Step>
+struct StepBlocks {
+  using V = typename Step::V;
+  Step step;
+  BlockStats<V> stats;
+  StatAcc* acc;
+  int blocks = 0;
 
-// Runs Step::block(ptrs, i, valid, block_stats) over [start, end): whole blocks in place, then the
-// partial last block on zero-padded copies of the streams (written streams are copied back). Adds
-// the item's statistics to `partial` when given. `element_bytes` 0 marks the reference stream.
-template <RefFormat kRef, class Step, size_t kStreams>
-void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&element_bytes)[kStreams],
+  template <size_t kStreams>
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[kStreams], int64_t offset, int64_t, int64_t valid) {
+    step.block(ptrs, offset, valid, stats);
+    if (acc != nullptr && ++blocks == kStatGroup) {
+      acc->flush(stats);
+      blocks = 0;
+    }
+  }
+};
+
+// Runs a step over the elements [start, end) of one tensor (run_blocks); adds the item's statistics
+// to `partial` when given.
+template <class Step, size_t kStreams>
+void run_item(const Step& step, void* const (&ptrs)[kStreams], const int (&bits)[kStreams],
               const bool (&written)[kStreams], int64_t start, int64_t end, double* partial) {
   using V = typename Step::V;
   constexpr int64_t kN = kBlock / V::size();
@@ -317,37 +331,8 @@ void run_item(const Step& step, void* const (&ptrs)[kStreams], const size_t (&el
   V count[kN], collaborative[kN], conflicting[kN];
   const BlockStats<V> block_stats{count, collaborative, conflicting};
   block_stats.clear();
-  int blocks = 0;
-  int64_t i = start;
-  for (; i + kBlock <= end; i += kBlock) {
-    step.block(ptrs, i, kBlock, block_stats);
-    if (partial != nullptr && ++blocks == kStatGroup) {
-      acc.flush(block_stats);
-      blocks = 0;
-    }
-  }
-  if (i < end) {
-    const int64_t valid = end - i;
-    alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(double)];
-    void* local[kStreams];
-    size_t bytes[kStreams];
-    const void* source[kStreams];
-    for (size_t k = 0; k < kStreams; ++k) {
-      std::memset(buffers[k], 0, sizeof(buffers[k]));
-      local[k] = nullptr;
-      if (ptrs[k] == nullptr) continue;
-      const bool is_reference = element_bytes[k] == 0;
-      bytes[k] = is_reference ? reference_bytes<kRef>(valid) : element_bytes[k] * valid;
-      const int64_t offset = is_reference ? reference_offset_bytes<kRef>(i) : static_cast<int64_t>(element_bytes[k]) * i;
-      source[k] = static_cast<const unsigned char*>(ptrs[k]) + offset;
-      std::memcpy(buffers[k], source[k], bytes[k]);
-      local[k] = buffers[k];  // the step then indexes the padded copies from element 0
-    }
-    step.block_at_zero(local, valid, block_stats);
-    for (size_t k = 0; k < kStreams; ++k) {
-      if (ptrs[k] != nullptr && written[k]) std::memcpy(const_cast<void*>(source[k]), local[k], bytes[k]);
-    }
-  }
+  run_blocks(StepBlocks<Step>{step, block_stats, partial != nullptr ? &acc : nullptr}, ptrs, bits, written, start,
+             end);
   if (partial != nullptr) {
     acc.flush(block_stats);
     acc.add_to(partial);
@@ -498,10 +483,6 @@ struct SgdStep {
     store_params<kImportance, 4>(param, p, g, importance, ptrs, i);
     if (s.has_momentum) store_block(buf, b);
   }
-
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[6], int64_t valid, const BlockStats<V>& acc) const {
-    block(ptrs, 0, valid, acc);
-  }
 };
 
 // ---------------------------------------------------------------------------- Adam
@@ -573,10 +554,6 @@ struct AdamStep {
     store_block(exp_avg_sq, v);
     if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
   }
-
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[8], int64_t valid, const BlockStats<V>& acc) const {
-    block(ptrs, 0, valid, acc);
-  }
 };
 
 // ---------------------------------------------------------------------------- masked write-back
@@ -603,10 +580,6 @@ struct MaskedDeltaStep {
     }
     store_block(param, after);
   }
-
-  C10_ALWAYS_INLINE void block_at_zero(void* const (&ptrs)[3], int64_t valid, const BlockStats<V>& acc) const {
-    block(ptrs, 0, valid, acc);
-  }
 };
 
 // The steps in compute type C: `dispatch` instantiates every parameter type, and those of another
@@ -624,14 +597,14 @@ void sgd_step_in(const TensorLists& lists, const SgdScalarsT<C>& scalars, const 
         constexpr RefFormat kRef = decltype(ref_tag)::value;
         constexpr bool kImportance = decltype(importance_tag)::value;
         const SgdStep<T, kRef, kImportance> step{s, importance, stats};
-        const size_t bytes[6] = {sizeof(T), sizeof(T), sizeof(C), 0, sizeof(float), sizeof(float)};
+        const int bits[6] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), reference_bits<kRef>(), 32, 32};
         const bool written[6] = {true, false, true, false, true, true};
         for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
           void* const ptrs[6] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
                                  has_ref ? lists.references[t] : nullptr,
                                  kImportance ? importance->sensitivities[t] : nullptr,
                                  kImportance ? importance->uncertainties[t] : nullptr};
-          run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+          run_item(step, ptrs, bits, written, start, end, partial);
         });
       });
     }
@@ -665,8 +638,8 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
       dispatch_importance(importance != nullptr, [&](auto importance_tag) {
         constexpr RefFormat kRef = decltype(ref_tag)::value;
         constexpr bool kImportance = decltype(importance_tag)::value;
-        const size_t bytes[8] = {sizeof(T), sizeof(T), sizeof(C), sizeof(C), sizeof(C), 0,
-                                 sizeof(float), sizeof(float)};
+        const int bits[8] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), 8 * sizeof(C), 8 * sizeof(C),
+                             reference_bits<kRef>(), 32, 32};
         const bool written[8] = {true, false, true, true, true, false, true, true};
         for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
           const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats};
@@ -675,7 +648,7 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
                                  s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
                                  kImportance ? importance->sensitivities[t] : nullptr,
                                  kImportance ? importance->uncertainties[t] : nullptr};
-          run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+          run_item(step, ptrs, bits, written, start, end, partial);
         });
       });
     }
@@ -709,13 +682,13 @@ void masked_delta(const TensorLists& lists, double inv_lr) {
     constexpr RefFormat kRef = decltype(ref_tag)::value;
     if constexpr (kRef != RefFormat::kNone) {
       const MaskedDeltaStep<T, kRef> step{stats};
-      const size_t bytes[3] = {sizeof(T), sizeof(T), 0};
+      const int bits[3] = {8 * sizeof(T), 8 * sizeof(T), reference_bits<kRef>()};
       const bool written[3] = {true, false, false};
       for_all_items(
           lists,
           [&](int64_t t, int64_t start, int64_t end, double* partial) {
             void* const ptrs[3] = {lists.params[t], lists.grads[t], lists.references[t]};
-            run_item<kRef>(step, ptrs, bytes, written, start, end, partial);
+            run_item(step, ptrs, bits, written, start, end, partial);
           },
           inv_lr);
     }

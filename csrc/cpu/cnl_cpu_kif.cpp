@@ -25,36 +25,6 @@ using at::TensorList;
 
 static_assert(kItemSize % kBlock == 0, "items start on block boundaries");
 
-// Runs block(ptrs, offset, element) over the elements [start, end) of one tensor: whole blocks in
-// place (offset = element), then the partial last block on zero-padded copies of the streams
-// (offset 0; `element` still says where it lies, for the units). `bytes`: element size of each
-// stream; the `written` ones are copied back.
-template <size_t kStreams, class Block>
-void run_blocks(const Block& prototype, void* const (&ptrs)[kStreams], const size_t (&bytes)[kStreams],
-                const bool (&written)[kStreams], int64_t start, int64_t end) {
-  // Local copies the loop can keep in registers: through references, the compiler reloads the
-  // pointers and options after every store (it cannot prove the stores do not reach them). KIF's
-  // task-vector pass went from 1.19x to 1.09x its bytes floor on one core with them.
-  Block block = prototype;
-  void* base[kStreams];
-  for (size_t k = 0; k < kStreams; ++k) base[k] = ptrs[k];
-  int64_t i = start;
-  for (; i + kBlock <= end; i += kBlock) block(base, i, i);
-  if (i == end) return;
-  const int64_t valid = end - i;
-  alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(float)];
-  void* local[kStreams];
-  for (size_t k = 0; k < kStreams; ++k) {
-    std::memset(buffers[k], 0, sizeof(buffers[k]));
-    std::memcpy(buffers[k], static_cast<const unsigned char*>(ptrs[k]) + bytes[k] * i, bytes[k] * valid);
-    local[k] = buffers[k];
-  }
-  block(local, 0, i);
-  for (size_t k = 0; k < kStreams; ++k) {
-    if (written[k]) std::memcpy(static_cast<unsigned char*>(ptrs[k]) + bytes[k] * i, buffers[k], bytes[k] * valid);
-  }
-}
-
 // ---------------------------------------------------------------------------- KIF
 
 // θ <- a + c·(θ − a), with the torch backend's roundings: ((θ − a)·c) + a. Element f of the tensor
@@ -68,7 +38,7 @@ struct TaskVectorBlock {
   int64_t run_end = 0;  // the end of the run of `coefficient`'s unit that the last block began in
   float coefficient = 0.0f;
 
-  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[2], int64_t offset, int64_t element) {
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[2], int64_t offset, int64_t element, int64_t) {
     T* param = static_cast<T*>(ptrs[0]) + offset;
     const A* anchor = static_cast<const A*>(ptrs[1]) + offset;
     Vec c[kVecs];
@@ -124,7 +94,7 @@ struct RecurrentBlock {
     return (theta - theta_q) * w_out + inner;
   }
 
-  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[7], int64_t offset, int64_t) const {
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[7], int64_t offset, int64_t, int64_t) const {
     T* param = static_cast<T*>(ptrs[0]) + offset;
     A* anchor = static_cast<A*>(ptrs[1]) + offset;
     const A* end = static_cast<const A*>(ptrs[2]) + offset;
@@ -205,13 +175,13 @@ void task_vector_fuse_cpu(TensorList params, TensorList anchors, const Tensor& c
   dispatch(params[0].scalar_type(), anchors[0].scalar_type(), [&](auto param_tag, auto anchor_tag) {
     using T = decltype(param_tag);
     using A = decltype(anchor_tag);
-    const size_t bytes[2] = {sizeof(T), sizeof(A)};
+    const int bits[2] = {8 * sizeof(T), 8 * sizeof(A)};
     const bool written[2] = {true, false};
     run_items(items, [&](int64_t k) {
       const int64_t t = items[k].tensor;
       TaskVectorBlock<T, A> block{c + unit_offsets[t], unit_divs[t], unit_mods[t]};
       void* const ptrs[2] = {params[t].data_ptr(), anchor_ptrs[t]};
-      run_blocks(block, ptrs, bytes, written, items[k].start, items[k].end);
+      run_blocks(block, ptrs, bits, written, items[k].start, items[k].end);
     });
   });
 }
@@ -238,7 +208,7 @@ void recurrent_fuse_cpu(TensorList params, TensorList anchors, TensorList inner_
     // the thresholds rounded to float32, as the torch backend's threshold tensors
     const RecurrentBlock<T, A> block{static_cast<float>(delta_in), static_cast<float>(delta_out), rule == "paper",
                                      update_anchors};
-    const size_t bytes[7] = {sizeof(T), sizeof(A), sizeof(A), 4, 4, 4, 4};
+    const int bits[7] = {8 * sizeof(T), 8 * sizeof(A), 8 * sizeof(A), 32, 32, 32, 32};
     const bool written[7] = {true, update_anchors, false, false, false, false, false};
     run_items(items, [&](int64_t k) {
       const int64_t t = items[k].tensor;
@@ -250,18 +220,11 @@ void recurrent_fuse_cpu(TensorList params, TensorList anchors, TensorList inner_
         recurrent_float(column(0), column(1), column(2), column(3), column(4), column(5), column(6),
                         items[k].end - at, block.delta_in, block.delta_out, block.paper_rule, block.update_anchors);
       } else {
-        run_blocks(block, ptrs, bytes, written, items[k].start, items[k].end);
+        run_blocks(block, ptrs, bits, written, items[k].start, items[k].end);
       }
     });
   });
 }
-
-// Meta / fake-tensor kernels: nothing to compute, no metadata changes, nothing returned.
-void task_vector_fuse_meta(TensorList, TensorList, const Tensor&, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef) {}
-
-void recurrent_fuse_meta(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, double,
-                         double, c10::string_view, bool) {}
 
 }  // namespace
 }  // namespace cnl::cpu
@@ -278,6 +241,7 @@ TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
-  m.impl("kif_task_vector_fuse_", &cnl::cpu::task_vector_fuse_meta);
-  m.impl("kif_recurrent_fuse_", &cnl::cpu::recurrent_fuse_meta);
+  for (const char* op : {"kif_task_vector_fuse_", "kif_recurrent_fuse_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&cnl::binding::meta_kernel>());
+  }
 }

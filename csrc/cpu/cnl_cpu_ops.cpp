@@ -49,54 +49,24 @@ void masked_delta_cpu(TensorList params, TensorList befores, TensorList referenc
   cnl::cpu::masked_delta(c.lists, inv_lr);
 }
 
-// Meta / fake-tensor kernels: nothing to compute, no metadata changes, nothing returned.
-void sgd_step_meta(TensorList, TensorList, const std::optional<TensorList>&, const std::optional<TensorList>&,
-                   const std::optional<Tensor>&, c10::string_view, double, double, double, double, bool, bool,
-                   bool, const std::optional<Tensor>&) {}
-
-void adam_step_meta(TensorList, TensorList, TensorList, TensorList, const std::optional<TensorList>&,
-                    const std::optional<TensorList>&, const std::optional<Tensor>&, c10::string_view, double, double,
-                    double, double, double, bool, bool, bool, std::optional<double>, std::optional<double>,
-                    const std::optional<TensorList>&, const std::optional<Tensor>&) {}
-
-void sgd_step_importance_meta(TensorList, TensorList, const std::optional<TensorList>&,
-                              const std::optional<TensorList>&, const std::optional<Tensor>&, TensorList, TensorList,
-                              c10::string_view, double, double, double, double, bool, bool, bool, c10::string_view,
-                              double, double, const std::optional<Tensor>&) {}
-
-void adam_step_importance_meta(TensorList, TensorList, TensorList, TensorList, const std::optional<TensorList>&,
-                               const std::optional<TensorList>&, const std::optional<Tensor>&, TensorList, TensorList,
-                               c10::string_view, double, double, double, double, double, bool, bool, bool,
-                               std::optional<double>, std::optional<double>, const std::optional<TensorList>&,
-                               c10::string_view, double, double, const std::optional<Tensor>&) {}
-
-void masked_delta_meta(TensorList, TensorList, TensorList, const std::optional<Tensor>&, c10::string_view,
-                       double) {}
-
 }  // namespace
 
 TORCH_LIBRARY(cnl_ext, m) {
   m.def(cnl::binding::kSgdSchema);
   m.def(cnl::binding::kAdamSchema);
   m.def(cnl::binding::kMaskedDeltaSchema);
-  m.def(cnl::binding::kSgdImportanceSchema);
-  m.def(cnl::binding::kAdamImportanceSchema);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
   m.impl("sgd_step_", &Steps::sgd_step);
   m.impl("adam_step_", &Steps::adam_step);
   m.impl("masked_delta_", &masked_delta_cpu);
-  m.impl("sgd_step_importance_", &Steps::sgd_step_importance);
-  m.impl("adam_step_importance_", &Steps::adam_step_importance);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
-  m.impl("sgd_step_", &sgd_step_meta);
-  m.impl("adam_step_", &adam_step_meta);
-  m.impl("masked_delta_", &masked_delta_meta);
-  m.impl("sgd_step_importance_", &sgd_step_importance_meta);
-  m.impl("adam_step_importance_", &adam_step_importance_meta);
+  for (const char* op : {"sgd_step_", "adam_step_", "masked_delta_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&cnl::binding::meta_kernel>());
+  }
 }
 
 // The module name: cnl_ext._cpu_<isa> when setup.py builds it, the JIT name when
@@ -111,8 +81,8 @@ TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
 
 PyMODINIT_FUNC CNL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, CNL_STRINGIFY(TORCH_EXTENSION_NAME),
-                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_, masked_delta_, "
-                               "sgd_step_importance_, adam_step_importance_ and the KIF fusion ops.",
+                               "cnl_ext CPU kernels of torch.ops.cnl_ext.sgd_step_, adam_step_, masked_delta_ "
+                               "and the KIF fusion ops.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;

@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -85,6 +86,41 @@ inline std::vector<WorkItem> work_items(int64_t count, const int64_t* numels) {
     }
   }
   return items;
+}
+
+// Runs block(ptrs, offset, element, valid) over the elements [start, end) of one tensor: whole blocks in
+// place (offset = element, valid = kBlock), then the partial last block on zero-padded copies of the
+// streams (offset 0; `element` still says where it lies, `valid` how many of its elements exist).
+// `bits`: bits per element of each stream (2 for sign2 codes); a nullptr stream is passed as nullptr;
+// the `written` ones are copied back. Returns the block object (a step's statistics live in it).
+template <size_t kStreams, class Block>
+Block run_blocks(Block block, void* const (&ptrs)[kStreams], const int (&bits)[kStreams],
+                 const bool (&written)[kStreams], int64_t start, int64_t end) {
+  // Local copies (the block object is one) the loop can keep in registers: through references, the
+  // compiler reloads the pointers and options after every store (it cannot prove the stores do not
+  // reach them). KIF's task-vector pass went from 1.19x to 1.09x its bytes floor on one core with them.
+  void* base[kStreams];
+  for (size_t k = 0; k < kStreams; ++k) base[k] = ptrs[k];
+  int64_t i = start;
+  for (; i + kBlock <= end; i += kBlock) block(base, i, i, kBlock);
+  if (i == end) return block;
+  const int64_t valid = end - i;
+  alignas(64) unsigned char buffers[kStreams][kBlock * sizeof(double)];
+  void* local[kStreams];
+  unsigned char* source[kStreams];
+  for (size_t k = 0; k < kStreams; ++k) {
+    std::memset(buffers[k], 0, sizeof(buffers[k]));
+    local[k] = nullptr;
+    if (ptrs[k] == nullptr) continue;
+    source[k] = static_cast<unsigned char*>(ptrs[k]) + bits[k] * i / 8;  // i: a multiple of kBlock
+    std::memcpy(buffers[k], source[k], (bits[k] * valid + 7) / 8);
+    local[k] = buffers[k];  // the block then indexes the padded copies from element 0
+  }
+  block(local, 0, i, valid);
+  for (size_t k = 0; k < kStreams; ++k) {
+    if (ptrs[k] != nullptr && written[k]) std::memcpy(source[k], buffers[k], (bits[k] * valid + 7) / 8);
+  }
+  return block;
 }
 
 // run(k) for every item k, in parallel unless the call is too small to wake the thread pool.

@@ -27,12 +27,15 @@ import torch
 
 from cnl_ext import reference_format
 from cnl_ext.functional import state_dtype
+from cnl_ext.ops.contract import OPS as CONTRACT_OPS
 from cnl_ext.ops import torch_backend as reference
 from cnl_ext.ops import cuda_step, native_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS_H = ROOT / "csrc" / "cnl_binding.h"  # the schemas, registered by the CPU library (csrc/cpu/)
 
+# the steps' optional importance arguments, after lr_tensor (csrc/cnl_binding.h)
+IMPORTANCE_ARGUMENTS = ["sensitivities", "uncertainties", "importance_kind", "importance_beta1", "importance_beta2"]
 CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h
 SHAPES = [(), (0,), (1,), (3,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (CHUNK + 3,),
           (2 * CHUNK + 1,)]
@@ -209,7 +212,7 @@ def test_cuda_side_imports_and_explains_unavailability():
         return
     assert reason, "an unavailable backend must say why"
     if importlib.util.find_spec("cnl_ext._C") is None:
-        assert not native_backend.supports("cuda", "adam_step_")
+        assert not native_backend.capabilities("cuda").runs("adam_step_")
         if torch.cuda.is_available():
             assert "cnl_ext._C" in reason
 
@@ -218,7 +221,7 @@ def test_dispatcher_kernels_match_the_contract():
     """Everywhere: the CPU library registers a CPU and a Meta kernel for every op, and nothing else
     registers CUDA kernels unless cnl_ext._C is loaded."""
     table = native_backend.kernel_table()
-    assert set(table) == set(native_backend.OPS) | {"sgd_step_importance_", "adam_step_importance_"}
+    assert set(table) == set(native_backend.OPS) == set(CONTRACT_OPS)
     assert all(kernels["CPU"] and kernels["Meta"] for kernels in table.values()), table
     assert native_backend.kernel_mismatches() == []
 
@@ -261,8 +264,9 @@ def _schemas(names=("kSgdSchema", "kAdamSchema")):
 
 
 def test_schemas_parse_and_match_the_ops_contract():
-    """Same arguments as the contract (names, order, keyword-only part), plus ``lr_tensor``; every
-    written list is declared mutable, and nothing else is."""
+    """Same arguments as the contract (names, order, keyword-only part; cnl_ext.ops.contract declares
+    them), plus ``lr_tensor`` and the importance EMAs (below); every written list is declared mutable,
+    and nothing else is."""
     mutated = {
         "sgd_step_": {"params", "momentum_buffers", "stats"},
         "adam_step_": {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "stats"},
@@ -271,18 +275,23 @@ def test_schemas_parse_and_match_the_ops_contract():
     assert set(schemas) == set(mutated)
     for name, text in schemas.items():
         schema = torch._C.parse_schema(text)
-        names = [a.name for a in schema.arguments]
+        names = [a.name for a in schema.arguments][:-len(IMPORTANCE_ARGUMENTS)]
         assert names[-1] == "lr_tensor"
-        # the contract's arguments; the importance extension has its own ops (below)
+        names = names[:-1]
+        spec = CONTRACT_OPS[name]
+        assert names == [*spec.tensor_lists, *spec.arguments, *spec.keywords], name
+        # the contract's arguments; the importance EMAs are optional arguments of the same ops (below)
         full_contract = list(inspect.signature(getattr(reference, name)).parameters)
         assert list(inspect.signature(getattr(cuda_step, name)).parameters) == full_contract, name
         contract = {n: p for n, p in inspect.signature(getattr(reference, name)).parameters.items()
                     if not n.startswith("importance")}
-        assert names[:-1] == list(contract), name
+        assert names == list(contract), name
         keyword_only = [n for n, p in contract.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        assert [a.name for a in schema.arguments if a.kwarg_only] == keyword_only + ["lr_tensor"], name
+        kwarg_only = [a.name for a in schema.arguments if a.kwarg_only]
+        assert kwarg_only == keyword_only + ["lr_tensor"] + IMPORTANCE_ARGUMENTS, name
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-        assert written == mutated[name], name
+        assert written == mutated[name] | {"sensitivities", "uncertainties"}, name
+        assert spec.written | {"stats"} == mutated[name], name
         assert len(schema.returns) == 0
 
 
@@ -299,22 +308,19 @@ def test_masked_delta_schema_matches_the_ops_contract():
     assert written == {"params", "stats"}
 
 
-def test_importance_schemas_extend_the_step_schemas():
-    """sgd_step_importance_ / adam_step_importance_ (KIF's EMAs in the step): the step's
-    schema with the EMA lists (written) after ``stats`` and the importance options before ``lr_tensor``."""
+def test_step_schemas_take_the_importance_emas_as_optional_lists():
+    """KIF's EMAs in the step: optional keyword lists (written) of the step ops themselves, after
+    ``lr_tensor``, with their options; none given runs the step without them."""
     def arguments(schema):
         return [(a.name, str(a.type), a.kwarg_only, a.default_value, a.alias_info is not None and a.alias_info.is_write)
                 for a in schema.arguments]
 
-    extended = _schemas(("kSgdImportanceSchema", "kAdamImportanceSchema"))
     for name, text in _schemas().items():
-        expected = arguments(torch._C.parse_schema(text))
-        stats = [a[0] for a in expected].index("stats")
-        expected[stats + 1:stats + 1] = [(n, "List[Tensor]", False, None, True) for n in ("sensitivities", "uncertainties")]
-        expected[-1:-1] = [("importance_kind", "str", True, None, False),
-                           *((f"importance_beta{i}", "float", True, None, False) for i in (1, 2))]
-        schema = torch._C.parse_schema(extended[name + "importance_"])
-        assert arguments(schema) == expected, name
+        schema = torch._C.parse_schema(text)
+        assert arguments(schema)[-len(IMPORTANCE_ARGUMENTS):] == [
+            *((n, "Optional[List[Tensor]]", True, None, True) for n in ("sensitivities", "uncertainties")),
+            ("importance_kind", "str", True, "first", False),
+            *((f"importance_beta{i}", "float", True, 0.85, False) for i in (1, 2))], name
         assert len(schema.returns) == 0
 
 
@@ -616,13 +622,19 @@ def check_importance(module, device, dtype, fmt, kind, unaligned, step_name, n_s
 
 
 def check_importance_errors(device, other_device):
-    """The *_importance_ ops name a bad EMA list and change nothing."""
+    """The steps name a bad EMA list and change nothing."""
     p, g = [torch.zeros(8, device=device)], [torch.zeros(8, device=device)]
     kwargs = dict(reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
                   nesterov=False, maximize=False, first_step=True, importance_kind="first", importance_beta1=0.85,
                   importance_beta2=0.85)
-    op = torch.ops.cnl_ext.sgd_step_importance_
     ema = lambda *shape, **kw: torch.zeros(*shape, **{"device": device, **kw})  # noqa: E731
+
+    def op(params, grads, momentum_buffers, references, stats, sensitivities, uncertainties, **options):
+        torch.ops.cnl_ext.sgd_step_(params, grads, momentum_buffers, references, stats, sensitivities=sensitivities,
+                                    uncertainties=uncertainties, **options)
+
+    with pytest.raises(RuntimeError, match="give both sensitivities and uncertainties"):
+        op(p, g, None, None, None, [ema(8)], None, **kwargs)
     with pytest.raises(RuntimeError, match=r"sensitivities\[0\] has dtype BFloat16, expected Float"):
         op(p, g, None, None, None, [ema(8, dtype=torch.bfloat16)], [ema(8)], **kwargs)
     if other_device is not None:
@@ -744,7 +756,7 @@ def test_float64_is_stepped_by_the_gpu_kernels_in_float64():
     from cnl_ext import functional
 
     cuda = torch.device("cuda")
-    assert native_backend.supports(cuda, "float64")
+    assert native_backend.capabilities(cuda).float64
     assert functional.resolve("auto", cuda, "adam_step_", torch.float64).NAME in ("triton", "native")
     p = torch.randn(CHUNK + 3, dtype=torch.float64, device="cuda")
     g = torch.randn_like(p)

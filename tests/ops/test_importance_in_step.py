@@ -3,11 +3,13 @@
 The importance is an observer: parameters and moments are bit-identical with it on; its EMAs equal
 :func:`cnl_ext.ops.importance.importance_update_` applied after a plain step.
 """
+import dataclasses
+
 import pytest
 import torch
 
 import cnl_ext
-from cnl_ext import functional
+from cnl_ext import functional, planning
 from cnl_ext.ops.importance import importance_update_
 
 from ..conftest import BACKEND_DEVICES, NATIVE_DEVICES, skip_unless_native_runs
@@ -112,16 +114,16 @@ def test_a_gradscaler_skipped_step_leaves_the_importance_untouched():
 @pytest.mark.parametrize("backend,device", FUSING_BACKEND_DEVICES)
 @pytest.mark.parametrize("name", ["adamw", "momentum"])
 def test_a_fusing_backend_takes_no_extra_pass(backend, device, name, monkeypatch):
-    """Where the backend supports "importance", functional hands the EMAs to its step and runs no
+    """Where the backend's capabilities include importance, functional hands the EMAs to its step and runs no
     importance_update_ after it."""
     if backend == "native":
         skip_unless_native_runs(device)
-    assert functional.load_backend(backend).supports(torch.device(device), "importance")
+    assert functional.load_backend(backend).capabilities(torch.device(device)).importance
 
     def extra_pass(*args, **kwargs):
         raise AssertionError("functional ran importance_update_ after a fusing backend's step")
 
-    monkeypatch.setattr(functional, "importance_update_", extra_pass)
+    monkeypatch.setattr(planning, "importance_update_", extra_pass)
     opt, _, _ = _run(name, backend, device, torch.float32, importance="param_mix", steps=1)
     assert any(score.abs().sum() > 0 for score in opt.importance_scores())
 
@@ -130,7 +132,8 @@ def test_a_backend_without_fused_importance_gets_one_more_pass(monkeypatch):
     """functional updates the EMAs after the step for a backend that does not fuse them."""
     from cnl_ext.ops import torch_backend
     fused, _, _ = _run("adamw", "torch", "cpu", torch.float32, importance="param_mix")
-    monkeypatch.setattr(torch_backend, "supports", lambda device, op: op != "importance")
+    unfused_capabilities = dataclasses.replace(torch_backend.capabilities(torch.device("cpu")), importance=False)
+    monkeypatch.setattr(torch_backend, "capabilities", lambda device: unfused_capabilities)
     unfused, _, _ = _run("adamw", "torch", "cpu", torch.float32, importance="param_mix")
     for a, b in zip(fused.importance_scores(), unfused.importance_scores()):
         assert torch.equal(a, b)

@@ -11,7 +11,7 @@ Tolerance policy (:func:`_assert_same`): float32 within 1e-5 relative; float64 w
 the values' scale (a wrongly masked element moves by ~LR, far beyond either); statistics: counts
 within rounding-of-zero flips, sums within 1e-4 relative (1e-10 for float64 steps).
 
-float64 parameters run on every backend (``supports(device, "float64")``), computed in float64 with
+float64 parameters run on every backend (``capabilities(device).float64``), computed in float64 with
 float64 states; :func:`test_float64_goes_to_a_backend_that_steps_it` checks the capability.
 
 Exactness. The native CPU kernels round every operation separately, like the torch backend on
@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from cnl_ext import functional, reference_format
-from cnl_ext.ops import chunking, native_backend, triton_step
+from cnl_ext.ops import chunking, native_backend, triton_sgd, triton_step
 from cnl_ext.ops import importance as importance_module
 
 from ..conftest import KERNEL_BACKEND_DEVICES, TRITON_ON_CPU, requires_cuda
@@ -91,7 +91,7 @@ def _backend_ready(request, monkeypatch):
     if callspec is None or callspec.params.get("backend") not in ("native", "triton"):
         return
     backend, device = callspec.params["backend"], torch.device(callspec.params.get("device", "cpu"))
-    if callspec.params.get("dtype") == torch.float64 and not backend_module(backend).supports(device, "float64"):
+    if callspec.params.get("dtype") == torch.float64 and not backend_module(backend).capabilities(device).float64:
         pytest.skip(f"backend {backend!r} does not step float64 parameters on {device}")
     if backend != "native":
         return
@@ -352,7 +352,7 @@ def test_importance_in_the_step_matches_reference(backend, device, dtype, fmt, o
     """KIF's EMAs updated inside the step (issue 15): against the oracle, and an observer whose EMAs
     are importance_update_'s after the step bit for bit (:func:`_check_importance`). Momentum and
     Adam maximize: the EMAs read the gradient as passed."""
-    if not backend_module(backend).supports(torch.device(device), "importance"):
+    if not backend_module(backend).capabilities(torch.device(device)).importance:
         pytest.skip(f"the {backend} backend updates no importance EMAs on {device} (functional does, after the step)")
     if optimizer == "sgd":
         _check_sgd_against_reference(backend, device, dtype, fmt, 0.0, 0.0, False, 0.0, False, importance=kind)
@@ -553,14 +553,14 @@ def test_float64_goes_to_a_backend_that_steps_it():
     that no kernel steps is refused with an error naming it, before anything is written."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert functional.resolve("torch", cpu, "adam_step_", torch.float64).NAME == "torch"
-    assert native_backend.supports(cpu, "float64")
-    assert native_backend.supports(cuda, "float64") == native_backend.supports(cuda, "adam_step_")
+    assert native_backend.capabilities(cpu).float64
+    assert native_backend.capabilities(cuda).float64 == native_backend.capabilities(cuda).runs("adam_step_")
     if not native_backend.unavailable_reason():
         assert functional.resolve("auto", cpu, "adam_step_", torch.float64) is native_backend
     if not TRITON_ON_CPU:
         return
     triton = functional.load_backend("triton")
-    assert triton.supports(cpu, "float64") and triton.supports(cuda, "float64")
+    assert triton.capabilities(cpu).float64 and triton.capabilities(cuda).float64
     assert functional.resolve("triton", cpu, "sgd_step_", torch.float64) is triton
     p, g = torch.ones(5, dtype=torch.int32), torch.ones(5, dtype=torch.int32)
     m, v = torch.zeros(5), torch.zeros(5)
@@ -628,7 +628,7 @@ def test_tensor_beyond_int32_offsets():
     g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
     g[-3:] = -1.0
     r = torch.full(((n + 3) // 4,), 0b01010101, dtype=torch.uint8, device="cuda")  # sign2: all positive
-    triton_step.sgd_step_([p], [g], None, [r], None, reference_format="sign2", lr=0.5, weight_decay=0.0,
+    triton_sgd.sgd_step_([p], [g], None, [r], None, reference_format="sign2", lr=0.5, weight_decay=0.0,
                           momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first_step=True)
     assert p[0].item() == 0.5 and p[2**31 + 7].item() == 0.5 and p[-4].item() == 0.5
     assert (p[-3:] == 1.0).all()  # conflicting with the reference: frozen
@@ -744,10 +744,11 @@ def test_native_build_info():
     assert info["cpu_capability"] == native_backend.cpu_capability()
     assert info["cpu_build"] in ("prebuilt", "jit")
     assert info["cpu_item_size"] == NATIVE_ITEM
-    assert native_backend.supports("cpu", "masked_delta_") and not native_backend.supports("meta", "adam_step_")
+    assert native_backend.capabilities("cpu").runs("masked_delta_")
+    assert not native_backend.capabilities("meta").runs("adam_step_")
     # KIF's EMAs in the step: the CPU kernels, and the CUDA ones where cnl_ext._C is built
-    assert native_backend.supports("cpu", "importance")
-    assert native_backend.supports("cuda", "importance") == native_backend.supports("cuda", "adam_step_")
+    assert native_backend.capabilities("cpu").importance
+    assert native_backend.capabilities("cuda").importance == native_backend.capabilities("cuda").runs("adam_step_")
 
 
 def test_native_rejects_mismatched_inputs():
@@ -799,17 +800,17 @@ def test_native_importance_rejects_mismatched_inputs():
 
 
 def test_native_importance_step_under_torch_compile():
-    """The importance ops' schemas declare the EMAs written: a compiled step (functionalized) updates them."""
+    """The steps' schemas declare the optional EMA lists written: a compiled step (functionalized) updates them."""
     _require_native_cpu()
     native_backend.unavailable_reason()  # loads the library: torch.ops.cnl_ext exists
 
     def step(p, g, m, v, s, u):
-        torch.ops.cnl_ext.adam_step_importance_(
-            p, g, m, v, None, None, None, s, u, reference_format="float32", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+        torch.ops.cnl_ext.adam_step_(
+            p, g, m, v, None, None, None, sensitivities=s, uncertainties=u, reference_format="float32", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
             weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False, bias_correction1=0.1,
             bias_correction2=0.01, importance_kind="param_mix", importance_beta1=0.8, importance_beta2=0.6)
-        torch.ops.cnl_ext.sgd_step_importance_(
-            p, g, m, None, None, s, u, reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.9,
+        torch.ops.cnl_ext.sgd_step_(
+            p, g, m, None, None, sensitivities=s, uncertainties=u, reference_format="float32", lr=0.1, weight_decay=0.0, momentum=0.9,
             dampening=0.0, nesterov=False, maximize=False, first_step=False, importance_kind="first",
             importance_beta1=0.8, importance_beta2=0.6)
 

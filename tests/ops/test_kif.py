@@ -316,7 +316,8 @@ def test_auto_takes_the_native_kernels_on_cpu():
     for op in ("kif_task_vector_fuse_", "kif_recurrent_fuse_"):
         assert functional.resolve("auto", torch.device("cpu"), op) is native_backend
         # on CUDA with cnl_ext._C, as the steps
-        assert native_backend.supports(torch.device("cuda"), op) == native_backend.supports("cuda", "adam_step_")
+        cuda = native_backend.capabilities(torch.device("cuda"))
+        assert cuda.runs(op) == cuda.runs("adam_step_")
 
 
 @pytest.mark.parametrize("backend, device", NATIVE_BACKENDS)

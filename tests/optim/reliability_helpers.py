@@ -47,8 +47,8 @@ _LEGACY_MODULES = {
     ("torch", "sgd_step_"): "cnl_ext.reference",
     ("torch", "adam_step_"): "cnl_ext.reference",
     ("torch", "masked_delta_"): "cnl_ext.ops.masked_delta_reference",
-    ("triton", "sgd_step_"): "cnl_ext.ops.triton_step",
-    ("triton", "adam_step_"): "cnl_ext.ops.triton_step",
+    ("triton", "sgd_step_"): "cnl_ext.ops.triton_sgd",
+    ("triton", "adam_step_"): "cnl_ext.ops.triton_adam",
     ("triton", "masked_delta_"): "cnl_ext.ops.triton_masked_delta",
     ("native", "sgd_step_"): "cnl_ext.ops.cuda_step",
     ("native", "adam_step_"): "cnl_ext.ops.cuda_step",
@@ -112,16 +112,10 @@ def count_backend_calls(monkeypatch, backend: str, op: str):
 
 def force_auto_order(monkeypatch, device_type: str, order) -> None:
     """Make ``backend="auto"`` try ``order`` for ``device_type`` tensors, from a clean choice."""
-    from cnl_ext import functional
+    from cnl_ext import registry
 
-    if not hasattr(functional, "AUTO_ORDER"):
-        raise AssertionError("adapt tests/optim/reliability_helpers.force_auto_order to cnl_ext.functional's auto registry")
-    order = tuple("cuda" if name == "native" and "native" not in getattr(functional, "BACKENDS", ("native",))
-                  else name for name in order)
-    monkeypatch.setattr(functional, "AUTO_ORDER", {**functional.AUTO_ORDER, device_type: order})
-    for cache, empty in (("_auto_chosen", {}), ("_auto_rejected", set())):
-        if hasattr(functional, cache):
-            monkeypatch.setattr(functional, cache, empty)
+    monkeypatch.setattr(registry, "AUTO_ORDER", {**registry.AUTO_ORDER, device_type: order})
+    monkeypatch.setattr(registry, "_auto_chosen", {})
 
 
 def shrink_triton_chunks(monkeypatch, blocks: int = 4) -> int:
@@ -305,7 +299,7 @@ class _FailingKernel:
         return getattr(self._kernel, name)
 
 
-TRITON_KERNEL_MODULES = ("cnl_ext.ops.triton_step", "cnl_ext.ops.triton_masked_delta")
+TRITON_KERNEL_MODULES = ("cnl_ext.ops.triton_sgd", "cnl_ext.ops.triton_adam", "cnl_ext.ops.triton_masked_delta")
 
 
 def fail_triton_compile(monkeypatch, should_fail, error=None) -> None:

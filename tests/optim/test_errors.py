@@ -98,8 +98,8 @@ def test_unsupported_options_fail_at_construction(make, error, match):
 def test_an_unavailable_backend_names_the_reason_and_changes_nothing(monkeypatch, optimizer):
     """backend="cuda" (the old name of "native") where the extension cannot load: one clear error,
     raised before any state is created or any step counted."""
-    from cnl_ext import functional
-    monkeypatch.setattr(functional, "_modules", {"native": "cnl_ext._C could not be loaded: test"})
+    from cnl_ext import registry
+    monkeypatch.setattr(registry, "_modules", {"native": "cnl_ext._C could not be loaded: test"})
     params = _params("cpu")
     opt = optimizer(params, lr=0.1, backend="cuda")
     for p in params:
@@ -125,12 +125,12 @@ def test_capture_without_backward_is_an_error():
 
 
 def _fresh_auto(monkeypatch, order):
-    from cnl_ext import functional
-    monkeypatch.setattr(functional, "AUTO_ORDER", order)
-    monkeypatch.setattr(functional, "_auto_chosen", {})
-    monkeypatch.setattr(functional, "_modules", {})
-    monkeypatch.setattr(functional, "_warned", set())
-    return functional
+    from cnl_ext import registry
+    monkeypatch.setattr(registry, "AUTO_ORDER", order)
+    monkeypatch.setattr(registry, "_auto_chosen", {})
+    monkeypatch.setattr(registry, "_modules", {})
+    monkeypatch.setattr(registry, "_warned", set())
+    return registry
 
 
 def test_auto_passes_over_an_unavailable_backend_once_with_a_warning(monkeypatch):
@@ -168,7 +168,8 @@ def test_auto_never_retries_a_step_that_failed_inside_a_backend(monkeypatch):
 
     monkeypatch.setattr(triton_backend, "adam_step_", broken)
     monkeypatch.setattr(torch_backend, "adam_step_", lambda *a, **k: calls.append("torch"))
-    monkeypatch.setattr(triton_backend, "supports", lambda device, op: True)
+    everything = triton_backend.capabilities(torch.device("cuda"))
+    monkeypatch.setattr(triton_backend, "capabilities", lambda device: everything)
     params = _params("cpu")
     opt = cnl_ext.FusedCNLAdamW(params)
     for p in params:

@@ -87,7 +87,6 @@ def test_kernels_and_optimizers_know_nothing_of_experiments():
 
 
 MAX_LINES = 500
-OVER_LENGTH_EXCEPTIONS = {"ops/triton_step.py"}  # split on branch contract
 
 
 def test_no_module_over_500_lines():
@@ -95,6 +94,6 @@ def test_no_module_over_500_lines():
     for path in PACKAGE.rglob("*.py"):
         relative = path.relative_to(PACKAGE).as_posix()
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        if lines > MAX_LINES and relative not in OVER_LENGTH_EXCEPTIONS:
+        if lines > MAX_LINES:
             long[relative] = lines
     assert long == {}, f"modules over {MAX_LINES} lines: {long}"
