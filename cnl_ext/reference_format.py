@@ -111,6 +111,26 @@ def stored_slice(stored: torch.Tensor, fmt: str, start: int, end: int) -> torch.
     return flat[start // 4:(end + 3) // 4]
 
 
+def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The CNL sign test, the one definition of the mask: True where ``sign(r)·sign(u) < 0``.
+
+    Defined by signs, so an element whose reference or update is exactly 0 (or NaN) is collaborative
+    (``r·u`` itself could underflow to 0); ``u`` may be any positive multiple of the update direction
+    (``lr·u``), which has its signs.
+    """
+    return torch.sign(reference) * torch.sign(update) < 0
+
+
+def similarity_sums(reference: torch.Tensor, update: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
+    """The statistics of one tensor's step, float64 ``[3]``: (collaborative count, Σ s over the
+    collaborative elements, Σ s over the conflicting ones), ``s = r·u`` in the compute dtype and summed
+    in float64 (``conflict``: :func:`conflicting` of the same ``r`` and ``u``)."""
+    s = (reference * update).flatten()
+    collaborative = ~conflict.flatten()
+    return torch.stack([collaborative.sum(dtype=torch.float64), s[collaborative].sum(dtype=torch.float64),
+                        s[~collaborative].sum(dtype=torch.float64)])
+
+
 def decode(stored: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
     """Float32 values of a stored reference (signs as ``-1, 0, +1`` for the sign formats)."""
     if fmt != "sign2":
