@@ -1,4 +1,6 @@
-"""Storage formats of the reference gradient.
+"""Storage formats of the reference gradient, and the CNL mask against it (:func:`conflicting`, the
+one definition of the sign test, and :func:`apply_mask`, the masked write of one tensor and its
+statistics, which the optimizers' definitions share).
 
 The CNL mask depends only on the signs of the reference (spec: ``sign(r)*sign(u) >= 0``), so the
 reference can be stored compactly:
@@ -121,11 +123,22 @@ def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.sign(reference) * torch.sign(update) < 0
 
 
-def similarity_sums(reference: torch.Tensor, update: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
-    """The statistics of one tensor's step, float64 ``[3]``: (collaborative count, Σ s over the
-    collaborative elements, Σ s over the conflicting ones), ``s = r·u`` in the compute dtype and summed
-    in float64 (``conflict``: :func:`conflicting` of the same ``r`` and ``u``)."""
-    s = (reference * update).flatten()
+def apply_mask(param: torch.Tensor, old: torch.Tensor, new: torch.Tensor, update: torch.Tensor,
+               stored, fmt: str):
+    """The CNL write of one tensor: ``param ← old`` where :func:`conflicting` (``r``, ``update``), else
+    ``new`` (everywhere without a reference, ``stored`` None), rounded once to ``param``'s dtype.
+
+    Returns None without a reference, else the statistics, float64 ``[3]``: (collaborative count, Σ s
+    over the collaborative elements, Σ s over the conflicting ones), ``s = r·update`` in the compute
+    dtype (that of ``update``; ``r`` decoded, :func:`decode`) summed in float64.
+    """
+    if stored is None:
+        param.copy_(new)
+        return None
+    r = decode(stored, fmt, param.shape).to(update.dtype)
+    conflict = conflicting(r, update)
+    param.copy_(torch.where(conflict, old, new))
+    s = (r * update).flatten()
     collaborative = ~conflict.flatten()
     return torch.stack([collaborative.sum(dtype=torch.float64), s[collaborative].sum(dtype=torch.float64),
                         s[~collaborative].sum(dtype=torch.float64)])

@@ -1,9 +1,11 @@
 """The ``"torch"`` backend: the CNL ops in plain PyTorch, for any device.
 
-It is the oracle every kernel is tested against and the definition of rounding: float32 arithmetic
-(float64 for float64 parameters, whose states are float64 too: no downcast anywhere) in the order
-written here, the new parameter rounded once to its dtype. Read it next to the spec
-(the update rule and the per-optimizer table). It follows the ops contract of :mod:`cnl_ext.ops`
+The math is defined per tensor, in plain PyTorch, next to each optimizer class (the definitions:
+:func:`cnl_ext.optim.sgd.cnl_sgd_step`, :func:`cnl_ext.optim.adam.cnl_adam_step`,
+:func:`cnl_ext.optim.wrapper.cnl_masked_delta`; tests/test_definition.py); this backend computes
+exactly that, bit for bit (float32 arithmetic, float64 for float64 parameters, whose states are
+float64 too, in the definitions' order, the new parameter rounded once to its dtype), tuned: it is
+the oracle the other tests compare kernels with. It follows the ops contract of :mod:`cnl_ext.ops`
 and runs each step chunk by chunk (:mod:`.chunking`: the whole sequence of operations on a few
 hundred KiB at a time, in cache, with reused buffers), each operation on a float32 1-D tensor of the
 chunk (in the compute dtype, :func:`.chunking.compute_dtype`): a view of a tensor of that dtype itself,
@@ -15,6 +17,8 @@ reference gradient::
     conflicting = (r > 0 and u < 0) or (r < 0 and u > 0)      # sign(r)·sign(u) < 0
     θ ← θ                   if conflicting
     θ ← θ − lr·u            otherwise                            (optimizer states: always updated)
+
+(Adam tests the signs of ``lr·u``, the step itself, and scales its sums of ``r·(lr·u)`` by 1/lr.)
 """
 from __future__ import annotations
 

@@ -375,7 +375,8 @@ def _adam_kernel(
             lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2,
             imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
             P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
-    inv_lr = tl.where(lr == 0, 0.0, _div(tl.full((), 1.0, COMPUTE), lr, COMPUTE))  # the sums of lr·u, scaled by 1/lr (0 at lr = 0)
+    # the sums of lr·u, scaled by 1/lr (0 at lr = 0, where nothing moves)
+    inv_lr = tl.where(lr == 0, 0.0, _div(tl.full((), 1.0, COMPUTE), tl.where(lr == 0, 1.0, lr), COMPUTE))
     _store_partials(partials, pid, acc_count, acc_collab * inv_lr, acc_conflict * inv_lr, STATS)
 
 

@@ -120,14 +120,9 @@ def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *
     else:
         new = p - adam_step
         lr_u = adam_step
-    if reference is None:
-        param.copy_(new)
-        return None
-    r = rf.decode(reference, reference_format, param.shape).to(dtype)
-    conflict = rf.conflicting(r, lr_u)
-    param.copy_(torch.where(conflict, p, new))
-    stats = rf.similarity_sums(r, lr_u, conflict)
-    stats[1:] *= inverse_lr(lr, dtype)
+    stats = rf.apply_mask(param, p, new, lr_u, reference, reference_format)  # θ where sign(r)·sign(lr·u) < 0
+    if stats is not None:
+        stats[1:] *= inverse_lr(lr, dtype)  # Σ r·(lr·u) → Σ r·u
     return stats
 
 

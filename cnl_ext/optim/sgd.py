@@ -49,13 +49,7 @@ def cnl_sgd_step(param, grad, momentum_buffer, reference, *, reference_format: s
         momentum_buffer.copy_(g if first_step else momentum * momentum_buffer + (1 - dampening) * g)
         u = g + momentum * momentum_buffer if nesterov else momentum_buffer
     new = p - lr * u
-    if reference is None:
-        param.copy_(new)
-        return None
-    r = rf.decode(reference, reference_format, param.shape).to(dtype)
-    conflict = rf.conflicting(r, u)
-    param.copy_(torch.where(conflict, p, new))
-    return rf.similarity_sums(r, u, conflict)
+    return rf.apply_mask(param, p, new, u, reference, reference_format)  # θ where sign(r)·sign(u) < 0
 
 
 class FusedCNLSGD(CNLOptimizer):

@@ -34,11 +34,8 @@ def cnl_masked_delta(param, before, reference, *, reference_format: str, inv_lr:
     dtype = compute_dtype(param.dtype)
     after, restored = param.to(dtype), before.to(dtype)
     minus_delta = restored - after
-    r = rf.decode(reference, reference_format, param.shape).to(dtype)
-    conflict = rf.conflicting(r, minus_delta)
-    param.copy_(torch.where(conflict, restored, after))
-    stats = rf.similarity_sums(r, minus_delta, conflict)
-    stats[1:] *= inv_lr
+    stats = rf.apply_mask(param, restored, after, minus_delta, reference, reference_format)
+    stats[1:] *= inv_lr  # Σ r·(−Δ) → Σ r·u
     return stats
 
 
