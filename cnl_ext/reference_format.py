@@ -1,4 +1,6 @@
-"""Storage formats of the reference gradient.
+"""Storage formats of the reference gradient, and the CNL mask against it (:func:`conflicting`, the
+one definition of the sign test, and :func:`apply_mask`, the masked write of one tensor and its
+statistics, which the optimizers' definitions share).
 
 The CNL mask depends only on the signs of the reference (spec: ``sign(r)*sign(u) >= 0``), so the
 reference can be stored compactly:
@@ -109,6 +111,37 @@ def stored_slice(stored: torch.Tensor, fmt: str, start: int, end: int) -> torch.
     if start % 4:
         raise ValueError(f"a slice of a sign2 reference must start at a multiple of 4, got {start}")
     return flat[start // 4:(end + 3) // 4]
+
+
+def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The CNL sign test, the one definition of the mask: True where ``sign(r)·sign(u) < 0``.
+
+    Defined by signs, so an element whose reference or update is exactly 0 (or NaN) is collaborative
+    (``r·u`` itself could underflow to 0); ``u`` may be any positive multiple of the update direction
+    (``lr·u``), which has its signs.
+    """
+    return torch.sign(reference) * torch.sign(update) < 0
+
+
+def apply_mask(param: torch.Tensor, old: torch.Tensor, new: torch.Tensor, update: torch.Tensor,
+               stored, fmt: str):
+    """The CNL write of one tensor: ``param ← old`` where :func:`conflicting` (``r``, ``update``), else
+    ``new`` (everywhere without a reference, ``stored`` None), rounded once to ``param``'s dtype.
+
+    Returns None without a reference, else the statistics, float64 ``[3]``: (collaborative count, Σ s
+    over the collaborative elements, Σ s over the conflicting ones), ``s = r·update`` in the compute
+    dtype (that of ``update``; ``r`` decoded, :func:`decode`) summed in float64.
+    """
+    if stored is None:
+        param.copy_(new)
+        return None
+    r = decode(stored, fmt, param.shape).to(update.dtype)
+    conflict = conflicting(r, update)
+    param.copy_(torch.where(conflict, old, new))
+    s = (r * update).flatten()
+    collaborative = ~conflict.flatten()
+    return torch.stack([collaborative.sum(dtype=torch.float64), s[collaborative].sum(dtype=torch.float64),
+                        s[~collaborative].sum(dtype=torch.float64)])
 
 
 def decode(stored: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:

@@ -1,5 +1,5 @@
 // CNL Adam / AdamW step (torch.optim.Adam / AdamW semantics, then the CNL mask), multi-tensor.
-// Math: cnl_ext/ops/torch_backend.py adam_step_; layout: cnl_multi_tensor.cuh.
+// Math: the definition, cnl_adam_step in cnl_ext/optim/adam.py; layout: cnl_multi_tensor.cuh.
 #include "cnl_multi_tensor.cuh"
 
 namespace cnl {
@@ -50,18 +50,20 @@ struct AdamStep {
       v[k] = add(mul(s.beta2, v[k]), mul(s.one_minus_beta2, mul(gk, gk)));
       C second = v[k];
       if (s.amsgrad) second = vmax[k] = nan_max(vmax[k], v[k]);
+      // torch.optim's order: step = (step_size·m) / denom, one division per element.
       const C denom = add(div(sqrt_rn(second), s.bias_correction2_sqrt), s.eps);
-      const C adam = div(div(m[k], s.bias_correction1), denom);
-      C u, p_new;
+      const C step = div(mul(s.step_size, m[k]), denom);
+      // The mask and the statistics see lr·u (the sums are scaled by 1/lr once per block).
+      C lr_u, p_new;
       if (s.decoupled_weight_decay) {
         // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
-        u = add(adam, mul(s.weight_decay, p[k]));
-        p_new = sub(mul(p[k], s.one_minus_lr_wd), mul(s.lr, adam));  // torch.optim.AdamW's order
+        lr_u = add(step, mul(s.lr_weight_decay, p[k]));
+        p_new = sub(mul(p[k], s.one_minus_lr_wd), step);  // torch.optim.AdamW's order
       } else {
-        u = adam;
-        p_new = sub(p[k], mul(s.lr, adam));
+        lr_u = step;
+        p_new = sub(p[k], step);
       }
-      p[k] = cnl_select<kRef, kStats>(p[k], p_new, u, r[k], acc);
+      p[k] = cnl_select<kRef, kStats>(p[k], p_new, lr_u, r[k], acc);
     }
     store<N>(a.param, i, p);  // unchanged elements round-trip exactly (see cnl_sgd.cu)
     store<N>(a.exp_avg, i, m);
@@ -78,17 +80,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   using C = Compute<T>;
   const int t = find_tensor(table, blockIdx.x);
   // Capturable: hyper-parameters that change every step are read on the device (uniform per block),
-  // in the compute type as the reference computes them from device tensors.
+  // and the scalars derived from them computed in the compute type (the definition,
+  // cnl_ext/optim/adam.py, as the CPU kernels and the torch backend).
   if (s.lr_ptr != nullptr) {
     s.lr = static_cast<C>(*s.lr_ptr);
-    s.one_minus_lr_wd = sub(C(1), mul(s.lr, s.weight_decay));
+    s.lr_weight_decay = mul(s.lr, s.weight_decay);
+    s.one_minus_lr_wd = sub(C(1), s.lr_weight_decay);
   }
   if (table.ptr[6][t] != nullptr) {
-    const double step = *static_cast<const float*>(table.ptr[6][t]);
-    // pow in double, rounded once to C: at least as accurate as torch's beta ** step in C.
-    s.bias_correction1 = sub(C(1), static_cast<C>(pow(static_cast<double>(s.beta1), step)));
-    s.bias_correction2_sqrt = sqrt_rn(sub(C(1), static_cast<C>(pow(static_cast<double>(s.beta2), step))));
+    const C step = static_cast<C>(*static_cast<const float*>(table.ptr[6][t]));
+    s.bias_correction1 = sub(C(1), pow(s.beta1, step));
+    s.bias_correction2_sqrt = sqrt_rn(sub(C(1), pow(s.beta2, step)));
   }
+  if (s.lr_ptr != nullptr || table.ptr[6][t] != nullptr) s.step_size = div(s.lr, s.bias_correction1);
   const int64_t start = static_cast<int64_t>(blockIdx.x - table.block_start[t]) * kChunkSize;
   const int64_t end = min(start + kChunkSize, table.numel[t]);
   AdamPtrs<T> a{static_cast<T*>(table.ptr[0][t]),     static_cast<const T*>(table.ptr[1][t]),
@@ -106,7 +110,13 @@ __global__ void __launch_bounds__(kBlockThreads)
                             aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
   StatAcc acc;
   chunk_loop<AdamStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
-  if constexpr (kStats) write_partials(acc, partials + 3 * (table.partial_base + blockIdx.x));
+  if constexpr (kStats) {
+    // The statistics of lr·u, scaled by 1/lr (0 at lr = 0, where nothing moves).
+    const double inv_lr = s.lr == C(0) ? 0.0 : 1.0 / static_cast<double>(s.lr);
+    acc.collaborative *= inv_lr;
+    acc.conflicting *= inv_lr;
+    write_partials(acc, partials + 3 * (table.partial_base + blockIdx.x));
+  }
 }
 
 }  // namespace

@@ -263,6 +263,8 @@ AdamScalarsT<C> adam_scalars(double lr, double beta1, double beta2, double eps, 
   s.one_minus_lr_wd = static_cast<C>(1.0 - lr * weight_decay);
   s.bias_correction1 = static_cast<C>(bias_correction1.value_or(1.0));
   s.bias_correction2_sqrt = static_cast<C>(std::sqrt(bias_correction2.value_or(1.0)));
+  s.lr_weight_decay = static_cast<C>(lr * weight_decay);
+  s.step_size = static_cast<C>(lr / bias_correction1.value_or(1.0));
   s.l2_weight_decay = weight_decay != 0.0 && !decoupled_weight_decay;
   s.decoupled_weight_decay = weight_decay != 0.0 && decoupled_weight_decay;
   s.amsgrad = amsgrad;

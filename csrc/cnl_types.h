@@ -45,9 +45,10 @@ struct TensorLists {
 };
 
 // Kernel scalars, in the compute type C of the step: float for float32, bfloat16 and float16
-// parameters, double for float64 ones. Derived constants (1 - dampening, 1 - lr*wd,
-// sqrt(bias_correction2)) are computed on the host in double and rounded once to C, as torch.optim
-// does with Python floats.
+// parameters, double for float64 ones. Derived constants (1 - dampening, 1 - lr*wd, lr*wd,
+// sqrt(bias_correction2), the step size lr / bias_correction1) are computed on the host in double and
+// rounded once to C, as torch.optim does with Python floats. With a device lr or device step counts the
+// kernels compute them in C instead (the definition: cnl_ext/optim/adam.py).
 template <typename C>
 struct SgdScalarsT {
   C lr;
@@ -73,8 +74,10 @@ struct AdamScalarsT {
   C eps;
   C weight_decay;
   C one_minus_lr_wd;  // decoupled decay factor 1 - lr*wd (host lr only)
+  C lr_weight_decay;  // lr*wd, the decay's share of lr*u (host lr only)
   C bias_correction1;       // unused with TensorLists::steps
   C bias_correction2_sqrt;  // unused with TensorLists::steps
+  C step_size;              // lr / bias_correction1 (host lr and bias corrections only)
   bool l2_weight_decay;         // weight_decay != 0 and not decoupled: g += wd*p
   bool decoupled_weight_decay;  // weight_decay != 0 and decoupled: u += wd*p, p *= 1 - lr*wd
   bool amsgrad;

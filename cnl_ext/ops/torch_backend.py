@@ -1,9 +1,11 @@
 """The ``"torch"`` backend: the CNL ops in plain PyTorch, for any device.
 
-It is the oracle every kernel is tested against and the definition of rounding: float32 arithmetic
-(float64 for float64 parameters, whose states are float64 too: no downcast anywhere) in the order
-written here, the new parameter rounded once to its dtype. Read it next to the spec
-(the update rule and the per-optimizer table). It follows the ops contract of :mod:`cnl_ext.ops`
+The math is defined per tensor, in plain PyTorch, next to each optimizer class (the definitions:
+:func:`cnl_ext.optim.sgd.cnl_sgd_step`, :func:`cnl_ext.optim.adam.cnl_adam_step`,
+:func:`cnl_ext.optim.wrapper.cnl_masked_delta`; tests/optim/test_definition.py); this backend computes
+exactly that, bit for bit (float32 arithmetic, float64 for float64 parameters, whose states are
+float64 too, in the definitions' order, the new parameter rounded once to its dtype), tuned: it is
+the oracle the other tests compare kernels with. It follows the ops contract of :mod:`cnl_ext.ops`
 and runs each step chunk by chunk (:mod:`.chunking`: the whole sequence of operations on a few
 hundred KiB at a time, in cache, with reused buffers), each operation on a float32 1-D tensor of the
 chunk (in the compute dtype, :func:`.chunking.compute_dtype`): a view of a tensor of that dtype itself,
@@ -15,11 +17,16 @@ reference gradient::
     conflicting = (r > 0 and u < 0) or (r < 0 and u > 0)      # sign(r)·sign(u) < 0
     θ ← θ                   if conflicting
     θ ← θ − lr·u            otherwise                            (optimizer states: always updated)
+
+(Adam tests the signs of ``lr·u``, the step itself, and scales its sums of ``r·(lr·u)`` by 1/lr.)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ..reference_format import conflicting
+from .adam_scalars import capturable_bias_corrections, inverse_lr, step_size_of
 from .chunking import chunks, compute_dtype
 from .contract import OPS, Capabilities
 from .importance import importance_update_
@@ -45,15 +52,6 @@ def capabilities(device: torch.device) -> Capabilities:
     return _EVERYTHING
 
 
-def conflicting(reference: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the elements whose update disagrees in sign with the reference.
-
-    Defined by signs (spec), so an element whose reference or update is exactly 0 (or NaN) is
-    collaborative; ``r·u`` itself could underflow to 0.
-    """
-    return torch.sign(reference) * torch.sign(update) < 0
-
-
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -65,6 +63,15 @@ def _where(condition, a, b, out):
     a_bits, b_bits, out_bits = (t.view(bits) for t in (a, b, out))
     torch.bitwise_xor(a_bits, b_bits, out=out_bits).mul_(condition).bitwise_xor_(b_bits)
     return out
+
+
+def _sqrt(x, out):
+    """``sqrt(x)`` into ``out``, correctly rounded as in the definition and every kernel: on CPU numpy's
+    (the instruction's; torch's own is MKL's, an ulp off for a sixth of float32 values)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        np.sqrt(x.numpy(), out=out.numpy())
+        return out
+    return torch.sqrt(x, out=out)
 
 
 def _compute_lr(lr, dtype):
@@ -132,33 +139,35 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
                importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
-    """Adam (L2 weight decay) or AdamW (decoupled), as torch.optim.Adam/AdamW, with the CNL mask.
+    """Adam (L2 weight decay) or AdamW (decoupled), as torch.optim.Adam/AdamW, with the CNL mask: the
+    definition :func:`cnl_ext.optim.adam.cnl_adam_step`, in chunks.
 
     For AdamW the decay term is part of ``u`` (spec), so a frozen element is not decayed either.
     With ``device_steps`` (capturable), the bias corrections come from each tensor's step count on
     the device, and ``lr`` may be a device scalar: nothing here reads a value back to the host.
     """
     dtype = compute_dtype(params[0].dtype)
-    lr = _compute_lr(lr, dtype)
-    if device_steps is not None:  # per tensor: 1 − β1^t and sqrt(1 − β2^t), as device scalars
-        if dtype != torch.float32:  # the corrections in the compute dtype (the counts are float32)
-            device_steps = [step.to(dtype) for step in device_steps]
-        bias_correction1s = torch._foreach_pow(beta1, device_steps)
-        torch._foreach_neg_(bias_correction1s)
-        torch._foreach_add_(bias_correction1s, 1)
-        bias_correction2_sqrts = torch._foreach_pow(beta2, device_steps)
-        torch._foreach_neg_(bias_correction2_sqrts)
-        torch._foreach_add_(bias_correction2_sqrts, 1)
-        torch._foreach_sqrt_(bias_correction2_sqrts)
+    device = params[0].device
+    if device_steps is None:  # one (step_size, sqrt(bc2)) for all tensors: floats in double, or device scalars
+        bc2_sqrt = bias_correction2**0.5
+        if device.type != "cpu":  # CUDA divides by a host scalar as a product with its reciprocal
+            bc2_sqrt = torch.full((), bc2_sqrt, dtype=dtype, device=device)
+        per_call = step_size_of(lr, bias_correction1, dtype), bc2_sqrt
+    else:  # per tensor, on the device
+        corrections = [capturable_bias_corrections(beta1, beta2, step, dtype) for step in device_steps]
+        per_tensor = [(step_size_of(lr, bc1, dtype), bc2_sqrt) for bc1, bc2_sqrt in corrections]
+    if isinstance(lr, torch.Tensor):  # lr·λ and 1 − lr·λ in the compute dtype
+        lr_decay = lr.to(dtype) * weight_decay
+        decay_factor = 1 - lr_decay
+    else:  # in double, rounded once by the ops that take them
+        lr_decay, decay_factor = lr * weight_decay, 1 - lr * weight_decay
+    rows = None if stats is None else torch.zeros_like(stats)  # of lr·u, scaled by 1/lr once at the end
     for chunk in chunks(params, pack=device_steps is None, dtype=dtype):  # per-tensor scalars: one tensor per chunk
-        if device_steps is None:
-            bc1, bc2_sqrt = bias_correction1, bias_correction2**0.5
-        else:
-            bc1, bc2_sqrt = bias_correction1s[chunk.tensor], bias_correction2_sqrts[chunk.tensor]
+        step_size, bc2_sqrt = per_call if device_steps is None else per_tensor[chunk.tensor]
         p = chunk.read(params)
         g = chunk.read(grads, copy=maximize or (weight_decay != 0 and not decoupled_weight_decay))
         m, v = chunk.read(exp_avgs), chunk.read(exp_avg_sqs)
-        t, denom, adam = chunk.scratch(), chunk.scratch(), chunk.scratch()
+        t, denom = chunk.scratch(), chunk.scratch()
         if maximize:
             g.neg_()
         if weight_decay != 0 and not decoupled_weight_decay:
@@ -173,19 +182,21 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
             second = chunk.read(max_exp_avg_sqs)
             torch.maximum(second, v, out=second)
             chunk.write(max_exp_avg_sqs, second)
-        # adam = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε)
-        torch.sqrt(second, out=denom).div_(bc2_sqrt).add_(eps)
-        torch.div(m, bc1, out=adam).div_(denom)
-        step = torch.mul(adam, lr, out=t)
+        # step = (step_size·m) / (sqrt(v)/sqrt(bc2) + ε): torch.optim's order
+        _sqrt(second, out=denom).div_(bc2_sqrt).add_(eps)
+        step = torch.mul(m, step_size, out=t).div_(denom)
         if decoupled_weight_decay and weight_decay != 0:
-            # torch.optim.AdamW's order: θ·(1 − lr·λ) − lr·adam; u = adam + λ·θ
-            u = None if references is None else torch.add(adam, torch.mul(p, weight_decay, out=denom), out=denom)
+            # torch.optim.AdamW's order: θ·(1 − lr·λ) − step; lr·u = step + (lr·λ)·θ
+            lr_u = None if references is None else torch.add(step, torch.mul(p, lr_decay, out=denom), out=denom)
             new = p if references is None else chunk.scratch()
-            torch.mul(p, 1 - lr * weight_decay, out=new).sub_(step)
+            torch.mul(p, decay_factor, out=new).sub_(step)
         else:
-            new = p.sub_(step) if references is None else torch.sub(p, step, out=step)
-            u = adam
-        _write_masked(chunk, params, p, new, u, references, reference_format, stats)
+            new = p.sub_(step) if references is None else torch.sub(p, step, out=chunk.scratch())
+            lr_u = step
+        _write_masked(chunk, params, p, new, lr_u, references, reference_format, rows)
+    if rows is not None:
+        rows[:, 1:] *= inverse_lr(lr, dtype)
+        stats += rows
     if importance is not None:  # see sgd_step_
         importance_update_(params, grads, *importance, kind=importance_kind, betas=importance_betas)
 

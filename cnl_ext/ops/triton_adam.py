@@ -1,7 +1,7 @@
 """CNL Adam / AdamW in Triton (torch.optim.Adam / AdamW semantics, then the CNL mask), multi-tensor.
 
 Layout, launch and the shared device functions: :mod:`.triton_step`; math:
-:func:`cnl_ext.ops.torch_backend.adam_step_`.
+:func:`cnl_ext.optim.adam.cnl_adam_step` (the definition).
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .adam_scalars import capturable_bias_corrections, step_size_of
+from .chunking import compute_dtype
 from .triton_step import (_block_offsets, _chunk_bounds, _div, _importance_args, _importance_update, _launch, _load,
                           _load_param_and_grad, _masked_update, _pointer, _round_to, _scalar, _sqrt, _store_partials)
 
@@ -18,7 +20,7 @@ __all__ = ["adam_step_"]
 @triton.jit
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, mask,
                 lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-                bias_correction1, bias_correction2_sqrt,
+                lr_weight_decay, step_size, bias_correction2_sqrt,
                 imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
                 acc_count, acc_collab, acc_conflict,
                 P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
@@ -35,16 +37,17 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
     if AMSGRAD:
         v = tl.maximum(_load(vmax_ptr, offs, mask), v)
         tl.store(vmax_ptr + offs, v, mask=mask)
+    # torch.optim's order: step = (step_size·m) / denom; the mask and the statistics see lr·u
     denom = _div(_sqrt(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
-    adam = _div(_div(m, bias_correction1, COMPUTE), denom, COMPUTE)
+    step = _div(step_size * m, denom, COMPUTE)
     if WEIGHT_DECAY and DECOUPLED:
-        u = adam + weight_decay * p
-        new_p = p * one_minus_lr_wd - lr * adam  # torch.optim.AdamW's order
+        lr_u = step + lr_weight_decay * p
+        new_p = p * one_minus_lr_wd - step  # torch.optim.AdamW's order
     else:
-        u = adam
-        new_p = p - lr * adam
+        lr_u = step
+        new_p = p - step
     new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-        p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
+        p, new_p, lr_u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
     stored_p = _round_to(new_p, P_DTYPE)
     tl.store(p_ptr + offs, stored_p, mask=mask)
     _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
@@ -56,14 +59,14 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
 def _adam_kernel(
     ptr_table, chunk_tensor, chunk_start, numels, partials,
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-    bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
+    lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     STEP_ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step,
+    # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, (unused),
     # sensitivity, uncertainty. COMPUTE: the arithmetic's, the moments' and the sums' dtype (float64
     # for float64 params).
     pid = tl.program_id(0)
@@ -75,10 +78,10 @@ def _adam_kernel(
     eps = _scalar(eps, False, COMPUTE)
     weight_decay = _scalar(weight_decay, False, COMPUTE)
     one_minus_lr_wd = _scalar(one_minus_lr_wd, False, COMPUTE)
-    bias_correction1 = _scalar(bias_correction1, False, COMPUTE)
-    bias_correction2_sqrt = _scalar(bias_correction2_sqrt, False, COMPUTE)
-    if LR_ON_DEVICE:  # the host computed 1 − lr·λ for a float lr; with a device lr, as the torch backend does
-        one_minus_lr_wd = 1 - lr * weight_decay
+    lr_weight_decay = _scalar(lr_weight_decay, False, COMPUTE)
+    if LR_ON_DEVICE:  # the host computed lr·λ and 1 − lr·λ for a float lr; with a device lr, as the torch backend does
+        lr_weight_decay = lr * weight_decay
+        one_minus_lr_wd = 1 - lr_weight_decay
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
     p_ptr = _pointer(ptr_table, t, 0, 9, P_DTYPE, ALIGNED)
     g_ptr = _pointer(ptr_table, t, 1, 9, P_DTYPE, ALIGNED)
@@ -88,10 +91,12 @@ def _adam_kernel(
     r_ptr = _pointer(ptr_table, t, 5, 9, R_DTYPE, ALIGNED)
     s_ptr = _pointer(ptr_table, t, 7, 9, tl.float32, ALIGNED)
     u_ptr = _pointer(ptr_table, t, 8, 9, tl.float32, ALIGNED)
-    if STEP_ON_DEVICE:  # capturable: the bias corrections follow this tensor's step count on the device
-        step = tl.load(_pointer(ptr_table, t, 6, 9, tl.float32, False)).to(COMPUTE)
-        bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
-        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.log2(beta2)), COMPUTE)
+    if STEP_ON_DEVICE:  # this tensor's step size and sqrt(bc2), which the host computed on the device
+        step_size = tl.load(step_size + t)
+        bias_correction2_sqrt = tl.load(bias_correction2_sqrt + t)
+    else:
+        step_size = _scalar(step_size, False, COMPUTE)
+        bias_correction2_sqrt = _scalar(bias_correction2_sqrt, False, COMPUTE)
     acc_count = tl.zeros((), COMPUTE)
     acc_collab = tl.zeros((), COMPUTE)
     acc_conflict = tl.zeros((), COMPUTE)
@@ -99,18 +104,35 @@ def _adam_kernel(
         acc_count, acc_collab, acc_conflict = _adam_block(
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-            bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
-            acc_count, acc_collab, acc_conflict,
+            lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2,
+            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
             P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _adam_block(
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, offs < end,
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-            bias_correction1, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
-            acc_count, acc_collab, acc_conflict,
+            lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2,
+            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
             P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
-    _store_partials(partials, pid, acc_count, acc_collab, acc_conflict, STATS)
+    # the sums of lr·u, scaled by 1/lr (0 at lr = 0, where nothing moves)
+    inv_lr = tl.where(lr == 0, 0.0, _div(tl.full((), 1.0, COMPUTE), tl.where(lr == 0, 1.0, lr), COMPUTE))
+    _store_partials(partials, pid, acc_count, acc_collab * inv_lr, acc_conflict * inv_lr, STATS)
+
+
+def _adam_step_scalars(params, lr, beta1, beta2, bias_correction1, bias_correction2, device_steps):
+    """(step size, sqrt(bc2)) of the step: floats (the kernel rounds them once), or with a device lr or
+    device step counts, one of each per tensor in device arrays, from the definition's torch ops
+    (:mod:`.adam_scalars`: Triton's interpreter has no pow)."""
+    if device_steps is None and not isinstance(lr, torch.Tensor):
+        return lr / bias_correction1, bias_correction2**0.5
+    dtype, device, n = compute_dtype(params[0].dtype), params[0].device, len(params)
+    if device_steps is None:
+        step_size = step_size_of(lr, bias_correction1, dtype).expand(n).contiguous()
+        return step_size, torch.full((n,), bias_correction2**0.5, dtype=dtype, device=device)
+    corrections = [capturable_bias_corrections(beta1, beta2, step, dtype) for step in device_steps]
+    return (torch.stack([step_size_of(lr, bc1, dtype) for bc1, _ in corrections]),
+            torch.stack([bc2_sqrt for _, bc2_sqrt in corrections]))
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
@@ -118,19 +140,22 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
                importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.ops.torch_backend.adam_step_` for the math."""
-    on_device = device_steps is not None
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.optim.adam.cnl_adam_step` for the math."""
     sensitivities, uncertainties, importance_scalars, importance_code = _importance_args(
         importance, importance_kind, importance_betas)
     # derived constants in double, rounded once (as torch's Python-float hyper-parameters are)
-    one_minus_lr_wd = 0.0 if isinstance(lr, torch.Tensor) else 1.0 - lr * weight_decay
+    host_lr = not isinstance(lr, torch.Tensor)
+    one_minus_lr_wd, lr_weight_decay = (1.0 - lr * weight_decay, lr * weight_decay) if host_lr else (0.0, 0.0)
+    step_size, bias_correction2_sqrt = _adam_step_scalars(params, lr, beta1, beta2, bias_correction1,
+                                                          bias_correction2, device_steps)
+    on_device = isinstance(step_size, torch.Tensor)
     _launch(
         _adam_kernel,
-        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, device_steps,
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, None,
          sensitivities, uncertainties),
         params, references, stats, reference_format,
-        (lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, one_minus_lr_wd,
-         1.0 if on_device else bias_correction1, 1.0 if on_device else bias_correction2**0.5),
+        (lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, one_minus_lr_wd, lr_weight_decay,
+         step_size, bias_correction2_sqrt),
         weight_decay, importance_scalars, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         STEP_ON_DEVICE=on_device, IMPORTANCE=importance_code,
     )

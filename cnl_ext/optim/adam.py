@@ -1,13 +1,89 @@
-"""FusedCNLAdam: Adam (L2 weight decay, or decoupled as AdamW) with the CNL mask."""
+"""FusedCNLAdam: Adam (L2 weight decay, or decoupled as AdamW) with the CNL mask.
+
+:func:`cnl_adam_step` is the definition of the step, every backend's kernels included (they are
+tested against it bit for bit); :class:`FusedCNLAdam` steps all its tensors with one of them.
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import functional
+from .. import reference_format as rf
+from ..ops.adam_scalars import capturable_bias_corrections, correctly_rounded_sqrt, inverse_lr, step_size_of
+from ..ops.chunking import compute_dtype
 from ._args import check_common, check_tensor_hyperparameter, scalar
 from ._base import CNLOptimizer, new_state, real_views
 
-__all__ = ["FusedCNLAdam"]
+__all__ = ["FusedCNLAdam", "cnl_adam_step"]
+
+
+@torch.no_grad()
+def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *, reference_format: str, lr,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
+                  amsgrad: bool, maximize: bool, step):
+    """One tensor's CNL Adam / AdamW step, in place; the definition (every kernel equals it bit for bit).
+
+    In the compute dtype (float32; float64 for float64 parameters and states), each operation
+    rounded on its own, the new parameter rounded once to its dtype::
+
+        g ← −g if maximize;   g ← g + λ·θ  (L2: weight_decay, not decoupled)
+        m ← β1·m + (1−β1)·g;   v ← β2·v + (1−β2)·(g·g);   v̂ ← max(v̂, v)  (amsgrad; else v̂ = v)
+        bc1 = 1 − β1^t;   bc2_sqrt = sqrt(1 − β2^t)
+        step = (step_size·m) / (sqrt(v̂)/bc2_sqrt + ε),   step_size = lr / bc1   (torch.optim's order)
+        Adam:  θ' = θ − step,               lr·u = step
+        AdamW: θ' = θ·(1 − lr·λ) − step,    lr·u = step + (lr·λ)·θ
+        θ ← θ where sign(r)·sign(lr·u) < 0 (conflicting), else θ'     (m, v, v̂: updated everywhere)
+
+    ``step`` is t, the step count after this step: a number (the bias corrections in double, and
+    ``step_size``, ``sqrt(bc2)``, ``1 − lr·λ``, ``lr·λ`` in double, each rounded once, as torch.optim's
+    Python floats), or a 0-d float32 device tensor (capturable: :func:`capturable_bias_corrections`,
+    ``step_size`` in the compute dtype). A Tensor ``lr`` makes the scalars derived from it in the
+    compute dtype too. ``reference``: None (plain Adam), or stored in ``reference_format``
+    (:func:`cnl_ext.reference_format.decode`). Returns None without a reference, else the statistics,
+    float64 ``[3]``: (collaborative count, Σ s collaborative, Σ s conflicting) with ``s = r·(lr·u)``
+    summed and then times ``1/lr`` (:func:`inverse_lr`), i.e. ``s = r·u``.
+    """
+    dtype = compute_dtype(param.dtype)
+    device = param.device
+    if isinstance(step, torch.Tensor):
+        bias_correction1, bias_correction2_sqrt = capturable_bias_corrections(beta1, beta2, step, dtype)
+    else:
+        bias_correction1, bias_correction2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5
+    step_size = step_size_of(lr, bias_correction1, dtype)
+    if isinstance(lr, torch.Tensor):
+        lr_decay = lr.to(dtype) * weight_decay
+        decay_factor = 1 - lr_decay
+    else:
+        lr_decay, decay_factor = lr * weight_decay, 1 - lr * weight_decay
+    # every scalar a 0-d tensor of the compute dtype: rounded once, and divided by exactly (a CUDA
+    # division by a host scalar would multiply by its reciprocal)
+    step_size, bias_correction2_sqrt, lr_decay, decay_factor = (
+        torch.as_tensor(x, dtype=torch.float64, device=device).to(dtype)
+        for x in (step_size, bias_correction2_sqrt, lr_decay, decay_factor))
+
+    p, g = param.to(dtype), grad.to(dtype)
+    if maximize:
+        g = -g
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g = g + weight_decay * p
+    exp_avg.copy_(beta1 * exp_avg + (1 - beta1) * g)
+    exp_avg_sq.copy_(beta2 * exp_avg_sq + (1 - beta2) * (g * g))
+    second = exp_avg_sq
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    denom = correctly_rounded_sqrt(second) / bias_correction2_sqrt + eps
+    adam_step = (step_size * exp_avg) / denom
+    if decoupled_weight_decay and weight_decay != 0:
+        new = p * decay_factor - adam_step
+        lr_u = adam_step + lr_decay * p
+    else:
+        new = p - adam_step
+        lr_u = adam_step
+    stats = rf.apply_mask(param, p, new, lr_u, reference, reference_format)  # θ where sign(r)·sign(lr·u) < 0
+    if stats is not None:
+        stats[1:] *= inverse_lr(lr, dtype)  # Σ r·(lr·u) → Σ r·u
+    return stats
 
 
 class FusedCNLAdam(CNLOptimizer):

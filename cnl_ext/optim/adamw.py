@@ -1,4 +1,7 @@
-"""FusedCNLAdamW: AdamW with the CNL mask; the decay term is part of the masked update (spec)."""
+"""FusedCNLAdamW: AdamW with the CNL mask; the decay term is part of the masked update (spec).
+
+Its step is defined by :func:`cnl_ext.optim.adam.cnl_adam_step` with ``decoupled_weight_decay=True``.
+"""
 from __future__ import annotations
 
 from .adam import FusedCNLAdam

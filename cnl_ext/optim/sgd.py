@@ -1,13 +1,55 @@
-"""FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask."""
+"""FusedCNLSGD: SGD and momentum SGD (the paper's SGD and Momentum) with the CNL mask.
+
+:func:`cnl_sgd_step` is the definition of the step, every backend's kernels included (they are
+tested against it bit for bit); :class:`FusedCNLSGD` steps all its tensors with one of them.
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import functional
+from .. import reference_format as rf
+from ..ops.chunking import compute_dtype
 from ._args import check_common, scalar
 from ._base import CNLOptimizer, real_views
 
-__all__ = ["FusedCNLSGD"]
+__all__ = ["FusedCNLSGD", "cnl_sgd_step"]
+
+
+@torch.no_grad()
+def cnl_sgd_step(param, grad, momentum_buffer, reference, *, reference_format: str, lr, weight_decay: float,
+                 momentum: float, dampening: float, nesterov: bool, maximize: bool, first_step: bool):
+    """One tensor's CNL SGD / momentum / Nesterov step, in place; the definition (every kernel equals it
+    bit for bit).
+
+    In the compute dtype (float32; float64 for float64 parameters and buffers), each operation rounded
+    on its own, the new parameter rounded once to its dtype (torch.optim.SGD's order)::
+
+        g ← −g if maximize;   g ← g + λ·θ  (weight_decay λ)
+        b ← g on the first step, else b ← μ·b + (1 − dampening)·g      (momentum μ; no buffer: u = g)
+        u = b, or g + μ·b with Nesterov
+        θ' = θ − lr·u
+        θ ← θ where sign(r)·sign(u) < 0 (conflicting), else θ'          (b: updated everywhere)
+
+    ``momentum_buffer``: None without momentum. ``lr``: a float, or a 0-d tensor (rounded to the
+    compute dtype). ``reference``: None (plain SGD), or stored in ``reference_format``
+    (:func:`cnl_ext.reference_format.decode`). Returns None without a reference, else the statistics,
+    float64 ``[3]``: (collaborative count, Σ s collaborative, Σ s conflicting), ``s = r·u``.
+    """
+    dtype = compute_dtype(param.dtype)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(dtype)
+    p, g = param.to(dtype), grad.to(dtype)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    u = g
+    if momentum_buffer is not None:
+        momentum_buffer.copy_(g if first_step else momentum * momentum_buffer + (1 - dampening) * g)
+        u = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    new = p - lr * u
+    return rf.apply_mask(param, p, new, u, reference, reference_format)  # θ where sign(r)·sign(u) < 0
 
 
 class FusedCNLSGD(CNLOptimizer):

@@ -10,9 +10,33 @@ from __future__ import annotations
 import torch
 
 from .. import functional
+from .. import reference_format as rf
+from ..ops.chunking import compute_dtype
 from ._base import REFERENCE_KEY, CNLOptimizer, local_tensor
 
-__all__ = ["CNL"]
+__all__ = ["CNL", "cnl_masked_delta"]
+
+
+@torch.no_grad()
+def cnl_masked_delta(param, before, reference, *, reference_format: str, inv_lr: float):
+    """One tensor's write-back after any optimizer's step, in place; the definition (every kernel equals
+    it bit for bit).
+
+    ``param`` holds θ_after, ``before`` θ_before. In the compute dtype (float32; float64 for float64
+    parameters)::
+
+        −Δ = θ_before − θ_after          (exact: its sign is the sign of u = −Δ/lr)
+        θ ← θ_before where sign(r)·sign(−Δ) < 0 (conflicting), else θ_after
+
+    Returns the statistics, float64 ``[3]``: (collaborative count, Σ s collaborative, Σ s conflicting)
+    with ``s = r·(−Δ)`` summed and then times ``inv_lr`` (``1/lr``, 0 at lr = 0), i.e. ``s = r·u``.
+    """
+    dtype = compute_dtype(param.dtype)
+    after, restored = param.to(dtype), before.to(dtype)
+    minus_delta = restored - after
+    stats = rf.apply_mask(param, restored, after, minus_delta, reference, reference_format)
+    stats[1:] *= inv_lr  # Σ r·(−Δ) → Σ r·u
+    return stats
 
 
 def _inverse_lr(group) -> float:

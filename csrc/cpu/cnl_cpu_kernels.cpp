@@ -490,7 +490,7 @@ struct SgdStep {
 // Per-tensor scalars that a capturable step takes from its step count.
 template <typename C>
 struct AdamTensorScalars {
-  C bias_correction1, bias_correction2_sqrt;
+  C step_size, bias_correction2_sqrt;
 };
 
 // Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, sensitivity, uncertainty
@@ -518,9 +518,9 @@ struct AdamStep {
     load_block(exp_avg_sq, v);
     if (s.amsgrad) load_block(max_exp_avg_sq, vmax);
     if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r);
-    const V lr(s.lr), beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
+    const V beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
         one_minus_beta2(s.one_minus_beta2), eps(s.eps), weight_decay(s.weight_decay),
-        one_minus_lr_wd(s.one_minus_lr_wd), bias_correction1(t.bias_correction1),
+        one_minus_lr_wd(s.one_minus_lr_wd), lr_weight_decay(s.lr_weight_decay), step_size(t.step_size),
         bias_correction2_sqrt(t.bias_correction2_sqrt);
     CNL_UNROLL_BLOCK
     for (int64_t j = 0; j < kN; ++j) {
@@ -532,21 +532,23 @@ struct AdamStep {
       v[j] = beta2 * v[j] + one_minus_beta2 * (gj * gj);
       V second = v[j];
       if (s.amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
+      // torch.optim's order: step = (step_size·m) / denom, one division per element.
       const V denom = second.sqrt() / bias_correction2_sqrt + eps;
-      const V adam = m[j] / bias_correction1 / denom;
-      V u, p_new;
+      const V step = step_size * m[j] / denom;
+      // The mask and the statistics see lr·u (the sums are scaled by 1/lr once per tensor).
+      V lr_u, p_new;
       if (s.decoupled_weight_decay) {
         // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
-        u = adam + weight_decay * p[j];
-        p_new = p[j] * one_minus_lr_wd - lr * adam;  // torch.optim.AdamW's order of operations
+        lr_u = step + lr_weight_decay * p[j];
+        p_new = p[j] * one_minus_lr_wd - step;  // torch.optim.AdamW's order of operations
       } else {
-        u = adam;
-        p_new = p[j] - lr * adam;
+        lr_u = step;
+        p_new = p[j] - step;
       }
       if constexpr (kRef == RefFormat::kNone) {
         p[j] = p_new;
       } else {
-        p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, u, r[j], stats, acc, j, valid);
+        p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, lr_u, r[j], stats, acc, j, valid);
       }
     }
     store_params<kImportance, 6>(param, p, g, importance, ptrs, i);
@@ -615,21 +617,25 @@ template <typename C>
 void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, const Importance* importance) {
   AdamScalarsT<C> s = scalars;
   if (s.lr_ptr != nullptr) {
-    // Capturable: lr from its tensor, the decay factor then in the compute type (as the PyTorch
-    // backend computes it from a tensor lr).
+    // Capturable: lr from its tensor, the derived scalars then in the compute type (the definition,
+    // cnl_ext/optim/adam.py).
     s.lr = *s.lr_ptr;
-    s.one_minus_lr_wd = C(1) - s.lr * s.weight_decay;
+    s.lr_weight_decay = s.lr * s.weight_decay;
+    s.one_minus_lr_wd = C(1) - s.lr_weight_decay;
+    s.step_size = s.lr / s.bias_correction1;
   }
-  std::vector<AdamTensorScalars<C>> per_tensor(lists.count, {s.bias_correction1, s.bias_correction2_sqrt});
+  std::vector<AdamTensorScalars<C>> per_tensor(lists.count, {s.step_size, s.bias_correction2_sqrt});
   if (lists.steps != nullptr) {
     for (int64_t t = 0; t < lists.count; ++t) {
-      const double step = *static_cast<const float*>(lists.steps[t]);
-      // pow in double, rounded once to C (as the CUDA kernels do).
-      per_tensor[t].bias_correction1 = C(1) - static_cast<C>(std::pow(static_cast<double>(s.beta1), step));
-      per_tensor[t].bias_correction2_sqrt =
-          std::sqrt(C(1) - static_cast<C>(std::pow(static_cast<double>(s.beta2), step)));
+      // The capturable bias corrections of the definition: pow, 1 - x, sqrt and lr / bc1 in C.
+      const C step = static_cast<C>(*static_cast<const float*>(lists.steps[t]));
+      const C bias_correction1 = C(1) - std::pow(s.beta1, step);
+      per_tensor[t].bias_correction2_sqrt = std::sqrt(C(1) - std::pow(s.beta2, step));
+      per_tensor[t].step_size = s.lr / bias_correction1;
     }
   }
+  // The statistics of lr·u, scaled by 1/lr once per tensor (0 at lr = 0, where nothing moves).
+  const double inv_lr = s.lr == C(0) ? 0.0 : 1.0 / static_cast<double>(s.lr);
   const bool has_ref = lists.ref_format != RefFormat::kNone;
   const bool stats = has_ref && lists.stats != nullptr;
   dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
@@ -649,7 +655,7 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
                                  kImportance ? importance->sensitivities[t] : nullptr,
                                  kImportance ? importance->uncertainties[t] : nullptr};
           run_item(step, ptrs, bits, written, start, end, partial);
-        });
+        }, inv_lr);
       });
     }
   });
