@@ -57,7 +57,7 @@ def _module(backend, device, dtype=None):
     module = functional.load_backend(backend)
     if isinstance(module, str):
         pytest.skip(f"backend {backend!r} unavailable: {module}")
-    if dtype == torch.float64 and not module.supports(torch.device(device), "float64"):
+    if dtype == torch.float64 and not module.capabilities(torch.device(device)).float64:
         pytest.skip(f"backend {backend!r} does not step float64 on {device}")
     return module
 
@@ -178,7 +178,7 @@ def test_adam_equals_the_definition(backend, device, dtype, fmt, options):
                                                for scalars, fmt in zip(("tensor-lr", "capturable"), FORMATS[k:][:2])])
 def test_adam_with_device_scalars_equals_the_definition(backend, device, dtype, fmt, scalars):
     """A Tensor lr, and device step counts (the capturable bias corrections, one formula everywhere)."""
-    if not _module(backend, device, dtype).supports(torch.device(device), "capturable"):
+    if not _module(backend, device, dtype).capabilities(torch.device(device)).capturable:
         pytest.skip(f"backend {backend!r} takes no device scalars on {device}")
     _compare(backend, device, dtype, fmt, "adam_step_", cnl_adam_step, 3,
              _adam_arguments(backend, device, ADAM_OPTIONS["adamw"], scalars))
@@ -191,7 +191,7 @@ def test_adam_at_lr_zero_moves_nothing_and_sums_zero(backend, device, dtype, sca
     """lr = 0: every parameter keeps its value, every element counts as collaborative (lr·u = 0), both
     sums are 0; the moments are updated as always."""
     module = _module(backend, device, dtype)
-    if scalars != "host" and not module.supports(torch.device(device), "capturable"):
+    if scalars != "host" and not module.capabilities(torch.device(device)).capturable:
         pytest.skip(f"backend {backend!r} takes no device scalars on {device}")
     params, states, grads, refs = _inputs(backend, dtype, "float32", device, 3)
     before, m_before = _clone(params), _clone(states[0])
@@ -208,7 +208,7 @@ def test_adam_at_lr_zero_moves_nothing_and_sums_zero(backend, device, dtype, sca
 def test_a_device_lr_is_not_read_back(backend, device, monkeypatch):
     """A capturable step with a device lr and statistics reads no value back to the host."""
     module = _module(backend, device)
-    if not module.supports(torch.device(device), "capturable"):
+    if not module.capabilities(torch.device(device)).capturable:
         pytest.skip(f"backend {backend!r} takes no device scalars on {device}")
     params, states, grads, refs = _inputs(backend, torch.float32, "sign2", device, 3)
     stats = torch.zeros(len(params), 3, dtype=torch.float64, device=device)
@@ -261,7 +261,7 @@ def test_sgd_equals_the_definition(backend, device, dtype, fmt, options):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sgd_with_a_tensor_lr_equals_the_definition(backend, device, dtype):
-    if not _module(backend, device, dtype).supports(torch.device(device), "capturable"):
+    if not _module(backend, device, dtype).capabilities(torch.device(device)).capturable:
         pytest.skip(f"backend {backend!r} takes no device scalars on {device}")
     _compare(backend, device, dtype, "int8", "sgd_step_", cnl_sgd_step, 1,
              _sgd_arguments(device, SGD_OPTIONS["nesterov-decay"], tensor_lr=True))
