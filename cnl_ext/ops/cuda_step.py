@@ -1,6 +1,6 @@
-"""Deprecated name of the CUDA side of :mod:`cnl_ext.ops.native_backend` (kept until
-``cnl_ext.functional`` selects backends by registry): the same ops; ``unavailable_reason`` and
-``is_available`` say whether the CUDA kernels can run."""
+"""Deprecated module name of the CUDA side of :mod:`cnl_ext.ops.native_backend`, kept for code that
+imported it (the registry, :mod:`cnl_ext.registry`, knows the backend as ``"native"``, old name
+``"cuda"``): the same ops; ``unavailable_reason`` and ``is_available`` say whether the CUDA kernels can run."""
 from __future__ import annotations
 
 from .native_backend import _arch_list, adam_step_, build_info, sgd_step_  # noqa: F401
