@@ -227,7 +227,7 @@ setup(
     description="Fused Collaborative Neuron Learning (CNL) optimizers for PyTorch (Triton, C++ CPU and CUDA kernels)",
     packages=find_packages(include=["cnl_ext", "cnl_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "tqdm", "ninja"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "ninja"],  # numpy: a correctly rounded CPU sqrt (cnl_ext/ops/adam_scalars.py)
     extras_require={
         "triton": ["triton>=3.0"],
         "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],
