@@ -7,15 +7,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["capturable_bias_corrections", "step_size_of", "inverse_lr", "correctly_rounded_sqrt"]
+__all__ = ["capturable_bias_corrections", "capturable_step_scalars", "step_size_of", "decay_scalars", "inverse_lr",
+           "correctly_rounded_sqrt"]
 
 
-def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+def correctly_rounded_sqrt(x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """``sqrt(x)`` correctly rounded, as IEEE 754 and every kernel compute it (torch's own CPU sqrt is
-    MKL's, an ulp off for about a sixth of float32 values and 1% of float64 ones)."""
-    if x.device.type != "cpu":
-        return torch.sqrt(x)
-    return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))  # numpy's: the instruction's, correctly rounded
+    MKL's, an ulp off for about a sixth of float32 values and 1% of float64 ones); into ``out`` if given.
+    On CPU numpy's (the instruction's), except under torch.compile, which traces torch's."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if out is None:
+            return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))
+        np.sqrt(x.numpy(), out=out.numpy())
+        return out
+    return torch.sqrt(x, out=out)
 
 
 def capturable_bias_corrections(beta1: float, beta2: float, step: torch.Tensor, dtype: torch.dtype):
@@ -37,6 +42,25 @@ def step_size_of(lr, bias_correction1, dtype: torch.dtype):
     lr, bias_correction1 = (torch.as_tensor(x, dtype=torch.float64, device=device).to(dtype)
                             for x in (lr, bias_correction1))
     return torch.div(lr, bias_correction1)
+
+
+def capturable_step_scalars(lr, beta1: float, beta2: float, device_steps, dtype: torch.dtype) -> list:
+    """Per tensor, ``(lr / bc1, sqrt(bc2))`` from its device step count (:func:`capturable_bias_corrections`,
+    :func:`step_size_of`), as 0-d tensors on the device."""
+    scalars = []
+    for step in device_steps:
+        bias_correction1, bias_correction2_sqrt = capturable_bias_corrections(beta1, beta2, step, dtype)
+        scalars.append((step_size_of(lr, bias_correction1, dtype), bias_correction2_sqrt))
+    return scalars
+
+
+def decay_scalars(lr, weight_decay: float, dtype: torch.dtype):
+    """AdamW's ``(lr·λ, 1 − lr·λ)``: in double for a float lr (rounded once by whatever takes them), in
+    ``dtype`` on the device for a Tensor lr."""
+    if isinstance(lr, torch.Tensor):
+        lr_decay = lr.to(dtype) * weight_decay
+        return lr_decay, 1 - lr_decay
+    return lr * weight_decay, 1 - lr * weight_decay
 
 
 def inverse_lr(lr, dtype: torch.dtype):

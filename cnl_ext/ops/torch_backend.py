@@ -22,11 +22,10 @@ reference gradient::
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..reference_format import conflicting
-from .adam_scalars import capturable_bias_corrections, inverse_lr, step_size_of
+from .adam_scalars import capturable_step_scalars, correctly_rounded_sqrt, decay_scalars, inverse_lr, step_size_of
 from .chunking import chunks, compute_dtype
 from .contract import OPS, Capabilities
 from .importance import importance_update_
@@ -63,15 +62,6 @@ def _where(condition, a, b, out):
     a_bits, b_bits, out_bits = (t.view(bits) for t in (a, b, out))
     torch.bitwise_xor(a_bits, b_bits, out=out_bits).mul_(condition).bitwise_xor_(b_bits)
     return out
-
-
-def _sqrt(x, out):
-    """``sqrt(x)`` into ``out``, correctly rounded as in the definition and every kernel: on CPU numpy's
-    (the instruction's; torch's own is MKL's, an ulp off for a sixth of float32 values)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        np.sqrt(x.numpy(), out=out.numpy())
-        return out
-    return torch.sqrt(x, out=out)
 
 
 def _compute_lr(lr, dtype):
@@ -154,13 +144,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
             bc2_sqrt = torch.full((), bc2_sqrt, dtype=dtype, device=device)
         per_call = step_size_of(lr, bias_correction1, dtype), bc2_sqrt
     else:  # per tensor, on the device
-        corrections = [capturable_bias_corrections(beta1, beta2, step, dtype) for step in device_steps]
-        per_tensor = [(step_size_of(lr, bc1, dtype), bc2_sqrt) for bc1, bc2_sqrt in corrections]
-    if isinstance(lr, torch.Tensor):  # lr·λ and 1 − lr·λ in the compute dtype
-        lr_decay = lr.to(dtype) * weight_decay
-        decay_factor = 1 - lr_decay
-    else:  # in double, rounded once by the ops that take them
-        lr_decay, decay_factor = lr * weight_decay, 1 - lr * weight_decay
+        per_tensor = capturable_step_scalars(lr, beta1, beta2, device_steps, dtype)
+    lr_decay, decay_factor = decay_scalars(lr, weight_decay, dtype)
     rows = None if stats is None else torch.zeros_like(stats)  # of lr·u, scaled by 1/lr once at the end
     for chunk in chunks(params, pack=device_steps is None, dtype=dtype):  # per-tensor scalars: one tensor per chunk
         step_size, bc2_sqrt = per_call if device_steps is None else per_tensor[chunk.tensor]
@@ -183,7 +168,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
             torch.maximum(second, v, out=second)
             chunk.write(max_exp_avg_sqs, second)
         # step = (step_size·m) / (sqrt(v)/sqrt(bc2) + ε): torch.optim's order
-        _sqrt(second, out=denom).div_(bc2_sqrt).add_(eps)
+        correctly_rounded_sqrt(second, out=denom).div_(bc2_sqrt).add_(eps)
         step = torch.mul(m, step_size, out=t).div_(denom)
         if decoupled_weight_decay and weight_decay != 0:
             # torch.optim.AdamW's order: θ·(1 − lr·λ) − step; lr·u = step + (lr·λ)·θ

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adam_scalars import capturable_bias_corrections, step_size_of
+from .adam_scalars import capturable_step_scalars, step_size_of
 from .chunking import compute_dtype
 from .triton_step import (_block_offsets, _chunk_bounds, _div, _importance_args, _importance_update, _launch, _load,
                           _load_param_and_grad, _masked_update, _pointer, _round_to, _scalar, _sqrt, _store_partials)
@@ -130,9 +130,8 @@ def _adam_step_scalars(params, lr, beta1, beta2, bias_correction1, bias_correcti
     if device_steps is None:
         step_size = step_size_of(lr, bias_correction1, dtype).expand(n).contiguous()
         return step_size, torch.full((n,), bias_correction2**0.5, dtype=dtype, device=device)
-    corrections = [capturable_bias_corrections(beta1, beta2, step, dtype) for step in device_steps]
-    return (torch.stack([step_size_of(lr, bc1, dtype) for bc1, _ in corrections]),
-            torch.stack([bc2_sqrt for _, bc2_sqrt in corrections]))
+    step_sizes, bias_correction2_sqrts = zip(*capturable_step_scalars(lr, beta1, beta2, device_steps, dtype))
+    return torch.stack(step_sizes), torch.stack(bias_correction2_sqrts)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,

@@ -9,7 +9,8 @@ import torch
 
 from .. import functional
 from .. import reference_format as rf
-from ..ops.adam_scalars import capturable_bias_corrections, correctly_rounded_sqrt, inverse_lr, step_size_of
+from ..ops.adam_scalars import (capturable_bias_corrections, correctly_rounded_sqrt, decay_scalars, inverse_lr,
+                                step_size_of)
 from ..ops.chunking import compute_dtype
 from ._args import check_common, check_tensor_hyperparameter, scalar
 from ._base import CNLOptimizer, new_state, real_views
@@ -50,11 +51,7 @@ def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *
     else:
         bias_correction1, bias_correction2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5
     step_size = step_size_of(lr, bias_correction1, dtype)
-    if isinstance(lr, torch.Tensor):
-        lr_decay = lr.to(dtype) * weight_decay
-        decay_factor = 1 - lr_decay
-    else:
-        lr_decay, decay_factor = lr * weight_decay, 1 - lr * weight_decay
+    lr_decay, decay_factor = decay_scalars(lr, weight_decay, dtype)
     # every scalar a 0-d tensor of the compute dtype: rounded once, and divided by exactly (a CUDA
     # division by a host scalar would multiply by its reciprocal)
     step_size, bias_correction2_sqrt, lr_decay, decay_factor = (
