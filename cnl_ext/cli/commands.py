@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..experiments import continual
 from ..experiments.analysis import gradient_agreement, table1
+from ..experiments.ckl import CKLSettings, ckl_table, make_update_task, run_ckl, write_ckl_csv
 from ..experiments.data import MMAC_PARTS, QuestionSource, load_benchmark, write_jsonl
 from ..experiments.demo import DemoSettings, run_demo
 from ..experiments.model import ModelOptions, select_trainable
@@ -122,6 +123,25 @@ def cmd_out_of_set(ctx: Context) -> None:
     ctx.run_outputs(runs, f"Out-of-set, {side.side} side (1:1 split)",
                     dict(step="out-of-set", config=jsonable_config(config), side=side.side, seen_half=len(seen),
                          unseen_half=len(unseen)))
+
+
+def cmd_ckl(ctx: Context) -> None:
+    config, mastered, injection, model, encoder = _training(ctx)
+    plan, settings = ctx[RunPlan], ctx[CKLSettings]
+    task = make_update_task(mastered, injection, fraction=settings.update_fraction, seed=settings.update_seed)
+    note(f"CKL: {len(task.updated)} updated (mastered, answer changed), {len(task.new)} new (injection), "
+         f"{len(task.invariant)} invariant (mastered, the memory)")
+    runs, rows = run_ckl(model, encoder, task, methods=plan.methods, optimizers=plan.optimizers, config=config,
+                         lrs=plan.lrs, checkpoints=ctx.checkpoints)
+    markdown = ckl_table(rows)
+    write_ckl_csv(ctx.out_dir / "ckl.csv", rows)
+    write_jsonl(ctx.out_dir / "updated.jsonl", task.updated)
+    ctx.run_outputs(runs, "CKL update task: LEARNED = updated + acquired (of updated + new), FORGOT = invariant "
+                    "forgotten", dict(step="ckl", config=jsonable_config(config), update_fraction=settings.update_fraction,
+                                      update_seed=settings.update_seed, n_updated=len(task.updated),
+                                      n_new=len(task.new), n_invariant=len(task.invariant), ckl=rows),
+                    extra_markdown=markdown)
+    print(markdown)
 
 
 def cmd_table1(ctx: Context) -> None:

@@ -5,13 +5,14 @@ import argparse
 
 from .. import __version__
 from ..experiments import continual
+from ..experiments.ckl import CKLSettings
 from ..experiments.continual import ContinualConfig
 from ..experiments.data import QuestionSource
 from ..experiments.demo import DemoSettings
 from ..experiments.model import ModelOptions
 from ..experiments.options import add_options
 from ..experiments.protocol import InjectConfig, TeachSettings
-from .commands import (DEFAULT_CONTINUAL_OUT, DEFAULT_DEMO_OUT, cmd_continual, cmd_demo, cmd_infer_and_split, cmd_inject, cmd_mmac,
+from .commands import (DEFAULT_CONTINUAL_OUT, DEFAULT_DEMO_OUT, cmd_ckl, cmd_continual, cmd_demo, cmd_infer_and_split, cmd_inject, cmd_mmac,
                        cmd_out_of_set, cmd_prepare_data, cmd_table1, cmd_table2, cmd_teach, demo_folder_is_replaceable)
 from .context import Subcommand
 from .info import cmd_info
@@ -65,6 +66,14 @@ def _subcommands() -> list:
                    "runs/split/injection.jsonl --side mastered --out runs/oos",
                    (*split_and_model, OutOfSetSide, (RunPlan, dict(defaults=dict(methods=("ft", "cnl", "replay")))),
                     (InjectConfig, dict(skip=("optimizer", "lr")))), checkpoints=True),
+        Subcommand("ckl", cmd_ckl, "CKL's update task on a taught split: a share of the mastered questions gets "
+                   "a changed answer, the injection set is new, the rest is invariant; forgotten, updated, acquired "
+                   "and FUAR per method" + CHECKPOINTS_COST,
+                   "python -m cnl_ext ckl --model runs/taught/model --mastered runs/taught/mastered.jsonl "
+                   "--injection runs/taught/injection.jsonl --methods ft cnl replay lora kore corda "
+                   "--update-fraction 0.25 --out runs/ckl",
+                   (*split_and_model, CKLSettings, RunPlan, (InjectConfig, dict(skip=("optimizer", "lr")))),
+                   checkpoints=True),
         Subcommand("table1", cmd_table1, "Table 1: forgetting of Sim / Dissim mastered questions under FT"
                    + CHECKPOINTS_COST,
                    "python -m cnl_ext table1 --mastered runs/split/mastered.jsonl --injection "

@@ -1,4 +1,4 @@
-"""The paper's protocol on a model: split, inject (FT / CNL / replay / LoRA), out-of-set, taught first.
+"""The paper's protocol on a model: split, inject (FT / CNL / replay / LoRA / KORE / CorDA), out-of-set, taught first.
 
 Everything here works on an in-memory model and lists of :class:`~.data.MCQuestion`; the CNL
 optimizers are used only through their public API (``capture_reference``, ``step``,
@@ -7,7 +7,6 @@ counterpart.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -16,9 +15,10 @@ import torch
 
 from cnl_ext import functional, reference_format
 
+from .adapters import ADAPTER_METHODS, LORA_METHODS, adapted_model
 from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
-from .model import MCQEncoder, backward_mean_loss, check_trainable, lora_adapters, predict, select_trainable
+from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
 from .options import option
 from .progress import bar, epoch_line, note
 from .training import OPTIMIZERS, seeded_batches, train_step
@@ -30,7 +30,7 @@ __all__ = [
     "out_of_set", "teach_first", "teach_summary", "TeachSettings", "snapshot", "restore", "backend_choices",
 ]
 
-METHODS = ("ft", "cnl", "replay", "lora")
+METHODS = ("ft", "cnl", "replay", "lora", *ADAPTER_METHODS)
 # SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
 DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
 
@@ -70,8 +70,8 @@ class InjectConfig:
     backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
     reference_dtype: str = option("float32", "storage of the reference (all give the same mask)",
                                   choices=reference_dtype_choices)
-    lora_r: int = option(16, "LoRA rank (method lora)")
-    lora_alpha: int = option(32, "LoRA alpha (method lora)")
+    lora_r: int = option(16, "LoRA rank (methods lora, kore, corda)")
+    lora_alpha: int = option(32, "LoRA alpha (methods lora, kore, corda)")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -169,6 +169,7 @@ class RunResult:
     n_injection: int  # size of the evaluated injection set (the base of the LEARNED percentage)
     n_mastered: int  # size of the evaluated mastered set (the base of the FORGOT percentage)
     epochs: list
+    adapter: dict | None = None  # kore / corda: the output change at init, the trained parameters
 
     @property
     def final(self) -> EpochRecord:
@@ -215,7 +216,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
 
     ``method``: ``ft`` (plain), ``cnl`` (masked against the mean gradient over ``reference``),
-    ``replay`` (``train`` plus ``reference``, plain) or ``lora`` (plain, LoRA adapters only).
+    ``replay`` (``train`` plus ``reference``, plain), ``lora`` (plain, LoRA adapters only) or ``kore`` /
+    ``corda`` (plain, adapters built from ``reference``: :mod:`.adapters`).
     The model's weights change; :func:`compare` restores them between runs.
     ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints`; the run is saved there at the end of
     every epoch and continues from its latest save (same numbers as without the interruption).
@@ -230,10 +232,9 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         raise ValueError("CNL needs a non-empty mastered (reference) set")
     name = f"{config.optimizer} {method.upper()}"
     key = f"{config.optimizer}-{method}"
-    adapters = (lora_adapters(model, r=config.lora_r, alpha=config.lora_alpha) if method == "lora"
-                else contextlib.nullcontext(model))
-    with adapters as trained_model:
-        if method != "lora":
+    adapters = adapted_model(method, model, encoder, reference, r=config.lora_r, alpha=config.lora_alpha)
+    with adapters as (trained_model, adapter_info):
+        if method not in LORA_METHODS:
             select_trainable(model, config.trainable)
         named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
         optimizer = make_optimizer(config, list(named.values()), track_stats=method == "cnl")
@@ -282,7 +283,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
                     optimizer=optimizer.state_dict(include_reference=True)), label=name, epochs=config.epochs)
         for p in model.parameters():
             p.requires_grad_(True)
-    return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records)
+    return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records,
+                     adapter_info)
 
 
 def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,
