@@ -120,6 +120,12 @@ def _wrap_kore(model, encoder, memory, targets, r, alpha):
     return wrapped
 
 
+def _wrap_plain(model, encoder, memory, targets, r, alpha):
+    from peft import LoraConfig, get_peft_model  # late: see _wrap_kore
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+
+
 def _wrap_corda(model, encoder, memory, targets, r, alpha):
     from peft import LoraConfig, get_peft_model  # late: see _wrap_kore
     from peft.tuners.lora.config import CordaConfig
@@ -132,29 +138,32 @@ def _wrap_corda(model, encoder, memory, targets, r, alpha):
 
 
 @contextlib.contextmanager
-def knowledge_adapters(method: str, model, encoder: MCQEncoder, memory, *, r: int, alpha: int):
+def knowledge_adapters(method: str, model, encoder: MCQEncoder, memory, *, r: int, alpha: int,
+                       plain_without_memory: bool = False):
     """``(wrapped model, info)``: ``model`` with KORE's or CorDA's adapters built from ``memory``; on exit
     the adapters are merged into the weights and removed.
 
     ``info``: the method, rank, α, memory size, ``init_max_abs_dlogits`` (the largest change of any
     next-token logit over up to 8 memory questions, from wrapping: ~0), ``trainable_params`` and
-    ``lora_params`` (all adapter elements, trained or frozen).
+    ``lora_params`` (all adapter elements, trained or frozen). ``plain_without_memory``: with no
+    memory (a continual sequence's first task) a plain LoRA adapter (PEFT's init) instead of an error.
     """
     if method not in ADAPTER_METHODS:
         raise ValueError(f"method must be one of {ADAPTER_METHODS}, got {method!r}")
     memory = list(memory)
-    if not memory:
+    if not memory and not plain_without_memory:
         raise ValueError(f"{method} needs memory questions (the mastered set) to build its adapters from")
     targets = _targets(model)
     for p in model.parameters():
         p.requires_grad_(False)
     probe = memory[:PROBE_QUESTIONS]
-    before = _probe_logits(model, encoder, probe)
-    build = _wrap_kore if method == "kore" else _wrap_corda
+    before = _probe_logits(model, encoder, probe) if probe else None
+    build = _wrap_plain if not memory else _wrap_kore if method == "kore" else _wrap_corda
     wrapped = build(model, encoder, memory, targets, r, alpha)
     try:
-        change = (_probe_logits(wrapped, encoder, probe) - before).abs().max().item()
-        info = dict(method=method, r=r, alpha=alpha, memory=len(memory), init_max_abs_dlogits=change,
+        change = (_probe_logits(wrapped, encoder, probe) - before).abs().max().item() if probe else None
+        info = dict(method=method if memory else "lora", r=r, alpha=alpha, memory=len(memory),
+                    init_max_abs_dlogits=change,
                     trainable_params=sum(p.numel() for p in wrapped.parameters() if p.requires_grad),
                     lora_params=sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n))
         yield wrapped, info

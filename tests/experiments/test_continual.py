@@ -230,14 +230,22 @@ def test_every_method_end_to_end(task_files, tmp_path, tokenizer):
     notes = {r.method: r.notes for r in records}
     assert notes["kif"][0] == "" and "fusion" in notes["kif"][1]
     assert "fusion" in notes["kif-lora"][2] and "fusion cycles" in notes["recurrent-kif"][1]
+    for method in ("kore", "corda"):  # a fresh adapter per task from the earlier tasks' memory; task 1: plain LoRA
+        infos = {r.method: r.adapters for r in records}[method]
+        assert "(no memory yet)" in notes[method][0] and infos[0]["method"] == "lora" and infos[0]["memory"] == 0
+        assert [i["memory"] for i in infos[1:]] == [6, 12]  # 6 memory questions a task
+        assert all(i["method"] == method for i in infos[1:])
+        assert all(i["init_max_abs_dlogits"] < 1e-5 for i in infos[1:]) and "outputs moved" in notes[method][2]
+    assert {r.method: r.adapters for r in records}["ft"] == []
     out = tmp_path / "out"
     for name in ("matrices.csv", "summary.csv", "results.json", "tables.md", "comparison.png"):
         assert (out / name).stat().st_size > 0, name
     for method in CONTINUAL_METHODS:
         assert (out / f"heatmap_{method}.png").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert len(rows) == 7 and {row["method"] for row in rows} == set(CONTINUAL_METHODS)
-    assert len(list(csv.DictReader(open(out / "matrices.csv")))) == 7 * 4 * 3
+    n = len(CONTINUAL_METHODS)
+    assert len(rows) == n and {row["method"] for row in rows} == set(CONTINUAL_METHODS)
+    assert len(list(csv.DictReader(open(out / "matrices.csv")))) == n * 4 * 3
     saved = json.loads((out / "results.json").read_text())
     assert saved["task_sizes"]["0"]["alpha"] == {"train": 6, "heldout": 2}
     assert "| kif-lora | 1 |" in (out / "tables.md").read_text()

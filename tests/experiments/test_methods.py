@@ -164,3 +164,20 @@ def test_ckl_command_every_method(taught, capsys):
     assert "FUAR" in printed
     assert {p.name for p in out.iterdir()} == {"summary.csv", "results.json", "tables.md", "curves.png", "ckl.csv",
                                                "updated.jsonl"}
+
+
+def test_continual_command_with_the_new_methods(taught):
+    questions = make_demo_questions(24, seed=8)
+    write_jsonl(taught / "task_a.jsonl", questions[:12])
+    write_jsonl(taught / "task_b.jsonl", questions[12:])
+    out = taught / "continual"
+    assert main(["continual", "--task", f"a={taught / 'task_a.jsonl'}", "--task", f"b={taught / 'task_b.jsonl'}",
+                 "--model", taught / "base", "--methods", *NEW_METHODS, "--questions-per-task", "10",
+                 "--memory-per-task", "8", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8", "--lora-lr", "3e-3",
+                 "--out", out, *TRAIN]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == NEW_METHODS
+    for run in runs:  # task 1: plain LoRA (no memory yet); task 2: built from task 1's 8 memory questions
+        assert [i["memory"] for i in run["adapters"]] == [0, 8] and run["adapters"][1]["method"] == run["method"]
+        assert run["adapters"][1]["init_max_abs_dlogits"] < 1e-5
+    assert {row["method"] for row in csv.DictReader(open(out / "summary.csv"))} == set(NEW_METHODS)
