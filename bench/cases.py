@@ -9,6 +9,8 @@ Roofline: an optimizer step is memory-bound, so its least possible time is the b
                  Adam/AdamW 16 (m and v); twice that for fp64 parameters (fp64 states)
     reference    its stored size: fp32 4, bf16 2, int8 1, sign2 0.25 (4 signs a byte)
     importance   KIF's EMAs (``importance=``): 16 (read + write the fp32 sensitivity and uncertainty)
+    rule         issue 22: EWC reads F (fp32) and θ* (itemsize): 8 in fp32 (AdamW 36 B); A-GEM's reduction
+                 reads g and r once more before the step reads r: 4 + 4 in fp32 (AdamW, fp32 r: 40 B)
 
 so AdamW fp32 = 28 B (+ the reference), SGD 12, Momentum 20, RMSprop 20, bf16 parameters with fp32
 AdamW states 22, fp64 AdamW 56. The authors' loop, torch's optimizers and ``CNL(torch.optim.X)`` are charged the
@@ -116,6 +118,7 @@ class Case:
     param_dtype: torch.dtype = torch.float32
     track_stats: bool = False
     importance: str | None = None
+    rule: str | None = None  # issue 22: "ewc" (ewc_lambda > 0, a Fisher estimate set) or "agem" (rule="agem")
     flat: bool = False
     backend: str | None = None
     cuda_graph: bool = False
@@ -158,6 +161,11 @@ CASES = (
     Case("cnl_adamw_importance", 'FusedCNLAdamW(importance="first"), no reference: KIF\'s EMAs in the step',
          "adamw", "cnl", importance="first",
          targets=(Target("max_time_ratio", 1.70, "cnl_adamw_noref", issue=15),)),
+    # issue 22: EWC's penalty and A-GEM's projection (A-GEM: 2 passes, the g·r reduction and the step)
+    Case("cnl_adamw_ewc", "FusedCNLAdamW(ewc_lambda=1), no reference: F and θ* read in the step", "adamw", "cnl",
+         rule="ewc", targets=(Target("max_time_ratio", 1.35, "cnl_adamw_noref", issue=22),)),
+    Case("cnl_adamw_agem", 'FusedCNLAdamW(rule="agem"), fp32 reference: the g·r reduction, then the step', "adamw",
+         "cnl", "float32", rule="agem", targets=(Target("max_time_ratio", 1.50, "cnl_adamw_noref", issue=22),)),
     Case("cnl_adamw_fp32", "FusedCNLAdamW, fp32 reference", "adamw", "cnl", "float32",
          targets=(_gpu("max_time_ratio", 0.95, BASELINE), _gpu("min_speedup", 4.5, "authors_adamw"), ROOFLINE_90,
                   _gpu("max_time_ratio", 1.5, "cnl_adamw_fp32_flat", params=("many-small",)),
@@ -282,9 +290,14 @@ def roofline_bytes(case: Case, shapes) -> int:
     total = total_numel(shapes) * (3 * itemsize + STATE_BYTES[case.optimizer] * state_scale)
     if case.importance is not None:
         total += total_numel(shapes) * IMPORTANCE_BYTES
+    if case.rule == "ewc":
+        total += total_numel(shapes) * (4 + itemsize)
     if case.reference is not None:
-        total += REFERENCE_ITEMSIZE[case.reference] * sum(
+        reads = 2 if case.rule == "agem" else 1  # A-GEM: the reduction and the step
+        total += reads * REFERENCE_ITEMSIZE[case.reference] * sum(
             reference_format.storage_numel(math.prod(shape), case.reference) for _, shape in shapes)
+    if case.rule == "agem":
+        total += total_numel(shapes) * itemsize  # the reduction reads g
     return total
 
 
@@ -358,6 +371,10 @@ def _cnl_optimizer(case: Case, params, backend: str):
     if case.implementation == "cnl_wrapper":
         return cnl_ext.CNL(_torch_optimizer(case.optimizer, params), **options)
     options["importance"] = case.importance
+    if case.rule == "agem":
+        options["rule"] = "agem"
+    elif case.rule == "ewc":
+        options["ewc_lambda"] = 1.0
     if case.optimizer in ("adam", "adamw"):
         options["capturable"] = case.cuda_graph
     if case.optimizer == "adamw":
@@ -399,6 +416,9 @@ def build_step(case: Case, shapes, device: torch.device, backend: str, pool: Ten
         opt = _cnl_optimizer(case, params, case_backend(case, backend))
         if case.reference is not None:
             opt.set_reference(references)  # copied into the optimizer's own format
+        if case.rule == "ewc":  # what capture_fisher() sets: F (fp32, ≥ 0) and θ*, near the parameters
+            for p, r in zip(params, references):
+                opt.state[p].update(ewc_fisher=r.abs(), ewc_anchor=p.detach().clone())
         return _graph_replay(opt, device) if case.cuda_graph else opt.step
     raise ValueError(f"unknown implementation {case.implementation!r}")
 

@@ -61,6 +61,8 @@ EXPECTED_BYTES_PER_ELEMENT = {
     "cnl_sgd": 12 + 4, "cnl_momentum_noref": 20, "cnl_momentum": 20 + 4, "cnl_adam": 32, "cnl_rmsprop_fp32": 20 + 4,
     # float64 parameters and states: 24 + 32
     "torch_adamw_fused_f64": 56, "cnl_adamw_noref_f64": 56, "cnl_adamw_fp32_f64": 56 + 4,
+    # issue 22: EWC reads F and θ*; A-GEM's reduction reads g and r, then the step reads r
+    "cnl_adamw_ewc": 28 + 8, "cnl_adamw_agem": 28 + 4 + 8,
 }
 
 
@@ -205,7 +207,11 @@ def test_optimizer_step_smoke_run(tmp_path):
     assert [t["target"] for t in by_case["cnl_rmsprop_fp32"]["targets"]] == ["≤ 1.3× torch_rmsprop"]
     # issue 15's (importance tracking in the step), on either device, against the same backend's step without it
     assert [t["target"] for t in by_case["cnl_adamw_importance"]["targets"]] == ["≤ 1.7× cnl_adamw_noref"]
-    issue_of = {"cnl_adamw_importance": 15, "cnl_adamw_noref_f64": 20}  # else issue 12's CPU targets
+    # issue 22's (EWC, A-GEM), against the same backend's step without a reference
+    assert [t["target"] for t in by_case["cnl_adamw_ewc"]["targets"]] == ["≤ 1.35× cnl_adamw_noref"]
+    assert [t["target"] for t in by_case["cnl_adamw_agem"]["targets"]] == ["≤ 1.5× cnl_adamw_noref"]
+    issue_of = {"cnl_adamw_importance": 15, "cnl_adamw_noref_f64": 20, "cnl_adamw_ewc": 22,
+                "cnl_adamw_agem": 22}  # else issue 12's CPU targets
     assert all(t["passed"] in (True, False) and t["issue"] == issue_of.get(row["case"].partition("@")[0], 12)
                for row in timed for t in row["targets"])
     # issue 20's float64 target: the native kernels' step only

@@ -16,6 +16,7 @@ from .. import functional
 from ..ops.importance import check_importance_options
 from ._amp import skip_or_unscale
 from ._reference_store import REFERENCE_KEY, ReferenceCapture, ReferenceStore
+from ._rules import EWC_ANCHOR, EWC_FISHER, capture_fisher, check_rule_options, effective_gradients
 from ._stats import CNLStats, ParameterStats, StatsTracker
 
 __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY", "IMPORTANCE_SLOTS"]
@@ -24,6 +25,9 @@ __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "RE
 # of float32 states per parameter, "<slot>_sensitivity" and "<slot>_uncertainty".
 IMPORTANCE_SLOTS = ("inner", "outer")
 IMPORTANCE_KEYS = frozenset(f"{slot}_{ema}" for slot in IMPORTANCE_SLOTS for ema in ("sensitivity", "uncertainty"))
+# float32 states of a parameter's view_as_real shape (KIF's EMAs, EWC's Fisher); EWC's anchor keeps the
+# parameter's dtype
+REAL_FLOAT32_KEYS = IMPORTANCE_KEYS | {EWC_FISHER}
 
 is_dtensor = functional.is_dtensor
 local_tensor = functional.local_tensor
@@ -65,12 +69,14 @@ class CNLOptimizer(torch.optim.Optimizer):
     _torch_setstate_defaults: dict = {}
 
     def __init__(self, params, defaults, *, backend: str, reference_dtype, track_stats: bool,
-                 importance=None, importance_betas=(0.85, 0.85)):
+                 importance=None, importance_betas=(0.85, 0.85), rule="cnl", ewc_lambda=0.0, ewc_decay=1.0):
         functional.canonical_backend(backend)  # a clear error for an unknown name, at construction
         if importance is not None:
             importance_betas = check_importance_options(importance, importance_betas)
         self.importance, self.importance_betas = importance, tuple(importance_betas)
         self._reference = ReferenceStore(reference_dtype)
+        check_rule_options(rule, ewc_lambda, ewc_decay, self._reference.format)
+        self.rule, self.ewc_lambda, self.ewc_decay = rule, float(ewc_lambda), float(ewc_decay)
         self._stats = StatsTracker(track_stats)
         super().__init__(params, defaults)
         self.backend = backend
@@ -97,6 +103,9 @@ class CNLOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_stats", StatsTracker(False))
         self.__dict__.setdefault("importance", None)
         self.__dict__.setdefault("importance_betas", (0.85, 0.85))
+        self.__dict__.setdefault("rule", "cnl")
+        self.__dict__.setdefault("ewc_lambda", 0.0)
+        self.__dict__.setdefault("ewc_decay", 1.0)
         # As torch.optim's __setstate__ does for the keys it added over releases: a checkpoint written
         # before an option existed gets the value torch gives it (torch 2.4's AdamW has no
         # decoupled_weight_decay, say); any other missing key gets this optimizer's default.
@@ -133,10 +142,12 @@ class CNLOptimizer(torch.optim.Optimizer):
         gathered = self._gradients()
         if skip_or_unscale(self, [g for _, _, grads, _ in gathered for g in grads]):
             return loss
+        gathered = effective_gradients(self, gathered)  # A-GEM's projection, EWC's penalty (_rules.py)
+        masked = self.rule == "cnl" and bool(self._reference)
         per_group = []
         for group, params, grads, backends in gathered:
             if params:
-                stats = self._stats.new_buffer(params, bool(self._reference))
+                stats = self._stats.new_buffer(params, masked)
                 self._step_backends = backends
                 self._step_group(group, params, grads, stats)
                 per_group.append((params, stats))
@@ -246,7 +257,8 @@ class CNLOptimizer(torch.optim.Optimizer):
                     value = torch.as_tensor(value).detach()
                     self.state[p][key] = value.to(p.device if capturable else "cpu", torch.float32, copy=True)
                 elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
-                    dtype = torch.float32 if key in IMPORTANCE_KEYS else functional.state_dtype(p.dtype)
+                    dtype = (torch.float32 if key in REAL_FLOAT32_KEYS else p.dtype if key == EWC_ANCHOR
+                             else functional.state_dtype(p.dtype))
                     self.state[p][key] = value.detach().to(p.device, dtype, copy=True,
                                                            memory_format=torch.contiguous_format)
         if references is not None:
@@ -280,7 +292,7 @@ class CNLOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"loaded state of parameter {saved_id}: 'step' must be a scalar, got shape "
                                      f"{tuple(value.shape)}")
                 continue
-            real = key in IMPORTANCE_KEYS
+            real = key in REAL_FLOAT32_KEYS
             complex_state = p.is_complex() and not real
             shape = local_tensor(p).shape
             if p.is_complex() and real:
@@ -304,7 +316,10 @@ class CNLOptimizer(torch.optim.Optimizer):
         self._reference.clear()
 
     def _references_for(self, params):
-        """Stored references aligned with ``params`` (``None`` where a parameter has none)."""
+        """Stored references aligned with ``params`` (``None`` where a parameter has none) that mask
+        the step: none with ``rule="agem"`` (the reference projects the gradient instead)."""
+        if self.rule != "cnl":
+            return None
         return self._reference.aligned_with(params)
 
     def set_reference(self, tensors) -> None:
@@ -328,6 +343,29 @@ class CNLOptimizer(torch.optim.Optimizer):
         is kept and the gradients are restored.
         """
         return self._reference.capture(self._parameters())
+
+    # ------------------------------------------------------------------ EWC
+
+    def capture_fisher(self):
+        """Capture EWC's Fisher estimate and anchor (a context manager, as :meth:`capture_reference`).
+
+        Inside the block call ``f.backward(loss)`` once per batch of the data to protect (``weight=``
+        as ``ref.backward``); each call's gradient squared is summed in float32. On exit ``F_new`` is
+        their (weighted) mean, ``F ← ewc_decay·F + F_new`` and ``θ*`` a copy of the current parameters,
+        stored per parameter as the states ``ewc_fisher`` (float32) and ``ewc_anchor`` (in the
+        parameter's dtype), which ``state_dict`` saves. From then on each step with ``ewc_lambda`` λ > 0
+        uses ``g + 2λ·F⊙(θ−θ*)`` as the gradient (see :mod:`cnl_ext.optim._rules`). Only ``f.backward``
+        calls count; every ``.grad`` is back as it was after the block. A block without a call, or whose
+        squares are inf/NaN, raises and leaves the previous estimate in place. Do not call ``zero_grad``
+        inside the block.
+        """
+        return capture_fisher(self)
+
+    def clear_fisher(self) -> None:
+        """Forget EWC's Fisher estimates and anchors: steps have no EWC term again."""
+        for state in self.state.values():
+            state.pop(EWC_FISHER, None)
+            state.pop(EWC_ANCHOR, None)
 
     # ------------------------------------------------------------------ statistics
 

@@ -98,6 +98,20 @@ class ReferenceStore:
     def clear(self) -> None:
         self.tensors = {}
 
+    def squared_norms(self) -> dict:
+        """parameter -> ``r·r`` of its stored reference (a 0-d float64 tensor on its device; decoded
+        values, so ±1 for the sign formats), computed once per reference: each call that sets, captures
+        or loads a reference replaces :attr:`tensors` whole, and the cache is keyed by that mapping."""
+        cache = self.__dict__.get("_norms")
+        if cache is None or cache[0] is not self.tensors:
+            norms = {}
+            for p, stored in self.tensors.items():
+                # the padding codes of a sign2 byte decode to 0
+                values = rf.decode(stored, self.format, (stored.numel() * (4 if self.format == "sign2" else 1),))
+                norms[p] = values.to(torch.float64).square().sum()
+            cache = self._norms = (self.tensors, norms)
+        return cache[1]
+
     def aligned_with(self, params):
         """Stored references aligned with ``params`` (``None`` where a parameter has none), or
         ``None`` when no parameter has one."""

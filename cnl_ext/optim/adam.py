@@ -14,6 +14,7 @@ from ..ops.adam_scalars import (capturable_bias_corrections, correctly_rounded_s
 from ..ops.chunking import compute_dtype
 from ._args import check_common, check_tensor_hyperparameter, scalar
 from ._base import CNLOptimizer, new_state, real_views
+from ._rules import rule_gradient
 
 __all__ = ["FusedCNLAdam", "cnl_adam_step"]
 
@@ -21,13 +22,15 @@ __all__ = ["FusedCNLAdam", "cnl_adam_step"]
 @torch.no_grad()
 def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *, reference_format: str, lr,
                   beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
-                  amsgrad: bool, maximize: bool, step):
+                  amsgrad: bool, maximize: bool, step, agem_reference=None, agem_coefficient=0.0, ewc_fisher=None,
+                  ewc_anchor=None, ewc_lambda=0.0):
     """One tensor's CNL Adam / AdamW step, in place; the definition (every kernel equals it bit for bit).
 
     In the compute dtype (float32; float64 for float64 parameters and states), each operation
     rounded on its own, the new parameter rounded once to its dtype::
 
-        g ← −g if maximize;   g ← g + λ·θ  (L2: weight_decay, not decoupled)
+        g ← −g if maximize;   g ← g − c·r_agem;   g ← g + (2λ_ewc)·(F·(θ − θ*))  (cnl_ext.optim._rules)
+        g ← g + λ·θ  (L2: weight_decay, not decoupled)
         m ← β1·m + (1−β1)·g;   v ← β2·v + (1−β2)·(g·g);   v̂ ← max(v̂, v)  (amsgrad; else v̂ = v)
         bc1 = 1 − β1^t;   bc2_sqrt = sqrt(1 − β2^t)
         step = (step_size·m) / (sqrt(v̂)/bc2_sqrt + ε),   step_size = lr / bc1   (torch.optim's order)
@@ -42,7 +45,8 @@ def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *
     compute dtype too. ``reference``: None (plain Adam), or stored in ``reference_format``
     (:func:`cnl_ext.reference_format.decode`). Returns None without a reference, else the statistics,
     float64 ``[3]``: (collaborative count, Σ s collaborative, Σ s conflicting) with ``s = r·(lr·u)``
-    summed and then times ``1/lr`` (:func:`inverse_lr`), i.e. ``s = r·u``.
+    summed and then times ``1/lr`` (:func:`inverse_lr`), i.e. ``s = r·u``. ``agem_*`` / ``ewc_*``:
+    A-GEM's projection and EWC's penalty, :func:`cnl_ext.optim._rules.rule_gradient` (off by default).
     """
     dtype = compute_dtype(param.dtype)
     device = param.device
@@ -61,6 +65,9 @@ def cnl_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, *
     p, g = param.to(dtype), grad.to(dtype)
     if maximize:
         g = -g
+    g = rule_gradient(g, p, agem_reference=agem_reference, agem_coefficient=agem_coefficient,
+                      reference_format=reference_format, ewc_fisher=ewc_fisher, ewc_anchor=ewc_anchor,
+                      ewc_lambda=ewc_lambda)
     if weight_decay != 0 and not decoupled_weight_decay:
         g = g + weight_decay * p
     exp_avg.copy_(beta1 * exp_avg + (1 - beta1) * g)
@@ -98,6 +105,13 @@ class FusedCNLAdam(CNLOptimizer):
     ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
     ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
     an observer: parameters and moments are bit-identical with it on.
+
+    ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
+    or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
+    (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
+    one reduction reading ``g`` and ``r``, one step. ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
+    (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
+    from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """
 
     _op = "adam_step_"
@@ -107,7 +121,8 @@ class FusedCNLAdam(CNLOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend="auto", reference_dtype="float32", track_stats=False,
-                 importance=None, importance_betas=(0.85, 0.85)):
+                 importance=None, importance_betas=(0.85, 0.85), rule="cnl", ewc_lambda=0.0,
+                 ewc_decay=1.0):
         name = type(self).__name__
         check_tensor_hyperparameter("lr", lr, foreach=foreach, capturable=capturable)
         check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable)
@@ -125,7 +140,8 @@ class FusedCNLAdam(CNLOptimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas,
+                         rule=rule, ewc_lambda=ewc_lambda, ewc_decay=ewc_decay)
 
     def _state_of(self, p, capturable, amsgrad):
         """``p``'s state: its own, or a new one that ``step`` stores only once the step succeeded."""

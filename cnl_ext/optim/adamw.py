@@ -16,11 +16,13 @@ class FusedCNLAdamW(FusedCNLAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  backend="auto", reference_dtype="float32", track_stats=False, importance=None,
-                 importance_betas=(0.85, 0.85)):
+                 importance_betas=(0.85, 0.85), rule="cnl", ewc_lambda=0.0,
+                 ewc_decay=1.0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas,
+                         rule=rule, ewc_lambda=ewc_lambda, ewc_decay=ewc_decay)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -12,20 +12,22 @@ from .. import reference_format as rf
 from ..ops.chunking import compute_dtype
 from ._args import check_common, scalar
 from ._base import CNLOptimizer, real_views
+from ._rules import rule_gradient
 
 __all__ = ["FusedCNLSGD", "cnl_sgd_step"]
 
 
 @torch.no_grad()
 def cnl_sgd_step(param, grad, momentum_buffer, reference, *, reference_format: str, lr, weight_decay: float,
-                 momentum: float, dampening: float, nesterov: bool, maximize: bool, first_step: bool):
+                 momentum: float, dampening: float, nesterov: bool, maximize: bool, first_step: bool,
+                 agem_reference=None, agem_coefficient=0.0, ewc_fisher=None, ewc_anchor=None, ewc_lambda=0.0):
     """One tensor's CNL SGD / momentum / Nesterov step, in place; the definition (every kernel equals it
     bit for bit).
 
     In the compute dtype (float32; float64 for float64 parameters and buffers), each operation rounded
     on its own, the new parameter rounded once to its dtype (torch.optim.SGD's order)::
 
-        g ← −g if maximize;   g ← g + λ·θ  (weight_decay λ)
+        g ← −g if maximize;   g ← g − c·r_agem;   g ← g + (2λ_ewc)·(F·(θ − θ*));   g ← g + λ·θ  (weight_decay λ)
         b ← g on the first step, else b ← μ·b + (1 − dampening)·g      (momentum μ; no buffer: u = g)
         u = b, or g + μ·b with Nesterov
         θ' = θ − lr·u
@@ -35,6 +37,8 @@ def cnl_sgd_step(param, grad, momentum_buffer, reference, *, reference_format: s
     compute dtype). ``reference``: None (plain SGD), or stored in ``reference_format``
     (:func:`cnl_ext.reference_format.decode`). Returns None without a reference, else the statistics,
     float64 ``[3]``: (collaborative count, Σ s collaborative, Σ s conflicting), ``s = r·u``.
+    ``agem_*`` / ``ewc_*``: A-GEM's projection (``c``: the step's coefficient over all tensors) and
+    EWC's penalty, :func:`cnl_ext.optim._rules.rule_gradient` (off by default).
     """
     dtype = compute_dtype(param.dtype)
     if isinstance(lr, torch.Tensor):
@@ -42,6 +46,9 @@ def cnl_sgd_step(param, grad, momentum_buffer, reference, *, reference_format: s
     p, g = param.to(dtype), grad.to(dtype)
     if maximize:
         g = -g
+    g = rule_gradient(g, p, agem_reference=agem_reference, agem_coefficient=agem_coefficient,
+                      reference_format=reference_format, ewc_fisher=ewc_fisher, ewc_anchor=ewc_anchor,
+                      ewc_lambda=ewc_lambda)
     if weight_decay != 0:
         g = g + weight_decay * p
     u = g
@@ -65,6 +72,13 @@ class FusedCNLSGD(CNLOptimizer):
     ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
     ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
     an observer: parameters and moments are bit-identical with it on.
+
+    ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
+    or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
+    (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
+    one reduction reading ``g`` and ``r``, one step. ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
+    (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
+    from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """
 
     _op = "sgd_step_"
@@ -73,7 +87,8 @@ class FusedCNLSGD(CNLOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  backend="auto", reference_dtype="float32", track_stats=False, importance=None,
-                 importance_betas=(0.85, 0.85)):
+                 importance_betas=(0.85, 0.85), rule="cnl", ewc_lambda=0.0,
+                 ewc_decay=1.0):
         name = type(self).__name__
         check_common(name, lr, weight_decay, foreach=foreach, fused=fused, differentiable=differentiable)
         if momentum < 0.0:
@@ -83,7 +98,8 @@ class FusedCNLSGD(CNLOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=fused)
         super().__init__(params, defaults, backend=backend, reference_dtype=reference_dtype,
-                         track_stats=track_stats, importance=importance, importance_betas=importance_betas)
+                         track_stats=track_stats, importance=importance, importance_betas=importance_betas,
+                         rule=rule, ewc_lambda=ewc_lambda, ewc_decay=ewc_decay)
 
     def _step_group(self, group, params, grads, stats):
         use_momentum = group["momentum"] != 0
