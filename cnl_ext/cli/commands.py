@@ -12,7 +12,7 @@ from ..experiments.ckl import CKLSettings, ckl_table, make_update_task, run_ckl,
 from ..experiments.data import MMAC_PARTS, QuestionSource, load_benchmark, write_jsonl
 from ..experiments.demo import DemoSettings, run_demo
 from ..experiments.model import ModelOptions, select_trainable
-from ..experiments.outputs import write_json, write_text
+from ..experiments.outputs import UsageError, write_json, write_text
 from ..experiments.progress import note
 from ..experiments.protocol import InjectConfig, TeachSettings, compare, infer_and_split, out_of_set, teach_first, \
     teach_summary
@@ -100,6 +100,9 @@ def _training(ctx: Context):
     plan = ctx.get(RunPlan)
     if plan is not None and plan.default_lr is not None:
         config = replace(config, lr=plan.default_lr)
+    if plan is not None and "agem" in plan.methods and config.reference_dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"--methods agem needs the reference's magnitudes: --reference-dtype float32 or bfloat16, "
+                         f"not {config.reference_dtype}")
     mastered, injection = ctx[SplitFiles].load(config.seed)
     model, _, encoder = ctx.load_model()
     return config, mastered, injection, model, encoder

@@ -32,7 +32,8 @@ CHECKPOINTS_COST = ("; while it runs, resumable checkpoints of about 2.5 GB for 
 
 def _subcommands() -> list:
     split_and_model = (SplitFiles, ModelOptions)
-    no_lora_or_reference = ("optimizer", "lr", "reference_every", "reference_dtype", "lora_r", "lora_alpha")
+    no_lora_or_reference = ("optimizer", "lr", "reference_every", "reference_dtype", "lora_r", "lora_alpha",
+                            "ewc_lambda")
     return [
         Subcommand("demo", cmd_demo, "FT vs CNL (AdamW) on generated questions and the embedded SmolLM2 "
                    "(about 3 minutes on 2 CPU cores; writes under 1 MB, or about 2.5 GB more with --checkpoints)",
@@ -54,7 +55,8 @@ def _subcommands() -> list:
                    "taught model (about 540 MB for SmolLM2 in float32; --no-save-model: none)",
                    "python -m cnl_ext teach --data data/arc_c.jsonl --limit 400 --teach-lr 2e-4 --out runs/taught",
                    (QuestionSource, ModelOptions, TeachSettings, TeachOutput)),
-        Subcommand("inject", cmd_inject, "in-set runs: FT / CNL / replay / LoRA for each optimizer, from one "
+        Subcommand("inject", cmd_inject, "in-set runs: FT / CNL / replay / LoRA / KORE / CorDA / EWC / A-GEM for "
+                   "each optimizer, from one "
                    "starting model" + CHECKPOINTS_COST,
                    "python -m cnl_ext inject --model runs/taught/model --mastered runs/taught/mastered.jsonl "
                    "--injection runs/taught/injection.jsonl --optimizers sgd adamw --lr sgd=1e-3 adamw=1e-4 "
@@ -85,7 +87,8 @@ def _subcommands() -> list:
                    "runs/split/injection.jsonl --out runs/table2",
                    (*split_and_model, (InjectConfig, dict(only=("trainable", "reference_batch_size", "backend"))))),
         Subcommand("continual", cmd_continual, "a sequence of knowledge-injection tasks with every method (ft, "
-                   "replay, lora, cnl, kif, kif-lora, recurrent-kif): accuracy matrices, AP, BWT, FWT (writes a few MB: "
+                   "replay, lora, cnl, kif, kif-lora, recurrent-kif, kore, corda, ewc, agem): accuracy matrices, AP, "
+                   "BWT, FWT (writes a few MB: "
                    "each finished run, a few kB, is what --resume reads)",
                    "python -m cnl_ext continual --task arc=a.jsonl --task csqa=c.jsonl --out runs/continual",
                    (ModelOptions, ContinualConfig, (ResumeOptions, dict(only=("resume",)))),

@@ -5,7 +5,8 @@ benchmark. After task j the model answers every task's training questions: ``a[j
 of task i's training questions answered correctly (row 0: the base model). A seeded share of each
 task is held out of training and reported beside it (for a small model it sits near chance).
 After each task, ``memory_per_task`` of its training questions (balanced by answer letter) join one
-memory buffer, the same questions for every method that uses memory (replay, cnl, recurrent-kif).
+memory buffer, the same questions for every method that uses memory (replay, cnl, recurrent-kif, kore,
+corda, ewc, agem).
 
 Methods (spec: ``docs/kif-spec.md``):
 
@@ -18,9 +19,15 @@ Methods (spec: ``docs/kif-spec.md``):
 ``kif``         all parameters                  KIF: unit = tensor (or row), first-order, static
 ``kif-lora``    LoRA adapter                    KIFLoRA: rank-1 units, param_mix, adaptive, orth loss
 ``recurrent-kif`` all parameters                Recurrent-KIF with the memory, the authors' rule
+``kore``        a fresh adapter per task        KORE's null-space adapter from the memory (task 1:
+                                                plain LoRA), merged after the task (:mod:`.adapters`)
+``corda``       a fresh adapter per task        CorDA (PEFT, kpm) from the memory, likewise
+``ewc``         all parameters                  online EWC: F over each task's memory, carried on
+``agem``        all parameters                  A-GEM: reference as CNL's, gradient projected
 ==============  ==============================  =================================================
 
-Every method uses AdamW (``cnl_ext.FusedCNLAdamW``), a fresh optimizer per task (spec §6.7), the final
+Every method uses AdamW (``cnl_ext.FusedCNLAdamW``), a fresh optimizer per task (spec §6.7; EWC carries only
+F and θ* into it, :mod:`.methods`), the final
 weights of each task (no checkpoint selection). :func:`run` does all runs (seeds × task orders ×
 methods) on a loaded model and writes ``matrices.csv``, ``summary.csv``, ``results.json``,
 ``tables.md``, ``heatmap_<method>.png`` and ``comparison.png`` (:mod:`.continual_report`); every
@@ -45,6 +52,7 @@ from .adapters import ADAPTER_METHODS, knowledge_adapters
 from .continual_report import format_metric, write_outputs
 from .continual_setup import (CONTINUAL_METHODS, LORA_METHODS, MIN_MEMORY_PER_TASK, ContinualConfig, Task,  # noqa: F401
                               continual_metrics, load_tasks, parse_task, select_memory)
+from .methods import REFERENCE_METHODS, capture_fisher, carry_ewc, optimizer_options
 from .model import MCQEncoder, ModelOptions, lora_adapters, select_trainable
 from .outputs import write_json
 from .progress import bar, note
@@ -56,10 +64,12 @@ __all__ = ["CONTINUAL_METHODS", "ContinualConfig", "Task", "RunRecord", "continu
 
 # ---------------------------------------------------------------------------------- importance
 
-def task_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None):
+def task_optimizer(params, *, lr: float, config: ContinualConfig, importance: str | None = None, method: str = ""):
     """FusedCNLAdamW with the run's settings; with ``importance`` ("first" / "param_mix") it keeps KIF's
-    EMAs itself, inside the step (``importance_scores()``, ``importance_state(slot)``)."""
+    EMAs itself, inside the step (``importance_scores()``, ``importance_state(slot)``); ``method``
+    "agem" / "ewc": A-GEM's rule, EWC's λ and γ (:mod:`.methods`)."""
     kwargs = dict(importance=importance, importance_betas=config.importance_betas) if importance is not None else {}
+    kwargs.update(optimizer_options(method, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay))
     return make_optimizer("adamw", params, lr=lr, betas=config.betas, eps=config.eps,
                           weight_decay=config.weight_decay, backend=config.backend, **kwargs)
 
@@ -160,6 +170,7 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
             lora_as, lora_bs = [params[a] for a, _ in pairs], [params[b] for _, b in pairs]
             extra_loss = lambda: kif.orthogonality_loss(lora_as, lora_bs, weight=config.orth_weight)  # noqa: E731
         trainer = _Trainer(trained, encoder, params, config, extra_loss)
+        ewc = [] if method == "ewc" else None  # online EWC: the previous task's optimizer, holding F and θ*
         for k, task in enumerate(tasks):
             memory = [q for m in memories[:k] for q in m]
             if method in ADAPTER_METHODS:
@@ -168,7 +179,8 @@ def run_sequence(model, encoder, tasks, memories, *, method: str, config: Contin
                 adapter_infos.append(info)
             else:
                 summary, loss = _train_task(trained, encoder, trainer, params, task, memory, k=k, method=method,
-                                            lr=lr, config=config, seed=seed, merger=merger)
+                                            lr=lr, config=config, seed=seed, merger=merger, ewc=ewc,
+                                            task_memory=memories[k] if k + 1 < len(tasks) else ())
             losses.append(loss)
             notes.append(summary)
             row, heldout_row = _accuracies(trained, encoder, tasks, config.eval_batch_size)
@@ -184,18 +196,22 @@ def _fusion_backend(config):
     return config.backend if config.backend in ("auto", "torch", "triton") else "auto"
 
 
-def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr, config, seed, merger):
-    """Train one task; returns (a note for the report, the mean loss of the last epoch)."""
+def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr, config, seed, merger, ewc=None,
+                task_memory=()):
+    """Train one task; returns (a note for the report, the mean loss of the last epoch). ``ewc``: a list
+    holding the previous task's optimizer (F, θ*), replaced by this one's after F over ``task_memory``."""
     seed_text = f"{seed}:{task.name}:{k}"
     train = list(task.train) + (memory if method == "replay" else [])
     if method == "recurrent-kif" and memory:
         return _train_task_recurrent_kif(trainer, params, train, memory, lr=lr, config=config, seed_text=seed_text)
     importance = {"kif": "first", "kif-lora": "param_mix"}.get(method)
-    optimizer = task_optimizer(params, lr=lr, config=config, importance=importance)
+    optimizer = task_optimizer(params, lr=lr, config=config, importance=importance, method=method)
+    if ewc:
+        carry_ewc(ewc.pop(), optimizer)
     anchors = [p.detach().to(torch.float32, copy=True) for p in params] if merger is not None else None
     epoch_loss = None
     for epoch in range(1, config.epochs + 1):
-        if method == "cnl" and memory:
+        if method in REFERENCE_METHODS and memory:
             compute_reference(optimizer, model, encoder, memory, batch_size=config.reference_batch_size)
         started = time.perf_counter()
         losses = [trainer.step(optimizer, batch)
@@ -205,6 +221,10 @@ def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr,
         note(f"{method} {task.name} epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}, "
              f"{time.perf_counter() - started:.0f} s")
     summary = ""
+    if ewc is not None and task_memory:  # online EWC: F ← γ·F + F over this task's memory, θ* = the weights now
+        capture_fisher(optimizer, model, encoder, task_memory, desc=f"fisher {task.name}")
+        ewc.append(optimizer)
+        summary = f"ewc: Fisher over {len(task_memory)} memory questions"
     if merger is not None:
         coefficients = merger.finish_task(params, anchors, optimizer.importance_scores())
         if coefficients is not None:

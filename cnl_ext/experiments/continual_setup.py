@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .. import kif
 from ..ops.importance import check_importance_options
 from .adapters import ADAPTER_METHODS
+from .methods import DEFAULT_EWC_DECAY, DEFAULT_EWC_LAMBDA, RULE_METHODS
 from .data import LETTERS, DataError, read_jsonl, sample_n
 from .model import ModelOptions
 from .options import option
@@ -21,9 +22,10 @@ from .options import option
 __all__ = ["CONTINUAL_METHODS", "LORA_METHODS", "MIN_MEMORY_PER_TASK", "ContinualConfig", "Task", "parse_task",
            "load_tasks", "select_memory", "continual_metrics"]
 
-CONTINUAL_METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif", *ADAPTER_METHODS)
+CONTINUAL_METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif", *ADAPTER_METHODS, *RULE_METHODS)
 LORA_METHODS = ("lora", "kif-lora")
 MIN_MEMORY_PER_TASK = 8
+LATER_SETTINGS = dict(ewc_lambda=DEFAULT_EWC_LAMBDA, ewc_decay=DEFAULT_EWC_DECAY)  # kept in saved runs unless default
 
 
 @dataclass
@@ -67,6 +69,8 @@ class ContinualConfig:
     rkif_outer_steps: int = option(4, "recurrent-kif: memory steps per cycle (R)")
     rkif_rule: str = option("code", "recurrent-kif fusion rule: 'code' (the authors') or 'paper' (binary masks)")
     rkif_quantile: float = option(0.8, "recurrent-kif: an element is important above this quantile")
+    ewc_lambda: float = option(DEFAULT_EWC_LAMBDA, "ewc: the penalty weight λ (the gradient gets 2λ·F⊙(θ−θ*))")
+    ewc_decay: float = option(DEFAULT_EWC_DECAY, "ewc: online EWC's γ, F ← γ·F + F_task after each task")
 
     def __post_init__(self):
         self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
@@ -103,6 +107,9 @@ class ContinualConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         check_importance_options("first", self.importance_betas)
+        if not self.ewc_lambda >= 0 or not 0 <= self.ewc_decay <= 1:
+            raise ValueError(f"ewc_lambda must be >= 0 and ewc_decay in [0, 1], got {self.ewc_lambda} and "
+                             f"{self.ewc_decay}")
         for spec in self.tasks:
             parse_task(spec)
 
@@ -111,6 +118,9 @@ class ContinualConfig:
         (the same keys as the runs saved when the model options were this dataclass's own)."""
         skip = {"methods", "orders", "seeds", "eval_batch_size"}
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        for name, default in LATER_SETTINGS.items():  # runs saved before these existed used their defaults
+            if settings[name] == default:
+                del settings[name]
         settings.update(model=model.model, gguf_file=model.gguf_file, dtype=model.dtype,
                         use_chat_template=model.chat_template)
         return json.loads(json.dumps(settings))

@@ -1,4 +1,5 @@
-"""The paper's protocol on a model: split, inject (FT / CNL / replay / LoRA / KORE / CorDA), out-of-set, taught first.
+"""The paper's protocol on a model: split, inject (FT / CNL / replay / LoRA / KORE / CorDA / EWC / A-GEM),
+out-of-set, taught first.
 
 Everything here works on an in-memory model and lists of :class:`~.data.MCQuestion`; the CNL
 optimizers are used only through their public API (``capture_reference``, ``step``,
@@ -18,6 +19,7 @@ from cnl_ext import functional, reference_format
 from .adapters import ADAPTER_METHODS, LORA_METHODS, adapted_model
 from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
+from .methods import DEFAULT_EWC_LAMBDA, REFERENCE_METHODS, RULE_METHODS, capture_fisher, optimizer_options
 from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
 from .options import option
 from .progress import bar, epoch_line, note
@@ -30,7 +32,7 @@ __all__ = [
     "out_of_set", "teach_first", "teach_summary", "TeachSettings", "snapshot", "restore", "backend_choices",
 ]
 
-METHODS = ("ft", "cnl", "replay", "lora", *ADAPTER_METHODS)
+METHODS = ("ft", "cnl", "replay", "lora", *ADAPTER_METHODS, *RULE_METHODS)
 # SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
 DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
 
@@ -72,6 +74,8 @@ class InjectConfig:
                                   choices=reference_dtype_choices)
     lora_r: int = option(16, "LoRA rank (methods lora, kore, corda)")
     lora_alpha: int = option(32, "LoRA alpha (methods lora, kore, corda)")
+    ewc_lambda: float = option(DEFAULT_EWC_LAMBDA, "EWC's penalty weight λ (method ewc: the gradient gets "
+                                                   "2λ·F⊙(θ−θ*), F the Fisher over the mastered set)")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -80,6 +84,8 @@ class InjectConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.reference_every is not None and self.reference_every < 1:
             raise ValueError(f"reference_every must be >= 1 steps (or None: every epoch), got {self.reference_every}")
+        if not self.ewc_lambda >= 0:
+            raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
         if self.lr is not None and not self.lr >= 0:
             raise ValueError(f"lr must be >= 0, got {self.lr}")
         if self.reference_batch_size < 1 or self.eval_batch_size < 1:
@@ -93,11 +99,13 @@ class InjectConfig:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
 
-def make_optimizer(config: InjectConfig, params, *, track_stats: bool = False):
-    """The cnl_ext optimizer for ``config.optimizer`` (plain FT until a reference is set)."""
+def make_optimizer(config: InjectConfig, params, *, track_stats: bool = False, **extras):
+    """The cnl_ext optimizer for ``config.optimizer`` (plain FT until a reference is set); ``extras``:
+    more constructor options (``rule``, ``ewc_lambda``)."""
     return optimizer_by_name(config.optimizer, params, lr=config.learning_rate, momentum=config.momentum,
                              betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                             backend=config.backend, reference_dtype=config.reference_dtype, track_stats=track_stats)
+                             backend=config.backend, reference_dtype=config.reference_dtype, track_stats=track_stats,
+                             **extras)
 
 
 # ---------------------------------------------------------------------------------- split
@@ -217,7 +225,9 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
 
     ``method``: ``ft`` (plain), ``cnl`` (masked against the mean gradient over ``reference``),
     ``replay`` (``train`` plus ``reference``, plain), ``lora`` (plain, LoRA adapters only) or ``kore`` /
-    ``corda`` (plain, adapters built from ``reference``: :mod:`.adapters`).
+    ``corda`` (plain, adapters built from ``reference``: :mod:`.adapters`), ``ewc`` (penalty with the
+    Fisher over ``reference``, captured once before training) or ``agem`` (the gradient projected
+    against the reference, captured as CNL's): :mod:`.methods`.
     The model's weights change; :func:`compare` restores them between runs.
     ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints`; the run is saved there at the end of
     every epoch and continues from its latest save (same numbers as without the interruption).
@@ -228,8 +238,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     train = list(train) + (list(reference) if method == "replay" else [])
     if not train:
         raise ValueError("nothing to train on: the injection set is empty")
-    if method == "cnl" and not reference:
-        raise ValueError("CNL needs a non-empty mastered (reference) set")
+    if method in ("cnl", *RULE_METHODS) and not reference:
+        raise ValueError(f"{method.upper()} needs a non-empty mastered (reference) set")
     name = f"{config.optimizer} {method.upper()}"
     key = f"{config.optimizer}-{method}"
     adapters = adapted_model(method, model, encoder, reference, r=config.lora_r, alpha=config.lora_alpha)
@@ -237,7 +247,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         if method not in LORA_METHODS:
             select_trainable(model, config.trainable)
         named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
-        optimizer = make_optimizer(config, list(named.values()), track_stats=method == "cnl")
+        optimizer = make_optimizer(config, list(named.values()), track_stats=method == "cnl",
+                                   **optimizer_options(method, ewc_lambda=config.ewc_lambda))
         steps_done = 0
         saved = checkpoints.latest(key) if checkpoints is not None else None
         if saved is not None:  # continue after the saved epoch
@@ -256,11 +267,13 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         else:
             learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
             records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
+            if method == "ewc":  # F and θ* once, before training (saved with the optimizer's state)
+                capture_fisher(optimizer, trained_model, encoder, reference)
         start = time.perf_counter() - records[-1].wall_s
 
         def refresh_reference():
             nonlocal steps_done
-            if method == "cnl" and (steps_done % (config.reference_every or steps_per_epoch) == 0):
+            if method in REFERENCE_METHODS and (steps_done % (config.reference_every or steps_per_epoch) == 0):
                 compute_reference(optimizer, trained_model, encoder, reference, batch_size=config.reference_batch_size)
             steps_done += 1
 

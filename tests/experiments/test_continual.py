@@ -94,7 +94,8 @@ def test_memory_is_balanced_by_answer_letter():
 
 @pytest.mark.parametrize("overrides, problem", [
     (dict(memory_per_task=7), "at least 8"),
-    (dict(methods=["ft", "ewc"]), "methods must be"),
+    (dict(methods=["ft", "si"]), "methods must be"),
+    (dict(ewc_decay=1.5), "ewc_decay"),
     (dict(heldout_fraction=1.0), "heldout_fraction"),
     (dict(tasks=["no-equals-sign"]), "NAME=FILE"),
     (dict(rkif_rule="soft"), "rkif_rule"),
