@@ -119,7 +119,7 @@ def _split(root):
             folder / "injection.jsonl"]
 
 
-NEW_METHODS = ["kore", "corda"]
+NEW_METHODS = ["kore", "corda", "ewc", "agem"]
 
 
 def test_inject_and_out_of_set_with_the_new_methods(taught):
@@ -128,12 +128,19 @@ def test_inject_and_out_of_set_with_the_new_methods(taught):
                  "--lora-r", "4", "--lora-alpha", "8", "--out", out, *TRAIN]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["ft", *NEW_METHODS]
-    assert runs[0]["adapter"] is None
-    for run in runs[1:]:
+    assert [r["adapter"] is None for r in runs] == [True, False, False, True, True]
+    for run in runs[1:3]:
         assert run["adapter"]["init_max_abs_dlogits"] < 1e-5 and run["adapter"]["trainable_params"] > 0
-        assert run["epochs"][0]["forgot"] == 0  # outputs unchanged at init: nothing mastered is lost yet
+    assert all(run["epochs"][0]["forgot"] == 0 for run in runs)  # unchanged at the start: nothing mastered is lost
     assert runs[1]["adapter"]["trainable_params"] < runs[2]["adapter"]["trainable_params"]  # kore: lora_B only
-    assert "| adamw | KORE |" in (out / "tables.md").read_text()
+    # lr 3e-3 moves answers; not necessarily KORE's in 2 epochs: its frozen lora_A lies where the mastered questions'
+    # inputs are small, and the injection questions (the same templates) have small inputs there too
+    assert all(run["epochs"][-1]["learned"] > 0 for run in runs if run["method"] != "kore")
+    table = (out / "tables.md").read_text()
+    assert all(f"| adamw | {m.upper()} |" in table for m in NEW_METHODS)
+    assert main(["inject", *_split(taught), "--methods", "agem", "--reference-dtype", "int8", "--out",
+                 taught / "agem-int8", *TRAIN]) == 2  # refused before the model loads: A-GEM needs magnitudes
+    assert not (taught / "agem-int8").exists()
     oos = taught / "oos"
     assert main(["out-of-set", *_split(taught), "--methods", "kore", "--epochs", "1", "--lr", "3e-3", "--lora-r", "4",
                  "--lora-alpha", "8", "--out", oos, *TRAIN]) == 0
@@ -177,7 +184,91 @@ def test_continual_command_with_the_new_methods(taught):
                  "--out", out, *TRAIN]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["method"] for r in runs] == NEW_METHODS
-    for run in runs:  # task 1: plain LoRA (no memory yet); task 2: built from task 1's 8 memory questions
+    for run in runs[:2]:  # task 1: plain LoRA (no memory yet); task 2: built from task 1's 8 memory questions
         assert [i["memory"] for i in run["adapters"]] == [0, 8] and run["adapters"][1]["method"] == run["method"]
         assert run["adapters"][1]["init_max_abs_dlogits"] < 1e-5
     assert {row["method"] for row in csv.DictReader(open(out / "summary.csv"))} == set(NEW_METHODS)
+    assert [r["notes"][0] for r in runs if r["method"] == "ewc"] == ["ewc: Fisher over 8 memory questions"]
+
+
+def test_ewc_fisher_once_before_training_and_agem_reference_every_epoch(tokenizer, monkeypatch):
+    """EWC: F over the mastered set, captured once before training; A-GEM: an optimizer with rule="agem",
+    its reference over the mastered set recomputed at every epoch as CNL's."""
+    from cnl_ext.experiments import protocol
+
+    encoder = MCQEncoder(tokenizer)
+    questions = make_demo_questions(10, seed=4)
+    mastered, injection = questions[:6], questions[6:]
+    fisher, references, rules = [], [], []
+    real_fisher, real_reference, real_make = protocol.capture_fisher, protocol.compute_reference, protocol.make_optimizer
+
+    def make_optimizer(config, params, **kwargs):
+        optimizer = real_make(config, params, **kwargs)
+        rules.append((optimizer.rule, optimizer.ewc_lambda))
+        return optimizer
+
+    def capture(optimizer, model, encoder, questions, **kwargs):
+        fisher.append([q.prompt for q in questions])
+        real_fisher(optimizer, model, encoder, questions, **kwargs)
+        states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
+        assert all("ewc_fisher" in s and "ewc_anchor" in s for s in states)
+
+    def reference(optimizer, model, encoder, questions, *, batch_size):
+        references.append([q.prompt for q in questions])
+        return real_reference(optimizer, model, encoder, questions, batch_size=batch_size)
+
+    monkeypatch.setattr(protocol, "capture_fisher", capture)
+    monkeypatch.setattr(protocol, "compute_reference", reference)
+    monkeypatch.setattr(protocol, "make_optimizer", make_optimizer)
+    config = protocol.InjectConfig(optimizer="adamw", lr=3e-3, epochs=2, weight_decay=0.0, eval_batch_size=8,
+                                   backend="torch", ewc_lambda=50.0)
+    runs = protocol.compare(tiny_model(len(tokenizer)), encoder, methods=["ewc", "agem"], optimizers=["adamw"],
+                            config=config, train=injection, reference=mastered)
+    assert [r.method for r in runs] == ["ewc", "agem"] and all(len(r.epochs) == 3 for r in runs)
+    assert rules == [("cnl", 50.0), ("agem", 0.0)]
+    assert fisher == [[q.prompt for q in mastered]]
+    assert references == [[q.prompt for q in mastered]] * 2
+
+
+def test_carry_ewc_moves_only_the_fisher_and_anchor():
+    from cnl_ext import FusedCNLAdamW
+    from cnl_ext.experiments.methods import carry_ewc
+
+    weights = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    first = FusedCNLAdamW(weights, lr=1e-2, ewc_lambda=1.0, ewc_decay=0.5, backend="torch")
+    sum(w.square().sum() for w in weights).backward()
+    first.step()
+    with first.capture_fisher() as fisher:
+        fisher.backward(sum(w.sum() for w in weights))
+    second = FusedCNLAdamW(weights, lr=1e-2, ewc_lambda=1.0, ewc_decay=0.5, backend="torch")
+    carry_ewc(first, second)
+    for w in weights:
+        assert set(second.state[w]) == {"ewc_fisher", "ewc_anchor"}  # no moments, no step count: a fresh optimizer
+        assert torch.equal(second.state[w]["ewc_fisher"], torch.ones_like(w))  # the squared gradient of sum(w)
+        assert torch.equal(second.state[w]["ewc_anchor"], w.detach())
+    with second.capture_fisher() as fisher:  # online: F ← γ·F + F_new
+        fisher.backward(sum(2 * w.sum() for w in weights))
+    assert all(torch.equal(second.state[w]["ewc_fisher"], torch.full_like(w, 0.5 + 4.0)) for w in weights)
+    second.zero_grad()
+    sum(w.sum() for w in weights).backward()
+    second.step()
+    assert all(int(second.state[w]["step"]) == 1 for w in weights)
+
+
+def test_ckl_interrupted_twice_resumes_to_the_same_numbers(taught, monkeypatch, capsys):
+    """KORE's adapter is rebuilt from the starting weights and its trained factor loaded; EWC's F and θ* come
+    back with the optimizer's state."""
+    args = ["ckl", *_split(taught), "--methods", "kore", "ewc", "--epochs", "2", "--lr", "3e-3", "--lora-r", "4",
+            "--lora-alpha", "8", *TRAIN]
+    assert main([*args, "--out", taught / "ckl-whole"]) == 0
+    out = taught / "ckl-resumed"
+    monkeypatch.setenv("CNL_EXT_INTERRUPT_AFTER_EPOCH", "1")
+    assert main([*args, "--out", out]) == 130  # kore after epoch 1
+    assert main([*args, "--out", out, "--resume"]) == 130  # kore finished, ewc after epoch 1
+    assert "interrupted: saved adamw EWC after epoch 1 of 2" in capsys.readouterr().err
+    monkeypatch.delenv("CNL_EXT_INTERRUPT_AFTER_EPOCH")
+    assert main([*args, "--out", out, "--resume"]) == 0
+    assert (out / "ckl.csv").read_text() == (taught / "ckl-whole" / "ckl.csv").read_text()
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert drop(csv.DictReader(open(out / "summary.csv"))) == drop(csv.DictReader(open(taught / "ckl-whole" /
+                                                                                        "summary.csv")))
