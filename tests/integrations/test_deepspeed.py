@@ -1,0 +1,109 @@
+"""A CNL optimizer as DeepSpeed's client optimizer (cnl_ext.integrations.deepspeed), on CPU:
+``torchrun --nproc_per_node 2``, ``DS_ACCELERATOR=cpu``, gloo.
+
+Each rank trains on its half of every micro-batch under ZeRO 0-3 (ZeRO-3 with a ``sub_group_size``
+that splits the model), ZeRO-2/3 with the optimizer offloaded, fp32 and bf16, with a reference
+captured through the engine; parameters and statistics after the steps must equal a single-process
+run on the whole batches, and a run resumed from ``engine.save_checkpoint`` the uninterrupted one.
+One torchrun launch runs every scenario (tests/integrations/deepspeed_worker.py): start-up is paid once.
+The GPU variants (NCCL, CUDA, offload from CUDA, bf16 on GPU) are at the end, skipped without CUDA.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from . import deepspeed_worker as worker
+
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="needs torch.distributed with the gloo backend"),
+              pytest.mark.xdist_group("torchrun")]  # one torchrun job at a time (see test_distributed.py)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TORCHRUN_TIMEOUT_S = 600  # the first launch may build DeepSpeed's CPU comm op (~1 min; CI builds it first)
+
+
+def _deepspeed():
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure is a reason to skip
+        pytest.skip(f"deepspeed is not importable ({type(error).__name__}: {error}); pip install -e '.[test]'")
+
+
+def _torchrun(args, nproc, env_extra, timeout=TORCHRUN_TIMEOUT_S):
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", **env_extra,
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(pathlib.Path(worker.__file__)), *map(str, args)]
+    result = subprocess.run(command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command[2:])} exited with {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+CPU_SCENARIOS = list(worker.SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def cpu_results(tmp_path_factory):
+    _deepspeed()
+    folder = tmp_path_factory.mktemp("deepspeed")
+    _torchrun([folder / "results.pt", folder / "checkpoints", *CPU_SCENARIOS], worker.WORLD_SIZE,
+              dict(DS_ACCELERATOR="cpu"))
+    return torch.load(folder / "results.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single_process_results():
+    return {kind: worker.train_single(kind) for kind in {kind for _, _, kind in worker.SCENARIOS.values()}}
+
+
+def _check(result, expected, bf16):
+    params, history = result["params"], result["history"]
+    expected_params, expected_history = expected
+    tolerance = dict(rtol=0, atol=5e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    for p, q in zip(params, expected_params):
+        torch.testing.assert_close(p, q, **tolerance)
+    assert any(not torch.equal(p, q) for p, q in zip(params, worker.make_model().parameters()))
+    assert len(history) == len(expected_history) == worker.STEPS
+    for (count, total, s_collab, s_conflict), expected in zip(history, expected_history):
+        # summed over the ranks' partitions, their alignment padding left out: every element once
+        assert total == expected[1]
+        assert 0 < count < total
+        if bf16:
+            assert abs(count - expected[0]) <= 2
+            torch.testing.assert_close((s_collab, s_conflict), expected[2:], rtol=2e-2, atol=5e-3)
+        else:
+            assert count == expected[0]
+            torch.testing.assert_close((s_collab, s_conflict), expected[2:], rtol=1e-4, atol=1e-6)
+
+
+def _result(results, name):
+    result = results[name]
+    if isinstance(result, str):
+        pytest.fail(f"the DeepSpeed run raised:\n{result}")
+    return result
+
+
+@pytest.mark.parametrize("name", CPU_SCENARIOS)
+def test_deepspeed_cnl_steps_equal_the_single_process_run(cpu_results, single_process_results, name):
+    zero, bf16, kind = worker.SCENARIOS[name]
+    result = _result(cpu_results, name)
+    _check(result, single_process_results[kind], bf16)
+    assert result["global_steps"] == worker.STEPS  # the capture's engine step is not counted
+    if zero["stage"] == 3:  # sub_group_size splits each rank's partition: one step() call per sub-group
+        assert result["calls_per_step"] > 1
+
+
+@pytest.mark.parametrize("name", CPU_SCENARIOS)
+def test_deepspeed_checkpoint_resume_equals_the_uninterrupted_run(cpu_results, name):
+    result = _result(cpu_results, name)
+    resumed = result["resumed"]
+    for p, q in zip(resumed["params"], result["params"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert resumed["history"] == result["history"]
