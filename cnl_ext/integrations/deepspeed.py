@@ -232,6 +232,10 @@ def capture_reference(engine):
     inf/NaN elements on any rank, the previous reference is kept (the gradients are cleared anyway).
     """
     optimizer = attach(engine)
+    if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
+        raise RuntimeError(f"capture_reference(engine) in the middle of a gradient-accumulation window (micro step "
+                           f"{engine.micro_steps}, {engine.gradient_accumulation_steps()} per optimizer step): the "
+                           "pending training gradients would mix into the reference; capture between optimizer steps")
     state = _EngineState(engine, optimizer)
     recorded = {}
 

@@ -44,11 +44,11 @@ SCENARIOS = {
 def make_optimizer(kind, params):
     if kind.startswith("adamw"):
         ref = "bfloat16" if kind.endswith("bf16ref") else "float32"
-        return cnl_ext.FusedCNLAdamW(params, lr=0.02, weight_decay=0.1, backend=BACKEND, reference_dtype=ref,
+        return cnl_ext.FusedCNLAdamW(params, lr=LR[kind], weight_decay=0.1, backend=BACKEND, reference_dtype=ref,
                                      track_stats=True)
     if kind == "adam-int8":
-        return cnl_ext.FusedCNLAdam(params, lr=0.02, backend=BACKEND, reference_dtype="int8", track_stats=True)
-    return cnl_ext.FusedCNLSGD(params, lr=0.05, momentum=0.9, backend=BACKEND, reference_dtype="sign2",
+        return cnl_ext.FusedCNLAdam(params, lr=LR[kind], backend=BACKEND, reference_dtype="int8", track_stats=True)
+    return cnl_ext.FusedCNLSGD(params, lr=LR[kind], momentum=0.9, backend=BACKEND, reference_dtype="sign2",
                                track_stats=True)
 
 
@@ -94,8 +94,14 @@ def train_single(kind, steps=STEPS):
 
 # ---------------------------------------------------------------------------------------------- ranks
 
-def config(zero, bf16):
-    cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
+LR = {"adamw": 0.02, "adamw-bf16ref": 0.02, "adam-int8": 0.02, "sgd-sign2": 0.05}
+
+
+def config(zero, bf16, kind):
+    lr = LR[kind]  # a constant schedule: the capture must not step it (checked through its counter)
+    cfg = {"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": lr, "warmup_max_lr": lr,
+                                                        "warmup_num_steps": 1}},
+           "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
            "zero_optimization": copy.deepcopy(zero), "zero_allow_untested_optimizer": True,
            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if bf16:
@@ -125,7 +131,7 @@ def run_scenario(name, ckpt_dir):
         if bf16:
             model = model.to(torch.bfloat16)
         engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(kind, list(model.parameters())),
-                                          config=config(zero, bf16))
+                                          config=config(zero, bf16, kind))
         return engine
 
     def part(x, engine):  # this rank's rows of a whole batch, on the engine's device
@@ -146,12 +152,16 @@ def run_scenario(name, ckpt_dir):
         return history
 
     engine = build()
+    iteration = engine.lr_scheduler.last_batch_iteration
     capture(engine)
+    assert engine.lr_scheduler.last_batch_iteration == iteration, (engine.lr_scheduler.last_batch_iteration, iteration)
     assert engine.global_steps == 0 and engine.micro_steps == 0, (engine.global_steps, engine.micro_steps)
     history = train(engine, 0, STEPS)
     result = {"params": full_params(engine), "history": history, "global_steps": engine.global_steps,
               "calls_per_step": len(engine._cnl_deepspeed_tracker.calls),
               "reference_format": cnl_ds.cnl_optimizer(engine).reference_format}
+    if name == "zero2":
+        result["refusals"] = refusals(engine, part, mastered)
     if ckpt_dir is not None:
         # checkpoint-resume: 2 steps, save, a fresh engine loads it and takes the 2 others
         path = os.path.join(ckpt_dir, name)
@@ -165,6 +175,36 @@ def run_scenario(name, ckpt_dir):
         second = train(engine, STEPS // 2, STEPS)
         result["resumed"] = {"params": full_params(engine), "history": first + second}
     return result
+
+
+def refusals(engine, part, mastered):
+    """A reference with inf elements is refused on every rank, the previous one kept, the engine's counters
+    untouched; a capture in the middle of an accumulation window is refused before anything runs."""
+    from cnl_ext.integrations import deepspeed as cnl_ds
+
+    opt = cnl_ds.cnl_optimizer(engine)
+    before = {p: t.clone() for p, t in opt._references.items()}
+    steps, lr = (engine.global_steps, engine.micro_steps), engine.get_lr()
+    out = {}
+    try:
+        with cnl_ds.capture_reference(engine) as ref:
+            loss = loss_fn(engine, part(mastered[0], engine))
+            ref.backward(loss * (float("inf") if torch.distributed.get_rank() == 1 else 1.0))
+        out["inf"] = "not refused"
+    except FloatingPointError:
+        out["inf"] = "refused"
+    out["kept"] = opt._references.keys() == before.keys() and all(torch.equal(opt._references[p], t)
+                                                                   for p, t in before.items())
+    out["counters"] = (engine.global_steps, engine.micro_steps) == steps and engine.get_lr() == lr
+    engine.backward(loss_fn(engine, part(mastered[0], engine)))  # one micro-batch of GAS pending
+    engine.step()
+    try:
+        with cnl_ds.capture_reference(engine) as ref:
+            pass
+        out["window"] = "not refused"
+    except RuntimeError as error:
+        out["window"] = "refused" if "accumulation window" in str(error) else str(error)
+    return out
 
 
 def main(out_path, ckpt_dir, names):

@@ -100,6 +100,12 @@ def test_deepspeed_cnl_steps_equal_the_single_process_run(cpu_results, single_pr
         assert result["calls_per_step"] > 1
 
 
+def test_deepspeed_capture_refuses_a_non_finite_reference_and_a_pending_window(cpu_results):
+    """inf on one rank only: every rank refuses and keeps its previous reference; the engine's step
+    counters and learning rate are as before; a capture with training gradients pending is refused."""
+    assert _result(cpu_results, "zero2")["refusals"] == dict(inf="refused", kept=True, counters=True, window="refused")
+
+
 @pytest.mark.parametrize("name", CPU_SCENARIOS)
 def test_deepspeed_checkpoint_resume_equals_the_uninterrupted_run(cpu_results, name):
     result = _result(cpu_results, name)
@@ -107,3 +113,40 @@ def test_deepspeed_checkpoint_resume_equals_the_uninterrupted_run(cpu_results, n
     for p, q in zip(resumed["params"], result["params"]):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert resumed["history"] == result["history"]
+
+
+def _ds_config(path, zero):
+    """A Hugging Face DeepSpeed config ("auto" values filled by the Trainer), as docs/integrations.md shows."""
+    import json
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": zero,
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _shares(output):
+    line = next(line for line in output.splitlines() if line.startswith("collaborative share"))
+    return [float(x) for x in line.split(":")[1].split(",")]
+
+
+def test_cnl_trainer_under_deepspeed_zero3_offload(tmp_path):
+    """examples/hf_trainer.py --deepspeed on 2 ranks: CNLTrainer with Hugging Face's DeepSpeed integration
+    (ZeRO-3, a sub-group size that splits the tiny Llama, the optimizer offloaded), the reference
+    captured through the engine, the collaborative share summed over the ranks and logged."""
+    _deepspeed()
+    pytest.importorskip("transformers")
+    config = _ds_config(tmp_path / "ds.json", {"stage": 3, "sub_group_size": 20000,
+                                                "stage3_param_persistence_threshold": 0,
+                                                "offload_optimizer": {"device": "cpu"}})
+    env = dict(DS_ACCELERATOR="cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "examples" / "hf_trainer.py"), "--epochs", "2", "--deepspeed", str(config)]
+    result = subprocess.run(command, env=dict(os.environ, **env, PYTHONPATH=os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])), cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=TORCHRUN_TIMEOUT_S)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command[2:])} exited with {result.returncode}:\n{result.stderr[-4000:]}")
+    shares = _shares(result.stdout)
+    assert len(shares) == 4 and all(0 < s < 1 for s in shares)
