@@ -210,7 +210,10 @@ def refusals(engine, part, mastered):
 def main(out_path, ckpt_dir, names):
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    # the GPU variants: DS_ACCELERATOR=cuda, NCCL (one rank per GPU)
+    deepspeed.init_distributed(dist_backend=os.environ.get("CNL_TEST_DIST_BACKEND", "gloo"))
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     rank = torch.distributed.get_rank()
     results = {}
     for name in names:
