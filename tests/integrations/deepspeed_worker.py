@@ -103,7 +103,7 @@ def config(zero, bf16, kind):
                                                         "warmup_num_steps": 1}},
            "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
            "zero_optimization": copy.deepcopy(zero), "zero_allow_untested_optimizer": True,
-           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "gradient_clipping": 0.0, "wall_clock_breakdown": False}
     if bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg

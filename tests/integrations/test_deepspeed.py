@@ -180,3 +180,73 @@ def test_deepspeed_on_cuda_equals_the_single_process_run(gpu_results, single_pro
     _check(result, single_process_results[kind], bf16, gpu=True)
     for p, q in zip(result["resumed"]["params"], result["params"]):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- inject --deepspeed
+
+def test_inject_deepspeed_equals_the_run_without_it(tmp_path):
+    """``torchrun -m cnl_ext inject --deepspeed`` (ZeRO-2, the optimizer offloaded, 2 ranks, every rank every
+    question) writes the numbers of the same command without DeepSpeed: losses, Learned, Forgot, shares."""
+    _deepspeed()
+    pytest.importorskip("transformers")
+    import csv
+    import json
+
+    from cnl_ext.cli import main
+    from cnl_ext.experiments import make_demo_questions, write_jsonl
+
+    from ..experiments.test_experiments import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_model(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "questions.jsonl", make_demo_questions(20, seed=5))
+    fast = ["--eval-batch-size", "8", "--threads", "1"]
+    assert main(["infer-and-split", "--data", tmp_path / "questions.jsonl", "--model", tmp_path / "model",
+                 "--out", tmp_path / "split", *fast]) == 0
+    args = ["inject", "--mastered", tmp_path / "split" / "mastered.jsonl", "--injection",
+            tmp_path / "split" / "injection.jsonl", "--model", tmp_path / "model", "--optimizers", "adamw", "sgd",
+            "--methods", "ft", "cnl", "--epochs", "2", "--lr", "adamw=1e-3", "sgd=0.05", *fast, "--backend", "torch"]
+    assert main([*args, "--no-checkpoints", "--out", tmp_path / "plain"]) == 0
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cnl_ext",
+               *map(str, args), "--deepspeed", str(config), "--out", str(tmp_path / "ds")]
+    result = subprocess.run(command, env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])), cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=TORCHRUN_TIMEOUT_S)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command[2:])} exited with {result.returncode}:\n{result.stderr[-4000:]}")
+
+    def rows(folder):
+        with open(folder / "summary.csv") as f:
+            return [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(f)]
+
+    expected, got = rows(tmp_path / "plain"), rows(tmp_path / "ds")
+    assert len(got) == len(expected) == 4 * 3
+    for row, want in zip(got, expected):
+        for key in want:
+            if key in ("train_loss", "collaborative_share") and want[key]:
+                assert float(row[key]) == pytest.approx(float(want[key]), rel=1e-4), (key, row, want)
+            else:
+                assert row[key] == want[key], (key, row, want)
+    assert all(row["collaborative_share"] for row in got if row["method"] == "cnl" and row["epoch"] != "0")
+
+
+def test_inject_deepspeed_config_checks(tmp_path):
+    """What inject fills into a DeepSpeed config, and what it refuses before any run."""
+    import json
+
+    from cnl_ext.experiments.deepspeed_runs import load_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}))
+    config = load_config(path, batch_size=3)
+    assert config["train_micro_batch_size_per_gpu"] == 3 and config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 0.0 and config["zero_allow_untested_optimizer"] is True
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    for bad, message in (({"zero_optimization": {"stage": 3}}, "stages 1 and 2"), ({}, "stages 1 and 2"),
+                         ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' section")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            load_config(path, batch_size=1)
