@@ -25,6 +25,9 @@ are cleared by DeepSpeed itself. Nothing is stored unless every rank's reference
 Checkpoints: ``capture_reference`` sets the optimizer's ``save_reference``, so ``engine.save_checkpoint``
 keeps each rank's reference partition with its optimizer states and ``engine.load_checkpoint`` restores
 it (rigid ZeRO checkpoints, DeepSpeed's default; the same world size and ZeRO configuration).
+
+Supported: ZeRO 1-3 (fp32 or bf16, with or without offload) and stage 0 in fp32; refused: bf16/fp16
+without ZeRO (DeepSpeed's BF16/FP16 optimizers). Needs DeepSpeed 0.19.4+ (tested: 0.19.8).
 """
 from __future__ import annotations
 
@@ -232,6 +235,12 @@ def capture_reference(engine):
     inf/NaN elements on any rank, the previous reference is kept (the gradients are cleared anyway).
     """
     optimizer = attach(engine)
+    wrapper = type(engine.optimizer).__name__
+    if wrapper in ("BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer"):
+        # these accumulate their fp32 gradients in each backward, before the step's all-reduce: a
+        # reference captured with unmanaged accumulation would be this rank's own, not the reduced one
+        raise RuntimeError(f"capture_reference(engine) does not support DeepSpeed's {wrapper} (bf16/fp16 without "
+                           "ZeRO); use ZeRO stage 1-3 (\"zero_optimization\": {\"stage\": 1}) or fp32 with stage 0")
     if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
         raise RuntimeError(f"capture_reference(engine) in the middle of a gradient-accumulation window (micro step "
                            f"{engine.micro_steps}, {engine.gradient_accumulation_steps()} per optimizer step): the "

@@ -196,6 +196,17 @@ def refusals(engine, part, mastered):
     out["kept"] = opt._references.keys() == before.keys() and all(torch.equal(opt._references[p], t)
                                                                    for p, t in before.items())
     out["counters"] = (engine.global_steps, engine.micro_steps) == steps and engine.get_lr() == lr
+    import deepspeed
+
+    model = make_model().to(torch.bfloat16)  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer, refused
+    bf16_engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer("adamw", list(model.parameters())),
+                                           config=config(dict(stage=0), True, "adamw"))
+    try:
+        with cnl_ds.capture_reference(bf16_engine):
+            pass
+        out["bf16_stage0"] = "not refused"
+    except RuntimeError as error:
+        out["bf16_stage0"] = "refused" if "(bf16/fp16 without ZeRO)" in str(error) else str(error)
     engine.backward(loss_fn(engine, part(mastered[0], engine)))  # one micro-batch of GAS pending
     engine.step()
     try:
