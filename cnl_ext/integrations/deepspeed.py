@@ -234,6 +234,11 @@ def capture_reference(engine):
     optimizer steps (no training gradients pending). If the block raises or the reference has
     inf/NaN elements on any rank, the previous reference is kept (the gradients are cleared anyway).
     """
+    if not hasattr(engine._config, "managed_gradient_accumulation"):
+        import deepspeed
+
+        raise RuntimeError(f"capture_reference(engine) needs DeepSpeed 0.19.4 or later (its unmanaged gradient "
+                           f"accumulation); this is {deepspeed.__version__}")
     optimizer = attach(engine)
     wrapper = type(engine.optimizer).__name__
     if wrapper in ("BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer"):
