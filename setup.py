@@ -231,8 +231,11 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "experiments": ["transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft", "tqdm"],
+        # DeepSpeed: cnl_ext.integrations.deepspeed needs its unmanaged gradient accumulation (0.19.4+); 0.19.8 is
+        # the release tested (tests/integrations/test_deepspeed.py)
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "test": ["triton>=3.0", "transformers>=4.46", "datasets", "accelerate", "gguf", "matplotlib", "peft",
-                 "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "expecttest"],
+                 "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "expecttest", "deepspeed>=0.19.8,<0.20"],
     },
     entry_points={"console_scripts": ["cnl-ext=cnl_ext.cli:main"]},
     ext_modules=ext_modules,

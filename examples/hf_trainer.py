@@ -4,6 +4,8 @@
     python examples/hf_trainer.py --model PATH_OR_HUB_ID # a real model (and --gguf-file NAME for GGUF)
     torchrun --nproc_per_node 2 examples/hf_trainer.py   # DDP (gloo on CPU)
     accelerate launch --multi_gpu --num_processes 2 examples/hf_trainer.py  # the same through accelerate
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --deepspeed ds_config.json  # DeepSpeed (docs/integrations.md;
+                                                         # on CPU: DS_ACCELERATOR=cpu)
 
 The "mastered" set is what the model should not forget, the "injection" set what it learns. Here
 both are toy data: short token sequences (random for the tiny model, a few sentences for a real
@@ -76,6 +78,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--reference-every", default="epoch", help="'epoch' or a number of optimizer steps")
     parser.add_argument("--bf16", action="store_true", help="mixed precision (autocast to bfloat16)")
+    parser.add_argument("--deepspeed", metavar="CONFIG", help="a DeepSpeed config (JSON file) without an optimizer section")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
 
@@ -87,7 +90,8 @@ def main():
             output_dir=args.output_dir or scratch, num_train_epochs=args.epochs, learning_rate=args.lr,
             per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
             weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=1, logging_steps=2, save_strategy="no",
-            report_to="none", bf16=args.bf16, use_cpu=not torch.cuda.is_available(), seed=0)
+            report_to="none", bf16=args.bf16, use_cpu=not torch.cuda.is_available() and not args.deepspeed,
+            deepspeed=args.deepspeed, seed=0)
         trainer = CNLTrainer(model=model, args=training_args, train_dataset=injection, mastered_dataset=mastered,
                              reference_every=reference_every)
         before = (mean_loss(model, mastered), mean_loss(model, injection))

@@ -11,6 +11,7 @@
 #   3. carry .carry/common                      bash scripts/gpu_session.sh paper-taught  (issue 5)
 #   4. carry .carry/common                      bash scripts/gpu_session.sh paper-rest    (issue 5)
 #   5. carry .carry/common                      bash scripts/gpu_session.sh continual     (issue 15)
+#   6. carry .carry/common                      bash scripts/gpu_session.sh deepspeed     (issue 23)
 # Sizes (estimates, not measurements): the paper phases follow docs/results.md section 1 with
 # PAPER_LIMIT=400 questions and PAPER_EPOCHS=10; lower them if call 3 runs long. CALL_LIMIT (540 s)
 # stops the phases' commands early so that the logs and partial results still come back.
@@ -144,7 +145,14 @@ phase_continual() {  # issue 15: the continual protocol at paper scale (three ta
     --orders arc,csqa,mmlu mmlu,csqa,arc --out "$1/continual"
 }
 
-(($# > 0)) || { sed -n '2,16p' "$0"; exit 2; }
+phase_deepspeed() {  # issue 23: a CNL optimizer as DeepSpeed's client optimizer on CUDA (NCCL; ZeRO 1-3, the
+  # optimizer offloaded from CUDA, bf16), the gloo CPU scenarios and CNLTrainer under DeepSpeed; a few minutes
+  "$PY" -m pip install --quiet --no-index --find-links .carry/common/deepspeed "deepspeed>=0.19.8,<0.20" \
+    || echo "deepspeed did not install from .carry/common/deepspeed (scripts/stage_device_carry.sh)"
+  run "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$1/junit.xml" tests/integrations/test_deepspeed.py
+}
+
+(($# > 0)) || { sed -n '2,17p' "$0"; exit 2; }
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase" >&2; exit 2; }
 done

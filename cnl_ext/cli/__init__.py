@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from ..experiments.data import DataError
 from ..experiments.outputs import UsageError
@@ -37,6 +38,26 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _deepspeed_ranks(args) -> None:
+    """``--deepspeed`` (inject): no checkpoints; ranks other than 0 write their copy of the outputs into a
+    temporary folder instead of --out (rank 0 writes --out)."""
+    if getattr(args, "deepspeed", None) is None:
+        return
+    if getattr(args, "resume", False):
+        raise UsageError("--deepspeed runs keep no checkpoints: --resume is not supported with it")
+    args.checkpoints = False
+    from ..experiments.deepspeed_runs import is_secondary_rank
+
+    if is_secondary_rank():
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="cnl_ext_rank_")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        args.out, args.overwrite = Path(scratch) / "out", False
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # paths welcome
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -48,6 +69,7 @@ def main(argv=None) -> int:
         command = args._subcommand
         if extra:
             args._parser.error(f"{command.name} does not take {' '.join(extra)}")
+        _deepspeed_ranks(args)
         ctx = Context(command, args._parser, args, argv)
         ctx.check()
         command.run(ctx)

@@ -18,7 +18,7 @@ from ..experiments.protocol import InjectConfig, TeachSettings, compare, infer_a
     teach_summary
 from ..experiments.report import count_percent, markdown_table
 from .context import Context, jsonable_config
-from .settings import FileOutput, FolderOutput, MmacSource, OutOfSetSide, RunPlan, SplitFiles, TeachOutput
+from .settings import DeepSpeedOption, FileOutput, FolderOutput, MmacSource, OutOfSetSide, RunPlan, SplitFiles, TeachOutput
 
 DEFAULT_DEMO_OUT = Path("runs/demo")
 DEFAULT_CONTINUAL_OUT = Path("continual-results")
@@ -111,8 +111,15 @@ def _training(ctx: Context):
 def cmd_inject(ctx: Context) -> None:
     config, mastered, injection, model, encoder = _training(ctx)
     plan = ctx[RunPlan]
+    wrap_training, checkpoints = None, ctx.checkpoints
+    deepspeed = ctx.get(DeepSpeedOption, DeepSpeedOption()).deepspeed
+    if deepspeed is not None:  # DeepSpeed steps the runs (cnl_ext/experiments/deepspeed_runs.py); no checkpoints
+        from ..experiments.deepspeed_runs import DeepSpeedTraining
+
+        wrap_training = DeepSpeedTraining(deepspeed, batch_size=config.batch_size)
+        checkpoints = None
     runs = compare(model, encoder, methods=plan.methods, optimizers=plan.optimizers, config=config, train=injection,
-                   reference=mastered, lrs=plan.lrs, checkpoints=ctx.checkpoints)
+                   reference=mastered, lrs=plan.lrs, checkpoints=checkpoints, wrap_training=wrap_training)
     ctx.run_outputs(runs, f"In-set injection ({Path(ctx[SplitFiles].mastered).parent.name or 'split'})",
                     dict(step="inject", config=jsonable_config(config)))
 

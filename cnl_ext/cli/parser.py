@@ -16,7 +16,7 @@ from .commands import (DEFAULT_CONTINUAL_OUT, DEFAULT_DEMO_OUT, cmd_ckl, cmd_con
                        cmd_out_of_set, cmd_prepare_data, cmd_table1, cmd_table2, cmd_teach, demo_folder_is_replaceable)
 from .context import Subcommand
 from .info import cmd_info
-from .settings import FileOutput, FolderOutput, MmacSource, OutOfSetSide, ResumeOptions, RunPlan, SplitFiles, \
+from .settings import DeepSpeedOption, FileOutput, FolderOutput, MmacSource, OutOfSetSide, ResumeOptions, RunPlan, SplitFiles, \
     TeachOutput
 
 __all__ = ["SUBCOMMANDS", "build_parser", "DEBUG_ENV"]
@@ -61,7 +61,8 @@ def _subcommands() -> list:
                    "python -m cnl_ext inject --model runs/taught/model --mastered runs/taught/mastered.jsonl "
                    "--injection runs/taught/injection.jsonl --optimizers sgd adamw --lr sgd=1e-3 adamw=1e-4 "
                    "--out runs/in_set",
-                   (*split_and_model, RunPlan, (InjectConfig, dict(skip=("optimizer", "lr"))), ), checkpoints=True),
+                   (*split_and_model, RunPlan, (InjectConfig, dict(skip=("optimizer", "lr"))), DeepSpeedOption),
+                   checkpoints=True),
         Subcommand("out-of-set", cmd_out_of_set, "out-of-set runs: one side of the split cut 1:1, one half "
                    "trained or referenced, the other counted" + CHECKPOINTS_COST,
                    "python -m cnl_ext out-of-set --mastered runs/split/mastered.jsonl --injection "

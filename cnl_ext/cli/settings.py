@@ -10,7 +10,7 @@ from ..experiments.options import option
 from ..experiments.protocol import METHODS, OPTIMIZERS
 
 __all__ = ["SplitFiles", "RunPlan", "OutOfSetSide", "FolderOutput", "FileOutput", "ResumeOptions", "MmacSource",
-           "TeachOutput"]
+           "TeachOutput", "DeepSpeedOption"]
 
 @dataclass
 class SplitFiles:
@@ -141,3 +141,13 @@ class TeachOutput:
     """Taught model."""
 
     save_model: bool = option(True, "do not save the taught model to OUT/model")
+
+
+@dataclass
+class DeepSpeedOption:
+    """inject under DeepSpeed (cnl_ext/experiments/deepspeed_runs.py)."""
+
+    deepspeed: Path | None = option(None, "a DeepSpeed config (JSON, ZeRO 1 or 2, no optimizer section): the CNL "
+                                          "optimizer as DeepSpeed's client optimizer, its states partitioned over "
+                                          "the ranks (launch with torchrun or deepspeed; rank 0 writes --out; no "
+                                          "checkpoints)", metavar="CONFIG")

@@ -220,7 +220,7 @@ def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed
 
 
 def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConfig, train, reference,
-                  eval_injection, eval_mastered, checkpoints=None) -> RunResult:
+                  eval_injection, eval_mastered, checkpoints=None, wrap_training=None) -> RunResult:
     """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
 
     ``method``: ``ft`` (plain), ``cnl`` (masked against the mean gradient over ``reference``),
@@ -231,6 +231,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     The model's weights change; :func:`compare` restores them between runs.
     ``checkpoints``: a :class:`~.checkpoints.RunCheckpoints`; the run is saved there at the end of
     every epoch and continues from its latest save (same numbers as without the interruption).
+    ``wrap_training``: ``(model, optimizer) -> (model, optimizer API, close)`` to train through, e.g.
+    a DeepSpeed engine (:class:`~.deepspeed_runs.DeepSpeedTraining`; no checkpoints then).
     """
 
     if method not in METHODS:
@@ -249,6 +251,11 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
         optimizer = make_optimizer(config, list(named.values()), track_stats=method == "cnl",
                                    **optimizer_options(method, ewc_lambda=config.ewc_lambda))
+        stepped_model, close = trained_model, None
+        if wrap_training is not None:
+            if checkpoints is not None:
+                raise ValueError("checkpoints are not supported with wrap_training (DeepSpeed)")
+            stepped_model, optimizer, close = wrap_training(trained_model, optimizer)
         steps_done = 0
         saved = checkpoints.latest(key) if checkpoints is not None else None
         if saved is not None:  # continue after the saved epoch
@@ -274,12 +281,12 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         def refresh_reference():
             nonlocal steps_done
             if method in REFERENCE_METHODS and (steps_done % (config.reference_every or steps_per_epoch) == 0):
-                compute_reference(optimizer, trained_model, encoder, reference, batch_size=config.reference_batch_size)
+                compute_reference(optimizer, stepped_model, encoder, reference, batch_size=config.reference_batch_size)
             steps_done += 1
 
         steps_per_epoch = -(-len(train) // config.batch_size)
         for epoch in range(records[-1].epoch + 1, config.epochs + 1):
-            loss, shares = _train_epoch(trained_model, encoder, optimizer, train, batch_size=config.batch_size,
+            loss, shares = _train_epoch(stepped_model, encoder, optimizer, train, batch_size=config.batch_size,
                                         order_seed=config.seed * 100_003 + epoch, desc=f"{name} epoch {epoch}",
                                         before_step=refresh_reference)
             learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
@@ -294,6 +301,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
                     epoch=epoch, steps_done=steps_done, records=[asdict(r) for r in records], rng=rng_states(),
                     trained={n: p.detach() for n, p in named.items()},
                     optimizer=optimizer.state_dict(include_reference=True)), label=name, epochs=config.epochs)
+        if close is not None:
+            close()
         for p in model.parameters():
             p.requires_grad_(True)
     return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records,
@@ -301,7 +310,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
 
 
 def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,
-            eval_injection=None, eval_mastered=None, lrs: dict | None = None, checkpoints=None) -> list:
+            eval_injection=None, eval_mastered=None, lrs: dict | None = None, checkpoints=None,
+            wrap_training=None) -> list:
     """Every (optimizer, method) run from the same starting weights (restored afterwards too).
 
     In-set: ``eval_injection = train`` and ``eval_mastered = reference`` (the defaults).
@@ -327,7 +337,8 @@ def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectCo
                 restore(model, start)
                 result = run_injection(model, encoder, method=method, config=run_config, train=train,
                                        reference=reference, eval_injection=eval_injection,
-                                       eval_mastered=eval_mastered, checkpoints=checkpoints)
+                                       eval_mastered=eval_mastered, checkpoints=checkpoints,
+                                       wrap_training=wrap_training)
                 if checkpoints is not None:
                     checkpoints.finish_run(key, result)
                 results.append(result)

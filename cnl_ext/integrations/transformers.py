@@ -8,8 +8,15 @@ with the Trainer's own no-decay groups for biases and norms). Everything else is
 gradient accumulation, mixed precision (autocast, GradScaler), the LR scheduler, DDP/FSDP through
 accelerate. With a PEFT model only the trainable parameters (the adapters) are optimized and
 masked. The collaborative share of the last step is logged as ``cnl_collaborative_share``.
+
+DeepSpeed (``TrainingArguments(deepspeed=CONFIG)``, a config without an ``"optimizer"`` section): the
+optimizer becomes DeepSpeed's client optimizer, the reference is captured through the engine
+(:func:`cnl_ext.integrations.deepspeed.capture_reference`: each rank keeps the part of it that its
+ZeRO partition steps) and the logged share is summed over the ranks.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -111,12 +118,24 @@ class CNLTrainer(Trainer):
                 raise
             self._capture_reference(1.0)
 
+    def _deepspeed_engine(self):
+        """The DeepSpeed engine when the Trainer runs under DeepSpeed, else None."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        return getattr(self, "deepspeed", None) or self.model_wrapped
+
     def _capture_reference(self, loss_scale: float) -> None:
         model = self.model_wrapped
         was_training = model.training
         model.eval()
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            from .deepspeed import capture_reference as capture
+            capture, loss_scale = functools.partial(capture, engine), 1.0  # the engine scales fp16 losses itself
+        else:
+            capture = self.cnl_optimizer().capture_reference
         try:
-            with self.cnl_optimizer().capture_reference() as ref:
+            with capture() as ref:
                 for batch in self.get_test_dataloader(self.mastered_dataset):
                     batch = self._prepare_inputs(batch)
                     with self.compute_loss_context_manager():
@@ -128,7 +147,13 @@ class CNLTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         # Every rank logs (cnl_stats is a collective with FSDP2); the statistics are of the last step.
         if self.optimizer is not None and "loss" in logs:
-            stats = self.cnl_optimizer().cnl_stats()
+            engine = self._deepspeed_engine()
+            if engine is not None:
+                from .deepspeed import cnl_stats  # summed over the ranks' partitions
+
+                stats = cnl_stats(engine) if hasattr(engine, "_cnl_deepspeed_tracker") else None
+            else:
+                stats = self.cnl_optimizer().cnl_stats()
             if stats is not None:
                 logs["cnl_collaborative_share"] = stats.collaborative_share
         super().log(logs, *args, **kwargs)
