@@ -86,11 +86,12 @@ def kore_init_(layer, covariance: torch.Tensor, adapter: str = "default") -> Non
     weight = base.weight.to(torch.float64)
     _, vectors = torch.linalg.eigh(covariance.to(torch.float64))  # eigenvalues ascending
     null = vectors[:, :r]  # U: the r directions the memory's inputs use least
-    projected = weight @ null @ null.T  # W_p = W U Uᵀ
-    u_s, s, v_t = torch.linalg.svd(projected, full_matrices=False)
-    root = (s[:r] / scaling).sqrt()
-    b = u_s[:, :r] * root  # m×r: trained
-    a = root[:, None] * v_t[:r]  # r×n: frozen
+    # W_p = W U Uᵀ has rank ≤ r: its SVD is (W U)'s, an m×r matrix, W U = U_s S Q ᵀ, so W_p = U_s S (U Q)ᵀ
+    # with U Q orthonormal: the same factors as the SVD of the m×n W_p, at a fraction of the cost
+    u_s, s, q_t = torch.linalg.svd(weight @ null, full_matrices=False)
+    root = (s / scaling).sqrt()
+    b = u_s * root  # m×r: trained
+    a = root[:, None] * (null @ q_t.T).T  # r×n (Vᵀ = (U Q)ᵀ): frozen
     lora_b.weight.copy_(b.to(lora_b.weight.dtype))
     lora_a.weight.copy_(a.to(lora_a.weight.dtype))
     # the base keeps exactly what the adapter (as stored) does not give back
