@@ -108,11 +108,20 @@ def _training(ctx: Context):
     return config, mastered, injection, model, encoder
 
 
+# Under ZeRO each rank steps a partition: A-GEM's dot products and EWC's Fisher capture would need the
+# engine's reduction across ranks, which only the reference capture goes through so far.
+DEEPSPEED_UNSUPPORTED_METHODS = ("ewc", "agem")
+
+
 def cmd_inject(ctx: Context) -> None:
-    config, mastered, injection, model, encoder = _training(ctx)
     plan = ctx[RunPlan]
-    wrap_training, checkpoints = None, ctx.checkpoints
     deepspeed = ctx.get(DeepSpeedOption, DeepSpeedOption()).deepspeed
+    unsupported = [m for m in plan.methods if m in DEEPSPEED_UNSUPPORTED_METHODS]
+    if deepspeed is not None and unsupported:
+        raise UsageError(f"--deepspeed does not run --methods {' '.join(unsupported)} yet (A-GEM's global dot "
+                         "product and EWC's Fisher are not reduced across ZeRO partitions); run them without it")
+    config, mastered, injection, model, encoder = _training(ctx)
+    wrap_training, checkpoints = None, ctx.checkpoints
     if deepspeed is not None:  # DeepSpeed steps the runs (cnl_ext/experiments/deepspeed_runs.py); no checkpoints
         from ..experiments.deepspeed_runs import DeepSpeedTraining
 

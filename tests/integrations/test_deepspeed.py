@@ -261,3 +261,22 @@ def test_inject_deepspeed_config_checks(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             load_config(path, batch_size=1)
+
+
+def test_inject_deepspeed_refuses_ewc_and_agem(tmp_path, capsys):
+    """A-GEM's dot products and EWC's Fisher are not reduced across ZeRO partitions: refused before the model
+    loads, with the methods named."""
+    import json
+
+    from cnl_ext.cli import main
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    for name in ("mastered.jsonl", "injection.jsonl"):
+        (tmp_path / name).write_text("")
+    code = main(["inject", "--mastered", tmp_path / "mastered.jsonl", "--injection", tmp_path / "injection.jsonl",
+                 "--methods", "ft", "ewc", "agem", "--deepspeed", config, "--out", tmp_path / "out"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "--deepspeed does not run --methods ewc agem" in err
+    assert not (tmp_path / "out").exists()
