@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 
 from .dtensor import is_dtensor, local_tensor
-from .ops.contract import ADAM_STEP, MASKED_DELTA, SGD_STEP
+from .ops.contract import ADAM_STEP, AGEM_DOT, MASKED_DELTA, SGD_STEP
 from .ops.importance import check_importance_options
 from .planning import BucketKey, buckets, execute, plan, take
 from .registry import (AUTO_ORDER, BACKEND_ALIASES, BACKEND_MODULES, BACKENDS, REQUIRE_NATIVE_ENV,
                        BackendUnavailable, Resolved, backend_status, canonical_backend, load_backend, resolve,
                        resolve_each, why_unsupported)
 
-__all__ = ["cnl_sgd", "cnl_adam", "cnl_masked_delta", "check_step", "check_gradients", "state_dtype",
+__all__ = ["cnl_sgd", "cnl_adam", "cnl_masked_delta", "agem_dots", "check_step", "check_gradients", "state_dtype",
            "SUPPORTED_PARAM_DTYPES", "resolve", "resolve_each", "Resolved", "load_backend", "backend_status",
            "canonical_backend", "why_unsupported", "BackendUnavailable", "BACKENDS", "BACKEND_MODULES",
            "BACKEND_ALIASES", "AUTO_ORDER", "REQUIRE_NATIVE_ENV", "BucketKey", "is_dtensor", "local_tensor"]
@@ -92,11 +92,43 @@ def _importance(importance, kind, betas, check: bool):
     return (*importance, kind, betas)
 
 
+def _rules(ewc, ewc_lambda, agem_coefficient):
+    """(planning's ``rules``, the Fisher list buckets split by) of issue 22's arguments; (None, None) when off."""
+    use_ewc = ewc is not None and ewc_lambda != 0
+    if not use_ewc and agem_coefficient is None:
+        return None, None
+    fishers, anchors = ewc if use_ewc else (None, None)
+    return (fishers, anchors, ewc_lambda, agem_coefficient), fishers
+
+
+def agem_dots(grads, references, *, reference_format: str = "float32", backend="auto"):
+    """A-GEM's reduction: a float64 tensor (on the device of ``grads[0]``) of ``Σ g·r`` per tensor (0
+    where a tensor has no reference), one pass of the backend's ``agem_dot_`` per bucket, or PyTorch's
+    (:func:`cnl_ext.ops.rules.agem_dot_`) where the backend has none on that device. Sharded (FSDP2)
+    tensors: this rank's shards (the caller all-reduces)."""
+    from .ops import rules as torch_rules
+
+    out = torch.zeros(len(grads), dtype=torch.float64, device=local_tensor(grads[0]).device if grads else "cpu")
+    name = backend if isinstance(backend, str) else "auto"
+    for key, idx in buckets(grads, references):
+        if not key.has_reference:
+            continue
+        try:
+            run = resolve(name, key.device, AGEM_DOT, key.dtype).agem_dot_
+        except RuntimeError:
+            run = torch_rules.agem_dot_
+        part = torch.zeros(len(idx), dtype=torch.float64, device=key.device)
+        dense = [local_tensor(grads[i]).contiguous() for i in idx]
+        run(dense, take(references, idx), part, reference_format=reference_format)
+        out.index_add_(0, torch.tensor(idx, device=out.device), part.to(out.device))
+    return out
+
+
 def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *, lr: float,
             weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
             nesterov: bool = False, maximize: bool = False, reference_format: str = "float32",
             backend="auto", check: bool = True, importance=None, importance_kind: str = "first",
-            importance_betas=(0.85, 0.85)) -> None:
+            importance_betas=(0.85, 0.85), ewc=None, ewc_lambda: float = 0.0, agem_coefficient=None) -> None:
     """Functional CNL SGD / momentum SGD (see :class:`cnl_ext.FusedCNLSGD`).
 
     ``momentum_buffer_list`` entries that are ``None`` are created here (:func:`state_dtype`), as torch's
@@ -106,7 +138,10 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
     ``check=False`` skips :func:`check_step` and the importance options' check when the caller has
     just run them. ``importance``: None, or (sensitivities, uncertainties), float32 tensors aligned
     with ``params``: KIF's EMAs, updated with ``importance_kind`` and ``importance_betas``
-    (:mod:`cnl_ext.ops.importance`).
+    (:mod:`cnl_ext.ops.importance`). Issue 22 (:mod:`cnl_ext.ops.rules`): ``ewc`` None or (fishers,
+    anchors) aligned with ``params`` (None entries: no EWC term there) with ``ewc_lambda``;
+    ``agem_coefficient`` None (the references mask: CNL) or A-GEM's ``c`` (:func:`agem_dots`; the
+    references project the gradient and mask nothing).
     """
     backends = _backends(SGD_STEP, backend, params, grads, check)
     importance = _importance(importance, importance_kind, importance_betas, check)
@@ -119,12 +154,13 @@ def cnl_sgd(params, grads, momentum_buffer_list, references=None, stats=None, *,
                                                            memory_format=torch.contiguous_format)
                 first_step.add(i)
     lists = dict(params=params, grads=grads, momentum_buffers=momentum_buffer_list if use_momentum else None)
+    rules, fishers = _rules(ewc, ewc_lambda, agem_coefficient)
     launches = [
         plan(SGD_STEP, backends.module_for(key.device, key.dtype), key, idx,
              dict(lists, references=references if key.has_reference else None), stats=stats, importance=importance,
-             reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
+             rules=rules, reference_format=reference_format, lr=lr, weight_decay=weight_decay, momentum=momentum,
              dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=key.extra)
-        for key, idx in buckets(params, references, first_step.__contains__)
+        for key, idx in buckets(params, references, first_step.__contains__, fishers)
     ]
     execute(launches, stats)
 
@@ -134,14 +170,15 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
              maximize: bool = False, capturable: bool = False, reference_format: str = "float32",
              backend="auto", check: bool = True, importance=None, importance_kind: str = "first",
-             importance_betas=(0.85, 0.85)) -> None:
+             importance_betas=(0.85, 0.85), ewc=None, ewc_lambda: float = 0.0, agem_coefficient=None) -> None:
     """Functional CNL Adam / AdamW (see :class:`cnl_ext.FusedCNLAdam`).
 
     ``state_steps`` are scalar tensors, incremented here as in torch's functional Adam. On the host
     (default), tensors whose step counts differ go to different launches (their bias corrections
     differ). With ``capturable``, the steps live on the params' device, ``lr`` may be a device
     scalar, and the bias corrections are computed on the device: no host synchronization, so the
-    step can be captured in a CUDA graph. ``backend``, ``check`` and ``importance`` as for :func:`cnl_sgd`.
+    step can be captured in a CUDA graph. ``backend``, ``check``, ``importance`` and issue 22's
+    ``ewc``, ``ewc_lambda``, ``agem_coefficient`` as for :func:`cnl_sgd`.
     """
     backends = _backends(ADAM_STEP, backend, params, grads, check, capturable)
     importance = _importance(importance, importance_kind, importance_betas, check)
@@ -150,15 +187,16 @@ def cnl_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
     bucket_key = (lambda i: None) if on_device else [float(s) + 1 for s in state_steps].__getitem__
     lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                  max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None)
+    rules, fishers = _rules(ewc, ewc_lambda, agem_coefficient)
     launches = []
-    for key, idx in buckets(params, references, bucket_key):
+    for key, idx in buckets(params, references, bucket_key, fishers):
         step = key.extra
         corrections = (dict(device_steps=take(state_steps, idx)) if on_device else
                        dict(bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step))
         launches.append(plan(
             ADAM_STEP, backends.module_for(key.device, key.dtype), key, idx,
             dict(lists, references=references if key.has_reference else None), stats=stats, importance=importance,
-            reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            rules=rules, reference_format=reference_format, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, maximize=maximize, **corrections))
     execute(launches, stats, step_counts=state_steps)

@@ -29,15 +29,18 @@ class BucketKey(NamedTuple):
     has_reference: bool
     sharded: bool  # FSDP2 DTensors: the kernels step their local shards
     extra: object  # the caller's: first momentum step, Adam step count, anchor dtype
+    ewc: bool = False  # issue 22: the tensors have EWC's Fisher estimate and anchor
 
 
-def buckets(params, references=None, extra_key=lambda i: None):
-    """``(BucketKey, indices)`` pairs grouping the tensors one launch can take together."""
+def buckets(params, references=None, extra_key=lambda i: None, fishers=None):
+    """``(BucketKey, indices)`` pairs grouping the tensors one launch can take together (``fishers``:
+    None, or EWC's Fisher estimates aligned with ``params``, None where a tensor has none)."""
     groups = defaultdict(list)
     no_reference = references is None
     for i, p in enumerate(params):
         has_reference = not no_reference and references[i] is not None
-        groups[(p.device, p.dtype, has_reference, is_dtensor(p), extra_key(i))].append(i)
+        has_fisher = fishers is not None and fishers[i] is not None
+        groups[(p.device, p.dtype, has_reference, is_dtensor(p), extra_key(i), has_fisher)].append(i)
     return [(BucketKey(*key), indices) for key, indices in groups.items()]
 
 
@@ -78,13 +81,15 @@ class Launch(NamedTuple):
 
 
 def plan(op: OpSpec, module, key: BucketKey, indices, lists: dict, *, arguments=(), stats=None, importance=None,
-         **keywords) -> Launch:
+         rules=None, **keywords) -> Launch:
     """The call of ``op`` by backend ``module`` on one bucket. ``lists``: the whole lists of ``op``'s
     ``tensor_lists`` by name (a missing or None one is passed as None); ``arguments``: its other
     positional arguments for this bucket (statistics excluded); ``stats``: the caller's statistics
     rows (or None: only ops that take ``stats`` get a bucket's rows); ``importance``: None or
     (sensitivities, uncertainties, kind, betas), whole lists: KIF's EMAs, in the step where the
-    backend fuses them, else after it."""
+    backend fuses them, else after it; ``rules``: None or (fishers, anchors, ewc_lambda, agem_coefficient),
+    whole lists: issue 22's terms (:data:`~cnl_ext.ops.contract.RULE_KEYWORDS`; EWC's lists for a
+    bucket whose key says ``ewc``)."""
     copies = []
     tensor_lists = {name: _dense(take(lists.get(name), indices), key.sharded, copies if name in op.written else None)
                     for name in op.tensor_lists}
@@ -93,6 +98,12 @@ def plan(op: OpSpec, module, key: BucketKey, indices, lists: dict, *, arguments=
         bucket_stats = torch.zeros(len(indices), 3, dtype=torch.float64, device=key.device)
     if "stats" in op.arguments:
         arguments = (*arguments, bucket_stats)
+    if rules is not None:
+        fishers, anchors, ewc_lambda, agem_coefficient = rules
+        ewc = None
+        if key.ewc and ewc_lambda != 0:
+            ewc = tuple(_dense(take(lst, indices), key.sharded, None) for lst in (fishers, anchors))
+        keywords.update(ewc=ewc, ewc_lambda=ewc_lambda, agem_coefficient=agem_coefficient)
     importance_after = None
     if importance is not None:
         sensitivities, uncertainties = (_dense(take(ema, indices), key.sharded, copies) for ema in importance[:2])

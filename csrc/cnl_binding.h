@@ -31,13 +31,16 @@ using at::TensorList;
 // capturable step passes its learning rate as a 0-d float32 tensor on the params' device there (the
 // Python wrapper moves a tensor `lr` to it; `lr` is then ignored), and KIF's importance EMAs
 // (cnl_ext/ops/importance.py) as optional lists: float32, shaped like the params, updated in the same
-// pass where given. tests/ops/test_cuda_backend.py parses these strings.
+// pass where given, then issue 22's terms (EWC's F and anchor lists with lambda, A-GEM's coefficient:
+// cnl_ext/ops/rules.py; TensorLists says how the kernels apply them). tests/ops/test_cuda_backend.py
+// parses these strings.
 constexpr const char* kSgdSchema =
     "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? momentum_buffers, Tensor[]? references, "
     "Tensor(c!)? stats, *, str reference_format, float lr, float weight_decay, float momentum, "
     "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? lr_tensor=None, "
     "Tensor(s!)[]? sensitivities=None, Tensor(u!)[]? uncertainties=None, str importance_kind='first', "
-    "float importance_beta1=0.85, float importance_beta2=0.85) -> ()";
+    "float importance_beta1=0.85, float importance_beta2=0.85, Tensor[]? ewc_fishers=None, "
+    "Tensor[]? ewc_anchors=None, float ewc_lambda=0.0, float? agem_coefficient=None) -> ()";
 constexpr const char* kAdamSchema =
     "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[]? max_exp_avg_sqs, Tensor[]? references, Tensor(e!)? stats, *, str reference_format, "
@@ -45,7 +48,12 @@ constexpr const char* kAdamSchema =
     "bool amsgrad, bool maximize, float? bias_correction1=None, float? bias_correction2=None, "
     "Tensor[]? device_steps=None, Tensor? lr_tensor=None, Tensor(s!)[]? sensitivities=None, "
     "Tensor(u!)[]? uncertainties=None, str importance_kind='first', float importance_beta1=0.85, "
-    "float importance_beta2=0.85) -> ()";
+    "float importance_beta2=0.85, Tensor[]? ewc_fishers=None, Tensor[]? ewc_anchors=None, float ewc_lambda=0.0, "
+    "float? agem_coefficient=None) -> ()";
+// A-GEM's reduction (cnl_ext/ops/rules.py): out[i] += sum of grads[i] * references[i] (products in the
+// compute type, sums in double in a fixed order). CPU only.
+constexpr const char* kAgemDotSchema =
+    "agem_dot_(Tensor[] grads, Tensor[] references, Tensor(a!) out, *, str reference_format) -> ()";
 constexpr const char* kMaskedDeltaSchema =
     "masked_delta_(Tensor(a!)[] params, Tensor[] befores, Tensor[] references, Tensor(b!)? stats, *, "
     "str reference_format, float inv_lr) -> ()";
@@ -95,7 +103,7 @@ inline at::ScalarType state_dtype(ParamType param) {
 // the duration of the op call only.
 struct Collected {
   std::vector<int64_t> numels;
-  std::vector<void*> params, grads, states[3], references, steps;
+  std::vector<void*> params, grads, states[3], references, steps, fishers, anchors;
   TensorLists lists;
   Tensor partials;  // CUDA: keeps the statistics workspace alive until the kernels are enqueued
 };
@@ -326,6 +334,33 @@ inline void collect_importance(CollectedImportance& c, const char* op, TensorLis
   s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
 }
 
+// Issue 22's arguments of the step ops, after collect(): EWC's lists (F float32 and the anchors in the
+// params' dtype, both shaped like the params; used only with ewc_lambda != 0) and A-GEM's coefficient
+// (given: the references, float32 or bfloat16, project the gradient and mask nothing; no statistics).
+inline void collect_rules(Collected& c, const char* op, TensorList params, const std::optional<TensorList>& fishers,
+                          const std::optional<TensorList>& anchors, double ewc_lambda,
+                          std::optional<double> agem_coefficient) {
+  TORCH_CHECK(fishers.has_value() == anchors.has_value(), op, ": give both ewc_fishers and ewc_anchors, or neither");
+  TORCH_CHECK(std::isfinite(ewc_lambda) && ewc_lambda >= 0.0, op, ": ewc_lambda must be finite and >= 0, got ",
+              ewc_lambda);
+  if (fishers.has_value() && ewc_lambda != 0.0) {
+    c.fishers = importance_pointers(*fishers, op, "ewc_fishers", params);
+    c.anchors = pointers_of(*anchors, op, "ewc_anchors", params, params[0].scalar_type());
+    c.lists.fishers = c.fishers.data();
+    c.lists.anchors = c.anchors.data();
+    c.lists.ewc_two_lambda = 2.0 * ewc_lambda;
+  }
+  if (agem_coefficient.has_value()) {
+    TORCH_CHECK(std::isfinite(*agem_coefficient), op, ": agem_coefficient must be finite, got ", *agem_coefficient);
+    const RefFormat format = c.lists.ref_format;
+    TORCH_CHECK(format == RefFormat::kNone || format == RefFormat::kFloat32 || format == RefFormat::kBFloat16, op,
+                ": A-GEM (agem_coefficient) needs float32 or bfloat16 references (the sign formats have no magnitudes)");
+    c.lists.project = format != RefFormat::kNone;
+    c.lists.agem_coefficient = *agem_coefficient;
+    c.lists.stats = nullptr;  // nothing is masked: no statistics
+  }
+}
+
 // ---------------------------------------------------------------------------- KIF's fusion ops
 
 // The schemas of KIF's fusion passes (cnl_ext/ops/kif_fusion_torch.py defines them). Unit maps: element
@@ -415,7 +450,9 @@ struct StepOps {
                        double dampening, bool nesterov, bool maximize, bool first_step,
                        const std::optional<Tensor>& lr_tensor, const std::optional<TensorList>& sensitivities,
                        const std::optional<TensorList>& uncertainties, c10::string_view importance_kind,
-                       double importance_beta1, double importance_beta2) {
+                       double importance_beta1, double importance_beta2, const std::optional<TensorList>& ewc_fishers,
+                       const std::optional<TensorList>& ewc_anchors, double ewc_lambda,
+                       std::optional<double> agem_coefficient) {
     constexpr const char* op = "cnl_ext.sgd_step_";
     Collected c;
     collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
@@ -425,6 +462,7 @@ struct StepOps {
     CollectedImportance imp;
     collect_importance(imp, op, params,
                        {sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2});
+    collect_rules(c, op, params, ewc_fishers, ewc_anchors, ewc_lambda, agem_coefficient);
     if (c.lists.param_type == ParamType::kFloat64) {
       Kernels::sgd(c, sgd_scalars<double>(momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
                                           maximize, first_step, lr_ptr), imp.get(), op, params[0]);
@@ -441,7 +479,9 @@ struct StepOps {
                         bool maximize, std::optional<double> bias_correction1, std::optional<double> bias_correction2,
                         const std::optional<TensorList>& device_steps, const std::optional<Tensor>& lr_tensor,
                         const std::optional<TensorList>& sensitivities, const std::optional<TensorList>& uncertainties,
-                        c10::string_view importance_kind, double importance_beta1, double importance_beta2) {
+                        c10::string_view importance_kind, double importance_beta1, double importance_beta2,
+                        const std::optional<TensorList>& ewc_fishers, const std::optional<TensorList>& ewc_anchors,
+                        double ewc_lambda, std::optional<double> agem_coefficient) {
     constexpr const char* op = "cnl_ext.adam_step_";
     Collected c;
     collect(c, op, Kernels::kDevice, Kernels::kOtherBackends, params, grads, "grads", references, stats,
@@ -452,6 +492,7 @@ struct StepOps {
     CollectedImportance imp;
     collect_importance(imp, op, params,
                        {sensitivities, uncertainties, importance_kind, importance_beta1, importance_beta2});
+    collect_rules(c, op, params, ewc_fishers, ewc_anchors, ewc_lambda, agem_coefficient);
     if (c.lists.param_type == ParamType::kFloat64) {
       Kernels::adam(c, adam_scalars<double>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
                                             maximize, bias_correction1, bias_correction2, lr_ptr),

@@ -39,6 +39,14 @@ void allocate_partials(Collected& c, const Tensor& param) {
   c.lists.partials = c.partials.data_ptr<double>();
 }
 
+// Issue 22's terms are not in the CUDA kernels yet: cnl_ext.ops.native_backend applies them in a
+// pre-pass over the gradients (cnl_ext/ops/rules.py) and never passes them here.
+inline void refuse_rules(const Collected& c, const char* op) {
+  TORCH_CHECK(c.lists.fishers == nullptr && !c.lists.project, op,
+              ": the CUDA kernels do not apply EWC's or A-GEM's terms (ewc_fishers, agem_coefficient); "
+              "cnl_ext.ops.native_backend applies them to the gradients first");
+}
+
 // The CUDA kernels of the step ops (cnl_binding.h's StepOps validates their inputs): enqueued on the
 // current stream of the params' device. C: the compute type (double for float64 parameters).
 struct CudaSteps {
@@ -47,6 +55,7 @@ struct CudaSteps {
   template <typename C>
   static void sgd(Collected& c, const cnl::SgdScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                   const Tensor& param) {
+    refuse_rules(c, op);
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
     check_launch(cnl::launch_sgd_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
@@ -54,6 +63,7 @@ struct CudaSteps {
   template <typename C>
   static void adam(Collected& c, const cnl::AdamScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                    const Tensor& param) {
+    refuse_rules(c, op);
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
     check_launch(cnl::launch_adam_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);

@@ -41,7 +41,16 @@ struct TensorLists {
   double* stats = nullptr;
   // CUDA only: device workspace of 3 * num_chunks(numels, count) doubles when `stats` is set: one partial
   // row per block, summed per tensor in a fixed order (deterministic, no float atomics).
-  double* partials = nullptr;
+  double* partials = nullptr;  // Issue 22's terms of a step (cnl_ext/ops/rules.py), added to the gradient after maximize's sign and
+  // before the L2 weight decay, each operation rounded on its own in the compute type:
+  //   g <- g - c*r               with `project` (A-GEM): the references project and mask nothing
+  //   g <- g + (2*lambda)*(F*(p - anchor))   with `fishers` (EWC): F float32, anchor in the param dtype
+  // (c and 2*lambda rounded once from double to the compute type). CPU kernels only so far.
+  void* const* fishers = nullptr;
+  void* const* anchors = nullptr;
+  double ewc_two_lambda = 0.0;
+  bool project = false;
+  double agem_coefficient = 0.0;
 };
 
 // Kernel scalars, in the compute type C of the step: float for float32, bfloat16 and float16

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["OpSpec", "Capabilities", "SGD_STEP", "ADAM_STEP", "MASKED_DELTA", "KIF_TASK_VECTOR_FUSE",
-           "KIF_RECURRENT_FUSE", "STEP_OPS", "FUSION_OPS", "OPS", "IMPORTANCE_KEYWORDS", "NOTHING"]
+__all__ = ["OpSpec", "Capabilities", "SGD_STEP", "ADAM_STEP", "MASKED_DELTA", "AGEM_DOT", "KIF_TASK_VECTOR_FUSE",
+           "KIF_RECURRENT_FUSE", "STEP_OPS", "FUSION_OPS", "REDUCTION_OPS", "OPS", "IMPORTANCE_KEYWORDS",
+           "RULE_KEYWORDS", "NOTHING"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class OpSpec:
     ``tensor_lists``: the lists of one tensor per parameter, in argument order (``params`` first);
     ``written``: those the op writes (the others it only reads); ``arguments``: the positional
     arguments after the lists; ``keywords``: the keyword-only options. A step op (``step``) also
-    takes :data:`IMPORTANCE_KEYWORDS` where the backend's :class:`Capabilities` say ``importance``.
+    takes :data:`IMPORTANCE_KEYWORDS` where the backend's :class:`Capabilities` say ``importance``, and
+    :data:`RULE_KEYWORDS` (every backend). A ``reduction`` writes none of its lists, only its ``out``.
     """
 
     name: str
@@ -30,6 +32,7 @@ class OpSpec:
     arguments: tuple = ()
     keywords: tuple = ()
     step: bool = False
+    reduction: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -37,6 +40,11 @@ class OpSpec:
 
 # KIF's EMAs updated in a step's pass (cnl_ext.ops.importance defines them).
 IMPORTANCE_KEYWORDS = ("importance", "importance_kind", "importance_betas")
+# Issue 22 (cnl_ext.ops.rules defines them): ``ewc`` None or (fishers, anchors) with ``ewc_lambda``: the
+# gradient gets EWC's penalty 2λ·F·(θ−θ*); ``agem_coefficient`` None (the references mask the update,
+# CNL) or c (a number or 0-d tensor: the references project the gradient, g − c·r, and mask nothing).
+# Every backend's step ops take them; Capabilities.rules says whether in the step's own pass.
+RULE_KEYWORDS = ("ewc", "ewc_lambda", "agem_coefficient")
 
 SGD_STEP = OpSpec(
     "sgd_step_", ("params", "grads", "momentum_buffers", "references"), frozenset({"params", "momentum_buffers"}),
@@ -54,6 +62,9 @@ ADAM_STEP = OpSpec(
 MASKED_DELTA = OpSpec(
     "masked_delta_", ("params", "befores", "references"), frozenset({"params"}), arguments=("stats",),
     keywords=("reference_format", "inv_lr"))
+# A-GEM's reduction: out[i] += Σ g_i·r_i (products in the compute dtype, sums in float64, deterministic order).
+AGEM_DOT = OpSpec("agem_dot_", ("grads", "references"), frozenset(), arguments=("out",),
+                  keywords=("reference_format",), reduction=True)
 KIF_TASK_VECTOR_FUSE = OpSpec(
     "kif_task_vector_fuse_", ("params", "anchors"), frozenset({"params"}), arguments=("coefficients", "unit_maps"))
 KIF_RECURRENT_FUSE = OpSpec(
@@ -63,7 +74,8 @@ KIF_RECURRENT_FUSE = OpSpec(
 
 STEP_OPS = (SGD_STEP, ADAM_STEP, MASKED_DELTA)
 FUSION_OPS = (KIF_TASK_VECTOR_FUSE, KIF_RECURRENT_FUSE)
-OPS = {op.name: op for op in STEP_OPS + FUSION_OPS}
+REDUCTION_OPS = (AGEM_DOT,)
+OPS = {op.name: op for op in STEP_OPS + FUSION_OPS + REDUCTION_OPS}
 
 
 @dataclass(frozen=True)
@@ -73,13 +85,16 @@ class Capabilities:
     ``ops``: the names of the ops it runs there; ``float64``: the steps take float64 parameters
     (computed in float64, with float64 states); ``capturable``: a tensor ``lr`` and ``device_steps``
     (CUDA graphs); ``importance``: the steps take :data:`IMPORTANCE_KEYWORDS` (KIF's EMAs in the same
-    pass); ``reason``: why an op is missing, for error messages (``""``: the generic one).
+    pass); ``rules``: the steps apply :data:`RULE_KEYWORDS` in their own pass (else in a pre-pass
+    over the gradients, :func:`cnl_ext.ops.rules.rule_gradients`); ``reason``: why an op is missing,
+    for error messages (``""``: the generic one).
     """
 
     ops: frozenset = frozenset()
     float64: bool = False
     capturable: bool = False
     importance: bool = False
+    rules: bool = False
     reason: str = ""
 
     def runs(self, op) -> bool:

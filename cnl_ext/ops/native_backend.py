@@ -43,6 +43,7 @@ import torch
 from . import build_lock, native_build
 from . import contract
 from .contract import Capabilities
+from .rules import prepass
 
 NAME = "native"
 OPS = tuple(contract.OPS)  # the names of the ops of torch.ops.cnl_ext
@@ -299,7 +300,7 @@ def kernel_mismatches() -> list:
     return lines
 
 
-_CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+_CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
 _CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True,
                      reason="backend 'native' runs masked_delta_ on CPU tensors only (use backend='triton' or "
                             "'torch' for CUDA tensors)")
@@ -308,7 +309,8 @@ _CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, import
 def capabilities(device) -> Capabilities:
     """Every op on CPU; all but ``masked_delta_`` on CUDA with ``cnl_ext._C``; nothing elsewhere. Both
     step float64 parameters in float64, with float64 states, take capturable arguments and update
-    KIF's importance EMAs in the step."""
+    KIF's importance EMAs in the step; the CPU kernels also apply issue 22's terms (EWC, A-GEM) in the
+    step and run A-GEM's reduction ``agem_dot_``, the CUDA ones take the terms from a pre-pass."""
     device = torch.device(device)
     if device.type == "cpu":
         return _CPU
@@ -369,22 +371,44 @@ def _importance_keywords(importance, importance_kind, importance_betas) -> dict:
                 importance_beta1=beta1, importance_beta2=beta2)
 
 
+def _rule_keywords(params, grads, references, stats, reference_format, maximize, ewc, ewc_lambda,
+                   agem_coefficient):
+    """``(grads, references, stats, keywords)``: issue 22's terms as the ops' optional arguments (CPU
+    kernels), or applied by a pre-pass over the gradients (CUDA kernels, :func:`cnl_ext.ops.rules.prepass`)."""
+    if params[0].device.type != "cpu":
+        grads, references, stats = prepass(params, grads, references, stats, reference_format=reference_format,
+                                           maximize=maximize, ewc=ewc, ewc_lambda=ewc_lambda,
+                                           agem_coefficient=agem_coefficient)
+        return grads, references, stats, {}
+    keywords = {}
+    if ewc is not None and ewc_lambda != 0:
+        keywords.update(ewc_fishers=list(ewc[0]), ewc_anchors=list(ewc[1]), ewc_lambda=float(ewc_lambda))
+    if agem_coefficient is not None:
+        keywords["agem_coefficient"] = float(agem_coefficient)  # a CPU scalar: no device sync
+        stats = None
+    return grads, references, stats, keywords
+
+
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool, importance=None, importance_kind: str = "first",
-              importance_betas=(0.85, 0.85)) -> None:
+              importance_betas=(0.85, 0.85), ewc=None, ewc_lambda=0.0, agem_coefficient=None) -> None:
     """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math; ``importance``:
-    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass."""
+    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass; ``ewc``,
+    ``ewc_lambda``, ``agem_coefficient``: issue 22's terms (:mod:`cnl_ext.ops.rules`), in the same pass
+    on the CPU."""
     _check()
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
+    grads, references, stats, rule_keywords = _rule_keywords(params, grads, references, stats, reference_format,
+                                                             maximize, ewc, ewc_lambda, agem_coefficient)
     lr, lr_tensor = _split_lr(lr)
     torch.ops.cnl_ext.sgd_step_(
         params, grads, momentum_buffers, references, stats,
         reference_format=reference_format, lr=lr, weight_decay=float(weight_decay),
         momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
         maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor,
-        **_importance_keywords(importance, importance_kind, importance_betas),
+        **_importance_keywords(importance, importance_kind, importance_betas), **rule_keywords,
     )
 
 
@@ -392,16 +416,19 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
-               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85), ewc=None,
+               ewc_lambda=0.0, agem_coefficient=None) -> None:
     """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math.
 
     Capturable: ``lr`` may be a 0-d float32 tensor on the params' device and ``device_steps`` (one
     0-d float32 tensor per param there, already incremented) replaces the bias corrections.
-    ``importance``: as for :func:`sgd_step_`.
+    ``importance`` and the rule's terms: as for :func:`sgd_step_`.
     """
     _check()
     if len(params) == 0:
         return
+    grads, references, stats, rule_keywords = _rule_keywords(params, grads, references, stats, reference_format,
+                                                             maximize, ewc, ewc_lambda, agem_coefficient)
     lr, lr_tensor = _split_lr(lr)
     on_device = device_steps is not None
     torch.ops.cnl_ext.adam_step_(
@@ -413,8 +440,17 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         bias_correction1=None if on_device else float(bias_correction1),
         bias_correction2=None if on_device else float(bias_correction2),
         device_steps=device_steps, lr_tensor=lr_tensor,
-        **_importance_keywords(importance, importance_kind, importance_betas),
+        **_importance_keywords(importance, importance_kind, importance_betas), **rule_keywords,
     )
+
+
+def agem_dot_(grads, references, out, *, reference_format: str) -> None:
+    """A-GEM's reduction (math and contract: :func:`cnl_ext.ops.rules.agem_dot_`), CPU tensors: one pass,
+    parallel over the work items of all tensors, summed in a fixed order."""
+    _check()
+    if len(grads) == 0:
+        return
+    torch.ops.cnl_ext.agem_dot_(grads, references, out, reference_format=reference_format)
 
 
 def masked_delta_(params, befores, references, stats, *, reference_format: str, inv_lr: float) -> None:

@@ -29,13 +29,14 @@ from .adam_scalars import capturable_step_scalars, correctly_rounded_sqrt, decay
 from .chunking import chunks, compute_dtype
 from .contract import OPS, Capabilities
 from .importance import importance_update_
+from .rules import agem_dot_, applies, scalar_in
 from .kif_fusion_torch import recurrent_fuse_ as kif_recurrent_fuse_
 from .kif_fusion_torch import task_vector_fuse_ as kif_task_vector_fuse_
 
 NAME = "torch"
 
 __all__ = ["NAME", "unavailable_reason", "capabilities", "conflicting", "sgd_step_", "adam_step_", "masked_delta_",
-           "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
+           "agem_dot_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
 
 def unavailable_reason() -> str:
@@ -43,7 +44,7 @@ def unavailable_reason() -> str:
     return ""
 
 
-_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
 
 
 def capabilities(device: torch.device) -> Capabilities:
@@ -70,6 +71,29 @@ def _compute_lr(lr, dtype):
     return lr.to(dtype) if isinstance(lr, torch.Tensor) else lr
 
 
+class _Rules:
+    """Issue 22's terms of one call (:mod:`.rules`), applied chunk by chunk in the definition's order."""
+
+    def __init__(self, references, ewc, ewc_lambda, agem_coefficient, dtype, device):
+        self.project, self.ewc = applies(references, ewc, ewc_lambda, agem_coefficient)
+        self.on = self.project or self.ewc
+        self.c = scalar_in(agem_coefficient, dtype, device) if self.project else None
+        self.two_lambda = scalar_in(2.0 * ewc_lambda, dtype, device) if self.ewc else None
+        self.fishers, self.anchors = ewc if self.ewc else (None, None)
+
+    def mask(self, references, stats):
+        """(references, stats) of the CNL mask: none with A-GEM (the references projected)."""
+        return (None, None) if self.project else (references, stats)
+
+    def apply_(self, chunk, g, p, references, fmt):
+        """``g`` (this chunk's gradient after maximize's sign, a copy) ← g − c·r, then + 2λ·(F·(p − θ*))."""
+        if self.project:
+            g.sub_(torch.mul(chunk.read_reference(references, fmt), self.c, out=chunk.scratch()))
+        if self.ewc:
+            d = torch.sub(p, chunk.read(self.anchors), out=chunk.scratch())
+            g.add_(d.mul_(chunk.read(self.fishers)).mul_(self.two_lambda))
+
+
 def _write_masked(chunk, params, old, new, update, references, fmt, stats):
     """Store ``new`` into this chunk of ``params`` where collaborative (everywhere without a
     reference), ``old`` where conflicting (without a reference, ``new`` may be ``old`` updated in
@@ -91,19 +115,25 @@ def _write_masked(chunk, params, old, new, update, references, fmt, stats):
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
               weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
               first_step: bool, importance=None, importance_kind: str = "first",
-              importance_betas=(0.85, 0.85)) -> None:
+              importance_betas=(0.85, 0.85), ewc=None, ewc_lambda=0.0, agem_coefficient=None) -> None:
     """SGD (``momentum_buffers is None``) or momentum SGD, as torch.optim.SGD, with the CNL mask.
 
     ``importance``: ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated after the step
-    from the new parameters and ``grads`` (:func:`cnl_ext.ops.importance.importance_update_`)."""
+    from the new parameters and ``grads`` (:func:`cnl_ext.ops.importance.importance_update_`).
+    ``ewc``, ``ewc_lambda``, ``agem_coefficient``: the rule's terms (:mod:`cnl_ext.ops.rules`), in the
+    same chunk loop."""
     dtype = compute_dtype(params[0].dtype)
     lr = _compute_lr(lr, dtype)
+    rules = _Rules(references, ewc, ewc_lambda, agem_coefficient, dtype, params[0].device)
+    projected, (references, stats) = references, rules.mask(references, stats)
     for chunk in chunks(params, dtype=dtype):
         p = chunk.read(params)
-        g = chunk.read(grads, copy=maximize or weight_decay != 0)  # a copy where it is changed
+        g = chunk.read(grads, copy=maximize or weight_decay != 0 or rules.on)  # a copy where it is changed
         t = chunk.scratch()
         if maximize:
             g.neg_()
+        if rules.on:
+            rules.apply_(chunk, g, p, projected, reference_format)
         if weight_decay != 0:
             g.add_(torch.mul(p, weight_decay, out=t))
         if momentum_buffers is None:
@@ -128,9 +158,10 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
-               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85), ewc=None,
+               ewc_lambda=0.0, agem_coefficient=None) -> None:
     """Adam (L2 weight decay) or AdamW (decoupled), as torch.optim.Adam/AdamW, with the CNL mask: the
-    definition :func:`cnl_ext.optim.adam.cnl_adam_step`, in chunks.
+    definition :func:`cnl_ext.optim.adam.cnl_adam_step`, in chunks (the rule's terms: as :func:`sgd_step_`).
 
     For AdamW the decay term is part of ``u`` (spec), so a frozen element is not decayed either.
     With ``device_steps`` (capturable), the bias corrections come from each tensor's step count on
@@ -138,6 +169,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     """
     dtype = compute_dtype(params[0].dtype)
     device = params[0].device
+    rules = _Rules(references, ewc, ewc_lambda, agem_coefficient, dtype, device)
+    projected, (references, stats) = references, rules.mask(references, stats)
     if device_steps is None:  # one (step_size, sqrt(bc2)) for all tensors: floats in double, or device scalars
         bc2_sqrt = bias_correction2**0.5
         if device.type != "cpu":  # CUDA divides by a host scalar as a product with its reciprocal
@@ -150,11 +183,13 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     for chunk in chunks(params, pack=device_steps is None, dtype=dtype):  # per-tensor scalars: one tensor per chunk
         step_size, bc2_sqrt = per_call if device_steps is None else per_tensor[chunk.tensor]
         p = chunk.read(params)
-        g = chunk.read(grads, copy=maximize or (weight_decay != 0 and not decoupled_weight_decay))
+        g = chunk.read(grads, copy=maximize or (weight_decay != 0 and not decoupled_weight_decay) or rules.on)
         m, v = chunk.read(exp_avgs), chunk.read(exp_avg_sqs)
         t, denom = chunk.scratch(), chunk.scratch()
         if maximize:
             g.neg_()
+        if rules.on:
+            rules.apply_(chunk, g, p, projected, reference_format)
         if weight_decay != 0 and not decoupled_weight_decay:
             g.add_(torch.mul(p, weight_decay, out=t))
         # m ← β1·m + (1−β1)·g ; v ← β2·v + (1−β2)·g², each product rounded before the sum

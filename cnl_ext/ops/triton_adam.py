@@ -12,22 +12,25 @@ import triton.language as tl
 from .adam_scalars import capturable_step_scalars, step_size_of
 from .chunking import compute_dtype
 from .triton_step import (_block_offsets, _chunk_bounds, _div, _importance_args, _importance_update, _launch, _load,
-                          _load_param_and_grad, _masked_update, _pointer, _round_to, _scalar, _sqrt, _store_partials)
+                          _load_param_and_grad, _masked_update, _pointer, _round_to, _rule_args, _rule_gradient,
+                          _scalar, _sqrt, _store_partials)
 
 __all__ = ["adam_step_"]
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, mask,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, f_ptr, a_ptr, offs, mask,
                 lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-                lr_weight_decay, step_size, bias_correction2_sqrt,
+                lr_weight_decay, step_size, bias_correction2_sqrt, two_lambda, agem_coefficient,
                 imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
                 acc_count, acc_collab, acc_conflict,
                 P_DTYPE: tl.constexpr, REF_KIND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STATS: tl.constexpr,
-                IMPORTANCE: tl.constexpr, COMPUTE: tl.constexpr):
+                IMPORTANCE: tl.constexpr, EWC: tl.constexpr, PROJECT: tl.constexpr, COMPUTE: tl.constexpr):
     p, g = _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE, COMPUTE)
     g_passed = -g if MAXIMIZE else g
+    g = _rule_gradient(g, p, r_ptr, f_ptr, a_ptr, offs, mask, two_lambda, agem_coefficient, REF_KIND, PROJECT, EWC,
+                       COMPUTE)
     if WEIGHT_DECAY and not DECOUPLED:
         g = g + weight_decay * p
     m = beta1 * _load(m_ptr, offs, mask) + one_minus_beta1 * g
@@ -46,8 +49,9 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
     else:
         lr_u = step
         new_p = p - step
-    new_p, acc_count, acc_collab, acc_conflict = _masked_update(
-        p, new_p, lr_u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
+    if not PROJECT:  # A-GEM's reference projected the gradient: no mask
+        new_p, acc_count, acc_collab, acc_conflict = _masked_update(
+            p, new_p, lr_u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict, REF_KIND, STATS, COMPUTE)
     stored_p = _round_to(new_p, P_DTYPE)
     tl.store(p_ptr + offs, stored_p, mask=mask)
     _importance_update(stored_p, g_passed, s_ptr, u_ptr, offs, mask, imp_beta1, imp_one_minus_beta1, imp_beta2,
@@ -59,15 +63,17 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs,
 def _adam_kernel(
     ptr_table, chunk_tensor, chunk_start, numels, partials,
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-    lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2,
+    lr_weight_decay, step_size, bias_correction2_sqrt, two_lambda, agem_coefficient, imp_beta1, imp_one_minus_beta1,
+    imp_beta2, imp_one_minus_beta2,
     P_DTYPE: tl.constexpr, R_DTYPE: tl.constexpr, REF_KIND: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATS: tl.constexpr, IMPORTANCE: tl.constexpr, EWC: tl.constexpr,
+    PROJECT: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     STEP_ON_DEVICE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # pointer table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, (unused),
-    # sensitivity, uncertainty. COMPUTE: the arithmetic's, the moments' and the sums' dtype (float64
+    # sensitivity, uncertainty, EWC's F and anchor. COMPUTE: the arithmetic's, the moments' and the sums' dtype (float64
     # for float64 params).
     pid = tl.program_id(0)
     lr = _scalar(lr, LR_ON_DEVICE, COMPUTE)
@@ -79,18 +85,22 @@ def _adam_kernel(
     weight_decay = _scalar(weight_decay, False, COMPUTE)
     one_minus_lr_wd = _scalar(one_minus_lr_wd, False, COMPUTE)
     lr_weight_decay = _scalar(lr_weight_decay, False, COMPUTE)
+    two_lambda = _scalar(two_lambda, False, COMPUTE)
+    agem_coefficient = _scalar(agem_coefficient, False, COMPUTE)
     if LR_ON_DEVICE:  # the host computed lr·λ and 1 − lr·λ for a float lr; with a device lr, as the torch backend does
         lr_weight_decay = lr * weight_decay
         one_minus_lr_wd = 1 - lr_weight_decay
     t, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, pid, CHUNK, BLOCK)
-    p_ptr = _pointer(ptr_table, t, 0, 9, P_DTYPE, ALIGNED)
-    g_ptr = _pointer(ptr_table, t, 1, 9, P_DTYPE, ALIGNED)
-    m_ptr = _pointer(ptr_table, t, 2, 9, COMPUTE, ALIGNED)
-    v_ptr = _pointer(ptr_table, t, 3, 9, COMPUTE, ALIGNED)
-    vmax_ptr = _pointer(ptr_table, t, 4, 9, COMPUTE, ALIGNED)
-    r_ptr = _pointer(ptr_table, t, 5, 9, R_DTYPE, ALIGNED)
-    s_ptr = _pointer(ptr_table, t, 7, 9, tl.float32, ALIGNED)
-    u_ptr = _pointer(ptr_table, t, 8, 9, tl.float32, ALIGNED)
+    p_ptr = _pointer(ptr_table, t, 0, 11, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(ptr_table, t, 1, 11, P_DTYPE, ALIGNED)
+    m_ptr = _pointer(ptr_table, t, 2, 11, COMPUTE, ALIGNED)
+    v_ptr = _pointer(ptr_table, t, 3, 11, COMPUTE, ALIGNED)
+    vmax_ptr = _pointer(ptr_table, t, 4, 11, COMPUTE, ALIGNED)
+    r_ptr = _pointer(ptr_table, t, 5, 11, R_DTYPE, ALIGNED)
+    s_ptr = _pointer(ptr_table, t, 7, 11, tl.float32, ALIGNED)
+    u_ptr = _pointer(ptr_table, t, 8, 11, tl.float32, ALIGNED)
+    f_ptr = _pointer(ptr_table, t, 9, 11, tl.float32, ALIGNED)
+    a_ptr = _pointer(ptr_table, t, 10, 11, P_DTYPE, ALIGNED)
     if STEP_ON_DEVICE:  # this tensor's step size and sqrt(bc2), which the host computed on the device
         step_size = tl.load(step_size + t)
         bias_correction2_sqrt = tl.load(bias_correction2_sqrt + t)
@@ -102,19 +112,19 @@ def _adam_kernel(
     acc_conflict = tl.zeros((), COMPUTE)
     for block_start in range(start, full_end, BLOCK):
         acc_count, acc_collab, acc_conflict = _adam_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, _block_offsets(block_start, BLOCK), None,
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, f_ptr, a_ptr, _block_offsets(block_start, BLOCK), None,
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-            lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2,
-            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
+            lr_weight_decay, step_size, bias_correction2_sqrt, two_lambda, agem_coefficient, imp_beta1,
+            imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, EWC, PROJECT, COMPUTE)
     if full_end < end:
         offs = _block_offsets(full_end, BLOCK)
         acc_count, acc_collab, acc_conflict = _adam_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, offs, offs < end,
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, r_ptr, s_ptr, u_ptr, f_ptr, a_ptr, offs, offs < end,
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, one_minus_lr_wd,
-            lr_weight_decay, step_size, bias_correction2_sqrt, imp_beta1, imp_one_minus_beta1, imp_beta2,
-            imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
-            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, COMPUTE)
+            lr_weight_decay, step_size, bias_correction2_sqrt, two_lambda, agem_coefficient, imp_beta1,
+            imp_one_minus_beta1, imp_beta2, imp_one_minus_beta2, acc_count, acc_collab, acc_conflict,
+            P_DTYPE, REF_KIND, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, STATS, IMPORTANCE, EWC, PROJECT, COMPUTE)
     # the sums of lr·u, scaled by 1/lr (0 at lr = 0, where nothing moves)
     inv_lr = tl.where(lr == 0, 0.0, _div(tl.full((), 1.0, COMPUTE), tl.where(lr == 0, 1.0, lr), COMPUTE))
     _store_partials(partials, pid, acc_count, acc_collab * inv_lr, acc_conflict * inv_lr, STATS)
@@ -138,8 +148,13 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
                reference_format: str, lr, beta1: float, beta2: float, eps: float,
                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
                bias_correction1: float = None, bias_correction2: float = None, device_steps=None,
-               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85)) -> None:
-    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.optim.adam.cnl_adam_step` for the math."""
+               importance=None, importance_kind: str = "first", importance_betas=(0.85, 0.85), ewc=None, ewc_lambda=0.0,
+              agem_coefficient=None) -> None:
+    """See :mod:`cnl_ext.ops` for the contract and :func:`cnl_ext.optim.adam.cnl_adam_step` for the math; the
+    rule's terms (``ewc``, ``ewc_lambda``, ``agem_coefficient``: :mod:`cnl_ext.ops.rules`) in the same pass."""
+    fishers, anchors, rule_scalars, rule_constexprs = _rule_args(references, ewc, ewc_lambda, agem_coefficient)
+    if rule_constexprs["PROJECT"]:
+        stats = None  # nothing is masked
     sensitivities, uncertainties, importance_scalars, importance_code = _importance_args(
         importance, importance_kind, importance_betas)
     # derived constants in double, rounded once (as torch's Python-float hyper-parameters are)
@@ -151,10 +166,10 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     _launch(
         _adam_kernel,
         (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, references, None,
-         sensitivities, uncertainties),
+         sensitivities, uncertainties, fishers, anchors),
         params, references, stats, reference_format,
         (lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, one_minus_lr_wd, lr_weight_decay,
-         step_size, bias_correction2_sqrt),
+         step_size, bias_correction2_sqrt, *rule_scalars),
         weight_decay, importance_scalars, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        STEP_ON_DEVICE=on_device, IMPORTANCE=importance_code,
+        STEP_ON_DEVICE=on_device, IMPORTANCE=importance_code, **rule_constexprs,
     )

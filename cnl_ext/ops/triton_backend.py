@@ -14,6 +14,7 @@ import torch
 
 from . import triton_step
 from .contract import OPS, STEP_OPS, Capabilities
+from .rules import agem_dot_  # A-GEM's reduction: PyTorch's (a few ops per tensor)
 from .kif_fusion_triton import recurrent_fuse_ as kif_recurrent_fuse_
 from .kif_fusion_triton import task_vector_fuse_ as kif_task_vector_fuse_
 from .triton_masked_delta import masked_delta_
@@ -23,10 +24,10 @@ from .triton_sgd import sgd_step_
 NAME = "triton"
 
 __all__ = ["NAME", "unavailable_reason", "capabilities", "prepare", "sgd_step_", "adam_step_",
-           "masked_delta_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
+           "masked_delta_", "agem_dot_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
 _STEP_OPS = frozenset(op.name for op in STEP_OPS)  # the ops that honour compile_only
-_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
 _ELSEWHERE = ("Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, set before "
               "triton is imported); got tensors on {device}")
 

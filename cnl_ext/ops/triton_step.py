@@ -156,6 +156,20 @@ def _load_param_and_grad(p_ptr, g_ptr, offs, mask, MAXIMIZE: tl.constexpr, COMPU
 
 
 @triton.jit
+def _rule_gradient(g, p, r_ptr, f_ptr, a_ptr, offs, mask, two_lambda, agem_coefficient, REF_KIND: tl.constexpr,
+                   PROJECT: tl.constexpr, EWC: tl.constexpr, COMPUTE: tl.constexpr):
+    """Issue 22's terms (cnl_ext/ops/rules.py), after maximize's sign: g − c·r (A-GEM), then
+    + 2λ·(F·(p − θ*)) (EWC), each operation rounded on its own."""
+    if PROJECT:
+        g = g - agem_coefficient * _load_reference(r_ptr, offs, mask, REF_KIND, COMPUTE)
+    if EWC:
+        f = _load(f_ptr, offs, mask).to(COMPUTE)
+        a = _load(a_ptr, offs, mask).to(COMPUTE)
+        g = g + two_lambda * (f * (p - a))
+    return g
+
+
+@triton.jit
 def _masked_update(p, new_p, u, r_ptr, offs, mask, acc_count, acc_collab, acc_conflict,
                    REF_KIND: tl.constexpr, STATS: tl.constexpr, COMPUTE: tl.constexpr):
     """Keep ``p`` where ``u`` conflicts with the reference in sign; fold this block's statistics
@@ -336,6 +350,16 @@ def _launch(kernel, columns, params, references, stats, fmt, scalars, weight_dec
 
 
 _IMPORTANCE_KINDS = {"first": 1, "param_mix": 2}
+
+
+def _rule_args(references, ewc, ewc_lambda, agem_coefficient):
+    """(fisher column, anchor column, (2λ, c) as floats, constexprs EWC and PROJECT) of issue 22's
+    terms (:mod:`.rules`): c read once to the host (a 0-d tensor)."""
+    use_ewc = ewc is not None and ewc_lambda != 0
+    project = agem_coefficient is not None and references is not None
+    fishers, anchors = ewc if use_ewc else (None, None)
+    c = float(agem_coefficient) if project else 0.0
+    return fishers, anchors, (2.0 * float(ewc_lambda) if use_ewc else 0.0, c), dict(EWC=use_ewc, PROJECT=project)
 
 
 def _importance_args(importance, importance_kind, importance_betas):

@@ -16,7 +16,7 @@ from .. import functional
 from ..ops.importance import check_importance_options
 from ._amp import skip_or_unscale
 from ._reference_store import REFERENCE_KEY, ReferenceCapture, ReferenceStore
-from ._rules import EWC_ANCHOR, EWC_FISHER, capture_fisher, check_rule_options, effective_gradients
+from ._rules import EWC_ANCHOR, EWC_FISHER, agem_coefficient, capture_fisher, check_rule_options, rule_arguments
 from ._stats import CNLStats, ParameterStats, StatsTracker
 
 __all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY", "IMPORTANCE_SLOTS"]
@@ -64,6 +64,7 @@ class CNLOptimizer(torch.optim.Optimizer):
     importance_slot = "inner"  # the slot the next steps update (see importance_scores)
     _op = None  # "sgd_step_" or "adam_step_" (cnl_ext.ops.contract): what check_step resolves a backend for
     _step_backends = None  # the backends of the group being stepped (functional.Resolved), set by step()
+    _step_agem = None  # A-GEM's coefficient of the step (None: the references mask), set by step()
     _step_supports_amp_scaling = True  # reads GradScaler's grad_scale / found_inf (see _amp.py)
     # what the torch.optim counterpart's __setstate__ fills into a loaded param group that lacks a key
     _torch_setstate_defaults: dict = {}
@@ -91,7 +92,7 @@ class CNLOptimizer(torch.optim.Optimizer):
     # needs its backend, options, reference and statistics. The hooks stay out, as in torch.
     _NOT_PICKLED = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                    "_optimizer_load_state_dict_post_hooks", "_step_backends")
+                    "_optimizer_load_state_dict_post_hooks", "_step_backends", "_step_agem")
 
     def __getstate__(self):
         return {key: value for key, value in self.__dict__.items() if key not in self._NOT_PICKLED}
@@ -142,7 +143,7 @@ class CNLOptimizer(torch.optim.Optimizer):
         gathered = self._gradients()
         if skip_or_unscale(self, [g for _, _, grads, _ in gathered for g in grads]):
             return loss
-        gathered = effective_gradients(self, gathered)  # A-GEM's projection, EWC's penalty (_rules.py)
+        self._step_agem = agem_coefficient(self, gathered)  # A-GEM's reduction (_rules.py), before any write
         masked = self.rule == "cnl" and bool(self._reference)
         per_group = []
         for group, params, grads, backends in gathered:
@@ -151,7 +152,7 @@ class CNLOptimizer(torch.optim.Optimizer):
                 self._step_backends = backends
                 self._step_group(group, params, grads, stats)
                 per_group.append((params, stats))
-        self._step_backends = None
+        self._step_backends = self._step_agem = None
         self._stats.record(per_group, self._parameters(), self._reference)
         return loss
 
@@ -316,11 +317,13 @@ class CNLOptimizer(torch.optim.Optimizer):
         self._reference.clear()
 
     def _references_for(self, params):
-        """Stored references aligned with ``params`` (``None`` where a parameter has none) that mask
-        the step: none with ``rule="agem"`` (the reference projects the gradient instead)."""
-        if self.rule != "cnl":
-            return None
+        """Stored references aligned with ``params`` (``None`` where a parameter has none): they mask the
+        step, or with ``rule="agem"`` project its gradient (:meth:`_rule_arguments` says which)."""
         return self._reference.aligned_with(params)
+
+    def _rule_arguments(self, states) -> dict:
+        """Issue 22's functional keywords for the group being stepped (``states``: its parameters' states)."""
+        return rule_arguments(self, states, self._step_agem)
 
     def set_reference(self, tensors) -> None:
         """Set the reference gradient from tensors given by the user (copied, never written).

@@ -20,7 +20,8 @@ the mean of the squared gradients of the ``f.backward(loss)`` calls inside it (t
 diagonal), added to ``ewc_decay``·(the previous ``F``).
 
 The order, in the compute dtype (float32; float64 for float64 parameters), each operation rounded
-on its own (:func:`rule_gradient`, shared by the definitions ``cnl_sgd_step`` and ``cnl_adam_step``)::
+on its own (:func:`cnl_ext.ops.rules.rule_gradient`, which the definitions ``cnl_sgd_step`` and
+``cnl_adam_step`` call)::
 
     g ← −g if maximize;   g ← g − c·r  (A-GEM);   g ← g + (2λ)·(F·(θ − θ*))  (EWC);   then weight decay
 
@@ -28,8 +29,11 @@ i.e. A-GEM projects the loss gradient only; EWC's penalty is added after the pro
 reduction reads ``g`` and ``r`` only). With ``rule="cnl"`` the CNL mask then compares the update
 built from this gradient, as it always does.
 
-The fused steps take the rule's gradient from :func:`effective_gradients`, a pre-pass over the
-gradients (one pass building ``g − c·r + 2λ·F⊙(θ−θ*)`` per tensor) ahead of the backends' step.
+The step ops take the terms as arguments (the ops contract's ``RULE_KEYWORDS``): the native CPU
+kernels, Triton and PyTorch apply them in the step's own pass, the native CUDA kernels after a
+pre-pass over the gradients (:func:`cnl_ext.ops.rules.prepass`); each backend's
+``Capabilities.rules`` says which. The ``g·r`` reduction is the native CPU kernels' ``agem_dot_`` (one
+multi-tensor pass, parallel over the tensors' work items, summed in a fixed order), PyTorch ops elsewhere.
 """
 from __future__ import annotations
 
@@ -38,13 +42,13 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from .. import reference_format as rf
+from .. import functional
 from ..dtensor import is_dtensor, local_tensor
-from ..ops.chunking import compute_dtype
+from ..ops.rules import rule_gradient
 from ._reference_store import ReferenceCapture, _raise_if_not_finite
 
 __all__ = ["RULES", "EWC_FISHER", "EWC_ANCHOR", "EWC_KEYS", "check_rule_options", "rule_gradient",
-           "effective_gradients", "FisherCapture", "capture_fisher"]
+           "agem_coefficient", "rule_arguments", "FisherCapture", "capture_fisher"]
 
 RULES = ("cnl", "agem")
 EWC_FISHER, EWC_ANCHOR = "ewc_fisher", "ewc_anchor"
@@ -65,56 +69,34 @@ def check_rule_options(rule, ewc_lambda, ewc_decay, reference_format) -> None:
         raise ValueError(f"ewc_decay must be a number in [0, 1], got {ewc_decay!r}")
 
 
-def _scalar(value, dtype, device):
-    """``value`` (a number or 0-d tensor) as a 0-d tensor of ``dtype``, rounded once from float64."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, torch.float64).to(dtype)
-    return torch.tensor(float(value), dtype=torch.float64, device=device).to(dtype)
-
-
-def rule_gradient(g, p, *, agem_reference=None, agem_coefficient=0.0, reference_format="float32",
-                  ewc_fisher=None, ewc_anchor=None, ewc_lambda=0.0):
-    """The rule's gradient of one tensor (the module docstring's order), in the dtype of ``g`` (the
-    compute dtype, ``maximize`` already applied); ``p`` the parameter in that dtype.
-
-    ``agem_reference``: None, or the stored reference (float32 / bfloat16), and ``agem_coefficient``
-    ``c = min(0, g·r)/(r·r)`` (a number or 0-d tensor); ``ewc_fisher`` / ``ewc_anchor``: None, or
-    ``F`` (float32) and ``θ*`` with ``ewc_lambda`` λ."""
-    dtype = g.dtype
-    if agem_reference is not None:
-        r = rf.decode(agem_reference, reference_format, g.shape).to(dtype)
-        g = g - _scalar(agem_coefficient, dtype, g.device) * r
-    if ewc_fisher is not None and ewc_lambda != 0:
-        g = g + _scalar(2.0 * ewc_lambda, dtype, g.device) * (ewc_fisher.to(dtype) * (p - ewc_anchor.to(dtype)))
-    return g
-
-
 def _real(t):
     return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
-def agem_coefficient(references, norms, gathered, reference_format):
-    """``c = min(0, g·r)/(r·r)`` over every parameter of ``gathered`` (group, params, grads, ...) with a
-    reference (``g`` signed by its group's ``maximize``), a 0-d float64 tensor; None when none has
-    one. The sums in float64 of the per-tensor products in the compute dtype; all-reduced over the
-    ranks when a parameter is sharded."""
+def agem_coefficient(optimizer, gathered):
+    """A-GEM's ``c = min(0, g·r)/(r·r)`` of this step, a 0-d float64 tensor, or None (``rule`` is not
+    ``"agem"``, or no reference is set). ``g·r``: one reduction over the stepped parameters with a
+    reference (:func:`cnl_ext.functional.agem_dots`, per param group, signed by its ``maximize``);
+    ``r·r``: the same parameters' cached squared norms; both all-reduced over the ranks when a
+    parameter is an FSDP2 DTensor (one all-reduce of two numbers)."""
+    store = optimizer._reference
+    if getattr(optimizer, "rule", "cnl") != "agem" or not store:
+        return None
+    norms = store.squared_norms()
     dots, squares, sharded, device = [], [], False, None
     for group, params, grads, *_ in gathered:
+        references = [store.tensors.get(p) for p in params]
+        if not any(r is not None for r in references):
+            continue
+        per_tensor = functional.agem_dots([_real(g) for g in grads], references, reference_format=store.format,
+                                          backend=optimizer.backend)
+        device = device or per_tensor.device
         sign = -1.0 if group.get("maximize", False) else 1.0
-        for p, g in zip(params, grads):
-            stored = references.get(p)
-            if stored is None:
-                continue
-            g = _real(local_tensor(g))
-            dtype = compute_dtype(g.dtype)
-            r = rf.decode(stored, reference_format, g.shape)
-            dot = (g.to(dtype) * r.to(dtype)).sum(dtype=torch.float64)
-            device = device or dot.device
-            dots.append((dot * sign).to(device))
-            squares.append(norms[p].to(device))
-            sharded = sharded or is_dtensor(p)
+        dots.append(per_tensor.sum().to(device) * sign)
+        squares.extend(norms[p].to(device) for p, r in zip(params, references) if r is not None)
+        sharded = sharded or any(map(is_dtensor, params))
     if not dots:
-        return None
+        return torch.zeros((), dtype=torch.float64)
     totals = torch.stack([torch.stack(dots).sum(), torch.stack(squares).sum()])
     if sharded and dist.is_initialized():
         dist.all_reduce(totals)
@@ -124,58 +106,19 @@ def agem_coefficient(references, norms, gathered, reference_format):
                        torch.zeros_like(dot))
 
 
-def _as_grad(local, g):
-    """``local`` as the gradient of a parameter whose gradient is ``g`` (a DTensor again if ``g`` is)."""
-    if is_dtensor(g):
-        from torch.distributed.tensor import DTensor
-        return DTensor.from_local(local, g.device_mesh, g.placements, shape=g.shape, stride=g.stride(),
-                                  run_check=False)
-    return local
-
-
-def effective_gradients(optimizer, gathered):
-    """``gathered`` (group, params, grads, backends) with each gradient replaced by the rule's
-    (:func:`rule_gradient`) where A-GEM or EWC applies; the caller's ``.grad`` tensors are not written.
-
-    The kernels negate ``g`` under ``maximize`` themselves, so the new gradient is ``s·rule_gradient(s·g)``
-    (``s = ±1``: exact), rounded to the parameter's dtype."""
-    rule, ewc_lambda = getattr(optimizer, "rule", "cnl"), getattr(optimizer, "ewc_lambda", 0.0)
-    references = optimizer._reference.tensors
-    coefficient = None
-    if rule == "agem" and references:
-        coefficient = agem_coefficient(references, optimizer._reference.squared_norms(), gathered,
-                                       optimizer._reference.format)
-    if coefficient is None and not ewc_lambda:
-        return gathered
-    result = []
-    for group, params, grads, *rest in gathered:
-        maximize = group.get("maximize", False)
-        new_grads = []
-        for p, g in zip(params, grads):
-            state = optimizer.state.get(p, {})
-            stored = references.get(p) if coefficient is not None else None
-            fisher = state.get(EWC_FISHER) if ewc_lambda else None
-            if stored is None and fisher is None:
-                new_grads.append(g)
-                continue
-            local_g, local_p = _real(local_tensor(g)), _real(local_tensor(p))
-            dtype = compute_dtype(local_g.dtype)
-            signed = local_g.to(dtype)
-            if maximize:
-                signed = -signed
-            out = rule_gradient(signed, local_p.to(dtype), agem_reference=stored,
-                                agem_coefficient=coefficient if stored is not None else 0.0,
-                                reference_format=optimizer._reference.format, ewc_fisher=fisher,
-                                ewc_anchor=None if fisher is None else _real(state[EWC_ANCHOR]),
-                                ewc_lambda=ewc_lambda)
-            if maximize:
-                out = -out
-            out = out.to(local_g.dtype)
-            if g.is_complex():
-                out = torch.view_as_complex(out)
-            new_grads.append(_as_grad(out, g))
-        result.append((group, params, new_grads, *rest))
-    return result
+def rule_arguments(optimizer, states, coefficient) -> dict:
+    """The functional keywords of issue 22 for one group's step (``{}`` when neither rule term is on):
+    EWC's Fisher estimates and anchors from ``states`` (the per-parameter states the step uses; a
+    complex parameter's as view_as_real pairs) and A-GEM's ``coefficient``."""
+    ewc_lambda = getattr(optimizer, "ewc_lambda", 0.0)
+    use_ewc = ewc_lambda != 0 and any(EWC_FISHER in state for state in states)
+    if not use_ewc and coefficient is None:
+        return {}
+    arguments = dict(agem_coefficient=coefficient)
+    if use_ewc:
+        arguments.update(ewc=([state.get(EWC_FISHER) for state in states],
+                              [_real(state.get(EWC_ANCHOR)) for state in states]), ewc_lambda=ewc_lambda)
+    return arguments
 
 
 class FisherCapture(ReferenceCapture):

@@ -76,7 +76,8 @@ class FusedCNLSGD(CNLOptimizer):
     ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
     or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
     (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
-    one reduction reading ``g`` and ``r``, one step. ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
+    one reduction reading ``g`` and ``r`` and one step applying the projection (the native CUDA
+    kernels add a pre-pass over the gradients, see ``Capabilities.rules``). ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
     (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
     from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """
@@ -111,6 +112,7 @@ class FusedCNLSGD(CNLOptimizer):
             momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"], reference_format=self.reference_format, backend=self._step_backends,
             check=False, **self._importance_arguments(params, states),
+            **self._rule_arguments(states),
         )
         for i, (p, state) in enumerate(zip(params, states)):
             if use_momentum and state.get("momentum_buffer") is None:  # created by cnl_sgd (as the real view)

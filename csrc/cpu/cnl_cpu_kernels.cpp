@@ -441,9 +441,59 @@ C10_ALWAYS_INLINE void store_params(T* param, V (&p)[kN], const V (&g)[kN], cons
   }
 }
 
+// ---------------------------------------------------------------------------- issue 22's terms
+
+// kBlock float32 values as vectors of the compute type (float64 steps: widened, exactly).
+template <class V, int64_t kN>
+C10_ALWAYS_INLINE void load_float32(const float* p, V (&out)[kN]) {
+  if constexpr (std::is_same_v<V, Vec>) {
+    load_block(p, out);
+  } else {
+    Vec narrow[kVecs];
+    load_block(p, narrow);
+    widen_block(narrow, out);
+  }
+}
+
+// A-GEM's projection and EWC's penalty (TensorLists, cnl_ext/ops/rules.py) in the compute type C:
+// the scalars rounded once from double, the per-element F and anchor loaded per block.
+template <typename T>
+struct RuleTerms {
+  using C = Compute<T>;
+  using V = VecOf<C>;
+  static constexpr int64_t kN = kBlock / V::size();
+  bool project, ewc;
+  C agem_coefficient, two_lambda;
+
+  explicit RuleTerms(const TensorLists& lists)
+      : project(lists.project), ewc(lists.fishers != nullptr),
+        agem_coefficient(static_cast<C>(lists.agem_coefficient)), two_lambda(static_cast<C>(lists.ewc_two_lambda)) {}
+
+  // F and the anchor of the block at element i (streams `fisher`, `anchor`), when EWC is on.
+  C10_ALWAYS_INLINE void load(const void* fisher, const void* anchor, int64_t i, V (&f)[kN], V (&a)[kN]) const {
+    if (!ewc) return;
+    load_float32(static_cast<const float*>(fisher) + i, f);
+    load_block(static_cast<const T*>(anchor) + i, a);
+  }
+
+  // g (after maximize's sign) with the terms, in the definition's order: g - c*r, then + 2λ*(F*(p - a)).
+  template <bool kMagnitudes>
+  C10_ALWAYS_INLINE V apply(V g, const V& p, const V& r, const V& f, const V& a) const {
+    if constexpr (kMagnitudes) {
+      if (project) g = g - V(agem_coefficient) * r;
+    }
+    if (ewc) g = g + V(two_lambda) * (f * (p - a));
+    return g;
+  }
+};
+
+// Formats whose values are the reference's magnitudes (A-GEM projects with them).
+constexpr bool has_magnitudes(RefFormat ref) { return ref == RefFormat::kFloat32 || ref == RefFormat::kBFloat16; }
+
 // ---------------------------------------------------------------------------- SGD
 
-// Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance).
+// Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance),
+// EWC's F and anchor (with rules.ewc).
 template <typename T, RefFormat kRef, bool kImportance>
 struct SgdStep {
   using C = Compute<T>;
@@ -452,20 +502,23 @@ struct SgdStep {
   const SgdScalarsT<C>& s;
   const Importance* importance;
   bool stats;
+  RuleTerms<T> rules;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[6], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[8], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     C* buf = ptrs[2] == nullptr ? nullptr : static_cast<C*>(ptrs[2]) + i;
-    V p[kN], g[kN], b[kN], r[kN];
+    V p[kN], g[kN], b[kN], r[kN], f[kN], a[kN];
     load_block(param, p);
     load_block(grad, g);
     if (s.has_momentum && !s.first_step) load_block(buf, b);
     if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[3], i, r);
+    rules.load(ptrs[6], ptrs[7], i, f, a);
     const V lr(s.lr), weight_decay(s.weight_decay), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening);
     CNL_UNROLL_BLOCK
     for (int64_t j = 0; j < kN; ++j) {
       V gj = s.maximize ? g[j].neg() : g[j];
+      gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
       if (s.has_weight_decay) gj = gj + weight_decay * p[j];
       V u = gj;
       if (s.has_momentum) {
@@ -475,6 +528,8 @@ struct SgdStep {
       }
       const V p_new = p[j] - lr * u;
       if constexpr (kRef == RefFormat::kNone) {
+        p[j] = p_new;
+      } else if (rules.project) {  // A-GEM: the reference projected, it does not mask
         p[j] = p_new;
       } else {
         p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, u, r[j], stats, acc, j, valid);
@@ -494,7 +549,7 @@ struct AdamTensorScalars {
 };
 
 // Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, sensitivity, uncertainty
-// (the last two with kImportance).
+// (the last two with kImportance), EWC's F and anchor (with rules.ewc).
 template <typename T, RefFormat kRef, bool kImportance>
 struct AdamStep {
   using C = Compute<T>;
@@ -504,20 +559,22 @@ struct AdamStep {
   AdamTensorScalars<C> t;
   const Importance* importance;
   bool stats;
+  RuleTerms<T> rules;
 
-  C10_ALWAYS_INLINE void block(void* const (&ptrs)[8], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
+  C10_ALWAYS_INLINE void block(void* const (&ptrs)[10], int64_t i, int64_t valid, const BlockStats<V>& acc) const {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     C* exp_avg = static_cast<C*>(ptrs[2]) + i;
     C* exp_avg_sq = static_cast<C*>(ptrs[3]) + i;
     C* max_exp_avg_sq = s.amsgrad ? static_cast<C*>(ptrs[4]) + i : nullptr;
-    V p[kN], g[kN], m[kN], v[kN], vmax[kN], r[kN];
+    V p[kN], g[kN], m[kN], v[kN], vmax[kN], r[kN], f[kN], a[kN];
     load_block(param, p);
     load_block(grad, g);
     load_block(exp_avg, m);
     load_block(exp_avg_sq, v);
     if (s.amsgrad) load_block(max_exp_avg_sq, vmax);
     if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r);
+    rules.load(ptrs[8], ptrs[9], i, f, a);
     const V beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
         one_minus_beta2(s.one_minus_beta2), eps(s.eps), weight_decay(s.weight_decay),
         one_minus_lr_wd(s.one_minus_lr_wd), lr_weight_decay(s.lr_weight_decay), step_size(t.step_size),
@@ -525,6 +582,7 @@ struct AdamStep {
     CNL_UNROLL_BLOCK
     for (int64_t j = 0; j < kN; ++j) {
       V gj = s.maximize ? g[j].neg() : g[j];
+      gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
       if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
       // Moments are updated for every element; the mask touches only the parameter.
       // Operation order of the torch backend (cnl_ext/ops/torch_backend.py): m·β1 + (1−β1)·g, v·β2 + (1−β2)·(g·g).
@@ -546,6 +604,8 @@ struct AdamStep {
         p_new = p[j] - step;
       }
       if constexpr (kRef == RefFormat::kNone) {
+        p[j] = p_new;
+      } else if (rules.project) {  // A-GEM: the reference projected, it does not mask
         p[j] = p_new;
       } else {
         p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, lr_u, r[j], stats, acc, j, valid);
@@ -598,14 +658,17 @@ void sgd_step_in(const TensorLists& lists, const SgdScalarsT<C>& scalars, const 
       dispatch_importance(importance != nullptr, [&](auto importance_tag) {
         constexpr RefFormat kRef = decltype(ref_tag)::value;
         constexpr bool kImportance = decltype(importance_tag)::value;
-        const SgdStep<T, kRef, kImportance> step{s, importance, stats};
-        const int bits[6] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), reference_bits<kRef>(), 32, 32};
-        const bool written[6] = {true, false, true, false, true, true};
+        const SgdStep<T, kRef, kImportance> step{s, importance, stats, RuleTerms<T>(lists)};
+        const bool ewc = lists.fishers != nullptr;
+        const int bits[8] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), reference_bits<kRef>(), 32, 32, 32,
+                             8 * sizeof(T)};
+        const bool written[8] = {true, false, true, false, true, true, false, false};
         for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-          void* const ptrs[6] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
+          void* const ptrs[8] = {lists.params[t], lists.grads[t], s.has_momentum ? lists.states[0][t] : nullptr,
                                  has_ref ? lists.references[t] : nullptr,
                                  kImportance ? importance->sensitivities[t] : nullptr,
-                                 kImportance ? importance->uncertainties[t] : nullptr};
+                                 kImportance ? importance->uncertainties[t] : nullptr,
+                                 ewc ? lists.fishers[t] : nullptr, ewc ? lists.anchors[t] : nullptr};
           run_item(step, ptrs, bits, written, start, end, partial);
         });
       });
@@ -644,16 +707,19 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
       dispatch_importance(importance != nullptr, [&](auto importance_tag) {
         constexpr RefFormat kRef = decltype(ref_tag)::value;
         constexpr bool kImportance = decltype(importance_tag)::value;
-        const int bits[8] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), 8 * sizeof(C), 8 * sizeof(C),
-                             reference_bits<kRef>(), 32, 32};
-        const bool written[8] = {true, false, true, true, true, false, true, true};
+        const bool ewc = lists.fishers != nullptr;
+        const int bits[10] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), 8 * sizeof(C), 8 * sizeof(C),
+                              reference_bits<kRef>(), 32, 32, 32, 8 * sizeof(T)};
+        const bool written[10] = {true, false, true, true, true, false, true, true, false, false};
+        const RuleTerms<T> rules(lists);
         for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-          const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats};
-          void* const ptrs[8] = {lists.params[t],    lists.grads[t],
-                                 lists.states[0][t], lists.states[1][t],
-                                 s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
-                                 kImportance ? importance->sensitivities[t] : nullptr,
-                                 kImportance ? importance->uncertainties[t] : nullptr};
+          const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats, rules};
+          void* const ptrs[10] = {lists.params[t],    lists.grads[t],
+                                  lists.states[0][t], lists.states[1][t],
+                                  s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
+                                  kImportance ? importance->sensitivities[t] : nullptr,
+                                  kImportance ? importance->uncertainties[t] : nullptr,
+                                  ewc ? lists.fishers[t] : nullptr, ewc ? lists.anchors[t] : nullptr};
           run_item(step, ptrs, bits, written, start, end, partial);
         }, inv_lr);
       });
@@ -661,9 +727,66 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
   });
 }
 
+// ---------------------------------------------------------------------------- A-GEM's reduction
+
+// Σ g·r of one item: products in the compute type, added into lanes of the compute type per block
+// position, which go into double every kStatGroup blocks; the positions then summed in order.
+template <typename T, RefFormat kRef>
+struct DotBlocks {
+  using C = Compute<T>;
+  using V = VecOf<C>;
+  static constexpr int64_t kN = kBlock / V::size();
+  V* lanes;
+  double* wide;  // kBlock doubles
+  int blocks = 0;
+
+  C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[2], int64_t offset, int64_t, int64_t) {
+    V g[kN], r[kN];
+    load_block(static_cast<const T*>(ptrs[0]) + offset, g);
+    load_reference<kRef>(ptrs[1], offset, r);
+    for (int64_t j = 0; j < kN; ++j) lanes[j] = lanes[j] + g[j] * r[j];
+    if (++blocks == kStatGroup) flush();
+  }
+
+  void flush() {
+    alignas(64) C values[kBlock];
+    for (int64_t j = 0; j < kN; ++j) {
+      lanes[j].store(values + j * V::size());
+      lanes[j] = V(C(0));
+    }
+    for (int64_t k = 0; k < kBlock; ++k) wide[k] += static_cast<double>(values[k]);
+    blocks = 0;
+  }
+};
+
 }  // namespace
 
 const char* capability() { return CNL_STRINGIFY(CPU_CAPABILITY); }
+
+void agem_dot(const TensorLists& lists, double* out) {
+  dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
+    using T = decltype(type_tag);
+    constexpr RefFormat kRef = decltype(ref_tag)::value;
+    if constexpr (kRef != RefFormat::kNone) {
+      using Blocks = DotBlocks<T, kRef>;
+      const std::vector<WorkItem> items = work_items(lists.count, lists.numels);
+      std::vector<double> partials(items.size(), 0.0);
+      const int bits[2] = {8 * sizeof(T), reference_bits<kRef>()};
+      const bool written[2] = {false, false};
+      run_items(items, [&](int64_t k) {
+        const WorkItem& item = items[k];
+        typename Blocks::V lanes[Blocks::kN];
+        for (auto& lane : lanes) lane = typename Blocks::V(typename Blocks::C(0));
+        double wide[kBlock] = {};
+        void* const ptrs[2] = {lists.grads[item.tensor], lists.references[item.tensor]};
+        Blocks blocks = run_blocks(Blocks{lanes, wide}, ptrs, bits, written, item.start, item.end);
+        blocks.flush();
+        for (int64_t j = 0; j < kBlock; ++j) partials[k] += wide[j];
+      });
+      for (size_t k = 0; k < items.size(); ++k) out[items[k].tensor] += partials[k];  // item order
+    }
+  });
+}
 
 void sgd_step(const TensorLists& lists, const SgdScalars& scalars, const Importance* importance) {
   sgd_step_in(lists, scalars, importance);

@@ -30,5 +30,9 @@ void sgd_step(const TensorLists& lists, const SgdScalarsT<double>& scalars, cons
 void adam_step(const TensorLists& lists, const AdamScalars& scalars, const Importance* importance = nullptr);
 void adam_step(const TensorLists& lists, const AdamScalarsT<double>& scalars, const Importance* importance = nullptr);
 void masked_delta(const TensorLists& lists, double inv_lr);
+// A-GEM's reduction: out[t] += sum of grads[t] * references[t] (lists.grads, lists.references,
+// lists.ref_format; lists.param_type the gradients' dtype), products in the compute type, in double
+// per item and then per tensor in item order (deterministic).
+void agem_dot(const TensorLists& lists, double* out);
 
 }  // namespace cnl::cpu

@@ -49,22 +49,36 @@ void masked_delta_cpu(TensorList params, TensorList befores, TensorList referenc
   cnl::cpu::masked_delta(c.lists, inv_lr);
 }
 
+void agem_dot_cpu(TensorList grads, TensorList references, const Tensor& out, c10::string_view reference_format) {
+  constexpr const char* op = "cnl_ext.agem_dot_";
+  Collected c;
+  cnl::binding::collect(c, op, CpuSteps::kDevice, CpuSteps::kOtherBackends, grads, grads, "grads",
+                        std::optional<TensorList>(references), std::nullopt, reference_format);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kDouble && out.dim() == 1 &&
+                  out.numel() == static_cast<int64_t>(grads.size()) && out.is_contiguous(),
+              op, ": out must be a contiguous float64 CPU tensor of ", grads.size(), " elements, got ",
+              out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  cnl::cpu::agem_dot(c.lists, out.data_ptr<double>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnl_ext, m) {
   m.def(cnl::binding::kSgdSchema);
   m.def(cnl::binding::kAdamSchema);
   m.def(cnl::binding::kMaskedDeltaSchema);
+  m.def(cnl::binding::kAgemDotSchema);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, CPU, m) {
   m.impl("sgd_step_", &Steps::sgd_step);
   m.impl("adam_step_", &Steps::adam_step);
   m.impl("masked_delta_", &masked_delta_cpu);
+  m.impl("agem_dot_", &agem_dot_cpu);
 }
 
 TORCH_LIBRARY_IMPL(cnl_ext, Meta, m) {
-  for (const char* op : {"sgd_step_", "adam_step_", "masked_delta_"}) {
+  for (const char* op : {"sgd_step_", "adam_step_", "masked_delta_", "agem_dot_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&cnl::binding::meta_kernel>());
   }
 }

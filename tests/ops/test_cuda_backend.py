@@ -36,6 +36,8 @@ SCHEMAS_H = ROOT / "csrc" / "cnl_binding.h"  # the schemas, registered by the CP
 
 # the steps' optional importance arguments, after lr_tensor (csrc/cnl_binding.h)
 IMPORTANCE_ARGUMENTS = ["sensitivities", "uncertainties", "importance_kind", "importance_beta1", "importance_beta2"]
+# issue 22's terms, after the importance arguments (cnl_ext.ops.contract.RULE_KEYWORDS in the ops' own form)
+RULE_ARGUMENTS = ["ewc_fishers", "ewc_anchors", "ewc_lambda", "agem_coefficient"]
 CHUNK = 65536  # cnl::kChunkSize in csrc/cnl_common.h
 SHAPES = [(), (0,), (1,), (3,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 3, 5, 7), (CHUNK + 3,),
           (2 * CHUNK + 1,)]
@@ -275,7 +277,7 @@ def test_schemas_parse_and_match_the_ops_contract():
     assert set(schemas) == set(mutated)
     for name, text in schemas.items():
         schema = torch._C.parse_schema(text)
-        names = [a.name for a in schema.arguments][:-len(IMPORTANCE_ARGUMENTS)]
+        names = [a.name for a in schema.arguments][:-len(IMPORTANCE_ARGUMENTS) - len(RULE_ARGUMENTS)]
         assert names[-1] == "lr_tensor"
         names = names[:-1]
         spec = CONTRACT_OPS[name]
@@ -284,11 +286,11 @@ def test_schemas_parse_and_match_the_ops_contract():
         full_contract = list(inspect.signature(getattr(reference, name)).parameters)
         assert list(inspect.signature(getattr(cuda_step, name)).parameters) == full_contract, name
         contract = {n: p for n, p in inspect.signature(getattr(reference, name)).parameters.items()
-                    if not n.startswith("importance")}
+                    if not n.startswith("importance") and n not in ("ewc", "ewc_lambda", "agem_coefficient")}
         assert names == list(contract), name
         keyword_only = [n for n, p in contract.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         kwarg_only = [a.name for a in schema.arguments if a.kwarg_only]
-        assert kwarg_only == keyword_only + ["lr_tensor"] + IMPORTANCE_ARGUMENTS, name
+        assert kwarg_only == keyword_only + ["lr_tensor"] + IMPORTANCE_ARGUMENTS + RULE_ARGUMENTS, name
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert written == mutated[name] | {"sensitivities", "uncertainties"}, name
         assert spec.written | {"stats"} == mutated[name], name
@@ -317,7 +319,10 @@ def test_step_schemas_take_the_importance_emas_as_optional_lists():
 
     for name, text in _schemas().items():
         schema = torch._C.parse_schema(text)
-        assert arguments(schema)[-len(IMPORTANCE_ARGUMENTS):] == [
+        assert arguments(schema)[-len(RULE_ARGUMENTS):] == [
+            *((n, "Optional[List[Tensor]]", True, None, False) for n in ("ewc_fishers", "ewc_anchors")),
+            ("ewc_lambda", "float", True, 0.0, False), ("agem_coefficient", "Optional[float]", True, None, False)]
+        assert arguments(schema)[-len(IMPORTANCE_ARGUMENTS) - len(RULE_ARGUMENTS):-len(RULE_ARGUMENTS)] == [
             *((n, "Optional[List[Tensor]]", True, None, True) for n in ("sensitivities", "uncertainties")),
             ("importance_kind", "str", True, "first", False),
             *((f"importance_beta{i}", "float", True, 0.85, False) for i in (1, 2))], name

@@ -1,0 +1,151 @@
+"""Issue 22 at the ops level: every backend's ``sgd_step_`` / ``adam_step_`` with the rule's terms
+(``ewc``, ``ewc_lambda``, ``agem_coefficient``: cnl_ext.ops.contract.RULE_KEYWORDS) against the
+definitions tensor by tensor, over test_definition's shapes (0-d, empty, odd sizes, more than one
+work item / chunk), several steps; and ``agem_dot_`` against its definition.
+
+A backend whose ``Capabilities.rules`` is set (native CPU, Triton, PyTorch) applies the terms in its
+own pass and equals the definition bit for bit in every dtype; one without it (the native CUDA
+kernels) applies them in a pre-pass over the gradients (cnl_ext.ops.rules.prepass), bit for bit in
+float32 and float64, and within one rounding of the gradient to the parameter dtype in 16-bit dtypes.
+The CUDA cases are marked ``cuda`` (they run in scripts/gpu_session.sh's tests phase).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnl_ext import reference_format
+from cnl_ext.ops import rules
+from cnl_ext.optim.adam import cnl_adam_step
+from cnl_ext.optim.sgd import cnl_sgd_step
+
+from ..conftest import ALL_BACKEND_DEVICES
+from .test_definition import (ADAM_OPTIONS, DTYPES, SGD_OPTIONS, STEPS, _adam_arguments, _assert_bits, _clone,
+                              _inputs, _module, _sgd_arguments, _small_chunks)  # noqa: F401 (fixture)
+
+CASES = {  # name: (reference format, ewc_lambda, agem coefficient per step)
+    "ewc": (None, 0.7, None),
+    "ewc-cnl-float32": ("float32", 0.7, None),
+    "ewc-cnl-sign2": ("sign2", 1.5, None),
+    "agem-float32": ("float32", 0.0, (-0.3, 0.0, -1.25)),
+    "agem-bfloat16-ewc": ("bfloat16", 0.7, (-0.6, -0.05, 0.0)),
+}
+
+
+def _ewc_inputs(params, device, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    fishers = [torch.rand(p.shape, generator=generator).to(device) for p in params]
+    anchors = [(p.float() + 0.3 * torch.randn(p.shape, generator=generator).to(device)).to(p.dtype) for p in params]
+    return fishers, anchors
+
+
+def _cases():
+    return [pytest.param(dtype, case, id=f"{dtype}-{case}".replace("torch.", "")) for dtype in DTYPES for case in CASES]
+
+
+def _run(backend, device, dtype, case, op, definition, n_states, arguments):
+    module = _module(backend, device, dtype)
+    fmt, ewc_lambda, coefficients = CASES[case]
+    params, states, grads, refs = _inputs(backend, dtype, fmt, device, n_states)
+    states = states or [None]
+    fishers, anchors = _ewc_inputs(params, device)
+    stats = None if fmt is None or coefficients is not None else torch.zeros(len(params), 3, dtype=torch.float64,
+                                                                              device=device)
+    got, got_states = _clone(params), [_clone(s) for s in states]
+    want, want_states = _clone(params), [_clone(s) for s in states]
+    want_stats = None if stats is None else stats.clone()
+    for k in range(STEPS):
+        c = None if coefficients is None else coefficients[k]
+        op_kwargs, definition_kwargs = arguments(k)
+        getattr(module, op)(got, grads[k], *got_states, refs, stats, reference_format=fmt or "float32",
+                            ewc=(fishers, anchors) if ewc_lambda else None, ewc_lambda=ewc_lambda,
+                            agem_coefficient=None if c is None else torch.tensor(c, dtype=torch.float64),
+                            **op_kwargs)
+        for i in range(len(params)):
+            terms = dict(ewc_fisher=fishers[i], ewc_anchor=anchors[i], ewc_lambda=ewc_lambda)
+            mask = refs[i] if refs is not None and c is None else None
+            if c is not None:
+                terms.update(agem_reference=refs[i], agem_coefficient=c)
+            row = definition(want[i], grads[k][i], *(s[i] if s is not None else None for s in want_states), mask,
+                             reference_format=fmt or "float32", **definition_kwargs(i), **terms)
+            if row is not None and want_stats is not None:
+                want_stats[i] += row
+    fused = module.capabilities(torch.device(device)).rules
+    if fused or dtype in (torch.float32, torch.float64):
+        _assert_bits(got, want, "params")
+        for j, (g, w) in enumerate(zip(got_states, want_states)):
+            if g is not None:
+                _assert_bits(g, w, f"state {j}")
+    else:  # the pre-pass rounds the gradient to the parameter dtype once
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+    if stats is not None:
+        assert torch.equal(stats[:, 0], want_stats[:, 0]) or not (fused or dtype in (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype,case", _cases())
+@pytest.mark.parametrize("options", ["adamw", "adam-l2-amsgrad-maximize"])
+def test_adam_with_the_rules_equals_the_definition(backend, device, dtype, case, options):
+    _run(backend, device, dtype, case, "adam_step_", cnl_adam_step, 3,
+         _adam_arguments(backend, device, ADAM_OPTIONS[options], "host"))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype,case", _cases())
+@pytest.mark.parametrize("options", ["nesterov-decay", "dampening-maximize", "sgd"])
+def test_sgd_with_the_rules_equals_the_definition(backend, device, dtype, case, options):
+    opts = SGD_OPTIONS[options]
+    _run(backend, device, dtype, case, "sgd_step_", cnl_sgd_step, 1 if opts["momentum"] else 0,
+         _sgd_arguments(device, opts, tensor_lr=False))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "sign2"])
+def test_agem_dot_equals_its_definition(backend, device, dtype, fmt):
+    module = _module(backend, device, dtype)
+    if not module.capabilities(torch.device(device)).runs("agem_dot_"):
+        pytest.skip(f"{backend} has no agem_dot_ on {device}")
+    _, _, grads, refs = _inputs(backend, dtype, fmt, device, 0)
+    got = torch.full((len(grads[0]),), 0.5, dtype=torch.float64, device=device)
+    want = got.clone()
+    module.agem_dot_(grads[0], refs, got, reference_format=fmt)
+    rules.agem_dot_(grads[0], refs, want, reference_format=fmt)
+    # mixed signs: the error is relative to Σ|g·r| (float32 lanes of at most 32 terms, then float64)
+    scale = torch.stack([(g.double().abs() * reference_format.decode(r, fmt, g.shape).double().abs()).sum()
+                         for g, r in zip(grads[0], refs)]).to(device)
+    tolerance = (1e-12 if dtype == torch.float64 else 2e-6) * scale + 1e-12
+    assert ((got - want).abs() <= tolerance).all(), (got - want).abs().max()
+    again = torch.full_like(got, 0.5)
+    module.agem_dot_(grads[0], refs, again, reference_format=fmt)
+    assert torch.equal(again, got)  # deterministic
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("maximize", [False, True])
+def test_the_prepass_then_a_plain_step_equals_the_definition(case, maximize):
+    """cnl_ext.ops.rules.prepass (for a backend without Capabilities.rules): the rule's gradients, then
+    the torch backend's plain step, bit for bit in float32."""
+    from cnl_ext.ops import torch_backend
+
+    fmt, ewc_lambda, coefficients = CASES[case]
+    params, _, grads, refs = _inputs("torch", torch.float32, fmt, "cpu", 0)
+    fishers, anchors = _ewc_inputs(params, "cpu")
+    c = None if coefficients is None else coefficients[0]
+    got, want = _clone(params), _clone(params)
+    new_grads, references, stats = rules.prepass(
+        got, grads[0], refs, None, reference_format=fmt or "float32", maximize=maximize,
+        ewc=(fishers, anchors) if ewc_lambda else None, ewc_lambda=ewc_lambda, agem_coefficient=c)
+    assert (references is None) == (refs is None or c is not None)
+    torch_backend.sgd_step_(got, new_grads, None, references, stats, reference_format=fmt or "float32", lr=0.1,
+                            weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=maximize,
+                            first_step=True)
+    for i in range(len(params)):
+        terms = dict(ewc_fisher=fishers[i], ewc_anchor=anchors[i], ewc_lambda=ewc_lambda)
+        if c is not None:
+            terms.update(agem_reference=refs[i], agem_coefficient=c)
+        cnl_sgd_step(want[i], grads[0][i], None, refs[i] if refs is not None and c is None else None,
+                     reference_format=fmt or "float32", lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                     nesterov=False, maximize=maximize, first_step=True, **terms)
+    _assert_bits(got, want, "params")
