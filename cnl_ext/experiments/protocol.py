@@ -71,8 +71,9 @@ class InjectConfig:
     reference_batch_size: int = option(16, "batching of the reference pass (any size gives the same mean)")
     reference_tokens: int | None = option(REFERENCE_TOKENS, "token budget of a reference micro-batch: questions x "
                                           "longest prompt (bounds its memory; any budget gives the same mean)")
-    reference_checkpointing: bool = option(REFERENCE_CHECKPOINTING, "activation checkpointing of the decoder "
-                                           "layers in the reference pass (less memory, one more forward pass)")
+    reference_checkpointing: bool = option(REFERENCE_CHECKPOINTING, "no activation checkpointing in the reference "
+                                           "pass (on by default: less memory, one more forward pass over the "
+                                           "mastered set)")
     eval_batch_size: int = option(16, "batch size of inference")
     seed: int = option(0, "seed of the training order (the same order for every compared run)", flag="--order-seed")
     backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
