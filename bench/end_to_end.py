@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import cnl_ext
 from cnl_ext import reference_format
+from cnl_ext.experiments.memory import PeakMemory
 from cnl_ext.testing.authors_oracle import AuthorsCNL
 
 from bench import harness, report
@@ -195,7 +196,8 @@ def run_epoch(model, capture, optimizer_step, mastered, injection, device, desc:
 def run_mode(name, model, mastered, injection, args, backend, device) -> dict:
     """One mode's epoch (after a warmup epoch); ``backend``: FusedCNLAdamW's, for the cnl_fused modes."""
     harness.free_memory(device)
-    with harness.peak_memory(device, baseline=0) as peak:  # absolute peak: model, grads, states, activations
+    # absolute peaks: model, grads, states, activations (host RSS always; CUDA's allocator on a GPU)
+    with harness.peak_memory(device, baseline=0) as peak, PeakMemory(device) as host:
         capture, optimizer_step = make_mode(name, model, args, backend)
         warm = args.warmup
         if warm:  # lazily created optimizer states, kernel compilation, allocator growth
@@ -208,7 +210,8 @@ def run_mode(name, model, mastered, injection, args, backend, device) -> dict:
         description += f' (backend="{backend}")'
     return {"mode": name, "description": description, "backend": backend if name.startswith("cnl_fused") else None,
             **result, "optimizer_share": result["optimizer_ms"] / result["train_step_ms"],
-            "peak_memory_bytes": peak["bytes"]}
+            "peak_memory_bytes": peak["bytes"], "peak_rss_bytes": host.host,
+            "peak_rss_scope": host.scope}
 
 
 def speedups(rows: dict) -> list[tuple[str, float]]:
@@ -241,16 +244,17 @@ def markdown(result: dict) -> str:
         f"- FusedCNLAdamW backends `{'`, `'.join(setup['backends'])}`, reference_dtype `{setup['reference_dtype']}`; "
         f"AdamW lr {LR:g}, weight decay {WEIGHT_DECAY:g}",
         "- step times are medians over the injection steps; optimizer share = optimizer ms / train step ms; "
-        "peak memory is the absolute GPU peak of the mode",
+        "peak memory is the absolute GPU peak of the mode (CUDA max_memory_allocated), peak RSS the host's "
+        "resident set high-water mark during the mode (VmHWM, reset at its start)",
         "",
     ]
     header = ["mode", "what", "reference s", "injection s", "epoch s", "fwd+bwd ms", "optimizer ms",
-              "train step ms", "optimizer share", "peak memory GiB"]
+              "train step ms", "optimizer share", "peak memory GiB", "peak RSS GiB"]
     body = [
         [f"`{row['mode']}`", row["description"], report.fmt(row["capture_s"], ".3f"), f"{row['injection_s']:.3f}",
          f"{row['epoch_s']:.3f}", f"{row['forward_backward_ms']:.2f}", f"{row['optimizer_ms']:.2f}",
          f"{row['train_step_ms']:.2f}", f"{row['optimizer_share']:.1%}",
-         report.fmt(report.gib(row["peak_memory_bytes"]))]
+         report.fmt(report.gib(row["peak_memory_bytes"])), report.fmt(report.gib(row.get("peak_rss_bytes")))]
         for row in result["modes"].values()
     ]
     lines += report.markdown_table(header, body)

@@ -252,12 +252,14 @@ def test_end_to_end_smoke_run(tmp_path):
     for mode in saved["modes"].values():
         assert mode["epoch_s"] > 0 and mode["optimizer_ms"] > 0
         assert math.isclose(mode["optimizer_share"], mode["optimizer_ms"] / mode["train_step_ms"])
+        assert mode["peak_rss_bytes"] > 0 and mode["peak_rss_scope"] in ("run", "process")  # issue 23
     assert saved["modes"]["cnl_fused"]["backend"] == "torch"
     assert saved["modes"]["ft_fused"]["capture_s"] is None  # plain FT has no reference
     assert len(saved["speedups"]) == 4 * (len(expected) - 2)
     markdown = (tmp_path / f"{harness.file_stem(CPU)}-end_to_end.md").read_text()
     for mode in ("ft_fused", "cnl_authors", "cnl_fused"):
         assert f"| `{mode}` |" in markdown
+    assert "peak RSS GiB" in markdown
     assert "CNL epoch speed-up" in markdown
 
 

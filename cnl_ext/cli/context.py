@@ -7,7 +7,7 @@ import shlex
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -97,7 +97,7 @@ class Context:
             self.out = OutputFolder(output.out, overwrite=output.overwrite, resume=resume.resume,
                                     continuable=self.command.saved_runs is not None,
                                     replaceable=(lambda path: replaceable(self, path)) if replaceable else None)
-            self.out.check(self.options_record())
+            self.out.check(self.options_record(), defaults=self.options_record(defaults=True))
         models = self.get(ModelOptions)
         if models is not None:
             models.check()
@@ -134,15 +134,19 @@ class Context:
               f"({sum(p.numel() for p in model.parameters()):,} parameters, {options.dtype}, {model.device})")
         return model, tokenizer, MCQEncoder(tokenizer, use_chat_template=options.chat_template)
 
-    def options_record(self) -> dict:
-        """Every option as given (by flag), except those that do not change the results."""
+    def options_record(self, defaults: bool = False) -> dict:
+        """Every option as given (by flag), except those that do not change the results; ``defaults``:
+        each of those options' default instead."""
         ignored = {"resume", "keep_checkpoints", "checkpoints", "overwrite", "threads"}
         record = {}
         for cls, config in self.configs.items():
             for f in fields(cls):
                 if f.name in ignored or f.name not in self.declared[cls]:
                     continue
-                record[flag_of(f)] = jsonable(getattr(config, f.name))
+                if not defaults:
+                    record[flag_of(f)] = jsonable(getattr(config, f.name))
+                elif f.default is not MISSING or f.default_factory is not MISSING:
+                    record[flag_of(f)] = jsonable(f.default if f.default is not MISSING else f.default_factory())
         return json.loads(json.dumps(record))
 
     def provenance(self) -> dict:

@@ -92,6 +92,9 @@ class _EngineSteps:
     def capture_reference(self):
         return self._integration.capture_reference(self.engine)
 
+    def clear_reference(self) -> None:
+        self.optimizer.clear_reference()
+
     def cnl_stats(self):
         return self._integration.cnl_stats(self.engine)
 

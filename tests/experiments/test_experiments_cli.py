@@ -491,3 +491,22 @@ def test_continual_overwrites_resumes_a_finished_folder_and_takes_the_old_spelli
     summary = _rows(out / "summary.csv")
     assert [row["method"] for row in summary] == ["ft", "replay"]
     assert not list(workspace.glob(".continual*.partial")), "the staging folder was moved into place"
+
+
+def test_resume_accepts_an_option_added_since_at_its_default(tmp_path):
+    """A run interrupted before an option existed resumes when that option holds its default (what the run
+    did), and is refused when it does not."""
+    from cnl_ext.experiments.outputs import OutputFolder, UsageError
+
+    then = {"--epochs": 3}
+    first = OutputFolder(tmp_path / "out")
+    first.check(then)
+    first.open(then)  # interrupted: the staging folder stays, recording the options of then
+    now, defaults = {"--epochs": 3, "--reference-tokens": 4096}, {"--epochs": 25, "--reference-tokens": 4096}
+    resumed = OutputFolder(tmp_path / "out", resume=True)
+    resumed.check(now, defaults=defaults)
+    assert resumed.resuming
+    with pytest.raises(UsageError, match="--reference-tokens None then, 512 now"):
+        OutputFolder(tmp_path / "out", resume=True).check(dict(now, **{"--reference-tokens": 512}), defaults=defaults)
+    with pytest.raises(UsageError, match="--reference-tokens None then, 4096 now"):
+        OutputFolder(tmp_path / "out", resume=True).check(now)  # no defaults known: any new option differs
