@@ -213,9 +213,9 @@ def test_ewc_fisher_once_before_training_and_agem_reference_every_epoch(tokenize
         states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
         assert all("ewc_fisher" in s and "ewc_anchor" in s for s in states)
 
-    def reference(optimizer, model, encoder, questions, *, batch_size):
+    def reference(optimizer, model, encoder, questions, *, batch_size, **memory_bounds):
         references.append([q.prompt for q in questions])
-        return real_reference(optimizer, model, encoder, questions, batch_size=batch_size)
+        return real_reference(optimizer, model, encoder, questions, batch_size=batch_size, **memory_bounds)
 
     monkeypatch.setattr(protocol, "capture_fisher", capture)
     monkeypatch.setattr(protocol, "compute_reference", reference)

@@ -102,12 +102,22 @@ def test_reference_tokens_option_on_the_command_line():
     assert args.reference_tokens == 512 and args.reference_checkpointing is False
 
 
+def _touch_fresh_pages(size: int) -> None:
+    """Raise the RSS by ``size`` for a moment: pages of a new anonymous mapping, each written. (A tensor
+    may reuse memory the allocator kept from earlier tests in the same worker, and not raise it.)"""
+    import mmap
+
+    chunk = b"\1" * 2**20
+    with mmap.mmap(-1, size) as block:
+        for _ in range(size // len(chunk)):
+            block.write(chunk)
+
+
 def test_peak_memory_tracker():
     with memory.PeakMemory("cpu") as peak:
         before = memory.current_rss_bytes()
         with peak.phase("big"):
-            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-            del block
+            _touch_fresh_pages(64 * 2**20)
     saved = peak.to_dict()
     assert saved["host_rss_peak_bytes"] >= saved["phases"]["big"]["host_rss_peak_bytes"] > 0
     assert saved["host_rss_process_peak_bytes"] >= saved["host_rss_peak_bytes"]
@@ -136,8 +146,7 @@ def test_nested_trackers_keep_each_others_peaks():
     """A benchmark's watermark around a run's tracker (both reset the kernel's high-water mark)."""
     outer = memory.Watermark().start()
     with memory.PeakMemory("cpu") as inner:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB
-        del block
+        _touch_fresh_pages(64 * 2**20)
         with inner.phase("after"):  # resets the mark: the outer watermark must still see the 64 MiB
             pass
     peak = outer.stop()
