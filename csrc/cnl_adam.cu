@@ -5,10 +5,11 @@
 namespace cnl {
 namespace {
 
-// table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable),
-// then with importance: sensitivity, uncertainty (launch_step appends those two)
+// table columns: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, step (capturable), EWC's F
+// and anchor (read by the kernels without importance only: see kRules), then with importance:
+// sensitivity, uncertainty (launch_step appends those two)
 template <bool kImportance>
-constexpr int kAdamDepth = kImportance ? 9 : 7;
+constexpr int kAdamDepth = kImportance ? 11 : 9;
 static_assert(kFitsKernelArguments<kAdamDepth<true>, AdamScalarsT<double>, ImportanceScalars, double*> &&
                   kFitsKernelArguments<kAdamDepth<false>, AdamScalarsT<double>, ImportanceScalars, double*>,
               "tensor table too large for the kernel argument space");
@@ -24,6 +25,8 @@ struct AdamPtrs {
   float* __restrict__ sensitivity;  // nullptr without importance
   float* __restrict__ uncertainty;
   ImportanceScalars importance;
+  const float* __restrict__ fisher = nullptr;  // issue 22: EWC's F and anchor (nullptr without EWC)
+  const T* __restrict__ anchor = nullptr;
 };
 
 template <typename T, RefFormat kRef, bool kStats, bool kImportance>
@@ -36,14 +39,20 @@ struct AdamStep {
     ImportanceBlock<kImportance, N> importance;
     load<N>(p, a.param, i);
     load<N>(g, a.grad, i);
+    if constexpr (kRules<kImportance>) {
+      // maximize's sign and issue 22's terms, in place, before the moments are loaded: F and the
+      // anchor take no registers during the step.
+      load_reference<N, kRef>(r, a.ref, i);
+      rule_gradient<N, T>(g, p, r, s, a.fisher, a.anchor, i);
+    }
     load<N>(m, a.exp_avg, i);
     load<N>(v, a.exp_avg_sq, i);
     if (s.amsgrad) load<N>(vmax, a.max_exp_avg_sq, i);
-    load_reference<N, kRef>(r, a.ref, i);
+    if constexpr (!kRules<kImportance>) load_reference<N, kRef>(r, a.ref, i);
     importance.load_from(a.sensitivity, a.uncertainty, i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      C gk = s.maximize ? -g[k] : g[k];
+      C gk = kRules<kImportance> ? g[k] : (s.maximize ? -g[k] : g[k]);  // the EMAs read g as passed
       if (s.l2_weight_decay) gk = add(gk, mul(s.weight_decay, p[k]));
       // Moments are updated for every element; the mask touches only the parameter.
       m[k] = add(mul(s.beta1, m[k]), mul(s.one_minus_beta1, gk));
@@ -63,7 +72,8 @@ struct AdamStep {
         lr_u = step;
         p_new = sub(p[k], step);
       }
-      p[k] = cnl_select<kRef, kStats>(p[k], p_new, lr_u, r[k], acc);
+      // A-GEM (the rule kernels only): the references projected, they mask nothing.
+      p[k] = (kRules<kImportance> && s.project) ? p_new : cnl_select<kRef, kStats>(p[k], p_new, lr_u, r[k], acc);
     }
     store<N>(a.param, i, p);  // unchanged elements round-trip exactly (see cnl_sgd.cu)
     store<N>(a.exp_avg, i, m);
@@ -100,14 +110,19 @@ __global__ void __launch_bounds__(kBlockThreads)
                 static_cast<C*>(table.ptr[4][t]),     table.ptr[5][t],
                 nullptr,                              nullptr,
                 importance};
+  if constexpr (kRules<kImportance>) {
+    a.fisher = static_cast<const float*>(table.ptr[7][t]);
+    a.anchor = static_cast<const T*>(table.ptr[8][t]);
+  }
   if constexpr (kImportance) {
-    a.sensitivity = static_cast<float*>(table.ptr[7][t]);
-    a.uncertainty = static_cast<float*>(table.ptr[8][t]);
+    a.sensitivity = static_cast<float*>(table.ptr[9][t]);
+    a.uncertainty = static_cast<float*>(table.ptr[10][t]);
   }
   const bool vectorizable = aligned_to(a.param, 4 * sizeof(T)) && aligned_to(a.grad, 4 * sizeof(T)) &&
                             aligned_to(a.exp_avg, 4 * sizeof(C)) && aligned_to(a.exp_avg_sq, 4 * sizeof(C)) &&
                             aligned_to(a.max_exp_avg_sq, 4 * sizeof(C)) && aligned_to(a.ref, reference_alignment<kRef>()) &&
-                            aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16);
+                            aligned_to(a.sensitivity, 16) && aligned_to(a.uncertainty, 16) &&
+                            aligned_to(a.fisher, 16) && aligned_to(a.anchor, 4 * sizeof(T));
   StatAcc acc;
   chunk_loop<AdamStep<T, kRef, kStats, kImportance>>(a, vectorizable, start, end, s, acc);
   if constexpr (kStats) {
@@ -138,13 +153,17 @@ cudaError_t launch_adam_step(const TensorLists& lists, const AdamScalarsT<C>& sc
   if (lists.states[0] == nullptr || lists.states[1] == nullptr) return cudaErrorInvalidValue;
   if (scalars.amsgrad && lists.states[2] == nullptr) return cudaErrorInvalidValue;
   if (has_ref && lists.references == nullptr) return cudaErrorInvalidValue;
+  if (scalars.ewc && (lists.fishers == nullptr || lists.anchors == nullptr)) return cudaErrorInvalidValue;
+  if ((scalars.ewc || scalars.project) && importance != nullptr) return cudaErrorInvalidValue;  // see kRules
   void* const* const columns[kAdamDepth<false>] = {lists.params,
                                                    lists.grads,
                                                    lists.states[0],
                                                    lists.states[1],
                                                    scalars.amsgrad ? lists.states[2] : nullptr,
                                                    has_ref ? lists.references : nullptr,
-                                                   lists.steps};
+                                                   lists.steps,
+                                                   scalars.ewc ? lists.fishers : nullptr,
+                                                   scalars.ewc ? lists.anchors : nullptr};
   return launch_step<AdamLaunch, C>(lists, columns, scalars, importance, stream);
 }
 

@@ -6,9 +6,9 @@
 // host-to-device copy, no allocation and no synchronization, and it can be captured in a CUDA
 // graph. Each block handles one chunk of kChunkSize elements; instead of one table row per chunk
 // (Apex) the table holds one row per tensor with the prefix sum of chunk counts, and a block finds
-// its tensor by binary search. That fits 54 (Adam) to 82 (SGD) tensors in the 4 KiB argument space
-// whatever their sizes (44 and 61 with the two importance columns), so a 338-tensor model takes 7
-// Adam launches. Offsets are 64-bit throughout.
+// its tensor by binary search. That fits 44 (Adam) to 61 (SGD) tensors in the 4 KiB argument space
+// whatever their sizes (37 and 49 with the two importance columns; both count EWC's two columns), so a
+// 338-tensor model takes 8 Adam launches. Offsets are 64-bit throughout.
 #pragma once
 
 #include <cstdint>
@@ -176,6 +176,39 @@ __device__ __forceinline__ void load_reference(C (&out)[N], const void* __restri
       const Pack pack = *reinterpret_cast<const Pack*>(ref + i);
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[k] = static_cast<C>(float_of(pack.v[k]));
+    }
+  }
+}
+
+// Whether the step kernels of that importance flag apply issue 22's terms (Scalars::ewc / ::project) in
+// their pass: only those without KIF's EMAs (with both, float64 Adam with statistics spilled registers).
+// launch_sgd_step / launch_adam_step refuse the terms with importance (cudaErrorInvalidValue); the host
+// (cnl_ext/ops/native_backend.py) then steps with the terms and updates the EMAs right after the step.
+template <bool kImportance>
+constexpr bool kRules = !kImportance;
+
+// g (as passed) <- maximize's sign, then issue 22's terms (cnl_ext/ops/rules.py), each operation
+// rounded on its own: g - c*r (A-GEM: Scalars::project), then + 2*lambda*(F*(p - anchor)) (EWC:
+// Scalars::ewc; F float32, the anchor in the parameter's type). In place, before the other streams
+// are loaded, so that F and the anchor take no registers during the step.
+template <int N, typename T, class Scalars>
+__device__ __forceinline__ void rule_gradient(Compute<T> (&g)[N], const Compute<T> (&p)[N], const Compute<T> (&r)[N],
+                                              const Scalars& s, const float* __restrict__ fisher,
+                                              const T* __restrict__ anchor_base, int64_t i) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) g[k] = s.maximize ? -g[k] : g[k];
+  if (s.project) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) g[k] = sub(g[k], mul(s.agem_coefficient, r[k]));
+  }
+  if (s.ewc) {
+    float f32[N];
+    Compute<T> anchor[N];
+    load<N>(f32, fisher, i);
+    load<N>(anchor, anchor_base, i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      g[k] = add(g[k], mul(s.ewc_two_lambda, mul(static_cast<Compute<T>>(f32[k]), sub(p[k], anchor[k]))));
     }
   }
 }

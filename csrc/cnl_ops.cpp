@@ -39,12 +39,23 @@ void allocate_partials(Collected& c, const Tensor& param) {
   c.lists.partials = c.partials.data_ptr<double>();
 }
 
-// Issue 22's terms are not in the CUDA kernels yet: cnl_ext.ops.native_backend applies them in a
-// pre-pass over the gradients (cnl_ext/ops/rules.py) and never passes them here.
-inline void refuse_rules(const Collected& c, const char* op) {
-  TORCH_CHECK(c.lists.fishers == nullptr && !c.lists.project, op,
-              ": the CUDA kernels do not apply EWC's or A-GEM's terms (ewc_fishers, agem_coefficient); "
-              "cnl_ext.ops.native_backend applies them to the gradients first");
+// Issue 22's terms (validated into c.lists by cnl_binding.h's collect_rules) as the CUDA kernels take
+// them: in the step's scalars, 2*lambda and c rounded once to the compute type. The kernels with KIF's
+// importance EMAs do not apply them (cnl_multi_tensor.cuh's kRules): cnl_ext.ops.native_backend never
+// passes both, it updates the EMAs after a step with the terms (cnl_ext/ops/importance.py).
+template <class Scalars>
+Scalars with_rules(const Scalars& s, const Collected& c, const cnl::Importance* importance, const char* op) {
+  using C = decltype(s.lr);
+  TORCH_CHECK(importance == nullptr || (c.lists.fishers == nullptr && !c.lists.project), op,
+              ": the CUDA kernels do not apply EWC's or A-GEM's terms (ewc_fishers, agem_coefficient) in a "
+              "pass that updates the importance EMAs (sensitivities); cnl_ext.ops.native_backend updates the "
+              "EMAs after the step there");
+  Scalars out = s;
+  out.ewc = c.lists.fishers != nullptr;
+  out.ewc_two_lambda = static_cast<C>(c.lists.ewc_two_lambda);
+  out.project = c.lists.project;
+  out.agem_coefficient = static_cast<C>(c.lists.agem_coefficient);
+  return out;
 }
 
 // The CUDA kernels of the step ops (cnl_binding.h's StepOps validates their inputs): enqueued on the
@@ -55,18 +66,20 @@ struct CudaSteps {
   template <typename C>
   static void sgd(Collected& c, const cnl::SgdScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                   const Tensor& param) {
-    refuse_rules(c, op);
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
-    check_launch(cnl::launch_sgd_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
+    check_launch(cnl::launch_sgd_step(c.lists, with_rules(s, c, importance, op), importance,
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
   }
   template <typename C>
   static void adam(Collected& c, const cnl::AdamScalarsT<C>& s, const cnl::Importance* importance, const char* op,
                    const Tensor& param) {
-    refuse_rules(c, op);
     allocate_partials(c, param);
     const c10::cuda::CUDAGuard guard(param.device());
-    check_launch(cnl::launch_adam_step(c.lists, s, importance, c10::cuda::getCurrentCUDAStream().stream()), op);
+    check_launch(cnl::launch_adam_step(c.lists, with_rules(s, c, importance, op), importance,
+                                       c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
   }
 };
 using Steps = cnl::binding::StepOps<CudaSteps>;

@@ -45,7 +45,8 @@ struct TensorLists {
   // before the L2 weight decay, each operation rounded on its own in the compute type:
   //   g <- g - c*r               with `project` (A-GEM): the references project and mask nothing
   //   g <- g + (2*lambda)*(F*(p - anchor))   with `fishers` (EWC): F float32, anchor in the param dtype
-  // (c and 2*lambda rounded once from double to the compute type). CPU kernels only so far.
+  // (c and 2*lambda rounded once from double to the compute type; the CUDA kernels take them in their
+  // scalars, SgdScalarsT / AdamScalarsT).
   void* const* fishers = nullptr;
   void* const* anchors = nullptr;
   double ewc_two_lambda = 0.0;
@@ -70,6 +71,12 @@ struct SgdScalarsT {
   bool first_step;
   bool nesterov;
   bool maximize;
+  // Issue 22's terms in the CUDA kernels (the CPU kernels read them from TensorLists): 2*lambda and c
+  // rounded once to C, and whether each applies.
+  C ewc_two_lambda{};
+  C agem_coefficient{};
+  bool ewc = false;
+  bool project = false;
 };
 
 template <typename C>
@@ -91,6 +98,10 @@ struct AdamScalarsT {
   bool decoupled_weight_decay;  // weight_decay != 0 and decoupled: u += wd*p, p *= 1 - lr*wd
   bool amsgrad;
   bool maximize;
+  C ewc_two_lambda{};  // issue 22, as in SgdScalarsT
+  C agem_coefficient{};
+  bool ewc = false;
+  bool project = false;
 };
 
 using SgdScalars = SgdScalarsT<float>;

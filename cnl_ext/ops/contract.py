@@ -86,8 +86,10 @@ class Capabilities:
     (computed in float64, with float64 states); ``capturable``: a tensor ``lr`` and ``device_steps``
     (CUDA graphs); ``importance``: the steps take :data:`IMPORTANCE_KEYWORDS` (KIF's EMAs in the same
     pass); ``rules``: the steps apply :data:`RULE_KEYWORDS` in their own pass (else in a pre-pass
-    over the gradients, :func:`cnl_ext.ops.rules.rule_gradients`); ``reason``: why an op is missing,
-    for error messages (``""``: the generic one).
+    over the gradients, :func:`cnl_ext.ops.rules.rule_gradients`); ``importance_with_rules``: with
+    ``importance`` and ``rules``, whether a call with both updates the EMAs in that same pass (else
+    right after it, :func:`cnl_ext.ops.importance.importance_update_`; the same values); ``reason``:
+    why an op is missing, for error messages (``""``: the generic one).
     """
 
     ops: frozenset = frozenset()
@@ -95,6 +97,7 @@ class Capabilities:
     capturable: bool = False
     importance: bool = False
     rules: bool = False
+    importance_with_rules: bool = True
     reason: str = ""
 
     def runs(self, op) -> bool:

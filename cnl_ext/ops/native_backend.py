@@ -43,7 +43,7 @@ import torch
 from . import build_lock, native_build
 from . import contract
 from .contract import Capabilities
-from .rules import prepass
+from .importance import importance_update_
 
 NAME = "native"
 OPS = tuple(contract.OPS)  # the names of the ops of torch.ops.cnl_ext
@@ -301,7 +301,8 @@ def kernel_mismatches() -> list:
 
 
 _CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
-_CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True,
+_CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True, rules=True,
+                     importance_with_rules=False,
                      reason="backend 'native' runs masked_delta_ on CPU tensors only (use backend='triton' or "
                             "'torch' for CUDA tensors)")
 
@@ -309,8 +310,9 @@ _CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, import
 def capabilities(device) -> Capabilities:
     """Every op on CPU; all but ``masked_delta_`` on CUDA with ``cnl_ext._C``; nothing elsewhere. Both
     step float64 parameters in float64, with float64 states, take capturable arguments and update
-    KIF's importance EMAs in the step; the CPU kernels also apply issue 22's terms (EWC, A-GEM) in the
-    step and run A-GEM's reduction ``agem_dot_``, the CUDA ones take the terms from a pre-pass."""
+    KIF's importance EMAs and apply issue 22's terms (EWC, A-GEM) in the step (on CUDA not both in one
+    pass: with the terms the EMAs are updated after the step, ``importance_with_rules=False``); the CPU
+    kernels also run A-GEM's reduction ``agem_dot_`` (on CUDA: PyTorch's, :func:`cnl_ext.functional.agem_dots`)."""
     device = torch.device(device)
     if device.type == "cpu":
         return _CPU
@@ -371,22 +373,25 @@ def _importance_keywords(importance, importance_kind, importance_betas) -> dict:
                 importance_beta1=beta1, importance_beta2=beta2)
 
 
-def _rule_keywords(params, grads, references, stats, reference_format, maximize, ewc, ewc_lambda,
-                   agem_coefficient):
-    """``(grads, references, stats, keywords)``: issue 22's terms as the ops' optional arguments (CPU
-    kernels), or applied by a pre-pass over the gradients (CUDA kernels, :func:`cnl_ext.ops.rules.prepass`)."""
-    if params[0].device.type != "cpu":
-        grads, references, stats = prepass(params, grads, references, stats, reference_format=reference_format,
-                                           maximize=maximize, ewc=ewc, ewc_lambda=ewc_lambda,
-                                           agem_coefficient=agem_coefficient)
-        return grads, references, stats, {}
+def _rule_keywords(stats, ewc, ewc_lambda, agem_coefficient):
+    """``(stats, keywords)``: issue 22's terms as the ops' optional arguments, which the kernels apply in
+    the step's pass (A-GEM's ``c`` read once to the host: a device sync for a CUDA tensor ``c``)."""
     keywords = {}
     if ewc is not None and ewc_lambda != 0:
         keywords.update(ewc_fishers=list(ewc[0]), ewc_anchors=list(ewc[1]), ewc_lambda=float(ewc_lambda))
     if agem_coefficient is not None:
-        keywords["agem_coefficient"] = float(agem_coefficient)  # a CPU scalar: no device sync
+        keywords["agem_coefficient"] = float(agem_coefficient)
         stats = None
-    return grads, references, stats, keywords
+    return stats, keywords
+
+
+def _split_importance(params, importance, rule_keywords):
+    """``(importance in the step's pass, importance after it)``: the CUDA kernels do not update KIF's EMAs
+    in a pass that applies the rule's terms (``Capabilities.importance_with_rules``; registers): there
+    :func:`cnl_ext.ops.importance.importance_update_` updates them after the step, from the same inputs."""
+    if importance is not None and rule_keywords and params[0].device.type != "cpu":
+        return None, importance
+    return importance, None
 
 
 def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_format: str, lr,
@@ -394,14 +399,14 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
               first_step: bool, importance=None, importance_kind: str = "first",
               importance_betas=(0.85, 0.85), ewc=None, ewc_lambda=0.0, agem_coefficient=None) -> None:
     """See :mod:`cnl_ext.ops` for the contract and the torch backend for the math; ``importance``:
-    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass; ``ewc``,
-    ``ewc_lambda``, ``agem_coefficient``: issue 22's terms (:mod:`cnl_ext.ops.rules`), in the same pass
-    on the CPU."""
+    ``None`` or (sensitivities, uncertainties), KIF's EMAs, updated in the same pass (on CUDA with the
+    rule's terms: right after it, :func:`_split_importance`); ``ewc``,
+    ``ewc_lambda``, ``agem_coefficient``: issue 22's terms (:mod:`cnl_ext.ops.rules`), in the same pass."""
     _check()
     if len(params) == 0:  # nothing to do (and no tensor for the dispatcher to choose a kernel by)
         return
-    grads, references, stats, rule_keywords = _rule_keywords(params, grads, references, stats, reference_format,
-                                                             maximize, ewc, ewc_lambda, agem_coefficient)
+    stats, rule_keywords = _rule_keywords(stats, ewc, ewc_lambda, agem_coefficient)
+    importance, importance_after = _split_importance(params, importance, rule_keywords)
     lr, lr_tensor = _split_lr(lr)
     torch.ops.cnl_ext.sgd_step_(
         params, grads, momentum_buffers, references, stats,
@@ -410,6 +415,8 @@ def sgd_step_(params, grads, momentum_buffers, references, stats, *, reference_f
         maximize=bool(maximize), first_step=bool(first_step), lr_tensor=lr_tensor,
         **_importance_keywords(importance, importance_kind, importance_betas), **rule_keywords,
     )
+    if importance_after is not None:
+        importance_update_(params, grads, *importance_after, kind=importance_kind, betas=importance_betas)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references, stats, *,
@@ -427,8 +434,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
     _check()
     if len(params) == 0:
         return
-    grads, references, stats, rule_keywords = _rule_keywords(params, grads, references, stats, reference_format,
-                                                             maximize, ewc, ewc_lambda, agem_coefficient)
+    stats, rule_keywords = _rule_keywords(stats, ewc, ewc_lambda, agem_coefficient)
+    importance, importance_after = _split_importance(params, importance, rule_keywords)
     lr, lr_tensor = _split_lr(lr)
     on_device = device_steps is not None
     torch.ops.cnl_ext.adam_step_(
@@ -442,6 +449,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references
         device_steps=device_steps, lr_tensor=lr_tensor,
         **_importance_keywords(importance, importance_kind, importance_betas), **rule_keywords,
     )
+    if importance_after is not None:
+        importance_update_(params, grads, *importance_after, kind=importance_kind, betas=importance_betas)
 
 
 def agem_dot_(grads, references, out, *, reference_format: str) -> None:

@@ -1,6 +1,6 @@
 """Issue 22's terms of a step (the ops contract's :data:`~cnl_ext.ops.contract.RULE_KEYWORDS`), in plain
 PyTorch: the definition every kernel is checked against (tests/optim/test_rules_ops.py), and the
-pre-pass of a backend that does not apply them in its own pass (the native CUDA kernels).
+pre-pass of a backend that does not apply them in its own pass (every backend does at present).
 
 Per tensor, in the compute dtype (float32; float64 for float64 parameters), each operation rounded on
 its own, after ``maximize``'s sign and before the optimizer's L2 weight decay::

@@ -29,11 +29,12 @@ i.e. A-GEM projects the loss gradient only; EWC's penalty is added after the pro
 reduction reads ``g`` and ``r`` only). With ``rule="cnl"`` the CNL mask then compares the update
 built from this gradient, as it always does.
 
-The step ops take the terms as arguments (the ops contract's ``RULE_KEYWORDS``): the native CPU
-kernels, Triton and PyTorch apply them in the step's own pass, the native CUDA kernels after a
-pre-pass over the gradients (:func:`cnl_ext.ops.rules.prepass`); each backend's
-``Capabilities.rules`` says which. The ``g·r`` reduction is the native CPU kernels' ``agem_dot_`` (one
-multi-tensor pass, parallel over the tensors' work items, summed in a fixed order), PyTorch ops elsewhere.
+The step ops take the terms as arguments (the ops contract's ``RULE_KEYWORDS``): every backend's
+kernels apply them in the step's own pass (the native CUDA ones then update KIF's importance EMAs, if
+asked, right after it: ``Capabilities.importance_with_rules``); a backend without ``Capabilities.rules``
+would take a pre-pass over the gradients (:func:`cnl_ext.ops.rules.prepass`). The ``g·r`` reduction is
+the native CPU kernels' ``agem_dot_`` (one multi-tensor pass, parallel over the tensors' work items,
+summed in a fixed order), PyTorch ops elsewhere.
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ class FusedCNLSGD(CNLOptimizer):
     ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
     or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
     (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
-    one reduction reading ``g`` and ``r`` and one step applying the projection (the native CUDA
-    kernels add a pre-pass over the gradients, see ``Capabilities.rules``). ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
+    one reduction reading ``g`` and ``r`` and one step applying the projection (see
+    ``Capabilities.rules``). ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
     (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
     from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """

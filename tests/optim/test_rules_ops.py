@@ -3,11 +3,13 @@
 definitions tensor by tensor, over test_definition's shapes (0-d, empty, odd sizes, more than one
 work item / chunk), several steps; and ``agem_dot_`` against its definition.
 
-A backend whose ``Capabilities.rules`` is set (native CPU, Triton, PyTorch) applies the terms in its
-own pass and equals the definition bit for bit in every dtype; one without it (the native CUDA
-kernels) applies them in a pre-pass over the gradients (cnl_ext.ops.rules.prepass), bit for bit in
-float32 and float64, and within one rounding of the gradient to the parameter dtype in 16-bit dtypes.
-The CUDA cases are marked ``cuda`` (they run in scripts/gpu_session.sh's tests phase).
+A backend whose ``Capabilities.rules`` is set (every one: native CPU and CUDA, Triton, PyTorch) applies
+the terms in its own pass and equals the definition bit for bit in every dtype; one without it would
+apply them in a pre-pass over the gradients (cnl_ext.ops.rules.prepass), bit for bit in float32 and
+float64, and within one rounding of the gradient to the parameter dtype in 16-bit dtypes. With KIF's
+importance EMAs too, the EMAs equal cnl_ext.ops.importance.importance_update_ of the gradients as passed
+(in the step's pass, or right after it where ``Capabilities.importance_with_rules`` is not set: the
+native CUDA kernels). The CUDA cases are marked ``cuda`` (they run in scripts/gpu_session.sh's tests phase).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from cnl_ext import reference_format
 from cnl_ext.ops import rules
+from cnl_ext.ops.importance import importance_update_
 from cnl_ext.optim.adam import cnl_adam_step
 from cnl_ext.optim.sgd import cnl_sgd_step
 
@@ -43,8 +46,10 @@ def _cases():
     return [pytest.param(dtype, case, id=f"{dtype}-{case}".replace("torch.", "")) for dtype in DTYPES for case in CASES]
 
 
-def _run(backend, device, dtype, case, op, definition, n_states, arguments):
+def _run(backend, device, dtype, case, op, definition, n_states, arguments, importance_kind=None):
     module = _module(backend, device, dtype)
+    if importance_kind is not None and not module.capabilities(torch.device(device)).importance:
+        pytest.skip(f"{backend} takes no importance EMAs on {device}")
     fmt, ewc_lambda, coefficients = CASES[case]
     params, states, grads, refs = _inputs(backend, dtype, fmt, device, n_states)
     states = states or [None]
@@ -54,13 +59,20 @@ def _run(backend, device, dtype, case, op, definition, n_states, arguments):
     got, got_states = _clone(params), [_clone(s) for s in states]
     want, want_states = _clone(params), [_clone(s) for s in states]
     want_stats = None if stats is None else stats.clone()
+    importance, want_importance, importance_kwargs = None, None, {}
+    if importance_kind is not None:
+        generator = torch.Generator().manual_seed(2)
+        importance = [[torch.rand(p.shape, generator=generator).to(device) for p in params] for _ in range(2)]
+        want_importance = [_clone(column) for column in importance]
+        importance_kwargs = dict(importance=tuple(importance), importance_kind=importance_kind,
+                                 importance_betas=(0.85, 0.7))
     for k in range(STEPS):
         c = None if coefficients is None else coefficients[k]
         op_kwargs, definition_kwargs = arguments(k)
         getattr(module, op)(got, grads[k], *got_states, refs, stats, reference_format=fmt or "float32",
                             ewc=(fishers, anchors) if ewc_lambda else None, ewc_lambda=ewc_lambda,
                             agem_coefficient=None if c is None else torch.tensor(c, dtype=torch.float64),
-                            **op_kwargs)
+                            **op_kwargs, **importance_kwargs)
         for i in range(len(params)):
             terms = dict(ewc_fisher=fishers[i], ewc_anchor=anchors[i], ewc_lambda=ewc_lambda)
             mask = refs[i] if refs is not None and c is None else None
@@ -70,6 +82,8 @@ def _run(backend, device, dtype, case, op, definition, n_states, arguments):
                              reference_format=fmt or "float32", **definition_kwargs(i), **terms)
             if row is not None and want_stats is not None:
                 want_stats[i] += row
+        if importance_kind is not None:  # the EMAs read the new params and the gradients as passed
+            importance_update_(want, grads[k], *want_importance, kind=importance_kind, betas=(0.85, 0.7))
     fused = module.capabilities(torch.device(device)).rules
     if fused or dtype in (torch.float32, torch.float64):
         _assert_bits(got, want, "params")
@@ -81,6 +95,9 @@ def _run(backend, device, dtype, case, op, definition, n_states, arguments):
             torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
     if stats is not None:
         assert torch.equal(stats[:, 0], want_stats[:, 0]) or not (fused or dtype in (torch.float32, torch.float64))
+    if importance is not None:
+        _assert_bits(importance[0], want_importance[0], "sensitivities")
+        _assert_bits(importance[1], want_importance[1], "uncertainties")
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
@@ -98,6 +115,19 @@ def test_sgd_with_the_rules_equals_the_definition(backend, device, dtype, case, 
     opts = SGD_OPTIONS[options]
     _run(backend, device, dtype, case, "sgd_step_", cnl_sgd_step, 1 if opts["momentum"] else 0,
          _sgd_arguments(device, opts, tensor_lr=False))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["ewc-cnl-float32", "agem-bfloat16-ewc"])
+@pytest.mark.parametrize("kind", ["first", "param_mix"])
+def test_the_rules_with_importance_equal_the_definitions(backend, device, dtype, case, kind):
+    """The rule's terms and KIF's EMAs in one call (the native CUDA kernels: the terms fused in the step,
+    the EMAs right after it, Capabilities.importance_with_rules)."""
+    _run(backend, device, dtype, case, "adam_step_", cnl_adam_step, 3,
+         _adam_arguments(backend, device, ADAM_OPTIONS["adam-l2-amsgrad-maximize"], "host"), importance_kind=kind)
+    _run(backend, device, dtype, case, "sgd_step_", cnl_sgd_step, 1,
+         _sgd_arguments(device, SGD_OPTIONS["dampening-maximize"], tensor_lr=False), importance_kind=kind)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES)
