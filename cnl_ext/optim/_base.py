@@ -19,7 +19,7 @@ from ._reference_store import REFERENCE_KEY, ReferenceCapture, ReferenceStore
 from ._rules import EWC_ANCHOR, EWC_FISHER, agem_coefficient, capture_fisher, check_rule_options, rule_arguments
 from ._stats import CNLStats, ParameterStats, StatsTracker
 
-__all__ = ["CNLOptimizer", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY", "IMPORTANCE_SLOTS"]
+__all__ = ["CNLOptimizer", "EXTRA_ARGUMENTS_DOC", "CNLStats", "ParameterStats", "ReferenceCapture", "REFERENCE_KEY", "IMPORTANCE_SLOTS"]
 
 # KIF's importance EMAs live in two slots (Recurrent-KIF's inner and outer learner); each is a pair
 # of float32 states per parameter, "<slot>_sensitivity" and "<slot>_uncertainty".
@@ -45,6 +45,24 @@ def new_state(p, dtype=None):
     """A zeroed per-element state of ``p``: contiguous, in ``dtype`` (default: the state dtype of
     ``p``, :func:`cnl_ext.functional.state_dtype`; complex for a complex parameter)."""
     return torch.zeros_like(p, dtype=dtype or functional.state_dtype(p.dtype), memory_format=torch.contiguous_format)
+
+
+# The arguments every fused CNL optimizer adds to its torch.optim counterpart's, appended to each one's
+# docstring (as torch.optim shares its ``_foreach_doc``, ``_maximize_doc``, ...).
+EXTRA_ARGUMENTS_DOC = r"""
+    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
+    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
+    ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
+    ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
+    an observer: parameters and moments are bit-identical with it on.
+
+    ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
+    or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
+    (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
+    one reduction reading ``g`` and ``r`` and one step applying the projection. ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
+    (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
+    from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
+    """
 
 
 class CNLOptimizer(torch.optim.Optimizer):

@@ -13,7 +13,7 @@ from ..ops.adam_scalars import (capturable_bias_corrections, correctly_rounded_s
                                 step_size_of)
 from ..ops.chunking import compute_dtype
 from ._args import check_common, check_tensor_hyperparameter, scalar
-from ._base import CNLOptimizer, new_state, real_views
+from ._base import EXTRA_ARGUMENTS_DOC, CNLOptimizer, new_state, real_views
 from ._rules import rule_gradient
 
 __all__ = ["FusedCNLAdam", "cnl_adam_step"]
@@ -99,20 +99,6 @@ class FusedCNLAdam(CNLOptimizer):
     ``state["step"]`` is a host scalar tensor as in torch,
     or a device one with ``capturable=True`` (then ``lr`` may be a device tensor too, and ``step``
     makes no host synchronization, so it can be captured in a CUDA graph).
-
-    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
-    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
-    ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
-    ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
-    an observer: parameters and moments are bit-identical with it on.
-
-    ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
-    or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
-    (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
-    one reduction reading ``g`` and ``r`` and one step applying the projection (see
-    ``Capabilities.rules``). ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
-    (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
-    from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """
 
     _op = "adam_step_"
@@ -172,3 +158,6 @@ class FusedCNLAdam(CNLOptimizer):
         )
         for p, state in zip(params, states):
             self.state[p] = state
+
+
+FusedCNLAdam.__doc__ += EXTRA_ARGUMENTS_DOC

@@ -11,7 +11,7 @@ from .. import functional
 from .. import reference_format as rf
 from ..ops.chunking import compute_dtype
 from ._args import check_common, scalar
-from ._base import CNLOptimizer, real_views
+from ._base import EXTRA_ARGUMENTS_DOC, CNLOptimizer, real_views
 from ._rules import rule_gradient
 
 __all__ = ["FusedCNLSGD", "cnl_sgd_step"]
@@ -66,20 +66,6 @@ class FusedCNLSGD(CNLOptimizer):
     with Nesterov); an element moves by ``−lr·u`` only where ``sign(r)·sign(u) ≥ 0``. The momentum
     buffer is updated for every element, in float32 for float32 and 16-bit parameters
     (docs/compatibility.md), in float64 for float64 ones.
-
-    Extra arguments: ``backend`` (``"auto" | "torch" | "triton" | "native"``, see
-    :mod:`cnl_ext.functional`), ``reference_dtype`` (``"float32" | "bfloat16" | "int8" | "sign2"``),
-    ``track_stats`` (see :meth:`cnl_stats`), and ``importance`` (``None | "first" | "param_mix"``) with
-    ``importance_betas``: KIF's importance EMAs kept in the same pass (see :meth:`importance_scores`);
-    an observer: parameters and moments are bit-identical with it on.
-
-    ``rule="agem"`` (default ``"cnl"``): A-GEM instead of the mask; with a reference set (``float32``
-    or ``bfloat16`` ``reference_dtype``), the gradient is projected, ``g ← g − min(0, g·r)/(r·r)·r``
-    (dots over all parameters, across groups and FSDP2 shards), and the plain update follows: 2 passes,
-    one reduction reading ``g`` and ``r`` and one step applying the projection (see
-    ``Capabilities.rules``). ``ewc_lambda`` λ (default 0: off) and ``ewc_decay``
-    (default 1): EWC, ``g + 2λ·F⊙(θ−θ*)`` as the gradient, before weight decay, with ``F`` and ``θ*``
-    from :meth:`capture_fisher`. Order and sources: :mod:`cnl_ext.optim._rules`.
     """
 
     _op = "sgd_step_"
@@ -119,3 +105,6 @@ class FusedCNLSGD(CNLOptimizer):
                 state["momentum_buffer"] = torch.view_as_complex(buffers[i]) if p.is_complex() else buffers[i]
             if state:
                 self.state[p] = state
+
+
+FusedCNLSGD.__doc__ += EXTRA_ARGUMENTS_DOC
