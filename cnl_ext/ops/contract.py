@@ -43,7 +43,7 @@ IMPORTANCE_KEYWORDS = ("importance", "importance_kind", "importance_betas")
 # Issue 22 (cnl_ext.ops.rules defines them): ``ewc`` None or (fishers, anchors) with ``ewc_lambda``: the
 # gradient gets EWC's penalty 2λ·F·(θ−θ*); ``agem_coefficient`` None (the references mask the update,
 # CNL) or c (a number or 0-d tensor: the references project the gradient, g − c·r, and mask nothing).
-# Every backend's step ops take them; Capabilities.rules says whether in the step's own pass.
+# Every backend's step ops take them and apply them in the step's own pass.
 RULE_KEYWORDS = ("ewc", "ewc_lambda", "agem_coefficient")
 
 SGD_STEP = OpSpec(
@@ -85,9 +85,8 @@ class Capabilities:
     ``ops``: the names of the ops it runs there; ``float64``: the steps take float64 parameters
     (computed in float64, with float64 states); ``capturable``: a tensor ``lr`` and ``device_steps``
     (CUDA graphs); ``importance``: the steps take :data:`IMPORTANCE_KEYWORDS` (KIF's EMAs in the same
-    pass); ``rules``: the steps apply :data:`RULE_KEYWORDS` in their own pass (else in a pre-pass
-    over the gradients, :func:`cnl_ext.ops.rules.rule_gradients`); ``importance_with_rules``: with
-    ``importance`` and ``rules``, whether a call with both updates the EMAs in that same pass (else
+    pass); ``importance_with_rules``: with ``importance`` and :data:`RULE_KEYWORDS` terms (which
+    every backend's steps apply in their own pass), whether a call with both updates the EMAs in that same pass (else
     right after it, :func:`cnl_ext.ops.importance.importance_update_`; the same values); ``reason``:
     why an op is missing, for error messages (``""``: the generic one).
     """
@@ -96,7 +95,6 @@ class Capabilities:
     float64: bool = False
     capturable: bool = False
     importance: bool = False
-    rules: bool = False
     importance_with_rules: bool = True
     reason: str = ""
 

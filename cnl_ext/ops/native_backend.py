@@ -300,8 +300,8 @@ def kernel_mismatches() -> list:
     return lines
 
 
-_CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
-_CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True, rules=True,
+_CPU = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
+_CUDA = Capabilities(frozenset(_CUDA_OPS), float64=True, capturable=True, importance=True,
                      importance_with_rules=False,
                      reason="backend 'native' runs masked_delta_ on CPU tensors only (use backend='triton' or "
                             "'torch' for CUDA tensors)")

@@ -1,6 +1,6 @@
 """Issue 22's terms of a step (the ops contract's :data:`~cnl_ext.ops.contract.RULE_KEYWORDS`), in plain
-PyTorch: the definition every kernel is checked against (tests/optim/test_rules_ops.py), and the
-pre-pass of a backend that does not apply them in its own pass (every backend does at present).
+PyTorch: the definition every kernel is checked against (tests/optim/test_rules_ops.py); every
+backend applies them in its step's own pass.
 
 Per tensor, in the compute dtype (float32; float64 for float64 parameters), each operation rounded on
 its own, after ``maximize``'s sign and before the optimizer's L2 weight decay::
@@ -19,7 +19,7 @@ import torch
 from ..reference_format import decode
 from .chunking import compute_dtype
 
-__all__ = ["rule_gradient", "rule_gradients", "agem_dot_", "applies"]
+__all__ = ["rule_gradient", "agem_dot_", "applies"]
 
 
 def scalar_in(value, dtype, device):
@@ -49,32 +49,6 @@ def applies(references, ewc, ewc_lambda, agem_coefficient) -> tuple[bool, bool]:
 
 
 @torch.no_grad()
-def rule_gradients(params, grads, references, *, reference_format: str, maximize: bool, ewc, ewc_lambda,
-                   agem_coefficient):
-    """The gradients a step op takes once the rule's terms are applied (the pre-pass of a backend that
-    does not fuse them): new tensors in the gradients' dtype (``s·rule_gradient(s·g)``, ``s = ±1`` for
-    ``maximize``: the op negates again), or ``grads`` itself when no term applies."""
-    project, use_ewc = applies(references, ewc, ewc_lambda, agem_coefficient)
-    if not (project or use_ewc) or not params:
-        return grads
-    dtype = compute_dtype(params[0].dtype)
-    fishers, anchors = ewc if use_ewc else (None, None)
-    out = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        x = g.to(dtype)
-        if maximize:
-            x = -x
-        x = rule_gradient(x, p.to(dtype), agem_reference=references[i] if project else None,
-                          agem_coefficient=agem_coefficient, reference_format=reference_format,
-                          ewc_fisher=fishers[i] if use_ewc else None, ewc_anchor=anchors[i] if use_ewc else None,
-                          ewc_lambda=ewc_lambda)
-        if maximize:
-            x = -x
-        out.append(x.to(g.dtype, memory_format=torch.contiguous_format))
-    return out
-
-
-@torch.no_grad()
 def agem_dot_(grads, references, out, *, reference_format: str) -> None:
     """``out[i] += Σ grads[i]·r_i`` (float64 ``out`` of one entry per tensor; products in the compute
     dtype of the gradients, sums in float64)."""
@@ -85,14 +59,3 @@ def agem_dot_(grads, references, out, *, reference_format: str) -> None:
             for g, r in zip(grads, references)]
     out += torch.stack(sums).to(out.device)
 
-
-def prepass(params, grads, references, stats, *, reference_format: str, maximize: bool, ewc=None, ewc_lambda=0.0,
-            agem_coefficient=None):
-    """``(grads, references, stats)`` for a step op that does not apply the rule's terms in its pass: the
-    rule's gradients (:func:`rule_gradients`), and with A-GEM no references (they projected, they do not
-    mask) and no statistics."""
-    grads = rule_gradients(params, grads, references, reference_format=reference_format, maximize=maximize,
-                           ewc=ewc, ewc_lambda=ewc_lambda, agem_coefficient=agem_coefficient)
-    if agem_coefficient is not None:
-        return grads, None, None
-    return grads, references, stats

@@ -44,7 +44,7 @@ def unavailable_reason() -> str:
     return ""
 
 
-_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
+_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
 
 
 def capabilities(device: torch.device) -> Capabilities:

@@ -27,7 +27,7 @@ __all__ = ["NAME", "unavailable_reason", "capabilities", "prepare", "sgd_step_",
            "masked_delta_", "agem_dot_", "kif_task_vector_fuse_", "kif_recurrent_fuse_"]
 
 _STEP_OPS = frozenset(op.name for op in STEP_OPS)  # the ops that honour compile_only
-_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True, rules=True)
+_EVERYTHING = Capabilities(frozenset(OPS), float64=True, capturable=True, importance=True)
 _ELSEWHERE = ("Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, set before "
               "triton is imported); got tensors on {device}")
 

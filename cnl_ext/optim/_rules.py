@@ -31,8 +31,7 @@ built from this gradient, as it always does.
 
 The step ops take the terms as arguments (the ops contract's ``RULE_KEYWORDS``): every backend's
 kernels apply them in the step's own pass (the native CUDA ones then update KIF's importance EMAs, if
-asked, right after it: ``Capabilities.importance_with_rules``); a backend without ``Capabilities.rules``
-would take a pre-pass over the gradients (:func:`cnl_ext.ops.rules.prepass`). The ``g·r`` reduction is
+asked, right after it: ``Capabilities.importance_with_rules``). The ``g·r`` reduction is
 the native CPU kernels' ``agem_dot_`` (one multi-tensor pass, parallel over the tensors' work items,
 summed in a fixed order), PyTorch ops elsewhere.
 """

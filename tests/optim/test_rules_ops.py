@@ -3,10 +3,8 @@
 definitions tensor by tensor, over test_definition's shapes (0-d, empty, odd sizes, more than one
 work item / chunk), several steps; and ``agem_dot_`` against its definition.
 
-A backend whose ``Capabilities.rules`` is set (every one: native CPU and CUDA, Triton, PyTorch) applies
-the terms in its own pass and equals the definition bit for bit in every dtype; one without it would
-apply them in a pre-pass over the gradients (cnl_ext.ops.rules.prepass), bit for bit in float32 and
-float64, and within one rounding of the gradient to the parameter dtype in 16-bit dtypes. With KIF's
+Every backend (native CPU and CUDA, Triton, PyTorch) applies the terms in its own pass and equals the
+definition bit for bit in every dtype. With KIF's
 importance EMAs too, the EMAs equal cnl_ext.ops.importance.importance_update_ of the gradients as passed
 (in the step's pass, or right after it where ``Capabilities.importance_with_rules`` is not set: the
 native CUDA kernels). The CUDA cases are marked ``cuda`` (they run in scripts/gpu_session.sh's tests phase).
@@ -84,17 +82,12 @@ def _run(backend, device, dtype, case, op, definition, n_states, arguments, impo
                 want_stats[i] += row
         if importance_kind is not None:  # the EMAs read the new params and the gradients as passed
             importance_update_(want, grads[k], *want_importance, kind=importance_kind, betas=(0.85, 0.7))
-    fused = module.capabilities(torch.device(device)).rules
-    if fused or dtype in (torch.float32, torch.float64):
-        _assert_bits(got, want, "params")
-        for j, (g, w) in enumerate(zip(got_states, want_states)):
-            if g is not None:
-                _assert_bits(g, w, f"state {j}")
-    else:  # the pre-pass rounds the gradient to the parameter dtype once
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+    _assert_bits(got, want, "params")
+    for j, (g, w) in enumerate(zip(got_states, want_states)):
+        if g is not None:
+            _assert_bits(g, w, f"state {j}")
     if stats is not None:
-        assert torch.equal(stats[:, 0], want_stats[:, 0]) or not (fused or dtype in (torch.float32, torch.float64))
+        assert torch.equal(stats[:, 0], want_stats[:, 0])
     if importance is not None:
         _assert_bits(importance[0], want_importance[0], "sensitivities")
         _assert_bits(importance[1], want_importance[1], "uncertainties")
@@ -152,30 +145,3 @@ def test_agem_dot_equals_its_definition(backend, device, dtype, fmt):
     assert torch.equal(again, got)  # deterministic
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("maximize", [False, True])
-def test_the_prepass_then_a_plain_step_equals_the_definition(case, maximize):
-    """cnl_ext.ops.rules.prepass (for a backend without Capabilities.rules): the rule's gradients, then
-    the torch backend's plain step, bit for bit in float32."""
-    from cnl_ext.ops import torch_backend
-
-    fmt, ewc_lambda, coefficients = CASES[case]
-    params, _, grads, refs = _inputs("torch", torch.float32, fmt, "cpu", 0)
-    fishers, anchors = _ewc_inputs(params, "cpu")
-    c = None if coefficients is None else coefficients[0]
-    got, want = _clone(params), _clone(params)
-    new_grads, references, stats = rules.prepass(
-        got, grads[0], refs, None, reference_format=fmt or "float32", maximize=maximize,
-        ewc=(fishers, anchors) if ewc_lambda else None, ewc_lambda=ewc_lambda, agem_coefficient=c)
-    assert (references is None) == (refs is None or c is not None)
-    torch_backend.sgd_step_(got, new_grads, None, references, stats, reference_format=fmt or "float32", lr=0.1,
-                            weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=maximize,
-                            first_step=True)
-    for i in range(len(params)):
-        terms = dict(ewc_fisher=fishers[i], ewc_anchor=anchors[i], ewc_lambda=ewc_lambda)
-        if c is not None:
-            terms.update(agem_reference=refs[i], agem_coefficient=c)
-        cnl_sgd_step(want[i], grads[0][i], None, refs[i] if refs is not None and c is None else None,
-                     reference_format=fmt or "float32", lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
-                     nesterov=False, maximize=maximize, first_step=True, **terms)
-    _assert_bits(got, want, "params")
