@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -324,10 +324,12 @@ def _batches(items, batch_size):
 
 @dataclass
 class Predictions:
-    """Predicted letters and, per question, the margin of the label's logit over the best other letter."""
+    """Predicted letters and, per question, the margin of the label's logit over the best other letter
+    and the training loss (cross-entropy of the label letter over the whole vocabulary)."""
 
     letters: list
     margins: list
+    losses: list = field(default_factory=list)
 
     def correct(self, questions) -> list:
         return [p == q.label for p, q in zip(self.letters, questions)]
@@ -339,17 +341,19 @@ def predict(model, encoder: MCQEncoder, questions, *, batch_size: int = 16, desc
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    letters, margins = [], []
+    letters, margins, losses = [], [], []
     for chunk in bar(_batches(list(questions), batch_size), desc=desc, unit="batch"):
         batch = encoder.encode(chunk, device)
-        scores = encoder.next_token_logits(model, batch)[:, encoder.letter_ids.to(device)]
+        logits = encoder.next_token_logits(model, batch)
+        losses += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+        scores = logits[:, encoder.letter_ids.to(device)]
         letters += [LETTERS[i] for i in scores.argmax(-1).tolist()]
         label_index = torch.tensor([LETTERS.index(q.label) for q in chunk], device=device)
         label_score = scores.gather(1, label_index[:, None]).squeeze(1)
         others = scores.scatter(1, label_index[:, None], float("-inf")).max(-1).values
         margins += (label_score - others).tolist()
     model.train(was_training)
-    return Predictions(letters, margins)
+    return Predictions(letters, margins, losses)
 
 
 def per_question_losses(model, encoder: MCQEncoder, questions) -> torch.Tensor:

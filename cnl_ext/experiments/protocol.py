@@ -24,6 +24,7 @@ from .methods import DEFAULT_EWC_LAMBDA, REFERENCE_METHODS, RULE_METHODS, captur
 from .model import MCQEncoder, backward_mean_loss, check_trainable, predict, select_trainable
 from .options import option
 from .progress import bar, epoch_line, note
+from .reference_schedule import DEFAULT_TOLERANCE, ReferenceSchedule, predicted_change
 from .training import OPTIMIZERS, seeded_batches, train_step
 from .training import make_optimizer as optimizer_by_name
 
@@ -65,6 +66,10 @@ class InjectConfig:
     batch_size: int = option(1, "training batch size (paper: 1)")
     reference_every: int | None = option(None, "recompute the reference over the mastered set every N steps "
                                                "(default: at the start of every epoch)")
+    adaptive_reference: float | None = option(
+        None, "adapt the reference's period to TOL (nats of mean mastered loss): start at every step, halve the "
+              "period when the mastered loss rose more than TOL beyond the first-order prediction since the last "
+              "reference, double it (up to --reference-every or an epoch) when within TOL/4", metavar="TOL")
     momentum: float = option(0.9, "momentum of the 'momentum' optimizer")
     betas: tuple[float, float] = option((0.9, 0.999), "Adam / AdamW betas")
     eps: float = option(1e-8, "Adam / AdamW eps")
@@ -93,6 +98,8 @@ class InjectConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.reference_every is not None and self.reference_every < 1:
             raise ValueError(f"reference_every must be >= 1 steps (or None: every epoch), got {self.reference_every}")
+        if self.adaptive_reference is not None and not self.adaptive_reference > 0:
+            raise ValueError(f"adaptive_reference must be > 0 (a tolerance in nats), got {self.adaptive_reference}")
         if not self.ewc_lambda >= 0:
             raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
         if self.lr is not None and not self.lr >= 0:
@@ -179,6 +186,15 @@ class EpochRecord:
     learned_ids: list  # indices into the evaluated injection questions answered correctly
     forgot_ids: list  # indices into the evaluated mastered questions answered wrongly
     wall_s: float
+    mastered_loss: float | None = None  # mean loss over the evaluated mastered questions
+    predicted_change: float | None = None  # CNL: the epoch's first-order change of the reference loss
+    reference_passes: int | None = None  # reference passes taken in the epoch (methods with a reference)
+
+    def departure(self, previous: "EpochRecord") -> float | None:
+        """How far the mastered loss rose beyond the first-order prediction over this epoch (None: unknown)."""
+        if None in (self.mastered_loss, previous.mastered_loss, self.predicted_change):
+            return None
+        return self.mastered_loss - previous.mastered_loss - self.predicted_change
 
 
 @dataclass
@@ -212,14 +228,19 @@ class RunResult:
 
 
 def _learned_and_forgot(model, encoder, eval_injection, eval_mastered, batch_size):
-    """Indices of the injection questions answered right and of the mastered questions answered wrong."""
+    """Indices of the injection questions answered right and of the mastered questions answered wrong,
+    and the mean loss over the mastered questions (None for none)."""
     learned = predict(model, encoder, eval_injection, batch_size=batch_size, desc="eval injection").correct(eval_injection)
-    kept = predict(model, encoder, eval_mastered, batch_size=batch_size, desc="eval mastered").correct(eval_mastered)
-    return [i for i, ok in enumerate(learned) if ok], [i for i, ok in enumerate(kept) if not ok]
+    mastered = predict(model, encoder, eval_mastered, batch_size=batch_size, desc="eval mastered")
+    kept = mastered.correct(eval_mastered)
+    mastered_loss = sum(mastered.losses) / len(mastered.losses) if mastered.losses else None
+    return [i for i, ok in enumerate(learned) if ok], [i for i, ok in enumerate(kept) if not ok], mastered_loss
 
 
-def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed, desc, before_step=None):
-    """One pass over ``questions`` in a seeded order; returns (mean loss, collaborative shares)."""
+def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed, desc, before_step=None,
+                 after_step=None):
+    """One pass over ``questions`` in a seeded order; returns (mean loss, collaborative shares).
+    ``after_step``: called with each step's ``cnl_stats()`` (None when not tracked)."""
     losses, shares = [], []
     steps = bar(seeded_batches(questions, batch_size, order_seed), desc=desc, unit="step")
     for batch in steps:
@@ -227,6 +248,8 @@ def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed
             before_step()
         loss = train_step(model, encoder, optimizer, batch)
         stats = optimizer.cnl_stats() if getattr(optimizer, "track_stats", False) else None
+        if after_step is not None:
+            after_step(stats)
         if stats is not None:
             shares.append(stats.collaborative_share)
         losses.append(loss)
@@ -271,6 +294,9 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             if checkpoints is not None:
                 raise ValueError("checkpoints are not supported with wrap_training (DeepSpeed)")
             stepped_model, optimizer, close = wrap_training(trained_model, optimizer)
+        steps_per_epoch = -(-len(train) // config.batch_size)
+        schedule = ReferenceSchedule.for_run(steps_per_epoch=steps_per_epoch, every=config.reference_every,
+                                             tolerance=config.adaptive_reference)
         steps_done = 0
         saved = checkpoints.latest(key) if checkpoints is not None else None
         if saved is not None:  # continue after the saved epoch
@@ -285,42 +311,70 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             restore_rng_states(saved["rng"])
             records = [EpochRecord(**r) for r in saved["records"]]
             steps_done = saved["steps_done"]
+            if "reference_schedule" in saved:
+                schedule.load_state_dict(saved["reference_schedule"])
+            else:  # saved before the schedule was: a fixed period counted from the first step
+                schedule.since, schedule.loss = steps_done % schedule.period, float("nan")
             note(f"{name}: resuming after epoch {saved['epoch']} of {config.epochs}")
         else:
-            learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
-            records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0)]
+            learned, forgot, mastered_loss = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered,
+                                                                 config.eval_batch_size)
+            records = [EpochRecord(0, None, len(learned), len(forgot), None, learned, forgot, 0.0, mastered_loss)]
             if method == "ewc":  # F and θ* once, before training (saved with the optimizer's state)
                 capture_fisher(optimizer, trained_model, encoder, reference)
         start = time.perf_counter() - records[-1].wall_s
 
+        epoch_passes, epoch_predicted = 0, []
+
         def refresh_reference():
-            nonlocal steps_done
-            if method in REFERENCE_METHODS and (steps_done % (config.reference_every or steps_per_epoch) == 0):
+            nonlocal steps_done, epoch_passes
+            if method in REFERENCE_METHODS and schedule.due():
                 # The last step's gradients (the next step clears them) and the old reference are not
                 # needed while the new one is taken: freed first, they do not add to its peak.
                 optimizer.zero_grad(set_to_none=True)
                 optimizer.clear_reference()
                 with peak.phase("reference"):
-                    compute_reference(optimizer, stepped_model, encoder, reference,
-                                      batch_size=config.reference_batch_size, max_tokens=config.reference_tokens,
-                                      checkpoint=config.reference_checkpointing)
+                    schedule.refreshed(compute_reference(
+                        optimizer, stepped_model, encoder, reference, batch_size=config.reference_batch_size,
+                        max_tokens=config.reference_tokens, checkpoint=config.reference_checkpointing))
+                epoch_passes += 1
             steps_done += 1
 
-        steps_per_epoch = -(-len(train) // config.batch_size)
+        def count_step(stats):
+            change = predicted_change(optimizer, stats) if stats is not None else None
+            schedule.stepped(change)
+            if change is not None:
+                epoch_predicted.append(change)
+
+        # The first-order prediction is about the reference set: compared when that set is the evaluated one.
+        in_set = list(eval_mastered) == list(reference)
         for epoch in range(records[-1].epoch + 1, config.epochs + 1):
+            epoch_passes, epoch_predicted = 0, []
             loss, shares = _train_epoch(stepped_model, encoder, optimizer, train, batch_size=config.batch_size,
                                         order_seed=config.seed * 100_003 + epoch, desc=f"{name} epoch {epoch}",
-                                        before_step=refresh_reference)
-            learned, forgot = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered, config.eval_batch_size)
+                                        before_step=refresh_reference, after_step=count_step)
+            learned, forgot, mastered_loss = _learned_and_forgot(trained_model, encoder, eval_injection, eval_mastered,
+                                                                 config.eval_batch_size)
             share = sum(shares) / len(shares) if shares else None
-            records.append(EpochRecord(epoch, loss, len(learned), len(forgot), share, learned, forgot,
-                                       time.perf_counter() - start))
+            records.append(EpochRecord(
+                epoch, loss, len(learned), len(forgot), share, learned, forgot, time.perf_counter() - start,
+                mastered_loss, sum(epoch_predicted) if epoch_predicted and in_set else None,
+                epoch_passes if method in REFERENCE_METHODS else None))
             note(epoch_line(name, epoch, config.epochs, learned=len(learned), n_injection=len(eval_injection),
                             forgot=len(forgot), n_mastered=len(eval_mastered), share=share, loss=loss,
                             elapsed_s=records[-1].wall_s))
+            departure = records[-1].departure(records[-2])
+            tolerance = config.adaptive_reference or DEFAULT_TOLERANCE
+            if departure is not None and departure > tolerance:
+                note(f"{name} epoch {epoch}: the mastered loss changed by {departure + records[-1].predicted_change:+.4f} "
+                     f"where the first-order prediction was {records[-1].predicted_change:+.4f} (departure "
+                     f"{departure:+.4f} > {tolerance:g}): the reference aged out of its first-order range "
+                     f"({epoch_passes} reference pass(es) this epoch; --adaptive-reference or a smaller "
+                     "--reference-every keeps it fresh)")
             if checkpoints is not None and epoch < config.epochs:
                 checkpoints.save_epoch(key, dict(
-                    epoch=epoch, steps_done=steps_done, records=[asdict(r) for r in records], rng=rng_states(),
+                    epoch=epoch, steps_done=steps_done, reference_schedule=schedule.state_dict(),
+                    records=[asdict(r) for r in records], rng=rng_states(),
                     trained={n: p.detach() for n, p in named.items()},
                     optimizer=optimizer.state_dict(include_reference=True)), label=name, epochs=config.epochs)
         if close is not None:

@@ -11,7 +11,8 @@ __all__ = ["count_percent", "markdown_table", "results_table", "write_run_output
            "pyplot"]
 
 SUMMARY_COLUMNS = ["run", "optimizer", "method", "lr", "epoch", "train_loss", "learned", "learned_pct",
-                   "forgot", "forgot_pct", "collaborative_share", "wall_s"]
+                   "forgot", "forgot_pct", "collaborative_share", "mastered_loss", "predicted_change",
+                   "reference_passes", "wall_s"]
 
 
 def count_percent(count: int, total: int) -> str:
@@ -61,6 +62,9 @@ def _write_summary(path, runs) -> None:
                 learned=e.learned, learned_pct=_pct(e.learned, run.n_injection),
                 forgot=e.forgot, forgot_pct=_pct(e.forgot, run.n_mastered),
                 collaborative_share="" if e.collaborative_share is None else f"{e.collaborative_share:.6f}",
+                mastered_loss="" if e.mastered_loss is None else f"{e.mastered_loss:.6f}",
+                predicted_change="" if e.predicted_change is None else f"{e.predicted_change:.6g}",
+                reference_passes="" if e.reference_passes is None else e.reference_passes,
                 wall_s=f"{e.wall_s:.1f}"))
     write_text(path, text.getvalue())
 
