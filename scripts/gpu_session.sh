@@ -12,6 +12,7 @@
 #   4. carry .carry/common                      bash scripts/gpu_session.sh paper-rest    (issue 5)
 #   5. carry .carry/common                      bash scripts/gpu_session.sh continual     (issue 15)
 #   6. carry .carry/common                      bash scripts/gpu_session.sh deepspeed     (issue 23)
+#   7. carry .carry/common                      bash scripts/gpu_session.sh methods       (issue 22; after 3)
 # Sizes (estimates, not measurements): the paper phases follow docs/results.md section 1 with
 # PAPER_LIMIT=400 questions and PAPER_EPOCHS=10; lower them if call 3 runs long. CALL_LIMIT (540 s)
 # stops the phases' commands early so that the logs and partial results still come back.
@@ -135,7 +136,16 @@ phase_paper-rest() {  # issue 5: Table 2, out-of-set with replay, and the plain 
     --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --out "$1/plain/in_set"
 }
 
-phase_continual() {  # issue 15: the continual protocol at paper scale (three tasks, every method, 2 orders)
+phase_methods() {  # issue 22: the eight inject methods and the CKL update task on paper-taught's split (AdamW)
+  local taught=$STASH/taught
+  local split=(--model "$taught/model" --mastered "$taught/mastered.jsonl" --injection "$taught/injection.jsonl")
+  local all=(--optimizers adamw --methods ft cnl replay lora kore corda ewc agem --lr 1e-4 --epochs "$PAPER_EPOCHS"
+             --eval-batch-size 64 --reference-batch-size 32)
+  run "$PY" -m cnl_ext inject "${split[@]}" "${all[@]}" --out "$1/in_set_methods"
+  run "$PY" -m cnl_ext ckl "${split[@]}" "${all[@]}" --out "$1/ckl"
+}
+
+phase_continual() {  # issues 15, 22: the continual protocol at paper scale (three tasks, all 11 methods, 2 orders)
   local model d=.carry/common/data; model=$(gguf_path)
   run "$PY" -m cnl_ext continual --model "$model" --device cuda \
     --task arc=$d/arc_c_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/arc_c_wrong_Qwen2.5-1.5B-Instruct.jsonl \

@@ -57,6 +57,7 @@ from .model import MCQEncoder, ModelOptions, lora_adapters, select_trainable
 from .outputs import write_json
 from .progress import bar, note
 from .protocol import compute_reference, restore, snapshot
+from .reference_schedule import ReferenceSchedule, predicted_change
 from .training import accuracy, make_optimizer, seeded_batches, train_step
 
 __all__ = ["CONTINUAL_METHODS", "ContinualConfig", "Task", "RunRecord", "continual_metrics", "parse_task",
@@ -70,8 +71,9 @@ def task_optimizer(params, *, lr: float, config: ContinualConfig, importance: st
     "agem" / "ewc": A-GEM's rule, EWC's λ and γ (:mod:`.methods`)."""
     kwargs = dict(importance=importance, importance_betas=config.importance_betas) if importance is not None else {}
     kwargs.update(optimizer_options(method, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay))
+    track_stats = method == "cnl" and config.adaptive_reference is not None  # the first-order prediction
     return make_optimizer("adamw", params, lr=lr, betas=config.betas, eps=config.eps,
-                          weight_decay=config.weight_decay, backend=config.backend, **kwargs)
+                          weight_decay=config.weight_decay, backend=config.backend, track_stats=track_stats, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -210,13 +212,19 @@ def _train_task(model, encoder, trainer, params, task, memory, *, k, method, lr,
         carry_ewc(ewc.pop(), optimizer)
     anchors = [p.detach().to(torch.float32, copy=True) for p in params] if merger is not None else None
     epoch_loss = None
-    for epoch in range(1, config.epochs + 1):
-        if method in REFERENCE_METHODS and memory:
-            compute_reference(optimizer, model, encoder, memory, batch_size=config.reference_batch_size)
+    batches = [trainer.batches(train, f"{seed_text}:{epoch}") for epoch in range(1, config.epochs + 1)]
+    schedule = ReferenceSchedule.for_run(steps_per_epoch=len(batches[0]), every=None,
+                                         tolerance=config.adaptive_reference)
+    for epoch, epoch_batches in enumerate(batches, start=1):
         started = time.perf_counter()
-        losses = [trainer.step(optimizer, batch)
-                  for batch in bar(trainer.batches(train, f"{seed_text}:{epoch}"),
-                                   desc=f"{method} {task.name} epoch {epoch}", unit="step")]
+        losses = []
+        for batch in bar(epoch_batches, desc=f"{method} {task.name} epoch {epoch}", unit="step"):
+            if method in REFERENCE_METHODS and memory and schedule.due():
+                schedule.refreshed(compute_reference(optimizer, model, encoder, memory,
+                                                     batch_size=config.reference_batch_size))
+            losses.append(trainer.step(optimizer, batch))
+            stats = optimizer.cnl_stats() if optimizer.track_stats else None
+            schedule.stepped(predicted_change(optimizer, stats) if stats is not None else None)
         epoch_loss = sum(losses) / len(losses)
         note(f"{method} {task.name} epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}, "
              f"{time.perf_counter() - started:.0f} s")

@@ -25,7 +25,7 @@ __all__ = ["CONTINUAL_METHODS", "LORA_METHODS", "MIN_MEMORY_PER_TASK", "Continua
 CONTINUAL_METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif", *ADAPTER_METHODS, *RULE_METHODS)
 LORA_METHODS = ("lora", "kif-lora")
 MIN_MEMORY_PER_TASK = 8
-LATER_SETTINGS = dict(ewc_lambda=DEFAULT_EWC_LAMBDA, ewc_decay=DEFAULT_EWC_DECAY)  # kept in saved runs unless default
+LATER_SETTINGS = dict(ewc_lambda=DEFAULT_EWC_LAMBDA, ewc_decay=DEFAULT_EWC_DECAY, adaptive_reference=None)  # kept in saved runs unless default
 
 
 @dataclass
@@ -58,6 +58,10 @@ class ContinualConfig:
     backend: str = option("auto", "cnl_ext backend of the optimizer and the fusion passes")
     eval_batch_size: int = option(16, "batch size when answering")
     reference_batch_size: int = option(16, "batch size of the CNL reference pass")
+    adaptive_reference: float | None = option(
+        None, "cnl, agem: adapt the reference's period to TOL (nats of mean memory loss) instead of one reference "
+              "per epoch: start at every step, halve the period when the memory loss rose more than TOL beyond "
+              "CNL's first-order prediction, double it (up to an epoch) when within TOL/4", metavar="TOL")
     importance_betas: tuple[float, float] = option((0.85, 0.85), "KIF's sensitivity and uncertainty EMA factors (alpha1, alpha2)")
     kif_unit: str = option("tensor", "kif's skill unit: 'tensor' (the paper's) or 'row' (each output row)")
     kif_gamma: float = option(0.7, "static fusion: share of the old weights where both tasks find a unit important")
@@ -106,6 +110,8 @@ class ContinualConfig:
             raise ValueError(f"kif_tau must be > 0, got {self.kif_tau}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.adaptive_reference is not None and not self.adaptive_reference > 0:
+            raise ValueError(f"adaptive_reference must be > 0 (a tolerance in nats), got {self.adaptive_reference}")
         check_importance_options("first", self.importance_betas)
         if not self.ewc_lambda >= 0 or not 0 <= self.ewc_decay <= 1:
             raise ValueError(f"ewc_lambda must be >= 0 and ewc_decay in [0, 1], got {self.ewc_lambda} and "

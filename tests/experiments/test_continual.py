@@ -99,6 +99,7 @@ def test_memory_is_balanced_by_answer_letter():
     (dict(heldout_fraction=1.0), "heldout_fraction"),
     (dict(tasks=["no-equals-sign"]), "NAME=FILE"),
     (dict(rkif_rule="soft"), "rkif_rule"),
+    (dict(adaptive_reference=0.0), "adaptive_reference"),
     (dict(importance_betas=(0.85, 1.5)), r"\[0, 1\)"),
 ])
 def test_config_validation(task_files, tmp_path, overrides, problem):
@@ -317,6 +318,19 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
     # CNL: one reference per epoch of tasks 2 and 3, over exactly the earlier tasks' memory
     assert references == [expected[1], expected[2]]
     assert outer_batches and all(batch <= set(expected[2]) for batch in outer_batches)
+
+
+@pytest.mark.parametrize("tolerance", [None, 1e-6, 10.0])
+def test_the_reference_schedule_of_a_task(task_files, tmp_path, tokenizer, monkeypatch, tolerance):
+    """Per epoch by default; adaptive: every step under a tiny tolerance, 1, 2, 4 steps under a huge one."""
+    config = tiny_config(task_files, methods=["cnl"], epochs=2, adaptive_reference=tolerance)
+    passes = []
+    real = continual.compute_reference
+    monkeypatch.setattr(continual, "compute_reference", lambda *a, **k: passes.append(1) or real(*a, **k))
+    run(config, tiny_model(len(tokenizer)), tokenizer, tmp_path)
+    steps = 2 * 3  # per task: 12 training questions, batches of 4, 2 epochs; tasks 2 and 3 have a memory
+    expected = {None: 2, 1e-6: steps, 10.0: 3}[tolerance]  # 10.0: steps 0, 1, 3, then an epoch (3) ends the task
+    assert len(passes) == 2 * expected
 
 
 def test_saved_runs_names_only_the_runs_beyond_the_continued_folder(tmp_path):
