@@ -71,7 +71,7 @@ def _init_distributed():
 
 class _EngineSteps:
     """The optimizer API the injection runs use (``zero_grad``, ``step``, ``capture_reference``,
-    ``cnl_stats``, ``track_stats``), stepped through the engine."""
+    ``cnl_stats``, ``track_stats``, ``param_groups``), stepped through the engine."""
 
     def __init__(self, engine):
         from ..integrations import deepspeed as cnl_deepspeed
@@ -82,6 +82,10 @@ class _EngineSteps:
     @property
     def track_stats(self) -> bool:
         return self.optimizer.track_stats
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass  # DeepSpeed clears the gradients after its step

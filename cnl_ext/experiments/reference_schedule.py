@@ -27,9 +27,15 @@ DEFAULT_TOLERANCE = 0.02
 
 def predicted_change(optimizer, stats) -> float:
     """The first-order change of the reference loss made by the last step: ``−Σ_p lr_p·Σ_collaborative r·u``
-    (``stats``: that step's ``optimizer.cnl_stats()``; each parameter at its param group's lr)."""
+    (``stats``: that step's ``optimizer.cnl_stats()``; each parameter at its param group's lr). Statistics
+    without a per-parameter split (DeepSpeed's flat partitions) need one lr for every group."""
     lrs = [float(group["lr"]) for group in optimizer.param_groups for _ in group["params"]]
-    return -sum(lrs[s.index] * s.sum_s_collaborative for s in stats.per_parameter)
+    if stats.per_parameter:
+        return -sum(lrs[s.index] * s.sum_s_collaborative for s in stats.per_parameter)
+    if len(set(lrs)) > 1:
+        raise ValueError("the first-order prediction needs per-parameter statistics when the param groups' "
+                         f"learning rates differ ({sorted(set(lrs))})")
+    return -lrs[0] * stats.sum_s_collaborative if lrs else 0.0
 
 
 @dataclass

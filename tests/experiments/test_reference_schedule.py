@@ -168,3 +168,17 @@ def test_epoch_records_saved_before_the_new_fields_still_load():
                forgot_ids=[], wall_s=1.0)
     record = EpochRecord(**old)
     assert record.mastered_loss is None and record.departure(record) is None
+
+
+def test_statistics_without_a_per_parameter_split_need_one_learning_rate():
+    """DeepSpeed's statistics cover flat partitions (``per_parameter`` empty)."""
+    from types import SimpleNamespace
+
+    from cnl_ext import CNLStats
+
+    stats = CNLStats(collaborative=3, total=4, sum_s_collaborative=2.0, sum_s_conflicting=-1.0)
+    one_rate = SimpleNamespace(param_groups=[dict(lr=0.1, params=[0, 1]), dict(lr=0.1, params=[2])])
+    assert predicted_change(one_rate, stats) == pytest.approx(-0.2)
+    two_rates = SimpleNamespace(param_groups=[dict(lr=0.1, params=[0]), dict(lr=0.2, params=[1])])
+    with pytest.raises(ValueError, match="per-parameter"):
+        predicted_change(two_rates, stats)

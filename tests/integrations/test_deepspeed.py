@@ -237,11 +237,12 @@ def test_inject_deepspeed_equals_the_run_without_it(tmp_path):
     assert len(got) == len(expected) == 4 * 3
     for row, want in zip(got, expected):
         for key in want:
-            if key in ("train_loss", "collaborative_share") and want[key]:
+            if key in ("train_loss", "collaborative_share", "mastered_loss", "predicted_change") and want[key]:
                 assert float(row[key]) == pytest.approx(float(want[key]), rel=1e-4), (key, row, want)
             else:
                 assert row[key] == want[key], (key, row, want)
-    assert all(row["collaborative_share"] for row in got if row["method"] == "cnl" and row["epoch"] != "0")
+    assert all(row["collaborative_share"] and row["predicted_change"] for row in got
+               if row["method"] == "cnl" and row["epoch"] != "0")
 
 
 def test_inject_deepspeed_config_checks(tmp_path):
