@@ -13,6 +13,7 @@
 #   5. carry .carry/common                      bash scripts/gpu_session.sh continual     (issue 15)
 #   6. carry .carry/common                      bash scripts/gpu_session.sh deepspeed     (issue 23)
 #   7. carry .carry/common                      bash scripts/gpu_session.sh methods       (issue 22; after 3)
+#   8. carry .carry/common                      bash scripts/gpu_session.sh reference-map (issue 22; after 3)
 # Sizes (estimates, not measurements): the paper phases follow docs/results.md section 1 with
 # PAPER_LIMIT=400 questions and PAPER_EPOCHS=10; lower them if call 3 runs long. CALL_LIMIT (540 s)
 # stops the phases' commands early so that the logs and partial results still come back.
@@ -143,6 +144,26 @@ phase_methods() {  # issue 22: the eight inject methods and the CKL update task 
              --eval-batch-size 64 --reference-batch-size 32)
   run "$PY" -m cnl_ext inject "${split[@]}" "${all[@]}" --out "$1/in_set_methods"
   run "$PY" -m cnl_ext ckl "${split[@]}" "${all[@]}" --out "$1/ckl"
+}
+
+phase_reference-map() {  # issue 22 part 5: per-epoch, adaptive and per-step references, forgetting and time
+  # (docs/results.md 2g on a GPU): paper-taught's split at the rates where 2g's per-epoch CNL forgot, and a
+  # taught split of long MMLU prompts (bench/long_prompts.py), Adam 1e-4, as in the issue
+  local taught=$STASH/taught long=$STASH/long
+  local split=(--model "$taught/model" --mastered "$taught/mastered.jsonl" --injection "$taught/injection.jsonl"
+               --optimizers momentum adam --lr momentum=3e-4 adam=1e-4 --epochs 2 --eval-batch-size 64
+               --reference-batch-size 32 --no-checkpoints)
+  run "$PY" -m cnl_ext inject "${split[@]}" --methods ft cnl --out "$1/taught_epoch"
+  run "$PY" -m cnl_ext inject "${split[@]}" --methods cnl --adaptive-reference 0.02 --out "$1/taught_adaptive"
+  run "$PY" -m cnl_ext inject "${split[@]}" --methods cnl --reference-every 1 --out "$1/taught_step"
+  run "$PY" bench/long_prompts.py --data .carry/common/data --out "$long/pool" --mastered 16 --injection 16
+  run "$PY" -m cnl_ext teach --model "$(gguf_path)" --data "$long/pool/mastered.jsonl" "$long/pool/injection.jsonl" \
+    --limit 32 --seed 0 --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 6 --teach-margin 1.0 --out "$long/taught" --overwrite
+  local long_split=(--model "$long/taught/model" --mastered "$long/taught/mastered.jsonl"
+                    --injection "$long/taught/injection.jsonl" --optimizers adam --lr 1e-4 --epochs 2 --no-checkpoints)
+  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods ft cnl --out "$1/long_epoch"
+  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods cnl --adaptive-reference 0.02 --out "$1/long_adaptive"
+  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods cnl --reference-every 1 --out "$1/long_step"
 }
 
 phase_continual() {  # issues 15, 22: the continual protocol at paper scale (three tasks, all 11 methods, 2 orders)

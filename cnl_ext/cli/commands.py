@@ -14,8 +14,8 @@ from ..experiments.demo import DemoSettings, run_demo
 from ..experiments.model import ModelOptions, select_trainable
 from ..experiments.outputs import UsageError, write_json, write_text
 from ..experiments.progress import note
-from ..experiments.protocol import InjectConfig, TeachSettings, compare, infer_and_split, out_of_set, teach_first, \
-    teach_summary
+from ..experiments.protocol import InjectConfig, compare, infer_and_split, out_of_set
+from ..experiments.teach import TeachSettings, teach_first, teach_summary
 from ..experiments.report import count_percent, markdown_table
 from .context import Context, jsonable_config
 from .settings import DeepSpeedOption, FileOutput, FolderOutput, MmacSource, OutOfSetSide, RunPlan, SplitFiles, TeachOutput

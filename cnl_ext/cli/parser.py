@@ -11,7 +11,8 @@ from ..experiments.data import QuestionSource
 from ..experiments.demo import DemoSettings
 from ..experiments.model import ModelOptions
 from ..experiments.options import add_options
-from ..experiments.protocol import InjectConfig, TeachSettings
+from ..experiments.protocol import InjectConfig
+from ..experiments.teach import TeachSettings
 from .commands import (DEFAULT_CONTINUAL_OUT, DEFAULT_DEMO_OUT, cmd_ckl, cmd_continual, cmd_demo, cmd_infer_and_split, cmd_inject, cmd_mmac,
                        cmd_out_of_set, cmd_prepare_data, cmd_table1, cmd_table2, cmd_teach, demo_folder_is_replaceable)
 from .context import Subcommand

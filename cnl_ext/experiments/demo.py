@@ -16,7 +16,8 @@ from .data import MCQuestion, format_prompt, read_jsonl, write_jsonl
 from .options import option
 from .outputs import write_json
 from .progress import note
-from .protocol import BACKEND_HELP, InjectConfig, TeachSettings, backend_choices, compare, teach_first, teach_summary
+from .protocol import BACKEND_HELP, InjectConfig, backend_choices, compare
+from .teach import TeachSettings, teach_first, teach_summary
 from .report import write_run_outputs
 
 __all__ = ["make_demo_questions", "DemoSettings", "run_demo"]
