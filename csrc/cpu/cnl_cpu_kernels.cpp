@@ -47,14 +47,23 @@ using VecOf = at::vec::Vectorized<C>;
 
 // ---------------------------------------------------------------------------- loads
 
-// A block of float32 vectors widened to float64 (exact) / float64 vectors rounded to float32 (to
-// nearest even, as torch's float64 -> float32 copy).
-C10_ALWAYS_INLINE void widen_block(const Vec (&in)[kVecs], VecD (&out)[kVecsD]) {
-  alignas(64) float narrow[kBlock];
-  alignas(64) double wide[kBlock];
-  store_block(narrow, in);
-  for (int64_t k = 0; k < kBlock; ++k) wide[k] = static_cast<double>(narrow[k]);
-  load_block(wide, out);
+// A float32 vector widened to two float64 vectors (exact) / a block of float64 vectors rounded to
+// float32 (to nearest even, as torch's float64 -> float32 copy).
+C10_ALWAYS_INLINE void widen(const Vec& in, VecD& low, VecD& high) {
+#if defined(CPU_CAPABILITY_AVX512)
+  low = VecD(_mm512_cvtps_pd(_mm512_castps512_ps256(in)));
+  high = VecD(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(in), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  low = VecD(_mm256_cvtps_pd(_mm256_castps256_ps128(in)));
+  high = VecD(_mm256_cvtps_pd(_mm256_extractf128_ps(in, 1)));
+#else
+  alignas(64) float narrow[kW];
+  alignas(64) double wide[kW];
+  in.store(narrow);
+  for (int64_t k = 0; k < kW; ++k) wide[k] = static_cast<double>(narrow[k]);
+  low = VecD::loadu(wide);
+  high = VecD::loadu(wide + kWD);
+#endif
 }
 
 C10_ALWAYS_INLINE void narrow_block(const VecD (&in)[kVecsD], Vec (&out)[kVecs]) {
@@ -104,53 +113,60 @@ C10_ALWAYS_INLINE Vec int8_to_float(const int8_t* p) {
 #endif
 }
 
-// Reference values of kBlock elements starting at element i: the stored value, or -1/0/+1 for the
-// sign formats (sign2 code 0 zero, 1 positive, 2 negative, 3 unused and read as zero).
+// Reference values of kW elements starting at element e (a multiple of kW): the stored value, or
+// -1/0/+1 for the sign formats (sign2 code 0 zero, 1 positive, 2 negative, 3 unused and read as zero).
 template <RefFormat kRef>
-C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kVecs]) {
+C10_ALWAYS_INLINE Vec load_reference_vector(const void* base, int64_t e) {
   if constexpr (kRef == RefFormat::kFloat32) {
-    load_block(static_cast<const float*>(base) + i, out);
+    return Vec::loadu(static_cast<const float*>(base) + e);
   } else if constexpr (kRef == RefFormat::kBFloat16) {
-    load_block(static_cast<const c10::BFloat16*>(base) + i, out);
+    Vec out;
+    at::vec::load_to_float(static_cast<const c10::BFloat16*>(base) + e, out);
+    return out;
   } else if constexpr (kRef == RefFormat::kInt8) {
-    const int8_t* r = static_cast<const int8_t*>(base) + i;
-    for (int64_t j = 0; j < kVecs; ++j) out[j] = int8_to_float(r + j * kW);
-  } else if constexpr (kRef == RefFormat::kSign2) {
-    // kW codes (2*kW bits) per vector: lane l takes bits 2l, 2l+1 of the vector's word.
-    const uint8_t* bytes = static_cast<const uint8_t*>(base) + i / 4;
+    return int8_to_float(static_cast<const int8_t*>(base) + e);
+  } else {
+    static_assert(kRef == RefFormat::kSign2);
+    // kW codes (2*kW bits): lane l takes bits 2l, 2l+1 of the vector's word.
+    uint32_t word = 0;
+    std::memcpy(&word, static_cast<const uint8_t*>(base) + e / 4, kW / 4);  // little-endian: byte b at bits 8b
+    const IVec codes = (IVec(static_cast<int32_t>(word)) >> IVec::arange(0, 2)) & IVec(3);
+    return int32_to_float((codes & IVec(1)) - (codes >> IVec(1)));
+  }
+}
+
+// Vectors j and j + 1 of the reference values of the block at element i.
+template <RefFormat kRef>
+C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, Vec (&out)[kVecs], int64_t j) {
+  const int64_t e = i + j * kW;
+  if constexpr (kRef == RefFormat::kFloat32) {
+    load_pair(static_cast<const float*>(base) + e, out[j], out[j + 1]);
+  } else if constexpr (kRef == RefFormat::kBFloat16) {
+    load_pair(static_cast<const c10::BFloat16*>(base) + e, out[j], out[j + 1]);
 #if defined(CPU_CAPABILITY_AVX2)
+  } else if constexpr (kRef == RefFormat::kSign2) {
     // Decode-bound otherwise (issue 26): one 32-bit broadcast per two vectors, then per vector a
     // shift that brings lane l's code to its low bits and a permute that looks the value up (the
     // permute reads 3 bits: the code and the next code's low bit, hence the table repeats).
     const __m256 values = _mm256_setr_ps(0.0f, 1.0f, -1.0f, 0.0f, 0.0f, 1.0f, -1.0f, 0.0f);
     const __m256i shifts_low = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256i shifts_high = _mm256_add_epi32(shifts_low, _mm256_set1_epi32(16));
-    for (int64_t j = 0; j < kVecs; j += 2) {
-      int32_t codes = 0;
-      std::memcpy(&codes, bytes + j * (kW / 4), sizeof(codes));  // the codes of vectors j and j + 1
-      const __m256i word = _mm256_set1_epi32(codes);
-      out[j] = Vec(_mm256_permutevar8x32_ps(values, _mm256_srlv_epi32(word, shifts_low)));
-      out[j + 1] = Vec(_mm256_permutevar8x32_ps(values, _mm256_srlv_epi32(word, shifts_high)));
-    }
-#else
-    const IVec shifts = IVec::arange(0, 2);
-    const IVec three(3), one(1);
-    for (int64_t j = 0; j < kVecs; ++j) {
-      uint32_t word = 0;
-      std::memcpy(&word, bytes + j * (kW / 4), kW / 4);  // little-endian: byte b at bits 8b
-      const IVec codes = (IVec(static_cast<int32_t>(word)) >> shifts) & three;
-      out[j] = int32_to_float((codes & one) - (codes >> one));
-    }
+    int32_t codes = 0;
+    std::memcpy(&codes, static_cast<const uint8_t*>(base) + e / 4, sizeof(codes));  // vectors j and j + 1
+    const __m256i word = _mm256_set1_epi32(codes);
+    out[j] = Vec(_mm256_permutevar8x32_ps(values, _mm256_srlv_epi32(word, shifts_low)));
+    out[j + 1] = Vec(_mm256_permutevar8x32_ps(values, _mm256_srlv_epi32(word, shifts_high)));
 #endif
+  } else {
+    out[j] = load_reference_vector<kRef>(base, e);
+    out[j + 1] = load_reference_vector<kRef>(base, e + kW);
   }
 }
 
 // The same as float64 (float64 steps: every format's value is exact in float32, hence in float64).
 template <RefFormat kRef>
-C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, VecD (&out)[kVecsD]) {
-  Vec values[kVecs];
-  load_reference<kRef>(base, i, values);
-  widen_block(values, out);
+C10_ALWAYS_INLINE void load_reference(const void* base, int64_t i, VecD (&out)[kVecsD], int64_t j) {
+  widen(load_reference_vector<kRef>(base, i + j * kWD), out[j], out[j + 1]);
 }
 
 // ---------------------------------------------------------------------------- the CNL mask
@@ -385,13 +401,20 @@ void dispatch(ParamType param, RefFormat ref, F&& f) {
   }
 }
 
-// f(std::bool_constant<importance>): the kernels with or without the importance EMAs.
+// The variants of a step kernel. kPlain leaves out the options a step rarely has (amsgrad, A-GEM's
+// projection, EWC's penalty): their vectors, live only when the option is on, otherwise cost AVX2
+// registers on every step (issue 26). kImportance also updates the importance EMAs.
+enum class Variant { kPlain, kGeneral, kImportance };
+
+// f(std::integral_constant<Variant, ...>): kImportance with importance, else kPlain where `plain`.
 template <class F>
-void dispatch_importance(bool importance, F&& f) {
+void dispatch_variant(bool importance, bool plain, F&& f) {
   if (importance) {
-    f(std::true_type{});
+    f(std::integral_constant<Variant, Variant::kImportance>{});
+  } else if (plain) {
+    f(std::integral_constant<Variant, Variant::kPlain>{});
   } else {
-    f(std::false_type{});
+    f(std::integral_constant<Variant, Variant::kGeneral>{});
   }
 }
 
@@ -417,42 +440,34 @@ C10_ALWAYS_INLINE void update_importance(const ImportanceScalars& imp, float* se
   store_block(uncertainty, u);
 }
 
-// The step's parameter store: with kImportance, also the EMAs of streams kS and kS + 1 from the
-// stored parameters `p` and the gradients as passed `g` (float64 ones rounded to float32, as the
-// float32 EMAs of cnl_ext/ops/importance.py read them).
-template <bool kImportance, size_t kS, typename T, class V, int64_t kN, size_t kStreams>
-C10_ALWAYS_INLINE void store_params(T* param, V (&p)[kN], const V (&g)[kN], const Importance* imp,
-                                    void* const (&ptrs)[kStreams], int64_t i) {
-  if constexpr (!kImportance) {
+// The parameter store of a step with importance (the others store theirs part by part): the block
+// `p`, then the EMAs of streams kS and kS + 1 from the stored parameters and the gradients as passed
+// `g` (float64 ones rounded to float32, as the float32 EMAs of cnl_ext/ops/importance.py read them).
+template <size_t kS, typename T, class V, int64_t kN, size_t kStreams>
+C10_ALWAYS_INLINE void store_params_and_importance(T* param, V (&p)[kN], const V (&g)[kN], const Importance* imp,
+                                                   void* const (&ptrs)[kStreams], int64_t i) {
+  float* sensitivity = static_cast<float*>(ptrs[kS]) + i;
+  float* uncertainty = static_cast<float*>(ptrs[kS + 1]) + i;
+  if constexpr (std::is_same_v<T, double>) {
     store_block(param, p);
+    Vec w[kVecs], g32[kVecs];
+    narrow_block(p, w);
+    narrow_block(g, g32);
+    update_importance(imp->scalars, sensitivity, uncertainty, w, g32);
   } else {
-    float* sensitivity = static_cast<float*>(ptrs[kS]) + i;
-    float* uncertainty = static_cast<float*>(ptrs[kS + 1]) + i;
-    if constexpr (std::is_same_v<T, double>) {
-      store_block(param, p);
-      Vec w[kVecs], g32[kVecs];
-      narrow_block(p, w);
-      narrow_block(g, g32);
-      update_importance(imp->scalars, sensitivity, uncertainty, w, g32);
-    } else {
-      store_block_as_stored(param, p);
-      update_importance(imp->scalars, sensitivity, uncertainty, p, g);
-    }
+    store_block_as_stored(param, p);
+    update_importance(imp->scalars, sensitivity, uncertainty, p, g);
   }
 }
 
 // ---------------------------------------------------------------------------- issue 22's terms
 
-// kBlock float32 values as vectors of the compute type (float64 steps: widened, exactly).
-template <class V, int64_t kN>
-C10_ALWAYS_INLINE void load_float32(const float* p, V (&out)[kN]) {
-  if constexpr (std::is_same_v<V, Vec>) {
-    load_block(p, out);
-  } else {
-    Vec narrow[kVecs];
-    load_block(p, narrow);
-    widen_block(narrow, out);
-  }
+// Vectors j and j + 1 of a block of float32 values as vectors of the compute type (float64 steps:
+// widened, exactly).
+C10_ALWAYS_INLINE void load_float32(const float* p, Vec (&out)[kVecs], int64_t j) { load_part(p, out, j); }
+
+C10_ALWAYS_INLINE void load_float32(const float* p, VecD (&out)[kVecsD], int64_t j) {
+  widen(Vec::loadu(p + j * kWD), out[j], out[j + 1]);
 }
 
 // A-GEM's projection and EWC's penalty (TensorLists, cnl_ext/ops/rules.py) in the compute type C:
@@ -469,11 +484,13 @@ struct RuleTerms {
       : project(lists.project), ewc(lists.fishers != nullptr),
         agem_coefficient(static_cast<C>(lists.agem_coefficient)), two_lambda(static_cast<C>(lists.ewc_two_lambda)) {}
 
-  // F and the anchor of the block at element i (streams `fisher`, `anchor`), when EWC is on.
-  C10_ALWAYS_INLINE void load(const void* fisher, const void* anchor, int64_t i, V (&f)[kN], V (&a)[kN]) const {
+  // Vectors j and j + 1 of F and the anchor of the block at element i (streams `fisher`, `anchor`),
+  // when EWC is on.
+  C10_ALWAYS_INLINE void load(const void* fisher, const void* anchor, int64_t i, V (&f)[kN], V (&a)[kN],
+                              int64_t j) const {
     if (!ewc) return;
-    load_float32(static_cast<const float*>(fisher) + i, f);
-    load_block(static_cast<const T*>(anchor) + i, a);
+    load_float32(static_cast<const float*>(fisher) + i, f, j);
+    load_part(static_cast<const T*>(anchor) + i, a, j);
   }
 
   // g (after maximize's sign) with the terms, in the definition's order: g - c*r, then + 2λ*(F*(p - a)).
@@ -494,12 +511,13 @@ constexpr bool has_magnitudes(RefFormat ref) { return ref == RefFormat::kFloat32
 
 // Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance),
 // EWC's F and anchor (with rules.ewc).
-template <typename T, RefFormat kRef, bool kImportance>
+template <typename T, RefFormat kRef, Variant kVariant>
 struct SgdStep {
   using C = Compute<T>;
   using V = VecOf<C>;
   static constexpr int64_t kN = kBlock / V::size();
-  const SgdScalarsT<C>& s;
+  static constexpr bool kImportance = kVariant == Variant::kImportance, kRules = kVariant != Variant::kPlain;
+  SgdScalarsT<C> s;  // by value: through a reference, the loop reloads the scalars after every store
   const Importance* importance;
   bool stats;
   RuleTerms<T> rules;
@@ -509,34 +527,38 @@ struct SgdStep {
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     C* buf = ptrs[2] == nullptr ? nullptr : static_cast<C*>(ptrs[2]) + i;
     V p[kN], g[kN], b[kN], r[kN], f[kN], a[kN];
-    load_block(param, p);
-    load_block(grad, g);
-    if (s.has_momentum && !s.first_step) load_block(buf, b);
-    if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[3], i, r);
-    rules.load(ptrs[6], ptrs[7], i, f, a);
     const V lr(s.lr), weight_decay(s.weight_decay), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening);
     CNL_UNROLL_BLOCK
-    for (int64_t j = 0; j < kN; ++j) {
-      V gj = s.maximize ? g[j].neg() : g[j];
-      gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
-      if (s.has_weight_decay) gj = gj + weight_decay * p[j];
-      V u = gj;
-      if (s.has_momentum) {
-        // torch.optim.SGD starts the buffer at the first gradient, undamped.
-        b[j] = s.first_step ? gj : momentum * b[j] + one_minus_dampening * gj;
-        u = s.nesterov ? gj + momentum * b[j] : b[j];
+    for (int64_t part = 0; part < kN; part += kPart) {
+      load_part(param, p, part);
+      load_part(grad, g, part);
+      if (s.has_momentum && !s.first_step) load_part(buf, b, part);
+      if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[3], i, r, part);
+      if constexpr (kRules) rules.load(ptrs[6], ptrs[7], i, f, a, part);
+      CNL_UNROLL_BLOCK
+      for (int64_t j = part; j < part + kPart; ++j) {
+        V gj = s.maximize ? g[j].neg() : g[j];
+        if constexpr (kRules) gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
+        if (s.has_weight_decay) gj = gj + weight_decay * p[j];
+        V u = gj;
+        if (s.has_momentum) {
+          // torch.optim.SGD starts the buffer at the first gradient, undamped.
+          b[j] = s.first_step ? gj : momentum * b[j] + one_minus_dampening * gj;
+          u = s.nesterov ? gj + momentum * b[j] : b[j];
+        }
+        const V p_new = p[j] - lr * u;
+        if constexpr (kRef == RefFormat::kNone) {
+          p[j] = p_new;
+        } else if (kRules && rules.project) {  // A-GEM: the reference projected, it does not mask
+          p[j] = p_new;
+        } else {
+          p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, u, r[j], stats, acc, j, valid);
+        }
       }
-      const V p_new = p[j] - lr * u;
-      if constexpr (kRef == RefFormat::kNone) {
-        p[j] = p_new;
-      } else if (rules.project) {  // A-GEM: the reference projected, it does not mask
-        p[j] = p_new;
-      } else {
-        p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, u, r[j], stats, acc, j, valid);
-      }
+      if constexpr (!kImportance) store_part(param, p, part);
+      if (s.has_momentum) store_part(buf, b, part);
     }
-    store_params<kImportance, 4>(param, p, g, importance, ptrs, i);
-    if (s.has_momentum) store_block(buf, b);
+    if constexpr (kImportance) store_params_and_importance<4>(param, p, g, importance, ptrs, i);
   }
 };
 
@@ -550,12 +572,13 @@ struct AdamTensorScalars {
 
 // Streams: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, reference, sensitivity, uncertainty
 // (the last two with kImportance), EWC's F and anchor (with rules.ewc).
-template <typename T, RefFormat kRef, bool kImportance>
+template <typename T, RefFormat kRef, Variant kVariant>
 struct AdamStep {
   using C = Compute<T>;
   using V = VecOf<C>;
   static constexpr int64_t kN = kBlock / V::size();
-  const AdamScalarsT<C>& s;
+  static constexpr bool kImportance = kVariant == Variant::kImportance, kRules = kVariant != Variant::kPlain;
+  AdamScalarsT<C> s;  // by value: through a reference, the loop reloads the scalars after every store
   AdamTensorScalars<C> t;
   const Importance* importance;
   bool stats;
@@ -566,55 +589,60 @@ struct AdamStep {
     const T* grad = static_cast<const T*>(ptrs[1]) + i;
     C* exp_avg = static_cast<C*>(ptrs[2]) + i;
     C* exp_avg_sq = static_cast<C*>(ptrs[3]) + i;
-    C* max_exp_avg_sq = s.amsgrad ? static_cast<C*>(ptrs[4]) + i : nullptr;
+    const bool amsgrad = kRules && s.amsgrad;
+    C* max_exp_avg_sq = amsgrad ? static_cast<C*>(ptrs[4]) + i : nullptr;
     V p[kN], g[kN], m[kN], v[kN], vmax[kN], r[kN], f[kN], a[kN];
-    load_block(param, p);
-    load_block(grad, g);
-    load_block(exp_avg, m);
-    load_block(exp_avg_sq, v);
-    if (s.amsgrad) load_block(max_exp_avg_sq, vmax);
-    if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r);
-    rules.load(ptrs[8], ptrs[9], i, f, a);
     const V beta1(s.beta1), beta2(s.beta2), one_minus_beta1(s.one_minus_beta1),
         one_minus_beta2(s.one_minus_beta2), eps(s.eps), weight_decay(s.weight_decay),
         one_minus_lr_wd(s.one_minus_lr_wd), lr_weight_decay(s.lr_weight_decay), step_size(t.step_size),
         bias_correction2_sqrt(t.bias_correction2_sqrt);
     CNL_UNROLL_BLOCK
-    for (int64_t j = 0; j < kN; ++j) {
-      V gj = s.maximize ? g[j].neg() : g[j];
-      gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
-      if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
-      // Moments are updated for every element; the mask touches only the parameter.
-      // Operation order of the torch backend (cnl_ext/ops/torch_backend.py): m·β1 + (1−β1)·g, v·β2 + (1−β2)·(g·g).
-      m[j] = beta1 * m[j] + one_minus_beta1 * gj;
-      v[j] = beta2 * v[j] + one_minus_beta2 * (gj * gj);
-      V second = v[j];
-      if (s.amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
-      // torch.optim's order: step = (step_size·m) / denom, one division per element.
-      const V denom = second.sqrt() / bias_correction2_sqrt + eps;
-      const V step = step_size * m[j] / denom;
-      // The mask and the statistics see lr·u (the sums are scaled by 1/lr once per tensor).
-      V lr_u, p_new;
-      if (s.decoupled_weight_decay) {
-        // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
-        lr_u = step + lr_weight_decay * p[j];
-        p_new = p[j] * one_minus_lr_wd - step;  // torch.optim.AdamW's order of operations
-      } else {
-        lr_u = step;
-        p_new = p[j] - step;
+    for (int64_t part = 0; part < kN; part += kPart) {
+      load_part(param, p, part);
+      load_part(grad, g, part);
+      load_part(exp_avg, m, part);
+      load_part(exp_avg_sq, v, part);
+      if (amsgrad) load_part(max_exp_avg_sq, vmax, part);
+      if constexpr (kRef != RefFormat::kNone) load_reference<kRef>(ptrs[5], i, r, part);
+      if constexpr (kRules) rules.load(ptrs[8], ptrs[9], i, f, a, part);
+      CNL_UNROLL_BLOCK
+      for (int64_t j = part; j < part + kPart; ++j) {
+        V gj = s.maximize ? g[j].neg() : g[j];
+        if constexpr (kRules) gj = rules.template apply<has_magnitudes(kRef)>(gj, p[j], r[j], f[j], a[j]);
+        if (s.l2_weight_decay) gj = gj + weight_decay * p[j];
+        // Moments are updated for every element; the mask touches only the parameter.
+        // Operation order of the torch backend (cnl_ext/ops/torch_backend.py): m·β1 + (1−β1)·g, v·β2 + (1−β2)·(g·g).
+        m[j] = beta1 * m[j] + one_minus_beta1 * gj;
+        v[j] = beta2 * v[j] + one_minus_beta2 * (gj * gj);
+        V second = v[j];
+        if (amsgrad) second = vmax[j] = at::vec::maximum(vmax[j], v[j]);  // NaN-propagating, as torch.maximum
+        // torch.optim's order: step = (step_size·m) / denom, one division per element.
+        const V denom = second.sqrt() / bias_correction2_sqrt + eps;
+        const V step = step_size * m[j] / denom;
+        // The mask and the statistics see lr·u (the sums are scaled by 1/lr once per tensor).
+        V lr_u, p_new;
+        if (s.decoupled_weight_decay) {
+          // AdamW: the decay is part of u (spec), so a frozen element is not decayed either.
+          lr_u = step + lr_weight_decay * p[j];
+          p_new = p[j] * one_minus_lr_wd - step;  // torch.optim.AdamW's order of operations
+        } else {
+          lr_u = step;
+          p_new = p[j] - step;
+        }
+        if constexpr (kRef == RefFormat::kNone) {
+          p[j] = p_new;
+        } else if (kRules && rules.project) {  // A-GEM: the reference projected, it does not mask
+          p[j] = p_new;
+        } else {
+          p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, lr_u, r[j], stats, acc, j, valid);
+        }
       }
-      if constexpr (kRef == RefFormat::kNone) {
-        p[j] = p_new;
-      } else if (rules.project) {  // A-GEM: the reference projected, it does not mask
-        p[j] = p_new;
-      } else {
-        p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, lr_u, r[j], stats, acc, j, valid);
-      }
+      if constexpr (!kImportance) store_part(param, p, part);
+      store_part(exp_avg, m, part);
+      store_part(exp_avg_sq, v, part);
+      if (amsgrad) store_part(max_exp_avg_sq, vmax, part);
     }
-    store_params<kImportance, 6>(param, p, g, importance, ptrs, i);
-    store_block(exp_avg, m);
-    store_block(exp_avg_sq, v);
-    if (s.amsgrad) store_block(max_exp_avg_sq, vmax);
+    if constexpr (kImportance) store_params_and_importance<6>(param, p, g, importance, ptrs, i);
   }
 };
 
@@ -631,16 +659,18 @@ struct MaskedDeltaStep {
     T* param = static_cast<T*>(ptrs[0]) + i;
     const T* before = static_cast<const T*>(ptrs[1]) + i;
     V after[kN], b[kN], r[kN];
-    load_block(param, after);
-    load_block(before, b);
-    load_reference<kRef>(ptrs[2], i, r);
     CNL_UNROLL_BLOCK
-    for (int64_t j = 0; j < kN; ++j) {
-      // u = -delta (its sign is exact in the compute type); the sums of s are scaled by 1/lr once per tensor.
-      const V u = b[j] - after[j];
-      after[j] = cnl_select<is_integer_reference(kRef)>(b[j], after[j], u, r[j], stats, acc, j, valid);
+    for (int64_t part = 0; part < kN; part += kPart) {
+      load_part(param, after, part);
+      load_part(before, b, part);
+      load_reference<kRef>(ptrs[2], i, r, part);
+      for (int64_t j = part; j < part + kPart; ++j) {
+        // u = -delta (its sign is exact in the compute type); the sums of s are scaled by 1/lr once per tensor.
+        const V u = b[j] - after[j];
+        after[j] = cnl_select<is_integer_reference(kRef)>(b[j], after[j], u, r[j], stats, acc, j, valid);
+      }
+      store_part(param, after, part);
     }
-    store_block(param, after);
   }
 };
 
@@ -655,11 +685,12 @@ void sgd_step_in(const TensorLists& lists, const SgdScalarsT<C>& scalars, const 
   dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
     using T = decltype(type_tag);
     if constexpr (std::is_same_v<Compute<T>, C>) {
-      dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+      const bool ewc = lists.fishers != nullptr;
+      dispatch_variant(importance != nullptr, !ewc && !lists.project, [&](auto variant_tag) {
         constexpr RefFormat kRef = decltype(ref_tag)::value;
-        constexpr bool kImportance = decltype(importance_tag)::value;
-        const SgdStep<T, kRef, kImportance> step{s, importance, stats, RuleTerms<T>(lists)};
-        const bool ewc = lists.fishers != nullptr;
+        using Step = SgdStep<T, kRef, decltype(variant_tag)::value>;
+        constexpr bool kImportance = Step::kImportance;
+        const Step step{s, importance, stats, RuleTerms<T>(lists)};
         const int bits[8] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), reference_bits<kRef>(), 32, 32, 32,
                              8 * sizeof(T)};
         const bool written[8] = {true, false, true, false, true, true, false, false};
@@ -704,16 +735,17 @@ void adam_step_in(const TensorLists& lists, const AdamScalarsT<C>& scalars, cons
   dispatch(lists.param_type, lists.ref_format, [&](auto type_tag, auto ref_tag) {
     using T = decltype(type_tag);
     if constexpr (std::is_same_v<Compute<T>, C>) {
-      dispatch_importance(importance != nullptr, [&](auto importance_tag) {
+      const bool ewc = lists.fishers != nullptr;
+      dispatch_variant(importance != nullptr, !s.amsgrad && !ewc && !lists.project, [&](auto variant_tag) {
         constexpr RefFormat kRef = decltype(ref_tag)::value;
-        constexpr bool kImportance = decltype(importance_tag)::value;
-        const bool ewc = lists.fishers != nullptr;
+        using Step = AdamStep<T, kRef, decltype(variant_tag)::value>;
+        constexpr bool kImportance = Step::kImportance;
         const int bits[10] = {8 * sizeof(T), 8 * sizeof(T), 8 * sizeof(C), 8 * sizeof(C), 8 * sizeof(C),
                               reference_bits<kRef>(), 32, 32, 32, 8 * sizeof(T)};
         const bool written[10] = {true, false, true, true, true, false, true, true, false, false};
         const RuleTerms<T> rules(lists);
         for_all_items(lists, [&](int64_t t, int64_t start, int64_t end, double* partial) {
-          const AdamStep<T, kRef, kImportance> step{s, per_tensor[t], importance, stats, rules};
+          const Step step{s, per_tensor[t], importance, stats, rules};
           void* const ptrs[10] = {lists.params[t],    lists.grads[t],
                                   lists.states[0][t], lists.states[1][t],
                                   s.amsgrad ? lists.states[2][t] : nullptr, has_ref ? lists.references[t] : nullptr,
@@ -742,9 +774,11 @@ struct DotBlocks {
 
   C10_ALWAYS_INLINE void operator()(void* const (&ptrs)[2], int64_t offset, int64_t, int64_t) {
     V g[kN], r[kN];
-    load_block(static_cast<const T*>(ptrs[0]) + offset, g);
-    load_reference<kRef>(ptrs[1], offset, r);
-    for (int64_t j = 0; j < kN; ++j) lanes[j] = lanes[j] + g[j] * r[j];
+    for (int64_t part = 0; part < kN; part += kPart) {
+      load_part(static_cast<const T*>(ptrs[0]) + offset, g, part);
+      load_reference<kRef>(ptrs[1], offset, r, part);
+      for (int64_t j = part; j < part + kPart; ++j) lanes[j] = lanes[j] + g[j] * r[j];
+    }
     if (++blocks == kStatGroup) flush();
   }
 

@@ -47,29 +47,49 @@ C10_ALWAYS_INLINE void store_pair(T* p, const Vec& low, const Vec& high) {
   }
 }
 
-// kBlock elements of T as float32 vectors.
+// A step goes through a block a part at a time: kPart vectors of every stream loaded, updated and
+// stored before the next part's, as torch's fused loops go vector by vector. Whole blocks of every
+// stream (4 AVX2 vectors each, 8 in float64) exceed the 16 AVX2 registers and went through the
+// stack (issue 26). Two vectors: a 16-bit vector widens into two float32 ones.
+constexpr int64_t kPart = 2;
+
+// Vectors j and j + 1 of the block of T at p, as float32 vectors.
 template <typename T>
-C10_ALWAYS_INLINE void load_block(const T* p, Vec (&out)[kVecs]) {
-  for (int64_t j = 0; j < kVecs; j += 2) load_pair(p + j * kW, out[j], out[j + 1]);
+C10_ALWAYS_INLINE void load_part(const T* p, Vec (&out)[kVecs], int64_t j) {
+  load_pair(p + j * kW, out[j], out[j + 1]);
 }
 
-// kBlock elements rounded to T (round to nearest even).
+// Vectors j and j + 1 rounded to T (round to nearest even) into the block of T at p.
 template <typename T>
-C10_ALWAYS_INLINE void store_block(T* p, const Vec (&in)[kVecs]) {
-  for (int64_t j = 0; j < kVecs; j += 2) store_pair(p + j * kW, in[j], in[j + 1]);
+C10_ALWAYS_INLINE void store_part(T* p, const Vec (&in)[kVecs], int64_t j) {
+  store_pair(p + j * kW, in[j], in[j + 1]);
 }
 
 // float64: a block of kBlock elements as double vectors (float64 parameters compute in float64).
 using VecD = at::vec::Vectorized<double>;
 constexpr int64_t kWD = VecD::size();
 constexpr int64_t kVecsD = kBlock / kWD;  // double vectors per block
+static_assert(kVecsD % kPart == 0 && kPart * kWD == kW, "a part of double vectors holds one float vector");
 
-C10_ALWAYS_INLINE void load_block(const double* p, VecD (&out)[kVecsD]) {
-  for (int64_t j = 0; j < kVecsD; ++j) out[j] = VecD::loadu(p + j * kWD);
+C10_ALWAYS_INLINE void load_part(const double* p, VecD (&out)[kVecsD], int64_t j) {
+  out[j] = VecD::loadu(p + j * kWD);
+  out[j + 1] = VecD::loadu(p + (j + 1) * kWD);
 }
 
-C10_ALWAYS_INLINE void store_block(double* p, const VecD (&in)[kVecsD]) {
-  for (int64_t j = 0; j < kVecsD; ++j) in[j].store(p + j * kWD);
+C10_ALWAYS_INLINE void store_part(double* p, const VecD (&in)[kVecsD], int64_t j) {
+  in[j].store(p + j * kWD);
+  in[j + 1].store(p + (j + 1) * kWD);
+}
+
+// A whole block of T at p (float32 vectors; double ones for double).
+template <typename T, class V, int64_t kN>
+C10_ALWAYS_INLINE void load_block(const T* p, V (&out)[kN]) {
+  for (int64_t j = 0; j < kN; j += kPart) load_part(p, out, j);
+}
+
+template <typename T, class V, int64_t kN>
+C10_ALWAYS_INLINE void store_block(T* p, const V (&in)[kN]) {
+  for (int64_t j = 0; j < kN; j += kPart) store_part(p, in, j);
 }
 
 // Elements [start, end) of tensor `tensor` of a call.
