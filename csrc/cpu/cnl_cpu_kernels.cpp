@@ -21,10 +21,10 @@
 
 #include "cnl_cpu_vec.h"
 
-// AVX2: the loops over the vectors of a block fully unrolled. With a reference, GCC 12 leaves the 4
-// iterations of an AVX2 block rolled, the block's arrays then go through the stack (every vector
-// stored and reloaded once more) and the options are tested per vector (issue 26). Only where it
-// was measured: AVX512's blocks are 2 vectors, which GCC unrolls itself.
+// AVX2: the loops over the parts of a block, and over a part's vectors, fully unrolled. With a
+// reference, GCC 12 leaves an AVX2 block's loop rolled, the block's arrays then go through the stack
+// (every vector stored and reloaded once more) and the options are tested per vector (issue 26). Only
+// where it was measured: AVX512's float32 blocks are one part, which GCC unrolls itself.
 #if defined(CPU_CAPABILITY_AVX2)
 #define CNL_UNROLL_BLOCK _Pragma("GCC unroll 16")
 #else
