@@ -39,11 +39,11 @@ def main(argv=None) -> None:
     n = sum(g.numel() for g in grads)
     flat_g, flat_r, target = torch.randn(n), torch.randn(n), torch.empty(n)
     print(f"{len(shapes)} tensors, {n:,} elements, {torch.get_num_threads()} threads, backend {args.backend}")
+    result = functional.agem_dots(grads, references, backend=args.backend)
+    expected = torch.stack([torch.dot(g.flatten().double(), r.flatten().double()) for g, r in zip(grads, references)])
+    if not torch.allclose(result, expected, rtol=1e-4, atol=1e-3):
+        raise SystemExit("agem_dots disagrees with torch.dot in float64")
     for _ in range(args.rounds):
-        result = functional.agem_dots(grads, references, backend=args.backend)
-        expected = torch.stack([torch.dot(g.flatten().double(), r.flatten().double()) for g, r in zip(grads, references)])
-        if not torch.allclose(result, expected, rtol=1e-4, atol=1e-3):
-            raise SystemExit("agem_dots disagrees with torch.dot in float64")
         dots = median_ms(lambda: functional.agem_dots(grads, references, backend=args.backend))
         flat = median_ms(lambda: torch.dot(flat_g, flat_r))
         copy = median_ms(lambda: target.copy_(flat_g))
