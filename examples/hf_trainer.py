@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 
 import torch
@@ -99,9 +100,12 @@ def main():
         after = (mean_loss(trainer.model, mastered), mean_loss(trainer.model, injection))
     if trainer.is_world_process_zero():
         shares = [log["cnl_collaborative_share"] for log in trainer.state.log_history if "cnl_collaborative_share" in log]
-        print(f"mastered loss  {before[0]:.4f} -> {after[0]:.4f}")
-        print(f"injection loss {before[1]:.4f} -> {after[1]:.4f}")
-        print(f"collaborative share of the logged steps: {', '.join(f'{s:.3f}' for s in shares)}")
+        # one write: under a launcher where every rank thinks it is rank 0 (accelerate on CPU), the ranks'
+        # lines share one pipe and must not interleave
+        sys.stdout.write(f"mastered loss  {before[0]:.4f} -> {after[0]:.4f}\n"
+                         f"injection loss {before[1]:.4f} -> {after[1]:.4f}\n"
+                         f"collaborative share of the logged steps: {', '.join(f'{s:.3f}' for s in shares)}\n")
+        sys.stdout.flush()
         assert all(math.isfinite(x) for x in before + after)
 
 
