@@ -62,7 +62,8 @@ EXPECTED_BYTES_PER_ELEMENT = {
     # float64 parameters and states: 24 + 32
     "torch_adamw_fused_f64": 56, "cnl_adamw_noref_f64": 56, "cnl_adamw_fp32_f64": 56 + 4,
     # issue 22: EWC reads F and θ*; A-GEM's reduction reads g and r, then the step reads r
-    "cnl_adamw_ewc": 28 + 8, "cnl_adamw_agem": 28 + 4 + 8,
+    # (A-GEM with g·r ≥ 0: the step runs without r)
+    "cnl_adamw_ewc": 28 + 8, "cnl_adamw_agem": 28 + 4 + 8, "cnl_adamw_agem_agreeing": 28 + 8,
 }
 
 
@@ -71,6 +72,18 @@ def test_roofline_bytes_per_element():
     table = [("a", (64, 8)), ("b", (12,))]  # numels divisible by 4: no sign2 padding
     for case in cases.CASES:
         assert cases.roofline_bytes(case, table) == EXPECTED_BYTES_PER_ELEMENT[case.name] * 524, case.name
+
+
+@pytest.mark.parametrize("name,projects", [("cnl_adamw_agem", True), ("cnl_adamw_agem_agreeing", False)])
+def test_agem_cases_set_the_sign_of_g_dot_r(name, projects):
+    """The A-GEM cases fix whether every step projects (g·r < 0) or none does, whatever the pool drew."""
+    case = next(case for case in cases.CASES if case.name == name)
+    for seed in range(3):
+        step = cases.build_step(case, [("a", (64, 8)), ("b", (12,))], torch.device("cpu"), "torch",
+                                cases.TensorPool(torch.device("cpu"), seed=seed))
+        opt = step.__self__
+        dot = sum(float(torch.dot(p.grad.flatten(), opt._reference.tensors[p].flatten())) for p in opt._parameters())
+        assert (dot < 0) == projects
 
 
 def test_sign2_roofline_counts_the_padding_byte():

@@ -10,7 +10,9 @@ onto the half-space that does not raise the reference loss to first order::
 and then takes the optimizer's usual update, with no CNL mask. ``r·r`` is kept per parameter and
 computed once per reference (:meth:`ReferenceStore.squared_norms`); ``g·r`` is one reduction per
 step that reads ``g`` and ``r`` (all-reduced over the ranks when parameters are FSDP2 DTensors).
-So an A-GEM step makes 2 passes over the tensors: that reduction, and the step.
+So an A-GEM step makes 2 passes over the tensors: that reduction, and the step. Where ``g·r ≥ 0``
+(``c = 0``) and ``c`` is on the CPU, the step is the plain one and does not read ``r``; on a GPU it
+projects by 0 instead, as reading ``c`` there would cost a sync.
 
 EWC (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017):
 ``ewc_lambda=λ`` adds the gradient of ``λ·Σ F⊙(θ−θ*)²``, i.e. ``2λ·F⊙(θ−θ*)``, to the gradient,

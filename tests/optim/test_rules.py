@@ -64,6 +64,29 @@ def test_agem_leaves_an_agreeing_gradient_alone_and_does_not_mask(backend, devic
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("conflicting", [True, False])
+def test_agem_step_reads_the_reference_only_to_project(backend, device, conflicting):
+    """g·r ≥ 0 with the coefficient on the CPU: the step gets no reference (it would subtract 0·r);
+    g·r < 0, or a coefficient on a GPU (reading it would sync): the references, to project."""
+    a, b = _params(device, [[1.0, 2.0], [3.0]])
+    opt = FusedCNLAdamW([{"params": [a]}, {"params": [b]}], lr=0.1, rule="agem", backend=backend)
+    opt.set_reference([torch.tensor([1.0, -1.0], device=device), torch.tensor([2.0], device=device)])
+    _set_grads([a, b], [[-3.0, 1.0], [0.5]] if conflicting else [[3.0, 1.0], [0.5]])  # g·r = −3 or 3
+    handed = []
+    references_for = opt._references_for
+    opt._references_for = lambda params: handed.append(references_for(params)) or handed[-1]
+    twins = [p.detach().clone() for p in (a, b)]
+    opt.step()
+    reads = conflicting or torch.device(device).type != "cpu"
+    assert [all(r is not None for r in refs) if reads else refs == [None] for refs in handed] == [True, True]
+    if not conflicting:  # and the step is plain AdamW's
+        plain = [torch.nn.Parameter(t) for t in twins]
+        _set_grads(plain, [[3.0, 1.0], [0.5]])
+        torch.optim.AdamW(plain, lr=0.1).step()
+        torch.testing.assert_close(_values([a, b]), _values(plain), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_agem_with_maximize_projects_the_ascent_direction(backend, device):
     """maximize: the step follows −g, so A-GEM tests (−g)·r: g = [1, 0], r = [1, 1] conflict."""
     (a,) = _params(device, [[0.0, 0.0]])
