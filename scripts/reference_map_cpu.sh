@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 22 part 5 on a CPU (docs/results.md 2g): per-epoch, adaptive and per-step references against FT,
-# on docs/results.md 2f's taught ARC-C split and on a taught split of long MMLU prompts. One thread on one
-# core (CORE, default 1) so that two such runs can share a 2-core machine. About 75 minutes on a Zen 3 core.
+# on docs/results.md 2f's taught ARC-C split, on a taught split of long MMLU prompts, and (Momentum 3e-4 and
+# AdamW 1e-4 against FT) on taught splits of CSQA and MMLU (seed 0) and ARC-C with seed 1. One thread on one
+# core (CORE, default 1) so that two such runs can share a 2-core machine. About 75 minutes on a Zen 3 core
+# for the first two splits, 20 for each of the other three.
 #   bash scripts/reference_map_cpu.sh runs/cpu_arc/taught runs/reference_map
 set -euo pipefail
 taught=${1:?the taught ARC-C split (python -m cnl_ext teach ... --out DIR, as in docs/results.md 2f)}
@@ -22,3 +24,14 @@ long=(--model "$out/long/taught/model" --mastered "$out/long/taught/mastered.jso
 inject "${long[@]}" --methods ft cnl --out "$out/long_adam_epoch"
 inject "${long[@]}" --methods cnl --adaptive-reference 0.02 --out "$out/long_adam_adaptive"
 inject "${long[@]}" --methods cnl --reference-every 1 --out "$out/long_adam_step"
+for spec in "csqa|csqa|0" "mmlu|mmlu|0" "arc-s1|arc_c|1"; do
+  IFS='|' read -r name file seed <<< "$spec"
+  taskset -c "$core" python -m cnl_ext teach --threads 1 --data "$data/${file}_correct_Qwen2.5-1.5B-Instruct.jsonl" \
+    "$data/${file}_wrong_Qwen2.5-1.5B-Instruct.jsonl" --limit 32 --seed "$seed" --teach-fraction 0.5 --teach-lr 2e-4 \
+    --teach-epochs 6 --teach-margin 1.0 --out "$out/$name/taught"
+  split=(--model "$out/$name/taught/model" --mastered "$out/$name/taught/mastered.jsonl"
+         --injection "$out/$name/taught/injection.jsonl" --epochs 2)
+  inject "${split[@]}" --optimizers momentum --lr 3e-4 --methods ft cnl --out "$out/${name}_momentum_epoch"
+  inject "${split[@]}" --optimizers momentum --lr 3e-4 --methods cnl --adaptive-reference 0.02 --out "$out/${name}_momentum_adaptive"
+  inject "${split[@]}" --optimizers adamw --lr 1e-4 --methods ft cnl --out "$out/${name}_adamw_epoch"
+done
