@@ -507,6 +507,19 @@ struct RuleTerms {
 // Formats whose values are the reference's magnitudes (A-GEM projects with them).
 constexpr bool has_magnitudes(RefFormat ref) { return ref == RefFormat::kFloat32 || ref == RefFormat::kBFloat16; }
 
+// The element's new value: `p_new` where no reference masks (none set, or A-GEM's, which projected the
+// gradient instead), else CNL's choice between `p` and `p_new` by the signs of `u` and `r` (cnl_select).
+template <RefFormat kRef, bool kRules, typename T, class V>
+C10_ALWAYS_INLINE V masked_update(const RuleTerms<T>& rules, const V& p, const V& p_new, const V& u, const V& r,
+                                  bool stats, const BlockStats<V>& acc, int64_t j, int64_t valid) {
+  if constexpr (kRef == RefFormat::kNone) {
+    return p_new;
+  } else {
+    if (kRules && rules.project) return p_new;
+    return cnl_select<is_integer_reference(kRef)>(p, p_new, u, r, stats, acc, j, valid);
+  }
+}
+
 // ---------------------------------------------------------------------------- SGD
 
 // Streams: param, grad, momentum buffer, reference, sensitivity, uncertainty (the last two with kImportance),
@@ -546,14 +559,7 @@ struct SgdStep {
           b[j] = s.first_step ? gj : momentum * b[j] + one_minus_dampening * gj;
           u = s.nesterov ? gj + momentum * b[j] : b[j];
         }
-        const V p_new = p[j] - lr * u;
-        if constexpr (kRef == RefFormat::kNone) {
-          p[j] = p_new;
-        } else if (kRules && rules.project) {  // A-GEM: the reference projected, it does not mask
-          p[j] = p_new;
-        } else {
-          p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, u, r[j], stats, acc, j, valid);
-        }
+        p[j] = masked_update<kRef, kRules>(rules, p[j], p[j] - lr * u, u, r[j], stats, acc, j, valid);
       }
       if constexpr (!kImportance) store_part(param, p, part);
       if (s.has_momentum) store_part(buf, b, part);
@@ -629,13 +635,7 @@ struct AdamStep {
           lr_u = step;
           p_new = p[j] - step;
         }
-        if constexpr (kRef == RefFormat::kNone) {
-          p[j] = p_new;
-        } else if (kRules && rules.project) {  // A-GEM: the reference projected, it does not mask
-          p[j] = p_new;
-        } else {
-          p[j] = cnl_select<is_integer_reference(kRef)>(p[j], p_new, lr_u, r[j], stats, acc, j, valid);
-        }
+        p[j] = masked_update<kRef, kRules>(rules, p[j], p_new, lr_u, r[j], stats, acc, j, valid);
       }
       if constexpr (!kImportance) store_part(param, p, part);
       store_part(exp_avg, m, part);
