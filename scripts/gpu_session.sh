@@ -119,7 +119,7 @@ phase_paper-taught() {  # issue 5, docs/results.md section 1: teach half, then i
     --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 10 --teach-margin 1.0 --eval-batch-size 64 --out "$STASH/taught" --overwrite
   run "$PY" -m cnl_ext inject --model "$STASH/taught/model" --mastered "$STASH/taught/mastered.jsonl" \
     --injection "$STASH/taught/injection.jsonl" --optimizers sgd momentum adam adamw --methods ft cnl \
-    --lr $LR --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --out "$1/in_set"
+    --lr $LR --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --adaptive-reference off --out "$1/in_set"
   mkdir "$1/taught" && find "$STASH/taught" -maxdepth 1 -type f -exec cp {} "$1/taught/" \;  # weights stay here
 }
 
@@ -129,19 +129,20 @@ phase_paper-rest() {  # issue 5: Table 2, out-of-set with replay, and the plain 
     --injection "$taught/injection.jsonl" --reference-batch-size 32 --out "$1/table2"
   run "$PY" -m cnl_ext out-of-set --model "$taught/model" --mastered "$taught/mastered.jsonl" \
     --injection "$taught/injection.jsonl" --side mastered --methods ft cnl replay --optimizers adamw \
-    --lr 1e-4 --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --out "$1/out_of_set"
+    --lr 1e-4 --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --reference-batch-size 32 --adaptive-reference off \
+    --out "$1/out_of_set"
   run "$PY" -m cnl_ext infer-and-split --model "$model" --data "${ARC[@]}" --limit "$PAPER_LIMIT" --seed 0 \
     --eval-batch-size 64 --out "$1/plain"
   run "$PY" -m cnl_ext inject --model "$model" --mastered "$1/plain/mastered.jsonl" \
     --injection "$1/plain/injection.jsonl" --optimizers adamw --methods ft cnl --lr 1e-4 \
-    --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --out "$1/plain/in_set"
+    --epochs "$PAPER_EPOCHS" --eval-batch-size 64 --adaptive-reference off --out "$1/plain/in_set"
 }
 
 phase_methods() {  # issue 22: the eight inject methods and the CKL update task on paper-taught's split (AdamW)
   local taught=$STASH/taught
   local split=(--model "$taught/model" --mastered "$taught/mastered.jsonl" --injection "$taught/injection.jsonl")
   local all=(--optimizers adamw --methods ft cnl replay lora kore corda ewc agem --lr 1e-4 --epochs "$PAPER_EPOCHS"
-             --eval-batch-size 64 --reference-batch-size 32)
+             --eval-batch-size 64 --reference-batch-size 32 --adaptive-reference off)  # as docs/results.md 2f
   run "$PY" -m cnl_ext inject "${split[@]}" "${all[@]}" --out "$1/in_set_methods"
   run "$PY" -m cnl_ext ckl "${split[@]}" "${all[@]}" --out "$1/ckl"
 }
@@ -153,17 +154,17 @@ phase_reference-map() {  # issue 22 part 5: per-epoch, adaptive and per-step ref
   local split=(--model "$taught/model" --mastered "$taught/mastered.jsonl" --injection "$taught/injection.jsonl"
                --optimizers momentum adam --lr momentum=3e-4 adam=1e-4 --epochs 2 --eval-batch-size 64
                --reference-batch-size 32 --no-checkpoints)
-  run "$PY" -m cnl_ext inject "${split[@]}" --methods ft cnl --out "$1/taught_epoch"
+  run "$PY" -m cnl_ext inject "${split[@]}" --methods ft cnl --adaptive-reference off --out "$1/taught_epoch"
   run "$PY" -m cnl_ext inject "${split[@]}" --methods cnl --adaptive-reference 0.02 --out "$1/taught_adaptive"
-  run "$PY" -m cnl_ext inject "${split[@]}" --methods cnl --reference-every 1 --out "$1/taught_step"
+  run "$PY" -m cnl_ext inject "${split[@]}" --methods cnl --adaptive-reference off --reference-every 1 --out "$1/taught_step"
   run "$PY" bench/long_prompts.py --data .carry/common/data --out "$long/pool" --mastered 16 --injection 16
   run "$PY" -m cnl_ext teach --model "$(gguf_path)" --data "$long/pool/mastered.jsonl" "$long/pool/injection.jsonl" \
     --limit 32 --seed 0 --teach-fraction 0.5 --teach-lr 2e-4 --teach-epochs 6 --teach-margin 1.0 --out "$long/taught" --overwrite
   local long_split=(--model "$long/taught/model" --mastered "$long/taught/mastered.jsonl"
                     --injection "$long/taught/injection.jsonl" --optimizers adam --lr 1e-4 --epochs 2 --no-checkpoints)
-  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods ft cnl --out "$1/long_epoch"
+  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods ft cnl --adaptive-reference off --out "$1/long_epoch"
   run "$PY" -m cnl_ext inject "${long_split[@]}" --methods cnl --adaptive-reference 0.02 --out "$1/long_adaptive"
-  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods cnl --reference-every 1 --out "$1/long_step"
+  run "$PY" -m cnl_ext inject "${long_split[@]}" --methods cnl --adaptive-reference off --reference-every 1 --out "$1/long_step"
 }
 
 phase_continual() {  # issues 15, 22: the continual protocol at paper scale (three tasks, all 11 methods, 2 orders)
@@ -173,7 +174,7 @@ phase_continual() {  # issues 15, 22: the continual protocol at paper scale (thr
     --task csqa=$d/csqa_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/csqa_wrong_Qwen2.5-1.5B-Instruct.jsonl \
     --task mmlu=$d/mmlu_correct_Qwen2.5-1.5B-Instruct.jsonl,$d/mmlu_wrong_Qwen2.5-1.5B-Instruct.jsonl \
     --questions-per-task "${CONTINUAL_QUESTIONS:-200}" --epochs "${CONTINUAL_EPOCHS:-3}" \
-    --orders arc,csqa,mmlu mmlu,csqa,arc --out "$1/continual"
+    --orders arc,csqa,mmlu mmlu,csqa,arc --adaptive-reference off --out "$1/continual"  # as docs/results.md 2e, 2h
 }
 
 phase_deepspeed() {  # issue 23: a CNL optimizer as DeepSpeed's client optimizer on CUDA (NCCL; ZeRO 1-3, the

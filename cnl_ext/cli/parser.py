@@ -33,14 +33,14 @@ CHECKPOINTS_COST = ("; while it runs, resumable checkpoints of about 2.5 GB for 
 
 def _subcommands() -> list:
     split_and_model = (SplitFiles, ModelOptions)
-    no_lora_or_reference = ("optimizer", "lr", "reference_every", "reference_dtype", "lora_r", "lora_alpha",
-                            "ewc_lambda")
+    no_lora_or_reference = ("optimizer", "lr", "reference_every", "adaptive_reference", "reference_dtype", "lora_r",
+                            "lora_alpha", "ewc_lambda")
     return [
         Subcommand("demo", cmd_demo, "FT vs CNL (AdamW) on generated questions and the embedded SmolLM2 "
-                   "(about 3 minutes on 2 CPU cores; writes under 1 MB, or about 2.5 GB more with --checkpoints)",
+                   "(about 7 minutes on 2 CPU cores; writes under 1 MB, or about 2.5 GB more with --checkpoints)",
                    "python -m cnl_ext demo        # writes runs/demo; --epochs 1 --questions 16 for a quick look",
                    (ModelOptions, DemoSettings), checkpoints=True, out_default=DEFAULT_DEMO_OUT,
-                   resume_defaults=dict(checkpoints=False),  # a 3-minute run: a checkpoint costs more than a rerun
+                   resume_defaults=dict(checkpoints=False),  # a 7-minute run: a checkpoint costs more than a rerun
                    replaceable=demo_folder_is_replaceable),
         Subcommand("prepare-data", cmd_prepare_data, "a benchmark (hub or local files) or JSONL files -> one "
                    "paper-format JSONL",

@@ -18,6 +18,7 @@ from .methods import DEFAULT_EWC_DECAY, DEFAULT_EWC_LAMBDA, RULE_METHODS
 from .data import LETTERS, DataError, read_jsonl, sample_n
 from .model import ModelOptions
 from .options import option
+from .reference_schedule import DEFAULT_TOLERANCE
 
 __all__ = ["CONTINUAL_METHODS", "LORA_METHODS", "MIN_MEMORY_PER_TASK", "ContinualConfig", "Task", "parse_task",
            "load_tasks", "select_memory", "continual_metrics"]
@@ -25,7 +26,9 @@ __all__ = ["CONTINUAL_METHODS", "LORA_METHODS", "MIN_MEMORY_PER_TASK", "Continua
 CONTINUAL_METHODS = ("ft", "replay", "lora", "cnl", "kif", "kif-lora", "recurrent-kif", *ADAPTER_METHODS, *RULE_METHODS)
 LORA_METHODS = ("lora", "kif-lora")
 MIN_MEMORY_PER_TASK = 8
-LATER_SETTINGS = dict(ewc_lambda=DEFAULT_EWC_LAMBDA, ewc_decay=DEFAULT_EWC_DECAY, adaptive_reference=None)  # kept in saved runs unless default
+# Settings added after runs were saved, with the values those runs had: a setting at that value is left
+# out of run_settings, so the old runs still continue.
+LATER_SETTINGS = dict(ewc_lambda=DEFAULT_EWC_LAMBDA, ewc_decay=DEFAULT_EWC_DECAY, adaptive_reference=None)
 
 
 @dataclass
@@ -59,9 +62,10 @@ class ContinualConfig:
     eval_batch_size: int = option(16, "batch size when answering")
     reference_batch_size: int = option(16, "batch size of the CNL reference pass")
     adaptive_reference: float | None = option(
-        None, "cnl, agem: adapt the reference's period to TOL (nats of mean memory loss) instead of one reference "
-              "per epoch: start at every step, halve the period when the memory loss rose more than TOL beyond "
-              "CNL's first-order prediction, double it (up to an epoch) when within TOL/4", metavar="TOL")
+        DEFAULT_TOLERANCE, "cnl, agem: adapt the reference's period to TOL (nats of mean memory loss): start at every "
+                           "step, halve the period when the memory loss rose more than TOL beyond CNL's first-order "
+                           "prediction, double it (up to an epoch) when within TOL/4; off: one reference per epoch "
+                           "(the paper's)", metavar="TOL")
     importance_betas: tuple[float, float] = option((0.85, 0.85), "KIF's sensitivity and uncertainty EMA factors (alpha1, alpha2)")
     kif_unit: str = option("tensor", "kif's skill unit: 'tensor' (the paper's) or 'row' (each output row)")
     kif_gamma: float = option(0.7, "static fusion: share of the old weights where both tasks find a unit important")

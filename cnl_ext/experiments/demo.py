@@ -16,6 +16,7 @@ from .data import MCQuestion, format_prompt, read_jsonl, write_jsonl
 from .options import option
 from .outputs import write_json
 from .progress import note
+from .reference_schedule import DEFAULT_TOLERANCE
 from .protocol import BACKEND_HELP, InjectConfig, backend_choices, compare
 from .teach import TeachSettings, teach_first, teach_summary
 from .report import write_run_outputs
@@ -52,7 +53,7 @@ def make_demo_questions(n: int = 32, seed: int = 0) -> list:
 
 @dataclass
 class DemoSettings:
-    """The demo: what it generates, teaches and injects (the defaults take about 3 minutes on 2 CPU cores)."""
+    """The demo: what it generates, teaches and injects (the defaults take about 7 minutes on 2 CPU cores)."""
 
     questions: int = option(32, "how many questions to generate")
     teach_fraction: float = option(0.5, "fraction of the questions taught first")
@@ -66,13 +67,17 @@ class DemoSettings:
     trainable: str = option("all", "'all' parameters or 'last:N' decoder layers (faster; CNL learns less)")
     seed: int = option(0, "seed of the generated questions, of the taught half and of the training order")
     backend: str = option("auto", BACKEND_HELP, choices=backend_choices)
+    adaptive_reference: float | None = option(DEFAULT_TOLERANCE, "CNL's reference taken as often as its age "
+                                              "requires, to TOL nats (as inject); off: once per epoch, the paper's",
+                                              metavar="TOL")
 
     def __post_init__(self):
         if not 1 <= self.questions <= len(_FIRST) * len(_LAST) * len(_FACTS):
             raise ValueError(f"questions must be 1 to {len(_FIRST) * len(_LAST) * len(_FACTS)}, got {self.questions}")
         TeachSettings(teach_fraction=self.teach_fraction, teach_lr=self.teach_lr, teach_epochs=self.teach_epochs,
                       teach_margin=self.teach_margin, trainable=self.trainable, backend=self.backend)  # checks them
-        InjectConfig(optimizer="adamw", lr=self.lr, epochs=self.epochs, trainable=self.trainable)
+        InjectConfig(optimizer="adamw", lr=self.lr, epochs=self.epochs, trainable=self.trainable,
+                     adaptive_reference=self.adaptive_reference)
 
 
 def run_demo(model, encoder, out_dir, settings: DemoSettings = DemoSettings(), *, backend: str | None = None,
@@ -112,7 +117,7 @@ def run_demo(model, encoder, out_dir, settings: DemoSettings = DemoSettings(), *
         raise RuntimeError(f"teaching left {len(mastered)} mastered and {len(injection)} injection "
                            "questions; the demo needs both (try more questions or teach epochs)")
     config = InjectConfig(optimizer="adamw", lr=settings.lr, epochs=settings.epochs, trainable=settings.trainable,
-                          seed=settings.seed, backend=backend)
+                          seed=settings.seed, backend=backend, adaptive_reference=settings.adaptive_reference)
     runs = compare(model, encoder, methods=["ft", "cnl"], optimizers=["adamw"], config=config,
                    train=injection, reference=mastered, checkpoints=checkpoints)
     meta = dict(step="demo", settings=asdict(settings), **teach, n_mastered=len(mastered),

@@ -12,6 +12,8 @@ model loads). A field name shared by two dataclasses of one command is one optio
 
     add_options(parser, MySettings)         # --steps STEPS, --mode {fast,exact}, with help and defaults
     settings = build(MySettings, parser.parse_args())
+
+An optional field (``int | None``) whose default is a value takes ``off`` for None on the command line.
 """
 from __future__ import annotations
 
@@ -55,6 +57,23 @@ def flag_of(field: dataclasses.Field, default=dataclasses.MISSING) -> str:
     return f"--no-{name}" if field.type in (bool, "bool") and default is True else f"--{name}"
 
 
+OFF = "off"  # on the command line, None for an optional option whose default is a value
+
+
+def _off_or(kind):
+    """argparse ``type`` of an optional option with a value as default: ``off`` gives None."""
+
+    def parse(text: str):
+        return None if text == OFF else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def _is_optional(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
 def _unwrap_optional(hint):
     """``int | None`` -> ``int``."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -68,6 +87,7 @@ def _argparse_kwargs(field, hint, default):
     meta = field.metadata
     help_text = meta.get("help", "")
     kwargs = {}
+    can_be_off = _is_optional(hint) and default not in (None, dataclasses.MISSING)
     hint = _unwrap_optional(hint)
     origin = typing.get_origin(hint)
     if hint is bool:
@@ -99,6 +119,9 @@ def _argparse_kwargs(field, hint, default):
         if default is not None and default != () and default != []:
             shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
             help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
+    if can_be_off and "nargs" not in kwargs and "choices" not in kwargs:
+        kwargs["type"] = _off_or(kwargs["type"])
+        kwargs["metavar"] = f"{kwargs['metavar']}|{OFF}"
     return kwargs, help_text
 
 

@@ -63,12 +63,14 @@ class InjectConfig:
     lr: float | None = option(None, "learning rate (default: sgd/momentum 1e-7, the paper's; adam/adamw 1e-6)")
     epochs: int = option(25, "training epochs")
     batch_size: int = option(1, "training batch size (paper: 1)")
-    reference_every: int | None = option(None, "recompute the reference over the mastered set every N steps "
-                                               "(default: at the start of every epoch)")
+    reference_every: int | None = option(None, "the reference's longest period in steps (default: an epoch); with "
+                                               "--adaptive-reference off, its fixed period (default: every epoch's "
+                                               "start, the paper's)")
     adaptive_reference: float | None = option(
-        None, "adapt the reference's period to TOL (nats of mean mastered loss): start at every step, halve the "
-              "period when the mastered loss rose more than TOL beyond the first-order prediction since the last "
-              "reference, double it (up to --reference-every or an epoch) when within TOL/4", metavar="TOL")
+        DEFAULT_TOLERANCE, "adapt the reference's period to TOL (nats of mean mastered loss): start at every step, "
+                           "halve the period when the mastered loss rose more than TOL beyond the first-order "
+                           "prediction since the last reference, double it (up to --reference-every or an epoch) "
+                           "when within TOL/4; off: a fixed period", metavar="TOL")
     momentum: float = option(0.9, "momentum of the 'momentum' optimizer")
     betas: tuple[float, float] = option((0.9, 0.999), "Adam / AdamW betas")
     eps: float = option(1e-8, "Adam / AdamW eps")
@@ -76,7 +78,7 @@ class InjectConfig:
     trainable: str = option("all", "'all' parameters or 'last:N' decoder layers")
     reference_batch_size: int = option(16, "batching of the reference pass (any size gives the same mean)")
     reference_tokens: int | None = option(REFERENCE_TOKENS, "token budget of a reference micro-batch: questions x "
-                                          "longest prompt (bounds its memory; any budget gives the same mean)")
+                                          "longest prompt (bounds its memory; any budget gives the same mean; off: none)")
     reference_checkpointing: bool = option(REFERENCE_CHECKPOINTING, "no activation checkpointing in the reference "
                                            "pass (on by default: less memory, one more forward pass over the "
                                            "mastered set)")
@@ -368,8 +370,9 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
                 note(f"{name} epoch {epoch}: the mastered loss changed by {departure + records[-1].predicted_change:+.4f} "
                      f"where the first-order prediction was {records[-1].predicted_change:+.4f} (departure "
                      f"{departure:+.4f} > {tolerance:g}): the reference aged out of its first-order range "
-                     f"({epoch_passes} reference pass(es) this epoch; --adaptive-reference or a smaller "
-                     "--reference-every keeps it fresh)")
+                     f"({epoch_passes} reference pass(es) this epoch; "
+                     + ("a smaller --adaptive-reference keeps it fresher)" if config.adaptive_reference is not None
+                        else "--adaptive-reference keeps it fresh)"))
             if checkpoints is not None and epoch < config.epochs:
                 checkpoints.save_epoch(key, dict(
                     epoch=epoch, steps_done=steps_done, reference_schedule=schedule.state_dict(),

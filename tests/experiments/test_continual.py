@@ -20,6 +20,7 @@ from cnl_ext.experiments.data import MCQuestion, write_jsonl  # noqa: E402
 from cnl_ext.experiments.demo import make_demo_questions  # noqa: E402
 from cnl_ext.experiments.model import MCQEncoder, ModelOptions  # noqa: E402
 from cnl_ext.experiments.options import build  # noqa: E402
+from cnl_ext.experiments.reference_schedule import DEFAULT_TOLERANCE  # noqa: E402
 
 from .test_experiments import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -271,10 +272,24 @@ def test_orders_seeds_and_resume(task_files, tmp_path, tokenizer):
         run(dataclasses.replace(config, orders=["alpha,beta"]), model, tokenizer, tmp_path / "out")
 
 
+def test_runs_saved_before_the_adaptive_default_continue_with_it_off(task_files, tmp_path, tokenizer):
+    """Runs saved when one reference per epoch was the default carry no adaptive_reference: they continue
+    with ``--adaptive-reference off``, and at the new default the refusal names the setting."""
+    off = tiny_config(task_files, methods=["ft"], questions_per_task=6, batch_size=3, adaptive_reference=None)
+    model = tiny_model(len(tokenizer))
+    records = run(off, model, tokenizer, tmp_path / "out")
+    saved = json.loads(next((tmp_path / "out" / "runs").iterdir()).read_text())
+    assert "adaptive_reference" not in saved["settings"] and "epochs" in saved["settings"]
+    with pytest.raises(ValueError, match="other settings \\(adaptive_reference\\)"):
+        run(dataclasses.replace(off, adaptive_reference=DEFAULT_TOLERANCE), model, tokenizer, tmp_path / "out",
+            resume=True)
+    assert [r.matrix for r in run(off, model, tokenizer, tmp_path / "out", resume=True)] == [r.matrix for r in records]
+
+
 def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tokenizer, monkeypatch):
     """The same memory questions (of the earlier tasks only) reach every method that uses memory."""
     config = tiny_config(task_files, methods=["replay", "cnl", "recurrent-kif"], questions_per_task=8,
-                         batch_size=3, rkif_inner_steps=1, rkif_outer_steps=1)
+                         batch_size=3, rkif_inner_steps=1, rkif_outer_steps=1, adaptive_reference=None)
     tasks = load_tasks(config, seed=0)
     memories = [select_memory(tasks[n].train, config.memory_per_task, f"0:{n}") for n in ("alpha", "beta", "gamma")]
     seen = {"replay": [], "cnl": [], "recurrent-kif": []}
@@ -322,7 +337,7 @@ def test_one_memory_feeds_replay_cnl_and_recurrent_kif(task_files, tmp_path, tok
 
 @pytest.mark.parametrize("tolerance", [None, 1e-6, 10.0])
 def test_the_reference_schedule_of_a_task(task_files, tmp_path, tokenizer, monkeypatch, tolerance):
-    """Per epoch by default; adaptive: every step under a tiny tolerance, 1, 2, 4 steps under a huge one."""
+    """Per epoch when off (None); adaptive: every step under a tiny tolerance, 1, 2, 4 steps under a huge one."""
     config = tiny_config(task_files, methods=["cnl"], epochs=2, adaptive_reference=tolerance)
     passes = []
     real = continual.compute_reference

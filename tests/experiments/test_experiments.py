@@ -285,12 +285,13 @@ def test_reference_recomputed_every_n_steps(model, encoder, questions, monkeypat
     calls = []
     real = protocol.compute_reference
     monkeypatch.setattr(protocol, "compute_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
-    config = fast_config(epochs=2, reference_every=2)
+    config = fast_config(epochs=2, reference_every=2, adaptive_reference=None)
     protocol.run_injection(model, encoder, method="cnl", config=config, train=questions[:5],
                            reference=questions[5:8], eval_injection=questions[:5], eval_mastered=questions[5:8])
     assert len(calls) == 5  # 10 steps, every 2nd
     calls.clear()
-    protocol.run_injection(model, encoder, method="cnl", config=fast_config(epochs=2), train=questions[:5],
+    protocol.run_injection(model, encoder, method="cnl", config=fast_config(epochs=2, adaptive_reference=None),
+                           train=questions[:5],
                            reference=questions[5:8], eval_injection=questions[:5], eval_mastered=questions[5:8])
     assert len(calls) == 2  # once per epoch
 

@@ -344,6 +344,32 @@ def test_help_every_option_explained_with_its_default():
     assert set(functional.BACKENDS) <= set(backend.choices)
 
 
+def test_the_adaptive_reference_is_the_default_and_off_turns_an_option_off(capsys):
+    """``off`` gives None to an optional option whose default is a value; anything else is its type's."""
+    from cnl_ext.experiments.continual_setup import ContinualConfig
+    from cnl_ext.experiments.options import build
+    from cnl_ext.experiments.protocol import InjectConfig
+    from cnl_ext.experiments.reference_schedule import DEFAULT_TOLERANCE
+
+    parser, commands = _subparsers()
+    split = ["inject", "--mastered", "m.jsonl", "--injection", "i.jsonl", "--out", "o"]
+
+    def inject_config(*extra):
+        return build(InjectConfig, parser.parse_args([*split, *extra]), commands["inject"])
+
+    assert InjectConfig().adaptive_reference == DEFAULT_TOLERANCE == ContinualConfig(tasks=["a=x"]).adaptive_reference
+    assert inject_config().adaptive_reference == DEFAULT_TOLERANCE
+    assert inject_config("--adaptive-reference", "0.5").adaptive_reference == 0.5
+    off = inject_config("--adaptive-reference", "off", "--reference-tokens", "off")
+    assert off.adaptive_reference is None and off.reference_tokens is None
+    continual = parser.parse_args(["continual", "--task", "a=x", "--adaptive-reference", "off", "--out", "o"])
+    assert build(ContinualConfig, continual, commands["continual"]).adaptive_reference is None
+    with pytest.raises(SystemExit):
+        parser.parse_args([*split, "--adaptive-reference", "none"])
+    assert "invalid float value: 'none'" in capsys.readouterr().err
+    assert "--adaptive-reference TOL|off" in commands["inject"].format_help()
+
+
 def test_each_option_is_declared_once():
     """Subcommands take only what they use; a field shared by two settings is one option."""
     _, commands = _subparsers()
@@ -477,7 +503,9 @@ def test_continual_overwrites_resumes_a_finished_folder_and_takes_the_old_spelli
     assert results["command"].startswith("python -m cnl_ext continual --task ") and results["weights_sha256"]
     assert results["config"]["model"] == str(workspace / "model") and results["config"]["use_chat_template"]
     saved = (out / "runs" / "seed0_order0_ft.json").read_text()
-    assert set(json.loads(saved)["settings"]) == CONTINUAL_RUN_SETTINGS  # run folders made before still resume
+    # the keys of the run folders made before, which still resume, and the adaptive period, their default
+    # since (they resume with --adaptive-reference off: test_continual)
+    assert set(json.loads(saved)["settings"]) == CONTINUAL_RUN_SETTINGS | {"adaptive_reference"}
     capsys.readouterr()
     # --resume adds a method to a finished folder and reads the finished run back; the old spellings still work
     assert main(["continual", *settings, "--methods", "ft", "replay", "--out-dir", out, "--no-use-chat-template",
