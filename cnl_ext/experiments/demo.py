@@ -16,8 +16,8 @@ from .data import MCQuestion, format_prompt, read_jsonl, write_jsonl
 from .options import option
 from .outputs import write_json
 from .progress import note
-from .reference_schedule import DEFAULT_TOLERANCE
 from .protocol import BACKEND_HELP, InjectConfig, backend_choices, compare
+from .reference_schedule import DEFAULT_TOLERANCE
 from .teach import TeachSettings, teach_first, teach_summary
 from .report import write_run_outputs
 
