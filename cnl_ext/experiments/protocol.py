@@ -258,6 +258,18 @@ def _train_epoch(model, encoder, optimizer, questions, *, batch_size, order_seed
     return sum(losses) / len(losses), shares
 
 
+def _departure_note(what: str, predicted: float, departure: float, tolerance: float, passes: int, *,
+                    adaptive: bool) -> str:
+    """The line that says the mastered loss and its first-order prediction parted ways over an epoch."""
+    change = predicted + departure
+    said = (f"{what}: the mastered loss changed by {change:+.4f} where the first-order prediction was "
+            f"{predicted:+.4f} (departure {departure:+.4f} > {tolerance:g}; {passes} reference pass(es) this epoch): ")
+    if change <= 0:  # fell, by less than predicted: the linear model is off, nothing was lost to it
+        return said + "the steps went beyond the first-order range, but the loss did not rise"
+    return said + "the reference aged out of its first-order range; " + (
+        "a smaller --adaptive-reference keeps it fresher" if adaptive else "--adaptive-reference keeps it fresh")
+
+
 def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConfig, train, reference,
                   eval_injection, eval_mastered, checkpoints=None, wrap_training=None) -> RunResult:
     """Train on ``train`` for ``config.epochs`` and count Learned / Forgot after every epoch.
@@ -367,12 +379,8 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
             departure = records[-1].departure(records[-2])
             tolerance = config.adaptive_reference or DEFAULT_TOLERANCE
             if departure is not None and departure > tolerance:
-                note(f"{name} epoch {epoch}: the mastered loss changed by {departure + records[-1].predicted_change:+.4f} "
-                     f"where the first-order prediction was {records[-1].predicted_change:+.4f} (departure "
-                     f"{departure:+.4f} > {tolerance:g}): the reference aged out of its first-order range "
-                     f"({epoch_passes} reference pass(es) this epoch; "
-                     + ("a smaller --adaptive-reference keeps it fresher)" if config.adaptive_reference is not None
-                        else "--adaptive-reference keeps it fresh)"))
+                note(_departure_note(f"{name} epoch {epoch}", records[-1].predicted_change, departure, tolerance,
+                                     epoch_passes, adaptive=config.adaptive_reference is not None))
             if checkpoints is not None and epoch < config.epochs:
                 checkpoints.save_epoch(key, dict(
                     epoch=epoch, steps_done=steps_done, reference_schedule=schedule.state_dict(),

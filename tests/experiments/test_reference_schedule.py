@@ -130,9 +130,19 @@ def test_a_departure_beyond_the_tolerance_is_said(encoder, questions, capsys):
                                  train=questions[:6], reference=questions[6:10], eval_injection=questions[:6],
                                  eval_mastered=questions[6:10])
     departure = run.final.departure(run.epochs[0])
-    said = "aged out of its first-order range" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    said = "beyond the first-order range" in out or "aged out of its first-order range" in out
     assert said == (departure > 0.02)
     assert said, f"the departure {departure} was expected beyond 0.02 at lr 0.3"
+    rose = run.final.mastered_loss > run.epochs[0].mastered_loss
+    assert ("aged out" in out) == rose and ("did not rise" in out) == (not rose)
+
+
+def test_a_loss_that_fell_less_than_predicted_is_not_called_a_rise():
+    fell = protocol._departure_note("adamw CNL epoch 1", -0.30, 0.21, 0.02, 6, adaptive=True)
+    assert "changed by -0.0900" in fell and "did not rise" in fell and "aged out" not in fell
+    rose = protocol._departure_note("adamw CNL epoch 1", -1.24, 1.87, 0.02, 1, adaptive=False)
+    assert "changed by +0.6300" in rose and "aged out" in rose and rose.endswith("--adaptive-reference keeps it fresh")
 
 
 def test_an_adaptive_run_resumes_to_the_same_numbers(encoder, questions, tmp_path, monkeypatch):
