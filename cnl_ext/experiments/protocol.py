@@ -210,6 +210,9 @@ class RunResult:
     epochs: list
     adapter: dict | None = None  # kore / corda: the output change at init, the trained parameters
     peak_memory: dict | None = None  # memory.PeakMemory.to_dict() of the run (since its resume, if resumed)
+    # reference methods: per interval between references, its steps, the measured and the predicted change of
+    # the reference loss, and the period chosen after it (ReferenceSchedule.intervals)
+    reference_intervals: list | None = None
 
     @property
     def final(self) -> EpochRecord:
@@ -392,7 +395,7 @@ def run_injection(model, encoder: MCQEncoder, *, method: str, config: InjectConf
         for p in model.parameters():
             p.requires_grad_(True)
     return RunResult(method, config.optimizer, config.learning_rate, len(eval_injection), len(eval_mastered), records,
-                     adapter_info, peak.to_dict())
+                     adapter_info, peak.to_dict(), schedule.intervals if method in REFERENCE_METHODS else None)
 
 
 def compare(model, encoder: MCQEncoder, *, methods, optimizers, config: InjectConfig, train, reference,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -111,6 +112,10 @@ def test_injection_records_the_mastered_loss_against_its_prediction(encoder, que
     ft, cnl = runs["ft"], runs["cnl"]
     assert ft.calls == 0 and all(e.reference_passes is None and e.predicted_change is None for e in ft.epochs)
     assert sum(e.reference_passes for e in cnl.epochs[1:]) == cnl.calls >= 3  # 1, 2, 4 steps: three in epoch 1
+    # every interval but the open last one, as results.json has it
+    assert ft.reference_intervals is None and len(cnl.reference_intervals) == cnl.calls - 1
+    assert sum(i["steps"] for i in cnl.reference_intervals) < 2 * 6 and cnl.reference_intervals[0]["steps"] == 1
+    assert protocol.RunResult.from_dict(json.loads(json.dumps(cnl.to_dict()))) == cnl
     assert all(e.predicted_change is not None and e.predicted_change <= 0 for e in cnl.epochs[1:])
     model = tiny_model(len(encoder.tokenizer))
     with torch.no_grad():
@@ -169,7 +174,7 @@ def test_an_adaptive_run_resumes_to_the_same_numbers(encoder, questions, tmp_pat
     def numbers(run):
         return [dataclasses.replace(e, wall_s=0.0) for e in run.epochs]
 
-    assert numbers(resumed) == numbers(whole)
+    assert numbers(resumed) == numbers(whole) and resumed.reference_intervals == whole.reference_intervals
     assert [e.reference_passes for e in whole.epochs[1:]] != [5, 5, 5], "the period adapted"
 
 
