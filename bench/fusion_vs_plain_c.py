@@ -33,8 +33,16 @@ from bench import importance_fusion
 from bench.shapes import param_shapes
 
 
+STREAM_FLOOR = ROOT / "bench" / "stream_floor.c"
 # bench/stream_floor.c's passes with the streams of KIF's fusion passes (it also runs the optimizer steps')
 PLAIN_C_PASSES = ("copy", "task vector (2 in, 1 out)", "nine streams (7 in, 2 out)", "Recurrent-KIF, authors' rule")
+
+
+def build_stream_floor(binary, *flags: str) -> None:
+    """Compile bench/stream_floor.c to ``binary`` (its AdamW loops call sqrtf: ``-lm``, and
+    ``-fno-math-errno`` lets GCC vectorize them); ``flags``: more of gcc's."""
+    subprocess.run(["gcc", "-O3", "-fno-math-errno", "-fopenmp", *flags, str(STREAM_FLOOR), "-o", str(binary), "-lm"],
+                   check=True)
 
 
 def _median_seconds(fn, reps: int = 5) -> float:
@@ -79,8 +87,7 @@ def main(argv=None) -> None:
     numel = args.numel or sum(torch.Size(shape).numel() for _, shape in model_shapes)
     with tempfile.TemporaryDirectory() as tmp:
         binary = os.path.join(tmp, "stream_floor")
-        subprocess.run(["gcc", "-O3", "-march=native", "-fno-math-errno", "-fopenmp",
-                        str(ROOT / "bench" / "stream_floor.c"), "-o", binary, "-lm"], check=True)
+        build_stream_floor(binary, "-march=native")
         flat, keep_flat = _passes([("flat", (numel,))])
         model, keep_model = _passes(model_shapes) if args.numel is None else ({}, None)
         src, dst = torch.randn(numel), torch.zeros(numel)
