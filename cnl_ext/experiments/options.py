@@ -70,10 +70,6 @@ def _off_or(kind):
     return parse
 
 
-def _is_optional(hint) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-
-
 def _unwrap_optional(hint):
     """``int | None`` -> ``int``."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -87,8 +83,9 @@ def _argparse_kwargs(field, hint, default):
     meta = field.metadata
     help_text = meta.get("help", "")
     kwargs = {}
-    can_be_off = _is_optional(hint) and default not in (None, dataclasses.MISSING)
-    hint = _unwrap_optional(hint)
+    value_hint = _unwrap_optional(hint)
+    can_be_off = value_hint is not hint and default not in (None, dataclasses.MISSING)  # X | None with a value
+    hint = value_hint
     origin = typing.get_origin(hint)
     if hint is bool:
         kwargs["action"] = "store_false" if default is True else "store_true"
